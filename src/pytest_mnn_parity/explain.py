@@ -1,0 +1,69 @@
+"""Failure messages: what failed, by how much, where, and how to reproduce it.
+
+A reviewer reading only this text in a CI log should not need to rerun
+anything to know what went wrong.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .verdict import OutputVerdict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .parity import ParityResult
+    from .runner import LoadedModel
+
+_COLUMNS = ("output", "category", "max_abs", "max_rel", "cosine", "snr_db", "outside", "zeros t/ref", "worst element")
+
+
+def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str = "", reproduce: str = "") -> str:
+    config = result.config
+    lines = [_headline(result, error)]
+    lines.append(f"model:     {model.path} (sha256 {model.info.sha256[:12]})")
+    used = result.backend_used or "?"
+    lines.append(f"ran on:    {used} (forward type {result.forward_type}), precision {config.precision}, "
+                 f"{config.threads} thread(s); requested {config.backend}")
+    lines.append(f"reference: {result.reference}")
+    if result.tolerance is not None:
+        lines.append(f"tolerance: {result.tolerance.describe()}")
+    lines.append("inputs:    " + result.input_set + " - " +
+                 ", ".join(f"{s.name} {'x'.join(map(str, model.shapes[s.name]))} {s.dtype}" for s in model.info.inputs))
+    if error:
+        lines.append("error:     " + error)
+    if result.verdict is not None and result.verdict.outputs:
+        lines.append("")
+        lines.extend(output_table(result.verdict.outputs))
+    if result.first_divergent_layer:
+        layer = result.first_divergent_layer
+        lines.append(f"first divergent layer: {layer.get('name')} ({layer.get('type')})")
+    if reproduce:
+        lines.append("")
+        lines.append(f"reproduce: {reproduce}")
+    return "\n".join(lines)
+
+
+def _headline(result: "ParityResult", error: str) -> str:
+    head = f"{result.category.value} on {result.config.id}"
+    if error or result.verdict is None:
+        return head + (": " + error.splitlines()[0] if error else "")
+    bad = [v for v in result.verdict.outputs if not v.passed]
+    if not bad:
+        return head
+    first = bad[0]
+    more = f" (and {len(bad) - 1} more output(s))" if len(bad) > 1 else ""
+    return f"{head}: output {first.name!r}: {first.detail}{more}"
+
+
+def output_table(verdicts: list[OutputVerdict]) -> list[str]:
+    rows = [_COLUMNS]
+    for v in verdicts:
+        m = v.metrics
+        if m is None:
+            rows.append((v.name, v.category.value, "-", "-", "-", "-", "-", "-", v.detail))
+            continue
+        worst = "[" + ",".join(map(str, m.worst_index)) + f"]: {m.worst_target:.6g} vs ref {m.worst_reference:.6g}"
+        rows.append((v.name, v.category.value, f"{m.max_abs:.4g}", f"{m.max_rel:.3g}", f"{m.cosine:.6f}",
+                     f"{m.snr_db:.1f}", f"{m.outside_fraction:.2%}", f"{m.zero_fraction:.0%}/{m.ref_zero_fraction:.0%}",
+                     worst))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(_COLUMNS) - 1)]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r[:-1], widths)) + "  " + str(r[-1]) for r in rows]

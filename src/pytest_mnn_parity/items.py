@@ -1,0 +1,108 @@
+"""The generated test items: one per model x backend x precision."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .model import ModelError
+from .parity import ParityResult
+from .runner import RunConfig
+from .verdict import Category
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .plugin import ParityRun
+
+
+class ParityFailure(Exception):
+    """A configuration that gave the wrong answer; its text is the failure message."""
+
+
+class ModelFile(pytest.File):
+    """A model named by ``--mnn-model``; its children are the matrix items."""
+
+    def collect(self):
+        run: ParityRun = self.config.stash[PARITY_RUN]
+        if self.error is not None:
+            yield ModelErrorItem.from_parent(self, name="load", error=self.error)
+            return
+        for backend in run.options.backends:
+            for precision in run.options.precisions:
+                config = RunConfig(backend, precision, run.options.threads)
+                yield ParityItem.from_parent(self, name=f"parity[{config.id}]", run_config=config)
+
+
+class ParityItem(pytest.Item):
+    def __init__(self, *, run_config: RunConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.run_config = run_config
+        self.result: ParityResult | None = None
+        run: ParityRun = self.config.stash[PARITY_RUN]
+        status = run.backend_status(run_config.backend)
+        if not status.available:
+            self.add_marker(pytest.mark.skip(reason=status.reason))
+        self.add_marker(pytest.mark.mnn_generated)
+
+    @property
+    def model_path(self) -> Path:
+        return self.parent.path
+
+    def setup(self) -> None:
+        run: ParityRun = self.config.stash[PARITY_RUN]
+        self.result = run.check(self)
+        if self.result.category is Category.MODEL_ERROR:
+            raise ModelLoadFailure(self.result.message)
+
+    def runtest(self) -> None:
+        assert self.result is not None
+        if self.result.skipped:
+            pytest.skip(self.result.message)
+        if not self.result.passed:
+            raise ParityFailure(self.result.message)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, (ParityFailure, ModelLoadFailure)):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.model_path, 0, f"{self.parent.name}::{self.name}"
+
+
+class ModelLoadFailure(Exception):
+    """The model cannot be tested at all (missing, corrupt, unrunnable reference)."""
+
+
+class ModelErrorItem(pytest.Item):
+    """Stands for a ``--mnn-model`` argument that led to no loadable model."""
+
+    def __init__(self, *, error: ModelError, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.error = error
+
+    def setup(self) -> None:
+        raise ModelLoadFailure(str(self.error))
+
+    def runtest(self) -> None:  # pragma: no cover - setup always raises
+        raise ModelLoadFailure(str(self.error))
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, ModelLoadFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, 0, f"{self.parent.name}::{self.name}"
+
+
+def node_id_path(path: Path, rootpath: Path) -> str:
+    """The model's part of the node id: relative to rootdir where possible."""
+    try:
+        return path.resolve().relative_to(rootpath.resolve()).as_posix()
+    except ValueError:
+        return Path(os.path.relpath(path.resolve(), rootpath.resolve())).as_posix()
+
+
+PARITY_RUN = pytest.StashKey["ParityRun"]()

@@ -1,0 +1,151 @@
+"""Command-line options and ini keys, and the settings they resolve to.
+
+Every option has an ini key of the same name with ``mnn_`` instead of
+``--mnn-`` (e.g. ``mnn_backends`` in ``[tool.pytest.ini_options]``); the
+command line wins over the ini file.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .backends import DEFAULT_BACKENDS, PRECISIONS, canonical_backend, canonical_precision
+from .inputs import parse_input_shapes
+
+TOLERANCE_OPTIONS = {
+    "atol": "absolute tolerance as a fraction of each output's largest |reference| value",
+    "rtol": "relative tolerance, per element",
+    "min_cosine": "minimum cosine similarity between target and reference",
+    "max_outside_fraction": "fraction of elements allowed outside tolerance (default 0)",
+}
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mnn-parity", "MNN backend parity (pytest-mnn-parity)")
+
+    def option(name: str, help: str, ini_type: str | None = None, **kwargs: Any) -> None:
+        group.addoption(f"--mnn-{name}", dest=f"mnn_{name.replace('-', '_')}", help=help, **kwargs)
+        parser.addini(f"mnn_{name.replace('-', '_')}", help, type=ini_type)
+
+    option("model", "an .mnn file, a directory (every *.mnn below it) or a glob; repeatable",
+           ini_type="args", action="append", default=None, metavar="PATH")
+    option("backends", f"comma-separated backends to test (default: {','.join(DEFAULT_BACKENDS)})",
+           metavar="LIST")
+    option("precisions", f"comma-separated precisions (default: {','.join(PRECISIONS)})", metavar="LIST")
+    option("reference", "what outputs are compared against: 'cpu' (default: the same model on CPU, high "
+           "precision, 1 thread) or another .mnn file with the same inputs and outputs", metavar="REF")
+    option("seed", "seed for the generated inputs (default 0)", metavar="INT")
+    option("input-shape", "shape for an input, e.g. image=1x3x512x512 (needed for dynamic dimensions); repeatable",
+           ini_type="linelist", action="append", default=None, metavar="NAME=SHAPE")
+    option("threads", "CPU threads for the configurations under test (default 4; the reference uses 1)",
+           metavar="INT")
+    for name, help_text in TOLERANCE_OPTIONS.items():
+        option(name.replace("_", "-"), f"override every tier's {help_text}", metavar="FLOAT")
+    option("report", "write the JSON report (schema pytest-mnn-parity/1) to this path", metavar="PATH")
+    group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
+                    help="run only the generated parity items: do not collect test files")
+
+
+@dataclass
+class Options:
+    models: list[str]
+    backends: list[str]
+    precisions: list[str]
+    reference: str | None
+    seed: int
+    input_shapes: dict[str, tuple[int, ...]]
+    threads: int
+    tolerance_ini: dict[str, float] = field(default_factory=dict)
+    tolerance_cli: dict[str, float] = field(default_factory=dict)
+    report: Path | None = None
+    only: bool = False
+    rootpath: Path = Path(".")
+    invocation_dir: Path = Path(".")
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> "Options":
+        def get(name: str):
+            value = config.getoption(f"mnn_{name}")
+            if value is None or value == []:
+                ini = config.getini(f"mnn_{name}")
+                return ini if ini not in ("", [], None) else None
+            return value
+
+        def listed(name: str, default, canon) -> list[str]:
+            raw = get(name)
+            items = default if raw is None else [p for chunk in _as_list(raw) for p in chunk.split(",")]
+            try:
+                return list(dict.fromkeys(canon(p) for p in items if p.strip()))
+            except ValueError as exc:
+                raise pytest.UsageError(f"--mnn-{name}: {exc}") from None
+
+        def number(name: str, kind, default):
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                return kind(raw)
+            except ValueError:
+                raise pytest.UsageError(f"--mnn-{name.replace('_', '-')}: expected a number, got {raw!r}") from None
+
+        try:
+            shapes = parse_input_shapes(_as_list(get("input_shape") or []))
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        tol_cli = {k: number(k, float, None) for k in TOLERANCE_OPTIONS if config.getoption(f"mnn_{k}") is not None}
+        tol_ini = {k: float(config.getini(f"mnn_{k}")) for k in TOLERANCE_OPTIONS
+                   if config.getini(f"mnn_{k}") not in ("", None)}
+        reference = get("reference")
+        if reference is not None and str(reference).strip().lower() in ("", "cpu"):
+            reference = None
+        threads = number("threads", int, 4)
+        if threads < 1:
+            raise pytest.UsageError("--mnn-threads must be at least 1")
+        report = get("report")
+        return cls(
+            models=[str(m) for m in _as_list(get("model") or [])],
+            backends=listed("backends", DEFAULT_BACKENDS, canonical_backend),
+            precisions=listed("precisions", PRECISIONS, canonical_precision),
+            reference=str(reference) if reference is not None else None,
+            seed=number("seed", int, 0),
+            input_shapes=shapes,
+            threads=threads,
+            tolerance_ini=tol_ini,
+            tolerance_cli=tol_cli,
+            report=Path(report) if report else None,
+            only=bool(config.getoption("mnn_only")),
+            rootpath=config.rootpath,
+            invocation_dir=config.invocation_params.dir,
+        )
+
+    def reproduce_command(self, model: str, backend: str, precision: str) -> str:
+        """A command that reruns exactly one configuration of one model."""
+        parts = ["pytest", "--mnn-only", "--mnn-model", model, "--mnn-backends", backend,
+                 "--mnn-precisions", precision, "--mnn-seed", str(self.seed)]
+        if self.threads != 4:
+            parts += ["--mnn-threads", str(self.threads)]
+        if self.reference:
+            parts += ["--mnn-reference", self.reference]
+        for name, dims in self.input_shapes.items():
+            parts += ["--mnn-input-shape", f"{name}={'x'.join(map(str, dims))}"]
+        for name, value in self.tolerance_cli.items():
+            parts += [f"--mnn-{name.replace('_', '-')}", f"{value:g}"]
+        return " ".join(shlex.quote(p) for p in parts)
+
+    def settings_dict(self) -> dict[str, Any]:
+        return {"backends": self.backends, "precisions": self.precisions, "reference": self.reference or "cpu",
+                "seed": self.seed, "threads": self.threads,
+                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+                "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli}}
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]

@@ -1,0 +1,256 @@
+"""The parity engine: run a model on a configuration and judge it against a reference.
+
+Usable without pytest::
+
+    from pytest_mnn_parity import ParityEngine, RunConfig
+    engine = ParityEngine()
+    result = engine.check("lama.mnn", RunConfig("CPU", "low"))
+    print(result.category, result.message)
+
+The engine caches what is expensive: loaded models (with their sessions) and
+reference outputs, once per model and input set.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from . import backends
+from .explain import failure_message
+from .inputs import fingerprint, generate_inputs
+from .model import ModelError
+from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig, RunOutput, error_name
+from .tolerances import Tolerance, resolve
+from .verdict import Category, Verdict, judge_outputs
+
+
+@dataclass
+class ParitySettings:
+    seed: int = 0
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # None: the same model on CPU/high/1 thread.  A path: another .mnn with the
+    # same inputs and outputs, run on that same reference configuration.
+    reference: str | None = None
+    threads: int = 4
+
+
+class ReferenceRunError(ModelError):
+    """The reference configuration itself could not run the model."""
+
+    def __init__(self, path: Path, run: RunOutput):
+        self.run = run
+        super().__init__(path, f"the reference run failed: runSession returned {run.rc} ({error_name(run.rc)})",
+                         _runtime_hint(run), run.log)
+
+
+@dataclass
+class Reference:
+    description: str
+    outputs_a: dict[str, np.ndarray]
+    outputs_b: dict[str, np.ndarray]
+
+
+@dataclass
+class ParityResult:
+    model: str
+    config: RunConfig
+    category: Category
+    message: str
+    backend_used: str | None = None
+    forward_type: int | None = None
+    tolerance: Tolerance | None = None
+    verdict: Verdict | None = None
+    reference: str = ""
+    input_set: str = ""
+    rc: int | None = None
+    seconds: float = 0.0
+    log: str = ""
+    first_divergent_layer: dict[str, Any] | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.category is Category.OK
+
+    @property
+    def skipped(self) -> bool:
+        return self.category is Category.BACKEND_UNAVAILABLE
+
+    def outputs_dict(self) -> dict[str, Any]:
+        if self.verdict is None:
+            return {}
+        return {v.name: v.as_dict() for v in self.verdict.outputs}
+
+
+class ParityEngine:
+    def __init__(self, settings: ParitySettings | None = None):
+        self.settings = settings or ParitySettings()
+        self._models: dict[Path, LoadedModel | ModelError] = {}
+        self._references: dict[Path, Reference | ModelError] = {}
+        self._inputs: dict[Path, tuple[dict, dict]] = {}
+
+    # -- models -----------------------------------------------------------------
+    def model(self, path: os.PathLike | str) -> LoadedModel:
+        """The loaded model, loading it once; a load failure is remembered and re-raised."""
+        key = Path(path).resolve()
+        cached = self._models.get(key)
+        if cached is None:
+            try:
+                cached = LoadedModel(Path(path), self.settings.input_shapes)
+            except ModelError as exc:
+                cached = exc
+            self._models[key] = cached
+        if isinstance(cached, ModelError):
+            raise cached
+        return cached
+
+    def release(self, path: os.PathLike | str) -> None:
+        """Free a model's interpreter and sessions (MNN frees sessions with the interpreter only)."""
+        key = Path(path).resolve()
+        model = self._models.pop(key, None)
+        if isinstance(model, LoadedModel):
+            model.close()
+        self._inputs.pop(key, None)
+
+    def inputs(self, model: LoadedModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Input sets A (seed) and B (seed + 1): B exists to catch outputs that do not recompute."""
+        key = model.path.resolve()
+        if key not in self._inputs:
+            seed = self.settings.seed
+            self._inputs[key] = (generate_inputs(model.info.inputs, model.shapes, seed),
+                                 generate_inputs(model.info.inputs, model.shapes, seed + 1))
+        return self._inputs[key]
+
+    # -- reference --------------------------------------------------------------
+    def reference(self, model: LoadedModel) -> Reference:
+        key = model.path.resolve()
+        cached = self._references.get(key)
+        if cached is None:
+            try:
+                cached = self._compute_reference(model)
+            except ModelError as exc:
+                cached = exc
+            self._references[key] = cached
+        if isinstance(cached, ModelError):
+            raise cached
+        return cached
+
+    def _compute_reference(self, model: LoadedModel) -> Reference:
+        inputs_a, inputs_b = self.inputs(model)
+        if self.settings.reference:
+            ref_model = self.model(self.settings.reference)
+            _check_same_interface(model, ref_model)
+            description = f"{ref_model.path} on {REFERENCE_CONFIG.describe()}"
+        else:
+            ref_model = model
+            description = f"same model on {REFERENCE_CONFIG.describe()}"
+        run_a = ref_model.run(REFERENCE_CONFIG, inputs_a)
+        run_b = ref_model.run(REFERENCE_CONFIG, inputs_b)
+        for run in (run_a, run_b):
+            if not run.ok:
+                raise ReferenceRunError(ref_model.path, run)
+            empty = [name for name, arr in run.outputs.items() if arr.size == 0]
+            if empty:
+                raise ModelError(ref_model.path, f"the reference run produced empty outputs {empty}",
+                                 _runtime_hint(run), run.log)
+        return Reference(description, run_a.outputs, run_b.outputs)
+
+    # -- the check --------------------------------------------------------------
+    def check(self, model_path: os.PathLike | str, config: RunConfig,
+              tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
+              reproduce: str = "") -> ParityResult:
+        model_label = str(model_path)
+        status = backends.discover([config.backend])[config.backend]
+        if not status.available:
+            return ParityResult(model_label, config, Category.BACKEND_UNAVAILABLE, status.reason,
+                                forward_type=status.forward_type)
+        try:
+            model = self.model(model_path)
+            reference = self.reference(model)
+        except ReferenceRunError as exc:
+            return self._check_without_reference(model, config, exc, reproduce)
+        except ModelError as exc:
+            return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log)
+        tol = resolve(config.backend, config.precision, *tolerance_layers)
+        inputs_a, inputs_b = self.inputs(model)
+        input_set = f"seeded:{self.settings.seed}"
+        forward, session_log = model.session_backend(config)
+        result = ParityResult(model_label, config, Category.OK, "", backends.forward_name(forward), forward, tol,
+                              reference=reference.description, input_set=input_set, log=session_log)
+        if model.falls_back(config):
+            result.category = Category.BACKEND_FALLBACK
+            result.message = (f"{config.backend} was available at discovery but this session runs on "
+                              f"{backends.forward_name(forward)} (forward type {forward}): MNN fell back silently. "
+                              f"MNN said: {_last_lines(session_log)}")
+            return result
+        run_a = model.run(config, inputs_a)
+        run_b = model.run(config, inputs_b) if run_a.ok else run_a
+        result.rc, result.seconds = run_a.rc if not run_a.ok else run_b.rc, run_a.seconds
+        result.log += run_a.log + run_b.log
+        failed_run = run_a if not run_a.ok else (run_b if not run_b.ok else None)
+        if failed_run is not None:
+            result.category = Category.RUNTIME_ERROR
+            result.verdict = Verdict(Category.RUNTIME_ERROR)
+            result.message = failure_message(result, model, error=_runtime_error_text(failed_run), reproduce=reproduce)
+            return result
+        result.verdict = judge_outputs(run_a.outputs, reference.outputs_a, tol,
+                                       targets_b=run_b.outputs, references_b=reference.outputs_b)
+        result.category = result.verdict.category
+        result.input_set = f"{input_set} ({fingerprint(inputs_a)})"
+        if not result.passed:
+            result.message = failure_message(result, model, reproduce=reproduce)
+        return result
+
+
+    def _check_without_reference(self, model: LoadedModel, config: RunConfig, exc: ReferenceRunError,
+                                 reproduce: str) -> ParityResult:
+        """The reference cannot run the model: if the target cannot either, that is the finding."""
+        forward, session_log = model.session_backend(config)
+        run = model.run(config, self.inputs(model)[0])
+        result = ParityResult(str(model.path), config, Category.MODEL_ERROR, str(exc), backends.forward_name(forward),
+                              forward, resolve(config.backend, config.precision), rc=run.rc,
+                              reference="unavailable: " + exc.reason, input_set=f"seeded:{self.settings.seed}",
+                              log=session_log + exc.log + run.log)
+        if not run.ok:
+            result.category = Category.RUNTIME_ERROR
+            result.verdict = Verdict(Category.RUNTIME_ERROR)
+            result.message = failure_message(result, model, error=_runtime_error_text(run), reproduce=reproduce)
+        return result
+
+
+def _check_same_interface(model: LoadedModel, ref: LoadedModel) -> None:
+    mine = {s.name: (model.shapes[s.name], s.dtype) for s in model.info.inputs}
+    theirs = {s.name: (ref.shapes[s.name], s.dtype) for s in ref.info.inputs}
+    if mine != theirs:
+        raise ModelError(model.path, f"its inputs {_fmt_io(mine)} differ from the reference model {ref.path}'s "
+                                     f"{_fmt_io(theirs)}",
+                         "--mnn-reference must name a build of the same network (same input names, shapes, dtypes)")
+    if set(model.info.output_names) != set(ref.info.output_names):
+        raise ModelError(model.path, f"its outputs {list(model.info.output_names)} differ from the reference model "
+                                     f"{ref.path}'s {list(ref.info.output_names)}",
+                         "--mnn-reference must name a build of the same network (same output names)")
+
+
+def _fmt_io(io: Mapping[str, tuple]) -> str:
+    return "{" + ", ".join(f"{k}: {'x'.join(map(str, s))} {d}" for k, (s, d) in sorted(io.items())) + "}"
+
+
+def _last_lines(log: str, n: int = 3) -> str:
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    return " | ".join(lines[-n:]) if lines else "(nothing)"
+
+
+def _runtime_hint(run: RunOutput) -> str:
+    if run.rc == 3 or "Compute Shape Error" in run.log or "not resized" in run.log:
+        return ("MNN could not compute the output shapes. A model with control flow (ONNX If/Loop, or an LSTM "
+                "converted to While) cannot run in a session: use the Module API (MNN.nn.load_module_from_file) "
+                "or re-convert with --useOriginRNNImpl; a dynamic input needs --mnn-input-shape")
+    return "see MNN's log above"
+
+
+def _runtime_error_text(run: RunOutput) -> str:
+    return (f"runSession returned {run.rc} ({error_name(run.rc)}); outputs were not read (MNN leaves stale data "
+            f"after a failed run).\n  MNN said: {_last_lines(run.log, 4)}\n  hint: {_runtime_hint(run)}")

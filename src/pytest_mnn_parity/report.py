@@ -1,0 +1,143 @@
+"""The JSON report and the terminal matrix, built from one record per item.
+
+Records are plain dicts (they travel from pytest-xdist workers to the
+controller inside test reports); ``SCHEMA`` names their documented layout.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA = "pytest-mnn-parity/1"
+
+RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "variant", "input_set",
+                 "outcome", "category", "message", "reference", "tolerance", "outputs", "first_divergent_layer",
+                 "rc", "seconds")
+
+
+def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
+    """One report entry for a parity item (``result`` is a ``ParityResult``)."""
+    return {
+        "nodeid": nodeid,
+        "model": result.model,
+        "backend": result.config.backend,
+        "backend_used": result.backend_used,
+        "forward_type": result.forward_type,
+        "precision": result.config.precision,
+        "threads": result.config.threads,
+        "variant": None,
+        "input_set": result.input_set,
+        "outcome": outcome,
+        "category": result.category.value,
+        "message": result.message,
+        "reference": result.reference,
+        "tolerance": result.tolerance.as_dict() if result.tolerance else None,
+        "outputs": result.outputs_dict(),
+        "first_divergent_layer": result.first_divergent_layer,
+        "rc": result.rc,
+        "seconds": result.seconds,
+    }
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and Inf are not JSON: write them as the strings "nan", "inf", "-inf"."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def build_report(records: Iterable[dict[str, Any]], *, mnn_version: str, settings: dict[str, Any],
+                 backends: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    records = list(records)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    return {
+        "schema": SCHEMA,
+        "mnn_version": mnn_version,
+        "platform": {"python": platform.python_version(), "machine": platform.machine(), "system": platform.system()},
+        "settings": settings,
+        "backends": backends,
+        "summary": counts,
+        "results": records,
+    }
+
+
+def write_json_atomically(path: os.PathLike | str, data: dict[str, Any]) -> None:
+    """Write to a temporary file beside ``path`` and rename it, so a reader never sees half a report."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(json_safe(data), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- terminal matrix ----------------------------------------------------------------
+
+def key_metric(rec: dict[str, Any]) -> str:
+    """The one number a reviewer wants in a matrix cell."""
+    outputs = rec.get("outputs") or {}
+    cosines = [o["cosine"] for o in outputs.values() if isinstance(o.get("cosine"), (int, float))]
+    max_abs = [o["max_abs"] for o in outputs.values() if isinstance(o.get("max_abs"), (int, float))]
+    if rec["category"] == "ok" and max_abs:
+        return f"max|d| {max(max_abs):.2g}"
+    if cosines:
+        return f"cos {min(cosines):.4f}"
+    return ""
+
+
+def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Model x configuration table of the items that ran; skips are summarised below it."""
+    ran = [r for r in records if r["outcome"] != "skipped"]
+    skipped = [r for r in records if r["outcome"] == "skipped"]
+    lines: list[str] = []
+    if ran:
+        configs = list(OrderedDict.fromkeys(_column(r) for r in ran))
+        models = list(OrderedDict.fromkeys(r["model"] for r in ran))
+        cells = {(r["model"], _column(r)): _cell(r) for r in ran}
+        header = ["model"] + configs
+        rows = [header] + [[m] + [cells.get((m, c), "-") for c in configs] for m in models]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    reasons = OrderedDict()
+    for r in skipped:
+        reasons.setdefault(r["message"] or r["category"], set()).add(f"{r['backend']}-{r['precision']}")
+    for reason, cfgs in reasons.items():
+        backends = sorted({c.split("-", 1)[0] for c in cfgs})
+        prefix = backends[0] + ": "
+        if len(backends) == 1 and reason.startswith(prefix):
+            reason = reason[len(prefix):]
+        lines.append(f"skipped {', '.join(backends)} ({len(cfgs)} configs): {reason}")
+    return lines
+
+
+def _column(rec: dict[str, Any]) -> str:
+    # A model that never loaded has no configuration: it gets a column of its own.
+    return f"{rec['backend']}-{rec['precision']}" if rec.get("backend") else "load"
+
+
+def _cell(rec: dict[str, Any]) -> str:
+    status = {"passed": "PASS", "failed": "FAIL", "error": "ERROR"}.get(rec["outcome"], rec["outcome"].upper())
+    detail = rec["category"] if rec["category"] != "ok" else ""
+    metric = key_metric(rec)
+    return " ".join(part for part in (status, detail, metric) if part)

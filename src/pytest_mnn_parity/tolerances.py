@@ -1,0 +1,115 @@
+"""Which tolerance applies to a configuration, and why.
+
+Resolution order, later wins, field by field:
+
+1. **Built-in tier**, chosen by backend x precision (table below).
+2. **ini / pyproject**: ``mnn_atol``, ``mnn_rtol``, ``mnn_min_cosine``,
+   ``mnn_max_outside_fraction`` in ``[tool.pytest.ini_options]``.
+3. **Marker** on a user's test: ``@pytest.mark.mnn_parity(atol=..., rtol=...)``.
+4. **Command line**: ``--mnn-atol``, ``--mnn-rtol``, ``--mnn-min-cosine``,
+   ``--mnn-max-outside-fraction``.
+
+An element passes when ``|target - ref| <= atol * scale + rtol * |ref|`` where
+``scale`` is the largest ``|ref|`` of that output (``metrics.reference_scale``).
+``atol`` is therefore a fraction of the output's own range: a [0, 1] image and
+logits in the hundreds are held to the same standard.  An output passes when
+at most ``max_outside_fraction`` of its elements fail and its cosine similarity
+to the reference is at least ``min_cosine``.
+
+=========  ==========================================  =======  =======  ==========
+tier       used for                                     atol     rtol     min_cosine
+=========  ==========================================  =======  =======  ==========
+fp32       any backend at ``high``; CPU at ``normal``   5e-4     1e-3     0.9999
+fp16       CPU ``low``; GPU/NPU ``normal`` and ``low``  2e-2     2e-2     0.999
+bf16       ``Low_BF16``                                 6e-2     6e-2     0.995
+=========  ==========================================  =======  =======  ==========
+
+Why these numbers: fp32 kernels (Winograd convolutions, multi-threaded
+reductions) differ from a 1-thread reference by up to ~1e-4 of the output
+range on deep graphs; fp32 allows 5x that so it never false-fails, while a
+broken kernel is off by percent.  fp16 keeps 10-11 mantissa bits (~5e-4
+relative per rounding) and errors accumulate along a graph; bf16 keeps 8.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping
+
+CPU_BACKENDS = frozenset({"CPU"})
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    min_cosine: float
+    max_outside_fraction: float = 0.0
+    # An output is ``partial_zero`` when at least this fraction of its elements
+    # became exactly zero while the reference is not zero there.
+    partial_zero_fraction: float = 0.01
+    tier: str = "custom"
+    sources: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sources"] = list(self.sources)
+        return data
+
+    def describe(self) -> str:
+        origin = f" (overridden by {', '.join(self.sources)})" if self.sources else ""
+        return (f"tier {self.tier}{origin}: atol {self.atol:g} x ref scale, rtol {self.rtol:g}, "
+                f"min cosine {self.min_cosine:g}, max outside {self.max_outside_fraction:g}")
+
+
+TIERS: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=5e-4, rtol=1e-3, min_cosine=0.9999, tier="fp32"),
+    "fp16": Tolerance(atol=2e-2, rtol=2e-2, min_cosine=0.999, tier="fp16"),
+    "bf16": Tolerance(atol=6e-2, rtol=6e-2, min_cosine=0.995, tier="bf16"),
+}
+
+OVERRIDABLE = ("atol", "rtol", "min_cosine", "max_outside_fraction", "partial_zero_fraction")
+
+
+def tier_for(backend: str, precision: str) -> str:
+    """The built-in tier for a backend x precision (see the module table)."""
+    p = precision.lower()
+    if p == "low_bf16":
+        return "bf16" if backend.upper() in CPU_BACKENDS else "fp16"
+    if p == "high":
+        return "fp32"
+    if p == "normal":
+        # MNN's CPU computes ``normal`` in fp32; GPU backends may use fp16 storage.
+        return "fp32" if backend.upper() in CPU_BACKENDS else "fp16"
+    return "fp16"
+
+
+def resolve(backend: str, precision: str, *layers: tuple[str, Mapping[str, Any] | None]) -> Tolerance:
+    """The tier for ``backend`` x ``precision`` with ``layers`` of overrides applied in order.
+
+    Each layer is ``(source_name, {field: value})``; ``None`` values are ignored
+    so an option that was not given does not clobber a lower layer.
+    """
+    tol = TIERS[tier_for(backend, precision)]
+    for source, overrides in layers:
+        if not overrides:
+            continue
+        given = {k: float(v) for k, v in overrides.items() if v is not None}
+        unknown = set(given) - set(OVERRIDABLE)
+        if unknown:
+            raise ValueError(f"{source}: unknown tolerance field(s) {sorted(unknown)}; known: {list(OVERRIDABLE)}")
+        for name, value in given.items():
+            _check_value(source, name, value)
+        if given:
+            tol = replace(tol, **given, sources=tol.sources + (source,))
+    return tol
+
+
+def _check_value(source: str, name: str, value: float) -> None:
+    if value != value or value < 0:  # NaN or negative
+        raise ValueError(f"{source}: {name} must be a non-negative number, got {value!r}")
+    if name in ("min_cosine", "max_outside_fraction", "partial_zero_fraction") and value > 1:
+        raise ValueError(f"{source}: {name} must be at most 1, got {value!r}")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(Tolerance)]
