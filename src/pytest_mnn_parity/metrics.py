@@ -1,8 +1,10 @@
 """Every number used to compare a target output with its reference, in one place.
 
-All metrics are computed in float64 on the finite elements of both arrays, so
-a single NaN does not turn the whole table into NaN; non-finite elements are
-counted separately (the health checks in ``verdict.py`` judge them).
+All metrics are computed in float64.  Where the target has NaN/Inf that the
+reference does not, the error is unbounded: ``max_abs``, ``max_rel``,
+``mean_abs`` and ``rmse`` are ``inf`` and ``cosine`` is NaN, so no summary
+number makes a broken output look healthy.  NaN/Inf shared by both arrays at the
+same place are not differences.
 """
 from __future__ import annotations
 
@@ -69,14 +71,15 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine of the angle between two tensors; 1.0 when both are all zero."""
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 and nb == 0.0:
+    # Divide by the largest magnitude first: squaring values near 1e300 would
+    # overflow float64 long before the cosine stops being meaningful.
+    ma, mb = (float(np.max(np.abs(x))) if x.size else 0.0 for x in (a, b))
+    if ma == 0.0 and mb == 0.0:
         return 1.0
-    if na == 0.0 or nb == 0.0:
+    if ma == 0.0 or mb == 0.0:
         return 0.0
-    # Normalise first: squaring large values would overflow float64's range
-    # long before the cosine stops being meaningful.
-    return float(np.clip(np.dot(a / na, b / nb), -1.0, 1.0))
+    a, b = a / ma, b / mb
+    return float(np.clip(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)), -1.0, 1.0))
 
 
 def snr_db(target: np.ndarray, reference: np.ndarray) -> float:
@@ -109,10 +112,15 @@ def compare(target: np.ndarray, reference: np.ndarray, *, atol: float, rtol: flo
     if size == 0:
         return OutputMetrics(tuple(tgt.shape), tuple(ref.shape), 0, 0.0, 0.0, 0.0, 0.0, 1.0, _SNR_CAP_DB,
                              scale, 0.0, (), 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0)
-    diff = np.where(finite, np.abs(t - r), 0.0)
-    rel = np.where(finite, diff / np.maximum(np.abs(r), np.finfo(np.float64).tiny), 0.0)
-    rel = np.where(diff == 0.0, 0.0, rel)
-    bound = allowed_error(r, atol, rtol, scale)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(finite, np.abs(t - r), 0.0)
+    # Relative error is only defined where the reference is non-zero; elements
+    # where it is zero are judged by the scaled absolute tolerance alone.
+    nonzero_ref = finite & (r != 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(nonzero_ref, diff / np.abs(np.where(nonzero_ref, r, 1.0)), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        bound = allowed_error(r, atol, rtol, scale)
     # A non-finite element the reference does not share is outside tolerance
     # by definition; one the reference shares exactly (same inf, both NaN) is not.
     same_nonfinite = ~finite & ((t == r) | (np.isnan(t) & np.isnan(r)))
@@ -125,16 +133,24 @@ def compare(target: np.ndarray, reference: np.ndarray, *, atol: float, rtol: flo
         worst_flat = int(np.argmax((~finite & ~same_nonfinite).ravel()))
     worst = tuple(int(i) for i in np.unravel_index(worst_flat, t.shape))
     fd = diff[finite]
+    new_nonfinite = bool(np.any(~finite & ~same_nonfinite))
+    cosine = cosine_similarity(np.where(finite, t, 0.0), np.where(finite, r, 0.0))
+    snr = snr_db(np.where(finite, t, 0.0), np.where(finite, r, 0.0))
+    if new_nonfinite:
+        # A NaN or Inf the reference does not have is an unbounded error; numbers
+        # computed over the finite rest would make a broken output look perfect.
+        fd = np.array([np.inf])
+        cosine, snr = float("nan"), -_SNR_CAP_DB
     return OutputMetrics(
         shape=tuple(tgt.shape),
         ref_shape=tuple(ref.shape),
         size=size,
         max_abs=float(fd.max()) if fd.size else 0.0,
-        max_rel=float(rel[finite].max()) if fd.size else 0.0,
+        max_rel=float("inf") if new_nonfinite else float(rel.max()),
         mean_abs=float(fd.mean()) if fd.size else 0.0,
         rmse=float(np.sqrt(np.mean(fd * fd))) if fd.size else 0.0,
-        cosine=cosine_similarity(np.where(finite, t, 0.0), np.where(finite, r, 0.0)),
-        snr_db=snr_db(np.where(finite, t, 0.0), np.where(finite, r, 0.0)),
+        cosine=cosine,
+        snr_db=snr,
         ref_scale=scale,
         outside_fraction=float(np.count_nonzero(outside)) / size,
         worst_index=worst,

@@ -102,7 +102,11 @@ class ParityRun:
             nodeid = node_id_path(target.path, session.config.rootpath)
             collector = ModelFile.from_parent(session, path=target.path, nodeid=nodeid)
             collector.error = error
-            items.extend(collector.collect())
+            collected = list(collector.collect())
+            # Tell the terminal (and any other listener) what was collected, as
+            # regular collection would: "collected N items" must count these.
+            session.ihook.pytest_collectreport(report=pytest.CollectReport(nodeid, "passed", None, collected))
+            items.extend(collected)
         return items
 
     def backend_status(self, backend: str):
@@ -115,9 +119,7 @@ class ParityRun:
     def check(self, item: ParityItem) -> ParityResult:
         config = item.run_config
         model = node_id_path(item.model_path, item.config.rootpath)
-        layers = [("ini", self.options.tolerance_ini)]
-        layers += [("marker mnn_tolerance", dict(m.kwargs)) for m in item.iter_markers("mnn_tolerance")][:1]
-        layers.append(("command line", self.options.tolerance_cli))
+        layers = [("ini", self.options.tolerance_ini), ("command line", self.options.tolerance_cli)]
         result = self.engine.check(item.model_path, config, layers,
                                    reproduce=self.options.reproduce_command(model, config.backend, config.precision))
         result.model = model

@@ -95,15 +95,22 @@ def write_json_atomically(path: os.PathLike | str, data: dict[str, Any]) -> None
 # -- terminal matrix ----------------------------------------------------------------
 
 def key_metric(rec: dict[str, Any]) -> str:
-    """The one number a reviewer wants in a matrix cell."""
-    outputs = rec.get("outputs") or {}
-    cosines = [o["cosine"] for o in outputs.values() if isinstance(o.get("cosine"), (int, float))]
-    max_abs = [o["max_abs"] for o in outputs.values() if isinstance(o.get("max_abs"), (int, float))]
-    if rec["category"] == "ok" and max_abs:
-        return f"max|d| {max(max_abs):.2g}"
-    if cosines:
-        return f"cos {min(cosines):.4f}"
-    return ""
+    """The one number a reviewer wants in a matrix cell, chosen by category."""
+    outputs = [o for o in (rec.get("outputs") or {}).values() if "max_abs" in o]
+    if not outputs:
+        return ""
+    category = rec["category"]
+    if category in ("zero_output", "partial_zero"):
+        return f"zeros {max(o['new_zero_fraction'] for o in outputs):.0%}"
+    if category == "non_finite":
+        return f"nan/inf {sum(o['nonfinite_count'] for o in outputs)}"
+    if category == "ok":
+        return f"max|d| {max(_num(o['max_abs']) for o in outputs):.2g}"
+    return f"cos {min(_num(o['cosine']) for o in outputs):.4f}"
+
+
+def _num(value: Any) -> float:
+    return float(value) if not isinstance(value, str) else float(value.replace("inf", "Infinity").replace("Infinity", "inf"))
 
 
 def matrix_lines(records: list[dict[str, Any]]) -> list[str]:

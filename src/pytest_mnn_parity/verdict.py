@@ -94,7 +94,8 @@ def has_new_non_finite(target: np.ndarray, reference: np.ndarray) -> bool:
 
 
 def fails_tolerance(m: OutputMetrics, tol: Tolerance) -> bool:
-    return m.outside_fraction > tol.max_outside_fraction or m.cosine < tol.min_cosine
+    # ``not >=`` so that a NaN cosine (new non-finite values) fails.
+    return m.outside_fraction > tol.max_outside_fraction or not m.cosine >= tol.min_cosine
 
 
 def judge_output(name: str, target: np.ndarray, reference: np.ndarray, tol: Tolerance,

@@ -1,0 +1,591 @@
+#!/usr/bin/env python
+"""How much does pytest-mnn-parity cost on top of the bare MNN work it drives?
+
+Three comparisons, all measured in one process, interleaved and repeated
+(median of ``--rounds``); see benchmarks/README.md for what each one counts.
+
+1. **raw**: the MNN calls the default matrix needs, written against the MNN
+   Python API with no plugin code (load, 5 sessions, 2 reference runs + 2 runs
+   per CPU precision, inputs copied in before every run, outputs copied out).
+2. **engine**: ``ParityEngine(ParitySettings()).check(...)`` over the default
+   matrix (7 backends x 4 precisions; the 6 unavailable backends are skipped
+   after a warm, once-per-process discovery), a fresh engine per sample.
+3. **end to end**: ``python -m pytest -p no:cacheprovider --mnn-only
+   --mnn-model MODEL -q`` in a subprocess against a ``python -c`` subprocess
+   doing the raw work, so interpreter start-up and imports count on both sides;
+   peak RSS of each child comes from ``os.wait4``.
+
+Ratios are reported, never asserted.  Usage::
+
+    python benchmarks/bench_parity.py [--rounds 5] [--json out.json] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = "fixtures/demo/lama_like.mnn"
+DEEP = "fixtures/deep/deep_fp32.mnn"
+GOAL = 1.15
+
+# The raw work.  Kept as source text so that the very same code runs in this
+# process (exec) and in a bare ``python -c`` child (end to end), where it
+# imports nothing but numpy, MNN and - for the silenced variants - the
+# plugin's fd-capture module.  Inputs are assumed float32 NCHW (true for the
+# shipped fixtures).
+RAW_SRC = r'''
+import contextlib
+
+import numpy as np
+
+PRECISION_CODES = {"normal": 0, "high": 1, "low": 2, "Low_BF16": 3}  # pymnn ignores the string "normal"
+
+
+def raw_matrix(MNN, path, capture="once", threads=4, seed=0):
+    """capture: "none" | "once" (one capture around everything) | "per-call" (like the plugin:
+    one around the load, each createSession and each run)."""
+    if capture == "none":
+        whole = call = contextlib.nullcontext
+    else:
+        from pytest_mnn_parity.native_output import capture_native_output
+        if capture == "once":
+            whole, call = capture_native_output, contextlib.nullcontext
+        else:
+            whole, call = contextlib.nullcontext, capture_native_output
+    with whole():
+        with call():
+            interp = MNN.Interpreter(str(path))
+        with call():
+            ref = interp.createSession({"backend": "CPU", "precision": PRECISION_CODES["high"], "numThread": 1})
+        shapes = {name: tuple(t.getShape()) for name, t in interp.getSessionInputAll(ref).items()}
+        out_names = list(interp.getSessionOutputAll(ref))
+        sets = []
+        for s in (seed, seed + 1):
+            rng = np.random.default_rng(s)
+            sets.append({name: rng.random(shape, dtype=np.float32) for name, shape in shapes.items()})
+
+        def run(session, inputs):
+            with call():
+                for name, arr in inputs.items():
+                    tmp = MNN.Tensor(arr.shape, MNN.Halide_Type_Float, arr, MNN.Tensor_DimensionType_Caffe)
+                    interp.getSessionInput(session, name).copyFrom(tmp)
+                rc = interp.runSession(session)
+                outs = {}
+                for name in out_names:
+                    out = interp.getSessionOutput(session, name)
+                    host = MNN.Tensor(out, out.getDimensionType())
+                    out.copyToHostTensor(host)
+                    outs[name] = np.array(host.getNumpyData(), copy=True)
+            return rc, outs
+
+        results = [run(ref, sets[0]), run(ref, sets[1])]
+        for code in (0, 1, 2, 3):  # normal, high, low, Low_BF16
+            with call():
+                session = interp.createSession({"backend": "CPU", "precision": code, "numThread": threads})
+            results.append(run(session, sets[0]))
+            results.append(run(session, sets[1]))
+        del interp  # MNN frees sessions with their interpreter (the engine's release() does the same)
+    return results
+
+
+def child_main(argv):
+    import sys
+    path, capture = argv[1], argv[2]
+    if capture == "none":
+        import MNN
+    else:
+        from pytest_mnn_parity.native_output import capture_native_output
+        with capture_native_output():
+            import MNN
+    results = raw_matrix(MNN, path, capture)
+    bad = [rc for rc, _ in results if rc != 0]
+    sys.exit(1 if bad or len(results) != 10 else 0)
+'''
+
+_RAW: dict = {}
+
+
+def raw_ns() -> dict:
+    if not _RAW:
+        exec(compile(RAW_SRC, "<bench_parity raw>", "exec"), _RAW)
+    return _RAW
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+@contextlib.contextmanager
+def quiet_fds():
+    """Send fds 1/2 to /dev/null *outside* the timed region (for the uncaptured raw variant)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [devnull]:
+            os.close(fd)
+
+
+def timed(fn, inner: int, quiet: bool = False) -> float:
+    """Mean seconds of ``inner`` calls of ``fn``."""
+    gc.collect()
+    ctx = quiet_fds() if quiet else contextlib.nullcontext()
+    with ctx:
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        end = time.perf_counter()
+    return (end - start) / inner
+
+
+def run_child(cmd, cwd) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MiB, exit code) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss / 1024.0, proc.returncode  # Linux: ru_maxrss in KiB
+
+
+# ---------------------------------------------------------------------------- in-process
+
+def engine_matrix(model: str):
+    from pytest_mnn_parity.backends import DEFAULT_BACKENDS, PRECISIONS
+    from pytest_mnn_parity.parity import ParityEngine, ParitySettings
+    from pytest_mnn_parity.runner import RunConfig
+
+    engine = ParityEngine(ParitySettings())
+    results = [engine.check(model, RunConfig(b, p, 4)) for b in DEFAULT_BACKENDS for p in PRECISIONS]
+    engine.release(model)  # what the plugin does after a model's last item
+    return results
+
+
+def cold_discovery() -> float:
+    """Seconds for backends.discover(DEFAULT_BACKENDS) with the per-process caches emptied."""
+    from pytest_mnn_parity import backends
+
+    old_probe = backends._probe_model() if backends._probe_model.cache_info().currsize else None
+    backends._CACHE.clear()
+    backends._probe_model.cache_clear()
+    if old_probe is not None:
+        shutil.rmtree(old_probe.parent, ignore_errors=True)  # the plugin never removes it (see README)
+    start = time.perf_counter()
+    backends.discover(backends.DEFAULT_BACKENDS)
+    return time.perf_counter() - start
+
+
+def bench_in_process(model: str, rounds: int, inner: int, log) -> dict:
+    from pytest_mnn_parity.mnn_import import mnn
+
+    MNN = mnn()
+    raw_matrix = raw_ns()["raw_matrix"]
+
+    # Sanity, untimed: both sides do what they claim.
+    results = engine_matrix(model)
+    outcome = {"passed": sum(r.passed for r in results), "skipped": sum(r.skipped for r in results),
+               "other": sorted({r.category.value for r in results if not (r.passed or r.skipped)})}
+    with quiet_fds():
+        raw = raw_matrix(MNN, model, "none")
+    raw_runs, raw_bad = len(raw), [rc for rc, _ in raw if rc != 0]
+
+    variants = {
+        "raw_nocapture": (lambda: raw_matrix(MNN, model, "none"), True),
+        "raw_capture_once": (lambda: raw_matrix(MNN, model, "once"), False),
+        "raw_capture_per_call": (lambda: raw_matrix(MNN, model, "per-call"), False),
+        "engine": (lambda: engine_matrix(model), False),
+    }
+    names = list(variants)
+    for name in names:  # warm-up, not counted
+        fn, quiet = variants[name]
+        timed(fn, 1, quiet)
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate so no variant always goes first
+        for name in order:
+            fn, quiet = variants[name]
+            samples[name].append(timed(fn, inner, quiet))
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {samples[n][-1] * 1e3:.1f} ms" for n in names))
+    med = {n: median(s) for n, s in samples.items()}
+    return {
+        "engine_outcome": outcome, "raw_runs": raw_runs, "raw_failed_rc": raw_bad,
+        "samples_s": samples, "median_s": med,
+        "ratio_engine_over_raw": med["engine"] / med["raw_capture_once"],
+        "ratio_engine_over_raw_nocapture": med["engine"] / med["raw_nocapture"],
+        "ratio_engine_over_raw_capture_per_call": med["engine"] / med["raw_capture_per_call"],
+        "capture_cost_once_s": med["raw_capture_once"] - med["raw_nocapture"],
+        "capture_cost_per_call_s": med["raw_capture_per_call"] - med["raw_nocapture"],
+    }
+
+
+# ---------------------------------------------------------------------------- end to end
+
+def e2e_commands(model: str) -> dict[str, list[str]]:
+    py = sys.executable
+    raw_code = RAW_SRC + "\nimport sys\nchild_main(sys.argv)\n"
+    return {
+        "python_startup": [py, "-c", "pass"],
+        "import_numpy_mnn": [py, "-c", "import numpy, MNN"],
+        "raw_child": [py, "-c", raw_code, model, "once"],
+        "pytest_no_model": [py, "-m", "pytest", "-p", "no:cacheprovider", "--mnn-only", "-q"],
+        "pytest_plugin": [py, "-m", "pytest", "-p", "no:cacheprovider", "--mnn-only", "--mnn-model", model, "-q"],
+    }
+
+
+def bench_e2e(model: str, rounds: int, log) -> dict:
+    cmds = e2e_commands(model)
+    names = list(cmds)
+    for name in names:  # warm the page cache and .pyc files
+        run_child(cmds[name], REPO)
+    wall = {n: [] for n in names}
+    rss = {n: [] for n in names}
+    codes = {n: set() for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            w, m, rc = run_child(cmds[name], REPO)
+            wall[name].append(w)
+            rss[name].append(m)
+            codes[name].add(rc)
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {wall[n][-1] * 1e3:.0f} ms" for n in names))
+    med = {n: median(v) for n, v in wall.items()}
+    med_rss = {n: median(v) for n, v in rss.items()}
+    return {
+        "commands": {n: " ".join("<RAW_SRC>" if "\n" in c else c for c in cmd) for n, cmd in cmds.items()},
+        "exit_codes": {n: sorted(c) for n, c in codes.items()},
+        "samples_s": wall, "median_s": med, "peak_rss_mib": med_rss,
+        "ratio_pytest_over_raw": med["pytest_plugin"] / med["raw_child"],
+        "ratio_rss_pytest_over_raw": med_rss["pytest_plugin"] / med_rss["raw_child"],
+    }
+
+
+# ---------------------------------------------------------------------------- profiling
+
+def _top(stats, n: int, reps: int, key: str, only_repo: bool = False) -> list[dict]:
+    rows = []
+    for (file, line, func), (cc, nc, tt, ct, _) in stats.stats.items():
+        if only_repo and "pytest_mnn_parity" not in file:
+            continue
+        short = file
+        for marker in ("site-packages/", "src/", "lib/python"):
+            if marker in file:
+                short = file.split(marker, 1)[1]
+                break
+        rows.append({"where": f"{short}:{line}:{func}", "calls_per_matrix": nc / reps,
+                     "tottime_ms": tt / reps * 1e3, "cumtime_ms": ct / reps * 1e3})
+    rows.sort(key=lambda r: r[key], reverse=True)
+    return rows[:n]
+
+
+def profile_in_process(model: str, reps: int) -> dict:
+    import cProfile
+    import pstats
+
+    from pytest_mnn_parity.mnn_import import mnn
+
+    MNN = mnn()
+    raw_matrix = raw_ns()["raw_matrix"]
+    out = {}
+    for name, fn in (("engine", lambda: engine_matrix(model)),
+                     ("raw_capture_once", lambda: raw_matrix(MNN, model, "once"))):
+        fn()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(reps):
+            fn()
+        prof.disable()
+        stats = pstats.Stats(prof)
+        out[name] = {"total_ms_per_matrix": stats.total_tt / reps * 1e3,
+                     "top_tottime": _top(stats, 15, reps, "tottime_ms"),
+                     "top_plugin_cumtime": _top(stats, 15, reps, "cumtime_ms", only_repo=True)}
+    return out
+
+
+class _Timers:
+    """Accumulated seconds and call counts per label."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def add(self, label: str, dt: float) -> None:
+        self.seconds[label] = self.seconds.get(label, 0.0) + dt
+        self.calls[label] = self.calls.get(label, 0) + 1
+
+    def wrap(self, label: str, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(label, time.perf_counter() - start)
+        return wrapper
+
+
+class _InterpreterProxy:
+    """Times every MNN.Interpreter method call (createSession, runSession, getSessionInput, ...)."""
+
+    def __init__(self, obj, timers: _Timers):
+        self._obj, self._timers = obj, timers
+
+    def __getattr__(self, name):
+        attr = getattr(self._obj, name)
+        return self._timers.wrap(f"MNN Interpreter.{name}", attr) if callable(attr) else attr
+
+
+def attribute(model: str, rounds: int, inner: int) -> dict:
+    """Where the engine's extra time goes, without cProfile's distortion.
+
+    Plugin functions are wrapped with timers *in this process only* (module
+    attributes are swapped and restored; src/ is not edited).  Every
+    MNN.Interpreter call goes through a timing proxy on both sides, so "MNN
+    interpreter calls" can be compared engine vs raw.  Wrapped regions do not
+    overlap; "unattributed" is the rest (Python glue, MNN tensor copies in raw).
+    The wrappers add about 1 us per call.
+    """
+    import pathlib
+    import types
+
+    from pytest_mnn_parity import model as model_mod
+    from pytest_mnn_parity import native_output, parity, runner
+    from pytest_mnn_parity.mnn_import import mnn
+
+    MNN = mnn()
+    raw_matrix = raw_ns()["raw_matrix"]
+    timers = _Timers()
+    orig_capture = native_output.capture_native_output
+
+    @contextlib.contextmanager
+    def timed_capture():
+        start = time.perf_counter()
+        cm = orig_capture()
+        value = cm.__enter__()
+        timers.add("native_output.capture_native_output (enter+exit)", time.perf_counter() - start)
+        try:
+            yield value
+        finally:
+            start = time.perf_counter()
+            cm.__exit__(None, None, None)
+            timers.seconds["native_output.capture_native_output (enter+exit)"] += time.perf_counter() - start
+
+    orig_open = runner.open_interpreter
+    patches = [
+        (runner, "open_interpreter", lambda path: _InterpreterProxy(orig_open(path), timers)),
+        (native_output, "capture_native_output", timed_capture),
+        (runner, "capture_native_output", timed_capture),
+        (model_mod, "capture_native_output", timed_capture),
+        (runner, "file_sha256", timers.wrap("model.file_sha256", runner.file_sha256)),
+        (runner, "to_numpy", timers.wrap("runner.to_numpy (copy out)", runner.to_numpy)),
+        (parity, "generate_inputs", timers.wrap("inputs.generate_inputs", parity.generate_inputs)),
+        (parity, "fingerprint", timers.wrap("inputs.fingerprint", parity.fingerprint)),
+        (parity, "judge_outputs", timers.wrap("verdict.judge_outputs (metrics)", parity.judge_outputs)),
+        (pathlib.Path, "resolve", timers.wrap("pathlib.Path.resolve", pathlib.Path.resolve)),
+    ]
+    fake_mnn = types.SimpleNamespace(
+        Interpreter=lambda path: _InterpreterProxy(MNN.Interpreter(path), timers), Tensor=MNN.Tensor,
+        Halide_Type_Float=MNN.Halide_Type_Float, Tensor_DimensionType_Caffe=MNN.Tensor_DimensionType_Caffe)
+    sides = {"engine": lambda: engine_matrix(model), "raw_capture_once": lambda: raw_matrix(fake_mnn, model, "once")}
+    saved = [(obj, name, obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name))
+             for obj, name, _ in patches]
+    per_side: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+    calls: dict[str, dict[str, float]] = {}
+    try:
+        for obj, name, value in patches:
+            setattr(obj, name, value)
+        for side, fn in sides.items():
+            fn()  # warm-up
+        for r in range(rounds):
+            for side, fn in (list(sides.items()) if r % 2 == 0 else list(sides.items())[::-1]):
+                timers.seconds.clear()
+                timers.calls.clear()
+                gc.collect()
+                start = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                total = (time.perf_counter() - start) / inner
+                row = {k: v / inner for k, v in timers.seconds.items()}
+                row["MNN interpreter calls (all)"] = sum(v for k, v in row.items() if k.startswith("MNN "))
+                row["total"] = total
+                row["unattributed"] = total - sum(v for k, v in row.items()
+                                                  if k not in ("total", "MNN interpreter calls (all)"))
+                per_side[side].append(row)
+                calls[side] = {k: v / inner for k, v in timers.calls.items()}
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+    labels = sorted({k for rows in per_side.values() for row in rows for k in row})
+    table = {}
+    for label in labels:
+        e = median([row.get(label, 0.0) for row in per_side["engine"]])
+        w = median([row.get(label, 0.0) for row in per_side["raw_capture_once"]])
+        table[label] = {"engine_ms": e * 1e3, "raw_ms": w * 1e3, "extra_ms": (e - w) * 1e3,
+                        "engine_calls": calls["engine"].get(label), "raw_calls": calls["raw_capture_once"].get(label)}
+    return table
+
+
+def profile_pytest(model: str) -> dict:
+    import pstats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prof_path = os.path.join(tmp, "pytest.prof")
+        cmd = [sys.executable, "-m", "cProfile", "-o", prof_path, "-m", "pytest", "-p", "no:cacheprovider",
+               "--mnn-only", "--mnn-model", model, "-q"]
+        subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        stats = pstats.Stats(prof_path)
+        return {"total_ms": stats.total_tt * 1e3,
+                "top_tottime": _top(stats, 15, 1, "tottime_ms"),
+                "top_cumtime": _top(stats, 25, 1, "cumtime_ms")}
+
+
+# ---------------------------------------------------------------------------- report
+
+def print_table(report: dict) -> None:
+    ms = lambda s: f"{s * 1e3:9.1f}"  # noqa: E731
+    for model, res in report["models"].items():
+        ip = res.get("in_process")
+        print(f"\n== {model}")
+        if ip:
+            m = ip["median_s"]
+            print(f"  in process (median of {report['rounds']} rounds x {report['inner']} matrices, ms/matrix)")
+            print(f"    raw, no capture          {ms(m['raw_nocapture'])}")
+            print(f"    raw, one capture         {ms(m['raw_capture_once'])}   <- baseline")
+            print(f"    raw, capture per call    {ms(m['raw_capture_per_call'])}")
+            print(f"    engine (28 checks)       {ms(m['engine'])}   outcome {ip['engine_outcome']}")
+            print(f"    engine / raw             {ip['ratio_engine_over_raw']:9.2f}x   (goal <= {GOAL}x)")
+            print(f"    engine / raw no capture  {ip['ratio_engine_over_raw_nocapture']:9.2f}x")
+            print(f"    engine / raw per-call    {ip['ratio_engine_over_raw_capture_per_call']:9.2f}x")
+        e2e = res.get("e2e")
+        if e2e:
+            m, r = e2e["median_s"], e2e["peak_rss_mib"]
+            print(f"  end to end (median of {report['e2e_rounds']} runs; wall ms, peak RSS MiB, exit codes)")
+            for name in m:
+                print(f"    {name:24s} {ms(m[name])}  {r[name]:7.1f}  {e2e['exit_codes'][name]}")
+            print(f"    pytest / raw child       {e2e['ratio_pytest_over_raw']:9.2f}x wall, "
+                  f"{e2e['ratio_rss_pytest_over_raw']:.2f}x RSS")
+    d = report["discovery"]
+    print(f"\n  backend discovery (7 backends): first in process {d['first_s'] * 1e3:.1f} ms, "
+          f"cold median {d['cold_median_s'] * 1e3:.1f} ms, warm {d['warm_s'] * 1e6:.1f} us")
+    prof = report.get("profile")
+    if prof:
+        for model, p in prof.items():
+            for side in ("engine", "raw_capture_once"):
+                q = p["in_process"][side]
+                print(f"\n  cProfile {model} {side}: {q['total_ms_per_matrix']:.1f} ms/matrix (profiled); top tottime:")
+                for row in q["top_tottime"][:10]:
+                    print(f"    {row['tottime_ms']:7.2f} ms  x{row['calls_per_matrix']:<6.0f} {row['where']}")
+            print(f"\n  attribution {model} (timers, ms/matrix; median of rounds):")
+            print(f"    {'where':52s} {'engine':>8s} {'raw':>8s} {'extra':>8s}  calls e/r")
+            rows = sorted(p["attribution"].items(), key=lambda kv: -abs(kv[1]["extra_ms"]))
+            for label, row in rows:
+                if label.startswith("MNN Interpreter.") and abs(row["extra_ms"]) < 0.1:
+                    continue
+                print(f"    {label:52s} {row['engine_ms']:8.2f} {row['raw_ms']:8.2f} {row['extra_ms']:+8.2f}  "
+                      f"{row['engine_calls'] or 0:g}/{row['raw_calls'] or 0:g}")
+            q = p["in_process"]["engine"]
+            print("  engine, plugin functions by cumtime (cProfile):")
+            for row in q["top_plugin_cumtime"][:12]:
+                print(f"    {row['cumtime_ms']:7.2f} ms  x{row['calls_per_matrix']:<6.0f} {row['where']}")
+            if "pytest" in p:
+                print(f"  cProfile pytest run: {p['pytest']['total_ms']:.0f} ms (profiled); top cumtime:")
+                for row in p["pytest"]["top_cumtime"][:25]:
+                    print(f"    {row['cumtime_ms']:7.1f} ms  x{row['calls_per_matrix']:<6.0f} {row['where']}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", action="append", help=f"model(s) to bench (default: {DEMO} and {DEEP})")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement (median reported)")
+    ap.add_argument("--inner", type=int, default=3, help="in-process matrices per sample (their mean is the sample)")
+    ap.add_argument("--e2e-rounds", type=int, default=None, help="end-to-end rounds (default: --rounds)")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the subprocess comparison")
+    ap.add_argument("--e2e-models", choices=("demo", "all"), default="demo",
+                    help="which models get the end-to-end comparison (default: the demo model only)")
+    ap.add_argument("--profile", action="store_true", help="cProfile the engine, the raw work and a pytest run")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    ap.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    args = ap.parse_args(argv)
+    models = args.model or [DEMO, DEEP]
+    e2e_rounds = args.e2e_rounds or args.rounds
+    log = (lambda *_: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    json_path = Path(args.json).resolve() if args.json else None  # relative to where we were started
+    os.chdir(REPO)
+
+    # MNN's import, then the very first discovery of this process (probe model built, 7 sessions).
+    t0 = time.perf_counter()
+    from pytest_mnn_parity.mnn_import import mnn, mnn_version
+
+    mnn()
+    import_s = time.perf_counter() - t0
+    from pytest_mnn_parity import backends
+
+    t0 = time.perf_counter()
+    statuses = backends.discover(backends.DEFAULT_BACKENDS)
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    backends.discover(backends.DEFAULT_BACKENDS)
+    warm_s = time.perf_counter() - t0
+
+    report = {
+        "meta": {"python": sys.version.split()[0], "mnn": mnn_version(), "platform": platform.platform(),
+                 "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+                 "available_backends": [n for n, s in statuses.items() if s.available]},
+        "rounds": args.rounds, "inner": args.inner, "e2e_rounds": e2e_rounds, "goal_ratio": GOAL,
+        "import_mnn_s": import_s, "models": {},
+    }
+    for model in models:
+        log(f"in process: {model}")
+        report["models"][model] = {"in_process": bench_in_process(model, args.rounds, args.inner, log)}
+    log("cold discovery")
+    cold = [cold_discovery() for _ in range(args.rounds)]
+    report["discovery"] = {"first_s": first_s, "cold_samples_s": cold, "cold_median_s": median(cold),
+                           "warm_s": warm_s}
+    if not args.no_e2e:
+        for model in (models if args.e2e_models == "all" else [m for m in models if m == DEMO] or models[:1]):
+            log(f"end to end: {model}")
+            report["models"][model]["e2e"] = bench_e2e(model, e2e_rounds, log)
+    if args.profile:
+        report["profile"] = {}
+        for model in models:
+            log(f"profiling: {model}")
+            entry = {"in_process": profile_in_process(model, reps=10),
+                     "attribution": attribute(model, max(args.rounds, 5), args.inner)}
+            if not args.no_e2e and model == DEMO:
+                entry["pytest"] = profile_pytest(model)
+            report["profile"][model] = entry
+
+    print(f"pytest-mnn-parity overhead benchmark - MNN {report['meta']['mnn']}, Python {report['meta']['python']}, "
+          f"{report['meta']['affinity']} CPUs usable, MNN import {import_s * 1e3:.0f} ms")
+    print_table(report)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"\nJSON written to {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

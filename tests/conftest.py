@@ -1,0 +1,53 @@
+"""Shared test helpers: paths to the real fixture models and a pytester set-up."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pytest_mnn_parity.mnn_import import mnn
+
+# pytester's in-process runs drop modules first imported inside them; pymnn's C
+# code looks MNN up in sys.modules, so MNN must be imported before any run.
+mnn()
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "fixtures"
+DEMO = FIXTURES / "demo" / "lama_like.mnn"
+COLLAPSE = FIXTURES / "collapse"
+COLLAPSE_CATEGORIES = {
+    "zero": "zero_output",
+    "partial_zero": "partial_zero",
+    "constant": "constant_output",
+    "non_finite": "non_finite",
+    "stale": "stale_output",
+    "mismatch": "mismatch",
+}
+
+
+@pytest.fixture
+def models(pytester: pytest.Pytester):
+    """Copy fixture models into the pytester directory so node ids are short and stable."""
+
+    def copy(*relative: str, rename: str | None = None) -> list[Path]:
+        out = []
+        for rel in relative:
+            src = FIXTURES / rel
+            dst = pytester.path / (rename or src.name)
+            shutil.copyfile(src, dst)
+            out.append(dst)
+        return out
+
+    return copy
+
+
+def read_report(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert data["schema"] == "pytest-mnn-parity/1"
+    return data
+
+
+def results_by_nodeid(report: dict) -> dict[str, dict]:
+    return {r["nodeid"]: r for r in report["results"]}
