@@ -53,13 +53,30 @@ import numpy as np
 PRECISION_CODES = {"normal": 0, "high": 1, "low": 2, "Low_BF16": 3}  # pymnn ignores the string "normal"
 
 
+def _capture_fn():
+    """The plugin's fd-level capture, without importing the plugin's package (its __init__ loads the engine)."""
+    import sys
+    module = sys.modules.get("pytest_mnn_parity.native_output")
+    if module is None:
+        module = sys.modules.get("_bench_native_output")
+    if module is None:
+        import importlib.util
+        import os
+        where = importlib.util.find_spec("pytest_mnn_parity").submodule_search_locations[0]
+        spec = importlib.util.spec_from_file_location("_bench_native_output", os.path.join(where, "native_output.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_bench_native_output"] = module
+        spec.loader.exec_module(module)
+    return module.capture_native_output
+
+
 def raw_matrix(MNN, path, capture="once", threads=4, seed=0):
     """capture: "none" | "once" (one capture around everything) | "per-call" (like the plugin:
     one around the load, each createSession and each run)."""
     if capture == "none":
         whole = call = contextlib.nullcontext
     else:
-        from pytest_mnn_parity.native_output import capture_native_output
+        capture_native_output = _capture_fn()
         if capture == "once":
             whole, call = capture_native_output, contextlib.nullcontext
         else:
@@ -106,8 +123,7 @@ def child_main(argv):
     if capture == "none":
         import MNN
     else:
-        from pytest_mnn_parity.native_output import capture_native_output
-        with capture_native_output():
+        with _capture_fn()():
             import MNN
     results = raw_matrix(MNN, path, capture)
     bad = [rc for rc, _ in results if rc != 0]
@@ -163,14 +179,39 @@ def timed(fn, inner: int, quiet: bool = False) -> float:
     return (end - start) / inner
 
 
+# Peak RSS of a child: read from the child itself (VmHWM of its post-exec address
+# space, written by an atexit hook).  getrusage/wait4's ru_maxrss cannot be used:
+# subprocess starts children with vfork, and Linux folds the *parent's* high-water
+# mark into the child's ru_maxrss at exec, so every child would report >= this
+# (large) benchmark process.
+HWM_PRELUDE = r"""
+import atexit as _bench_atexit, os as _bench_os
+def _bench_hwm():
+    path = _bench_os.environ.get("BENCH_HWM_FILE")
+    if path:
+        with open("/proc/self/status") as f:
+            kib = [line.split()[1] for line in f if line.startswith("VmHWM:")]
+        with open(path, "w") as out:
+            out.write(kib[0] if kib else "")
+_bench_atexit.register(_bench_hwm)
+"""
+
+
 def run_child(cmd, cwd) -> tuple[float, float, int]:
     """(wall seconds, peak RSS MiB, exit code) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss / 1024.0, proc.returncode  # Linux: ru_maxrss in KiB
+    fd, hwm_file = tempfile.mkstemp(prefix="bench-hwm-")
+    os.close(fd)
+    env = dict(os.environ, BENCH_HWM_FILE=hwm_file)
+    try:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, _ = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        text = Path(hwm_file).read_text().strip()
+    finally:
+        os.unlink(hwm_file)
+    return wall, (int(text) / 1024.0 if text else float("nan")), proc.returncode
 
 
 # ---------------------------------------------------------------------------- in-process
@@ -234,7 +275,8 @@ def bench_in_process(model: str, rounds: int, inner: int, log) -> dict:
     med = {n: median(s) for n, s in samples.items()}
     return {
         "engine_outcome": outcome, "raw_runs": raw_runs, "raw_failed_rc": raw_bad,
-        "samples_s": samples, "median_s": med,
+        "samples_s": samples, "median_s": med, "min_s": {n: min(s) for n, s in samples.items()},
+        "ratio_engine_over_raw_min": min(samples["engine"]) / min(samples["raw_capture_once"]),
         "ratio_engine_over_raw": med["engine"] / med["raw_capture_once"],
         "ratio_engine_over_raw_nocapture": med["engine"] / med["raw_nocapture"],
         "ratio_engine_over_raw_capture_per_call": med["engine"] / med["raw_capture_per_call"],
@@ -248,13 +290,26 @@ def bench_in_process(model: str, rounds: int, inner: int, log) -> dict:
 def e2e_commands(model: str) -> dict[str, list[str]]:
     py = sys.executable
     raw_code = RAW_SRC + "\nimport sys\nchild_main(sys.argv)\n"
+    # Same as ``python -m pytest ...`` (runpy with alter_sys), plus the RSS hook.
+    pytest = [py, "-c", HWM_PRELUDE + "import runpy; runpy.run_module('pytest', run_name='__main__', alter_sys=True)",
+              "-p", "no:cacheprovider", "--mnn-only", "-q"]
+    # "solo": every other installed pytest11 plugin (hypothesis, xdist, benchmark, ...) switched off.
+    solo = [arg for name in other_pytest_plugins() for arg in ("-p", f"no:{name}")]
     return {
-        "python_startup": [py, "-c", "pass"],
-        "import_numpy_mnn": [py, "-c", "import numpy, MNN"],
-        "raw_child": [py, "-c", raw_code, model, "once"],
-        "pytest_no_model": [py, "-m", "pytest", "-p", "no:cacheprovider", "--mnn-only", "-q"],
-        "pytest_plugin": [py, "-m", "pytest", "-p", "no:cacheprovider", "--mnn-only", "--mnn-model", model, "-q"],
+        "python_startup": [py, "-c", HWM_PRELUDE],
+        "import_numpy_mnn": [py, "-c", HWM_PRELUDE + "import numpy, MNN"],
+        "raw_child": [py, "-c", HWM_PRELUDE + raw_code, model, "once"],
+        "pytest_no_model": pytest,
+        "pytest_plugin": pytest + ["--mnn-model", model],
+        "pytest_solo_no_model": pytest + solo,
+        "pytest_solo_plugin": pytest + solo + ["--mnn-model", model],
     }
+
+
+def other_pytest_plugins() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return sorted({ep.name for ep in entry_points(group="pytest11") if ep.value.split(".")[0] != "pytest_mnn_parity"})
 
 
 def bench_e2e(model: str, rounds: int, log) -> dict:
@@ -278,7 +333,9 @@ def bench_e2e(model: str, rounds: int, log) -> dict:
     return {
         "commands": {n: " ".join("<RAW_SRC>" if "\n" in c else c for c in cmd) for n, cmd in cmds.items()},
         "exit_codes": {n: sorted(c) for n, c in codes.items()},
-        "samples_s": wall, "median_s": med, "peak_rss_mib": med_rss,
+        "samples_s": wall, "median_s": med, "min_s": {n: min(v) for n, v in wall.items()}, "peak_rss_mib": med_rss,
+        "other_pytest_plugins_disabled_in_solo": other_pytest_plugins(),
+        "ratio_solo_pytest_over_raw": med["pytest_solo_plugin"] / med["raw_child"],
         "ratio_pytest_over_raw": med["pytest_plugin"] / med["raw_child"],
         "ratio_rss_pytest_over_raw": med_rss["pytest_plugin"] / med_rss["raw_child"],
     }
@@ -393,19 +450,28 @@ def attribute(model: str, rounds: int, inner: int) -> dict:
             cm.__exit__(None, None, None)
             timers.seconds["native_output.capture_native_output (enter+exit)"] += time.perf_counter() - start
 
-    orig_open = runner.open_interpreter
+    def wrapped(obj, name, label):
+        fn = getattr(obj, name, None)
+        return (obj, name, None if fn is None else timers.wrap(label, fn))
+
+    orig_open = getattr(runner, "open_interpreter", None)
     patches = [
-        (runner, "open_interpreter", lambda path: _InterpreterProxy(orig_open(path), timers)),
+        (runner, "open_interpreter",
+         None if orig_open is None else (lambda path: _InterpreterProxy(orig_open(path), timers))),
         (native_output, "capture_native_output", timed_capture),
         (runner, "capture_native_output", timed_capture),
         (model_mod, "capture_native_output", timed_capture),
-        (runner, "file_sha256", timers.wrap("model.file_sha256", runner.file_sha256)),
-        (runner, "to_numpy", timers.wrap("runner.to_numpy (copy out)", runner.to_numpy)),
-        (parity, "generate_inputs", timers.wrap("inputs.generate_inputs", parity.generate_inputs)),
-        (parity, "fingerprint", timers.wrap("inputs.fingerprint", parity.fingerprint)),
-        (parity, "judge_outputs", timers.wrap("verdict.judge_outputs (metrics)", parity.judge_outputs)),
-        (pathlib.Path, "resolve", timers.wrap("pathlib.Path.resolve", pathlib.Path.resolve)),
+        wrapped(runner, "file_sha256", "model.file_sha256"),
+        wrapped(runner, "to_numpy", "runner.to_numpy (copy out)"),
+        wrapped(parity, "generate_inputs", "inputs.generate_inputs"),
+        wrapped(parity, "fingerprint", "inputs.fingerprint"),
+        wrapped(parity, "judge_outputs", "verdict.judge_outputs (metrics)"),
+        wrapped(pathlib.Path, "resolve", "pathlib.Path.resolve"),
     ]
+    # src/ is being edited: a name that moved is skipped (and reported), not an error.
+    missing = [f"{getattr(obj, '__name__', obj)}.{name}" for obj, name, value in patches
+               if value is None or not hasattr(obj, name)]
+    patches = [(obj, name, value) for obj, name, value in patches if value is not None and hasattr(obj, name)]
     fake_mnn = types.SimpleNamespace(
         Interpreter=lambda path: _InterpreterProxy(MNN.Interpreter(path), timers), Tensor=MNN.Tensor,
         Halide_Type_Float=MNN.Halide_Type_Float, Tensor_DimensionType_Caffe=MNN.Tensor_DimensionType_Caffe)
@@ -445,6 +511,9 @@ def attribute(model: str, rounds: int, inner: int) -> dict:
         w = median([row.get(label, 0.0) for row in per_side["raw_capture_once"]])
         table[label] = {"engine_ms": e * 1e3, "raw_ms": w * 1e3, "extra_ms": (e - w) * 1e3,
                         "engine_calls": calls["engine"].get(label), "raw_calls": calls["raw_capture_once"].get(label)}
+    if missing:
+        table["(not instrumented: " + ", ".join(missing) + ")"] = {"engine_ms": 0.0, "raw_ms": 0.0, "extra_ms": 0.0,
+                                                                  "engine_calls": None, "raw_calls": None}
     return table
 
 
@@ -471,12 +540,16 @@ def print_table(report: dict) -> None:
         print(f"\n== {model}")
         if ip:
             m = ip["median_s"]
-            print(f"  in process (median of {report['rounds']} rounds x {report['inner']} matrices, ms/matrix)")
-            print(f"    raw, no capture          {ms(m['raw_nocapture'])}")
-            print(f"    raw, one capture         {ms(m['raw_capture_once'])}   <- baseline")
-            print(f"    raw, capture per call    {ms(m['raw_capture_per_call'])}")
-            print(f"    engine (28 checks)       {ms(m['engine'])}   outcome {ip['engine_outcome']}")
-            print(f"    engine / raw             {ip['ratio_engine_over_raw']:9.2f}x   (goal <= {GOAL}x)")
+            lo = ip["min_s"]
+            print(f"  in process (ms per matrix; median [min] of {report['rounds']} rounds x {report['inner']} matrices)")
+            print(f"    raw, no capture          {ms(m['raw_nocapture'])} [{lo['raw_nocapture'] * 1e3:.1f}]")
+            print(f"    raw, one capture         {ms(m['raw_capture_once'])} [{lo['raw_capture_once'] * 1e3:.1f}]"
+                  "   <- baseline")
+            print(f"    raw, capture per call    {ms(m['raw_capture_per_call'])} [{lo['raw_capture_per_call'] * 1e3:.1f}]")
+            print(f"    engine (28 checks)       {ms(m['engine'])} [{lo['engine'] * 1e3:.1f}]"
+                  f"   {ip['engine_outcome']['passed']} passed, {ip['engine_outcome']['skipped']} skipped")
+            print(f"    engine / raw             {ip['ratio_engine_over_raw']:9.2f}x   (goal <= {GOAL}x; "
+                  f"min/min {ip['ratio_engine_over_raw_min']:.2f}x)")
             print(f"    engine / raw no capture  {ip['ratio_engine_over_raw_nocapture']:9.2f}x")
             print(f"    engine / raw per-call    {ip['ratio_engine_over_raw_capture_per_call']:9.2f}x")
         e2e = res.get("e2e")
@@ -487,6 +560,8 @@ def print_table(report: dict) -> None:
                 print(f"    {name:24s} {ms(m[name])}  {r[name]:7.1f}  {e2e['exit_codes'][name]}")
             print(f"    pytest / raw child       {e2e['ratio_pytest_over_raw']:9.2f}x wall, "
                   f"{e2e['ratio_rss_pytest_over_raw']:.2f}x RSS")
+            print(f"    solo pytest / raw child  {e2e['ratio_solo_pytest_over_raw']:9.2f}x wall "
+                  f"(solo: -p no: {', '.join(e2e['other_pytest_plugins_disabled_in_solo'])})")
     d = report["discovery"]
     print(f"\n  backend discovery (7 backends): first in process {d['first_s'] * 1e3:.1f} ms, "
           f"cold median {d['cold_median_s'] * 1e3:.1f} ms, warm {d['warm_s'] * 1e6:.1f} us")
@@ -520,7 +595,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", help=f"model(s) to bench (default: {DEMO} and {DEEP})")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement (median reported)")
-    ap.add_argument("--inner", type=int, default=3, help="in-process matrices per sample (their mean is the sample)")
+    ap.add_argument("--inner", type=int, default=5, help="in-process matrices per sample (their mean is the sample)")
     ap.add_argument("--e2e-rounds", type=int, default=None, help="end-to-end rounds (default: --rounds)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the subprocess comparison")
     ap.add_argument("--e2e-models", choices=("demo", "all"), default="demo",
@@ -553,7 +628,9 @@ def main(argv=None) -> int:
     report = {
         "meta": {"python": sys.version.split()[0], "mnn": mnn_version(), "platform": platform.platform(),
                  "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-                 "available_backends": [n for n, s in statuses.items() if s.available]},
+                 "available_backends": [n for n, s in statuses.items() if s.available],
+                 "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+                 "loadavg_at_start": os.getloadavg()},
         "rounds": args.rounds, "inner": args.inner, "e2e_rounds": e2e_rounds, "goal_ratio": GOAL,
         "import_mnn_s": import_s, "models": {},
     }

@@ -36,6 +36,7 @@ class ConversionResult:
     log: str
 
 
+_TIMESTAMP = re.compile(r"^\[\d\d:\d\d:\d\d\]\s*:\d+:\s*")
 _UNSUPPORTED_OP = re.compile(r"(?:not support|Don't support|unsupported)[^\n]*?([A-Z][A-Za-z0-9_]+)", re.I)
 
 
@@ -68,8 +69,10 @@ def _failure_reason(log: str) -> str:
     ops = sorted(set(_UNSUPPORTED_OP.findall(log)))
     if ops:
         return "unsupported operator(s): " + ", ".join(ops)
-    tail = [line for line in log.splitlines() if line.strip()][-3:]
-    return "; ".join(tail) if tail else "the converter wrote no file and said nothing"
+    lines = [_TIMESTAMP.sub("", line).strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if "ERROR" in line or "Check failed" in line or "Failed" in line]
+    chosen = errors or lines[-3:]
+    return "; ".join(chosen) if chosen else "the converter wrote no file and said nothing"
 
 
 def _converter_module():
