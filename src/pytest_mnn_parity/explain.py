@@ -33,13 +33,39 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
     if result.verdict is not None and result.verdict.outputs:
         lines.append("")
         lines.extend(output_table(result.verdict.outputs))
-    if result.first_divergent_layer:
-        layer = result.first_divergent_layer
-        lines.append(f"first divergent layer: {layer.get('name')} ({layer.get('type')})")
+    if result.trace is not None:
+        lines.append("")
+        lines.extend(trace_lines(result))
+    if result.fp16_risks and result.tolerance is not None and result.tolerance.tier != "fp32":
+        lines.append("")
+        lines.append("fp16 risk (from the fp32 reference's activations; low precision cannot hold these):")
+        lines.extend(f"  {risk.describe()}" for risk in result.fp16_risks[:5])
+        if len(result.fp16_risks) > 5:
+            lines.append(f"  ... and {len(result.fp16_risks) - 5} more (see the JSON report)")
     if reproduce:
         lines.append("")
         lines.append(f"reproduce: {reproduce}")
     return "\n".join(lines)
+
+
+def trace_lines(result: "ParityResult") -> list[str]:
+    from .trace import layer_table
+
+    trace = result.trace
+    first = trace.first_divergent
+    unmatched = len(trace.unmatched_target) + len(trace.unmatched_reference)
+    lines = [f"layers:    {trace.compared} compared ({trace.method}); {unmatched} without a counterpart"]
+    if first is None:
+        lines.append("first divergent layer: none - every traced layer is within tolerance")
+        return lines
+    blame = "its inputs were within tolerance" if first.inputs_ok else "its inputs had already diverged"
+    health = f" [{', '.join(first.health)}]" if first.health else ""
+    lines.append(f"first divergent layer: {first.name} ({first.type}, #{first.index}){health}; {blame}")
+    flip = trace.first_health_flip
+    if flip is not None and flip is not first:
+        lines.append(f"first health flip: {flip.name} ({flip.type}, #{flip.index}) became {', '.join(flip.health)}")
+    lines.extend("  " + row for row in layer_table(trace))
+    return lines
 
 
 def _headline(result: "ParityResult", error: str) -> str:

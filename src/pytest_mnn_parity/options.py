@@ -15,6 +15,7 @@ import pytest
 
 from .backends import DEFAULT_BACKENDS, PRECISIONS, canonical_backend, canonical_precision
 from .inputs import parse_input_shapes
+from .parity import LAYER_MODES
 
 TOLERANCE_OPTIONS = {
     "atol": "absolute tolerance as a fraction of each output's largest |reference| value",
@@ -45,6 +46,8 @@ def add_options(parser: pytest.Parser) -> None:
            metavar="INT")
     for name, help_text in TOLERANCE_OPTIONS.items():
         option(name.replace("_", "-"), f"override every tier's {help_text}", metavar="FLOAT")
+    option("layers", "per-layer trace: off, on-failure (default: trace configurations whose outputs are wrong "
+           "and name the first divergent layer) or always", metavar="MODE")
     option("report", "write the JSON report (schema pytest-mnn-parity/1) to this path", metavar="PATH")
     group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
                     help="run only the generated parity items: do not collect test files")
@@ -62,6 +65,7 @@ class Options:
     tolerance_ini: dict[str, float] = field(default_factory=dict)
     tolerance_cli: dict[str, float] = field(default_factory=dict)
     report: Path | None = None
+    layers: str = "on-failure"
     only: bool = False
     rootpath: Path = Path(".")
     invocation_dir: Path = Path(".")
@@ -106,6 +110,9 @@ class Options:
         if threads < 1:
             raise pytest.UsageError("--mnn-threads must be at least 1")
         report = get("report")
+        layers = str(get("layers") or "on-failure").strip().lower()
+        if layers not in LAYER_MODES:
+            raise pytest.UsageError(f"--mnn-layers: expected one of {', '.join(LAYER_MODES)}, got {layers!r}")
         return cls(
             models=[str(m) for m in _as_list(get("model") or [])],
             backends=listed("backends", DEFAULT_BACKENDS, canonical_backend),
@@ -117,6 +124,7 @@ class Options:
             tolerance_ini=tol_ini,
             tolerance_cli=tol_cli,
             report=Path(report) if report else None,
+            layers=layers,
             only=bool(config.getoption("mnn_only")),
             rootpath=config.rootpath,
             invocation_dir=config.invocation_params.dir,
@@ -130,6 +138,8 @@ class Options:
             parts += ["--mnn-threads", str(self.threads)]
         if self.reference:
             parts += ["--mnn-reference", self.reference]
+        if self.layers != "on-failure":
+            parts += ["--mnn-layers", self.layers]
         for name, dims in self.input_shapes.items():
             parts += ["--mnn-input-shape", f"{name}={'x'.join(map(str, dims))}"]
         for name, value in self.tolerance_cli.items():
@@ -138,7 +148,7 @@ class Options:
 
     def settings_dict(self) -> dict[str, Any]:
         return {"backends": self.backends, "precisions": self.precisions, "reference": self.reference or "cpu",
-                "seed": self.seed, "threads": self.threads,
+                "seed": self.seed, "threads": self.threads, "layers": self.layers,
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
                 "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli}}
 

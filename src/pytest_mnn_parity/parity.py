@@ -25,6 +25,7 @@ from .inputs import fingerprint, generate_inputs
 from .model import ModelError
 from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig, RunOutput, error_name
 from .tolerances import Tolerance, resolve
+from .trace import ActivationRisk, ReferenceTrace, RiskScanner, TraceResult, record_reference, trace_target
 from .verdict import Category, Verdict, judge_outputs
 
 
@@ -36,6 +37,15 @@ class ParitySettings:
     # same inputs and outputs, run on that same reference configuration.
     reference: str | None = None
     threads: int = 4
+    # Per-layer tracing: "off", "on-failure" (trace a configuration whose
+    # outputs are wrong) or "always".
+    layers: str = "on-failure"
+
+
+LAYER_MODES = ("off", "on-failure", "always")
+# Categories where the outputs exist and can be traced layer by layer.
+_TRACEABLE = {Category.OK, Category.SHAPE_MISMATCH, Category.NON_FINITE, Category.ZERO_OUTPUT, Category.PARTIAL_ZERO,
+              Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH}
 
 
 class ReferenceRunError(ModelError):
@@ -52,6 +62,7 @@ class Reference:
     description: str
     outputs_a: dict[str, np.ndarray]
     outputs_b: dict[str, np.ndarray]
+    fp16_risks: list[ActivationRisk] = field(default_factory=list)
 
 
 @dataclass
@@ -70,6 +81,8 @@ class ParityResult:
     seconds: float = 0.0
     log: str = ""
     first_divergent_layer: dict[str, Any] | None = None
+    trace: TraceResult | None = None
+    fp16_risks: list[ActivationRisk] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -91,6 +104,7 @@ class ParityEngine:
         self._models: dict[Path, LoadedModel | ModelError] = {}
         self._references: dict[Path, Reference | ModelError] = {}
         self._inputs: dict[Path, tuple[dict, dict]] = {}
+        self._reference_traces: dict[Path, ReferenceTrace] = {}
 
     # -- models -----------------------------------------------------------------
     def model(self, path: os.PathLike | str) -> LoadedModel:
@@ -114,6 +128,10 @@ class ParityEngine:
         if isinstance(model, LoadedModel):
             model.close()
         self._inputs.pop(key, None)
+        self._references.pop(key, None)
+        trace = self._reference_traces.pop(key, None)
+        if trace is not None:
+            trace.close()
 
     def inputs(self, model: LoadedModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Input sets A (seed) and B (seed + 1): B exists to catch outputs that do not recompute."""
@@ -147,7 +165,8 @@ class ParityEngine:
         else:
             ref_model = model
             description = f"same model on {REFERENCE_CONFIG.describe()}"
-        run_a = ref_model.run(REFERENCE_CONFIG, inputs_a)
+        scanner = RiskScanner() if self.settings.layers != "off" else None
+        run_a = ref_model.run(REFERENCE_CONFIG, inputs_a, observer=scanner)
         run_b = ref_model.run(REFERENCE_CONFIG, inputs_b)
         for run in (run_a, run_b):
             if not run.ok:
@@ -156,7 +175,7 @@ class ParityEngine:
             if empty:
                 raise ModelError(ref_model.path, f"the reference run produced empty outputs {empty}",
                                  _runtime_hint(run), run.log)
-        return Reference(description, run_a.outputs, run_b.outputs)
+        return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [])
 
     # -- the check --------------------------------------------------------------
     def check(self, model_path: os.PathLike | str, config: RunConfig,
@@ -179,7 +198,8 @@ class ParityEngine:
         input_set = f"seeded:{self.settings.seed}"
         forward, session_log = model.session_backend(config)
         result = ParityResult(model_label, config, Category.OK, "", backends.forward_name(forward), forward, tol,
-                              reference=reference.description, input_set=input_set, log=session_log)
+                              reference=reference.description, input_set=input_set, log=session_log,
+                              fp16_risks=list(reference.fp16_risks))
         if model.falls_back(config):
             result.category = Category.BACKEND_FALLBACK
             result.message = (f"{config.backend} was available at discovery but this session runs on "
@@ -200,9 +220,29 @@ class ParityEngine:
                                        targets_b=run_b.outputs, references_b=reference.outputs_b)
         result.category = result.verdict.category
         result.input_set = f"{input_set} ({fingerprint(inputs_a)})"
+        mode = self.settings.layers
+        if result.category in _TRACEABLE and (mode == "always" or (mode == "on-failure" and not result.passed)):
+            self._trace(result, model, config, tol, inputs_a)
         if not result.passed:
             result.message = failure_message(result, model, reproduce=reproduce)
         return result
+
+    def _trace(self, result: ParityResult, model: LoadedModel, config: RunConfig, tol: Tolerance,
+               inputs: Mapping[str, np.ndarray]) -> None:
+        reference = self._reference_trace(model, inputs)
+        result.trace = trace_target(reference, model, config, inputs, tol)
+        first = result.trace.first_divergent
+        if first is not None:
+            result.first_divergent_layer = first.as_dict()
+
+    def _reference_trace(self, model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> ReferenceTrace:
+        """The reference's per-op tensors for input set A, recorded once per model."""
+        key = model.path.resolve()
+        if key not in self._reference_traces:
+            ref_model = self.model(self.settings.reference) if self.settings.reference else model
+            trace, _ = record_reference(ref_model, REFERENCE_CONFIG, inputs)
+            self._reference_traces[key] = trace
+        return self._reference_traces[key]
 
 
     def _check_without_reference(self, model: LoadedModel, config: RunConfig, exc: ReferenceRunError,

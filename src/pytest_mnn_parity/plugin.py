@@ -11,7 +11,7 @@ from .items import PARITY_RUN, ModelErrorItem, ModelFile, ParityItem, node_id_pa
 from .model import ModelError, check_model_path, expand_model_args
 from .options import Options, add_options
 from .parity import ParityEngine, ParityResult, ParitySettings
-from .report import build_report, matrix_lines, record, write_json_atomically
+from .report import RECORD_FIELDS, build_report, matrix_lines, record, write_json_atomically
 from .verdict import Category
 
 
@@ -82,7 +82,8 @@ class ParityRun:
     def __init__(self, options: Options):
         self.options = options
         self.engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
-                                                  reference=options.reference, threads=options.threads))
+                                                  reference=options.reference, threads=options.threads,
+                                                  layers=options.layers))
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
@@ -172,11 +173,10 @@ class ParityRun:
 
 
 def _error_record(item: ModelErrorItem, report) -> dict[str, Any]:
-    return {"nodeid": item.nodeid, "model": node_id_path(item.path, item.config.rootpath), "backend": None,
-            "backend_used": None, "forward_type": None, "precision": None, "variant": None, "input_set": None,
-            "outcome": "error", "category": Category.MODEL_ERROR.value, "message": str(item.error),
-            "reference": None, "tolerance": None, "outputs": {}, "first_divergent_layer": None, "rc": None,
-            "seconds": 0.0}
+    data: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
+    data.update(nodeid=item.nodeid, model=node_id_path(item.path, item.config.rootpath), outcome="error",
+                category=Category.MODEL_ERROR.value, message=str(item.error), outputs={}, fp16_risks=[], seconds=0.0)
+    return data
 
 
 def _skip_reason(report) -> str:

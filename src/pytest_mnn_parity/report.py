@@ -16,9 +16,9 @@ from typing import Any, Iterable
 
 SCHEMA = "pytest-mnn-parity/1"
 
-RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "variant", "input_set",
-                 "outcome", "category", "message", "reference", "tolerance", "outputs", "first_divergent_layer",
-                 "rc", "seconds")
+RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "variant",
+                 "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
+                 "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "rc", "seconds")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -40,6 +40,9 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "tolerance": result.tolerance.as_dict() if result.tolerance else None,
         "outputs": result.outputs_dict(),
         "first_divergent_layer": result.first_divergent_layer,
+        "layer_trace": result.trace.summary() if result.trace is not None else None,
+        "layers": [layer.as_dict(with_inputs=False) for layer in result.trace.layers] if result.trace else None,
+        "fp16_risks": [risk.as_dict() for risk in result.fp16_risks],
         "rc": result.rc,
         "seconds": result.seconds,
     }
@@ -126,6 +129,7 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
         rows = [header] + [[m] + [cells.get((m, c), "-") for c in configs] for m in models]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.extend(risk_lines(records))
     reasons = OrderedDict()
     for r in skipped:
         reasons.setdefault(r["message"] or r["category"], set()).add(f"{r['backend']}-{r['precision']}")
@@ -148,3 +152,22 @@ def _cell(rec: dict[str, Any]) -> str:
     detail = rec["category"] if rec["category"] != "ok" else ""
     metric = key_metric(rec)
     return " ".join(part for part in (status, detail, metric) if part)
+
+
+def risk_lines(records: list[dict[str, Any]]) -> list[str]:
+    """fp16 risks per model, shown even when every configuration passed.
+
+    A model that passes ``low`` on an x86 CPU (which computes it in fp32) can
+    still black out on a phone or GPU with real fp16: this is the warning.
+    """
+    lines: list[str] = []
+    seen: set[str] = set()
+    for rec in records:
+        risks = rec.get("fp16_risks") or []
+        if not risks or rec["model"] in seen:
+            continue
+        seen.add(rec["model"])
+        lines.append(f"fp16 risk in {rec['model']}: " + "; ".join(
+            f"{r['layer']} {r['kind']} (max |x| {float(r['max_abs']):.3g})" for r in risks[:3])
+            + (f"; +{len(risks) - 3} more" if len(risks) > 3 else ""))
+    return lines

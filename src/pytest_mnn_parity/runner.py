@@ -179,7 +179,12 @@ class LoadedModel:
         return not runs_as(config.backend, self._session(config).forward_type)
 
     # -- running ----------------------------------------------------------------
-    def run(self, config: RunConfig, inputs: Mapping[str, np.ndarray]) -> RunOutput:
+    def run(self, config: RunConfig, inputs: Mapping[str, np.ndarray], observer: "OpObserver | None" = None
+            ) -> RunOutput:
+        """Copy ``inputs`` in, run once, copy every output out.
+
+        With an ``observer``, MNN calls it before and after every op (see ``trace``).
+        """
         session = self._session(config)
         m = mnn()
         with capture_native_output() as out:
@@ -189,17 +194,64 @@ class LoadedModel:
                 staging = m.Tensor(tuple(array.shape), halide_type(array.dtype), array, dim_type)
                 self.interpreter.getSessionInput(session.handle, spec.name).copyFrom(staging)
             start = time.perf_counter()
-            rc = int(self.interpreter.runSession(session.handle))
+            if observer is None:
+                rc = int(self.interpreter.runSession(session.handle))
+            else:
+                guard = _CallbackGuard(observer)
+                rc = int(self.interpreter.runSessionWithCallBackInfo(session.handle, guard.before, guard.after))
             seconds = time.perf_counter() - start
             outputs = {}
             if rc == 0:
                 for name in self.info.output_names:
                     outputs[name] = to_numpy(self.interpreter.getSessionOutput(session.handle, name))
+        if observer is not None and guard.error is not None:
+            raise guard.error
         return RunOutput(outputs, rc, out.text, seconds, session.forward_type)
 
     def close(self) -> None:
         self._sessions.clear()
         self.interpreter = None
+
+
+class OpObserver:
+    """Receives each op's tensors during a traced run; both methods see borrowed tensors.
+
+    MNN reuses a tensor's memory once the callback returns, so anything kept
+    must be copied inside the call (``to_numpy``).
+    """
+
+    def before(self, tensors, name: str, op_type: str) -> None:  # pragma: no cover - interface
+        pass
+
+    def after(self, tensors, name: str, op_type: str) -> None:  # pragma: no cover - interface
+        pass
+
+
+class _CallbackGuard:
+    """Adapts an observer to pymnn's callbacks.
+
+    A callback must return a real bool and must not raise: otherwise a Python
+    error stays set and every later callback fails with SystemError.  The
+    first exception is kept and re-raised after the run.
+    """
+
+    def __init__(self, observer: OpObserver):
+        self.observer = observer
+        self.error: BaseException | None = None
+
+    def before(self, tensors, info) -> bool:
+        return self._call(self.observer.before, tensors, info)
+
+    def after(self, tensors, info) -> bool:
+        return self._call(self.observer.after, tensors, info)
+
+    def _call(self, method, tensors, info) -> bool:
+        if self.error is None:
+            try:
+                method(tensors, info.getName(), info.getType())
+            except BaseException as exc:  # noqa: BLE001 - re-raised after the run
+                self.error = exc
+        return True
 
 
 def to_numpy(tensor: Any) -> np.ndarray:

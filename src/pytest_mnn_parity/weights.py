@@ -1,0 +1,247 @@
+"""Find the constant weights of an fp32 ``.mnn`` that ``--fp16`` conversion would destroy.
+
+MNN's converter (``CastParamsToHalf``, tools/converter/source/common/SaveHalfFloat.cpp,
+MNN 3.6.1) stores convolution weights and float ``Const`` blobs as IEEE half: values are
+clamped to +-65504 and otherwise truncated toward zero, so every |w| < 2**-24 becomes 0.
+Convolution *bias* stays float32.  A model can therefore collapse silently in its fp16
+build; this scan says which tensors will, before the model ships.
+
+pymnn hides convolution weights inside op parameters, so the file is read directly as
+FlatBuffers, read-only and bounds-checked, without the ``flatbuffers`` package.  Field ids
+are declaration order in MNN's ``schema/default/*.fbs`` (a union takes two ids:
+``<name>_type`` then ``<name>``); they were checked against MNN 3.6.1's generated headers.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+FP16_MAX = 65504.0
+FP16_MIN_NORMAL = 2.0 ** -14
+FP16_MIN_SUBNORMAL = 2.0 ** -24
+
+# Net (MNN.fbs): bizCode 0, extraTensorDescribe 1, extraInfo 2, oplists 3, outputName 4,
+# preferForwardType 5, sourceType 6, tensorName 7, tensorNumber 8, usage 9, subgraphs 10.
+_NET_OPLISTS, _NET_SUBGRAPHS = 3, 10
+_SUBGRAPH_NODES = 4  # SubGraphProto: name, inputs, outputs, tensors, nodes
+# Op: inputIndexes 0, main_type 1, main 2, name 3, outputIndexes 4, type 5.
+_OP_MAIN_TYPE, _OP_MAIN, _OP_NAME, _OP_TYPE = 1, 2, 3, 5
+# Convolution2D (CaffeOp.fbs): common 0, weight 1, bias 2, quanParameter 3,
+# symmetricQuan 4, sparseParameter 5, external 6.
+_CONV_WEIGHT, _CONV_BIAS, _CONV_QUAN, _CONV_SYMQUAN, _CONV_EXTERNAL = 1, 2, 3, 4, 6
+# Blob (Tensor.fbs): dims 0, dataFormat 1, dataType 2 (default DT_FLOAT), uint8s 3,
+# int8s 4, int32s 5, int64s 6, float32s 7, strings 8, external 9.
+_BLOB_DATATYPE, _BLOB_FLOAT32S, _BLOB_EXTERNAL = 2, 7, 9
+_PARAM_BLOB, _PARAM_CONV2D = 7, 9  # OpParameter union ids (0 = NONE)
+_DT_FLOAT, _DT_BFLOAT16, _DT_HALF = 1, 14, 19
+# Exactly the op types CastParamsToHalf rewrites; everything else keeps float32.
+_CONV_TYPES = {12: "Convolution", 13: "ConvolutionDepthwise",
+               17: "Deconvolution", 18: "DeconvolutionDepthwise"}
+_CONST = 11
+
+
+@dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; compare fields explicitly
+class WeightTensor:
+    """One stored tensor; ``values`` is None when it is already compressed (fp16 or quantized)."""
+
+    op_name: str
+    op_type: str
+    role: str  # "weight", "bias" or "const"
+    values: np.ndarray | None
+    compressed: bool
+
+
+@dataclass(frozen=True)
+class WeightRisk:
+    """``count`` of ``total`` elements would lose their value (kind "flush", "subnormal",
+    "overflow"); ``worst`` is the smallest non-zero |w| (flush, subnormal) or the largest."""
+
+    op_name: str
+    op_type: str
+    role: str
+    count: int
+    total: int
+    kind: str
+    worst: float
+
+
+class _Reader:
+    """Bounds-checked FlatBuffers access: any bad offset becomes a ValueError, never a crash."""
+
+    def __init__(self, data: bytes, name: str):
+        self.data, self.name = data, name
+
+    def fail(self, why: str):
+        raise ValueError(f"{self.name}: not a valid .mnn file: {why}")
+
+    def unpack(self, fmt: str, pos: int):
+        if pos < 0 or pos + struct.calcsize(fmt) > len(self.data):
+            self.fail(f"offset {pos} is outside the file ({len(self.data)} bytes)")
+        return struct.unpack_from(fmt, self.data, pos)[0]
+
+    def deref(self, pos: int) -> int:
+        return pos + self.unpack("<I", pos)
+
+    def field(self, table: int, fid: int) -> int | None:
+        vtable = table - self.unpack("<i", table)
+        size = self.unpack("<H", vtable)
+        if size < 4 or size % 2 or vtable + size > len(self.data):
+            self.fail(f"bad vtable at {vtable} for the table at {table}")
+        slot = 4 + 2 * fid
+        off = self.unpack("<H", vtable + slot) if slot < size else 0
+        return table + off if off else None
+
+    def scalar(self, table: int, fid: int, fmt: str, default):
+        pos = self.field(table, fid)
+        return default if pos is None else self.unpack(fmt, pos)
+
+    def table(self, table: int, fid: int) -> int | None:
+        pos = self.field(table, fid)
+        return None if pos is None else self.deref(pos)
+
+    def vector(self, table: int, fid: int, item: int) -> tuple[int, int]:
+        pos = self.table(table, fid)
+        if pos is None:
+            return 0, 0
+        count = self.unpack("<I", pos)
+        if pos + 4 + count * item > len(self.data):
+            self.fail(f"vector at {pos} of {count} items runs past the end of the file")
+        return pos + 4, count
+
+    def tables(self, table: int, fid: int) -> list[int]:
+        start, count = self.vector(table, fid, 4)
+        return [self.deref(start + 4 * i) for i in range(count)]
+
+    def string(self, table: int, fid: int) -> str:
+        start, count = self.vector(table, fid, 1)
+        return self.data[start:start + count].decode("utf-8", "replace")
+
+    def array(self, table: int, fid: int, dtype: str) -> np.ndarray:
+        start, count = self.vector(table, fid, np.dtype(dtype).itemsize)
+        return np.frombuffer(self.data, dtype, count, start) if count else np.empty(0, dtype)
+
+
+def _read_only(values: np.ndarray) -> np.ndarray:
+    out = values.astype(np.float32)  # always a copy, so it does not pin the file's bytes
+    out.flags.writeable = False
+    return out
+
+
+class _External:
+    """``<model>.weight``, where the converter moves data of large models (RemoveParams.cpp)."""
+
+    def __init__(self, path: Path):
+        self.path, self.data = path.with_name(path.name + ".weight"), None
+
+    def floats(self, op_name: str, offset: int, nbytes: int) -> np.ndarray:
+        if self.data is None:
+            if not self.path.is_file():
+                raise ValueError(f"{self.path.name}: missing, but op {op_name!r} keeps its data there")
+            self.data = self.path.read_bytes()
+        if offset < 0 or nbytes < 0 or nbytes % 4 or offset + nbytes > len(self.data):
+            raise ValueError(f"{self.path.name}: op {op_name!r} points at bytes "
+                             f"{offset}..{offset + nbytes}, outside the file or not float32")
+        return np.frombuffer(self.data, "<f4", nbytes // 4, offset) if nbytes else np.empty(0, "<f4")
+
+
+def iter_weights(path) -> Iterator[WeightTensor]:
+    """Yield the tensors ``--fp16`` rewrites (conv weights, float Consts) plus conv biases,
+    in op order (main graph, then subgraphs).  Raise ValueError on a malformed file."""
+    path = Path(path)
+    data = path.read_bytes()
+    r = _Reader(data, path.name)
+    if len(data) < 8:
+        r.fail("shorter than a FlatBuffers header")
+    external = _External(path)
+    net = r.deref(0)
+    ops = r.tables(net, _NET_OPLISTS)
+    for graph in r.tables(net, _NET_SUBGRAPHS):
+        ops += r.tables(graph, _SUBGRAPH_NODES)
+    for op in ops:
+        op_type = r.scalar(op, _OP_TYPE, "<i", 0)
+        param_type = r.scalar(op, _OP_MAIN_TYPE, "<B", 0)
+        if op_type in _CONV_TYPES and param_type == _PARAM_CONV2D:
+            yield from _conv(r, external, op, _CONV_TYPES[op_type])
+        elif op_type == _CONST and param_type == _PARAM_BLOB:
+            yield from _const(r, external, op)
+
+
+def _params(r: _Reader, op: int) -> tuple[str, int]:
+    name = r.string(op, _OP_NAME)
+    main = r.table(op, _OP_MAIN)
+    if main is None:
+        r.fail(f"op {name!r} declares parameters but has none")
+    return name, main
+
+
+def _conv(r: _Reader, external: _External, op: int, op_type: str) -> Iterator[WeightTensor]:
+    name, conv = _params(r, op)
+    compressed = r.field(conv, _CONV_QUAN) is not None or r.field(conv, _CONV_SYMQUAN) is not None
+    weight = r.array(conv, _CONV_WEIGHT, "<f4")
+    bias = r.array(conv, _CONV_BIAS, "<f4")
+    ext = r.array(conv, _CONV_EXTERNAL, "<i8").tolist()
+    # External layout is [offset, sizes...]: weight, bias for float convs;
+    # buffer, alpha, bias, index for compressed ones (RemoveParams.cpp).
+    bias_at = 3 if compressed else 2
+    if len(ext) > bias_at and not bias.size:
+        bias = external.floats(name, ext[0] + sum(ext[1:bias_at]), ext[bias_at])
+    if compressed:
+        yield WeightTensor(name, op_type, "weight", None, True)
+    else:
+        if not weight.size and len(ext) > 1:
+            weight = external.floats(name, ext[0], ext[1])
+        if weight.size:  # empty: the weight arrives as an input tensor (a Const op)
+            yield WeightTensor(name, op_type, "weight", _read_only(weight), False)
+    if bias.size:
+        yield WeightTensor(name, op_type, "bias", _read_only(bias), False)
+
+
+def _const(r: _Reader, external: _External, op: int) -> Iterator[WeightTensor]:
+    name, blob = _params(r, op)
+    dtype = r.scalar(blob, _BLOB_DATATYPE, "<i", _DT_FLOAT)
+    if dtype in (_DT_HALF, _DT_BFLOAT16):
+        yield WeightTensor(name, "Const", "const", None, True)
+    elif dtype == _DT_FLOAT:
+        values = r.array(blob, _BLOB_FLOAT32S, "<f4")
+        ext = r.array(blob, _BLOB_EXTERNAL, "<i8").tolist()
+        if not values.size and len(ext) > 1:
+            values = external.floats(name, ext[0], ext[1])
+        yield WeightTensor(name, "Const", "const", _read_only(values), False)
+
+
+def classify(op_name: str, op_type: str, role: str, values: np.ndarray,
+             min_fraction: float = 0.0) -> list[WeightRisk]:
+    """The fp16 risks of one float tensor; a kind is reported only when it hits at least
+    ``min_fraction`` of the elements, so tiny outliers can be tolerated."""
+    a = np.abs(np.asarray(values, dtype=np.float32).ravel())
+    total = a.size
+    nonzero = a > 0  # NaN is neither a flush nor an overflow risk
+    risks = []
+
+    def add(kind: str, mask: np.ndarray, worst) -> None:
+        count = int(mask.sum())
+        if count and count / total >= min_fraction:
+            risks.append(WeightRisk(op_name, op_type, role, count, total, kind, float(worst(a[mask]))))
+
+    add("flush", nonzero & (a < FP16_MIN_SUBNORMAL), np.min)
+    below_normal = nonzero & (a < FP16_MIN_NORMAL)
+    if 2 * int(below_normal.sum()) > int(nonzero.sum()):  # precision of most of the tensor is gone
+        add("subnormal", below_normal, np.min)
+    add("overflow", a > FP16_MAX, np.max)
+    return risks
+
+
+def fp16_weight_risks(path, *, min_fraction: float = 0.0) -> list[WeightRisk]:
+    """What ``--fp16`` would flush or clamp, in op order.  Conv biases are skipped because the
+    converter keeps them float32; already-compressed tensors have nothing left to lose."""
+    if not 0.0 <= min_fraction <= 1.0:
+        raise ValueError(f"min_fraction must be in [0, 1], got {min_fraction!r}")
+    risks: list[WeightRisk] = []
+    for t in iter_weights(path):
+        if t.values is not None and t.role != "bias":
+            risks += classify(t.op_name, t.op_type, t.role, t.values, min_fraction)
+    return risks
