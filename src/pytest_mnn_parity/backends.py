@@ -8,8 +8,10 @@ even when it has no usable device).  Discovery runs once per process.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +82,7 @@ def _probe_model() -> Path:
     """
     expr = mnn().expr
     folder = Path(tempfile.mkdtemp(prefix="mnn-parity-probe-"))
+    atexit.register(shutil.rmtree, folder, True)
     path = folder / "probe.mnn"
     with capture_native_output():
         x = expr.placeholder([1, 4], expr.NCHW)

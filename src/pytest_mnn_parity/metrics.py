@@ -95,71 +95,74 @@ def snr_db(target: np.ndarray, reference: np.ndarray) -> float:
     return float(np.clip(10.0 * math.log10(signal / noise), -_SNR_CAP_DB, _SNR_CAP_DB))
 
 
-def allowed_error(reference: np.ndarray, atol: float, rtol: float, scale: float) -> np.ndarray:
-    """Per-element bound: ``atol * scale + rtol * |reference|``."""
-    return atol * scale + rtol * np.abs(np.asarray(reference, dtype=np.float64))
-
-
 def compare(target: np.ndarray, reference: np.ndarray, *, atol: float, rtol: float) -> OutputMetrics:
     """All metrics for one output; shapes must already match (see ``verdict``)."""
-    tgt = np.asarray(target)
-    ref = np.asarray(reference)
-    t = tgt.astype(np.float64, copy=False)
-    r = ref.astype(np.float64, copy=False)
-    finite = np.isfinite(t) & np.isfinite(r)
-    scale = reference_scale(r)
-    size = int(t.size)
+    tgt, ref = np.asarray(target), np.asarray(reference)
+    shape, size = tuple(tgt.shape), int(tgt.size)
     if size == 0:
-        return OutputMetrics(tuple(tgt.shape), tuple(ref.shape), 0, 0.0, 0.0, 0.0, 0.0, 1.0, _SNR_CAP_DB,
-                             scale, 0.0, (), 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0)
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.where(finite, np.abs(t - r), 0.0)
+        return OutputMetrics(shape, tuple(ref.shape), 0, 0.0, 0.0, 0.0, 0.0, 1.0, _SNR_CAP_DB, 1.0, 0.0, (),
+                             0.0, 0.0, 0.0, 0.0, 0.0, 0, 0)
+    t = tgt.astype(np.float64, copy=False).ravel()
+    r = ref.astype(np.float64, copy=False).ravel()
+    t_finite, r_finite = np.isfinite(t), np.isfinite(r)
+    all_finite = bool(t_finite.all() and r_finite.all())
+    if all_finite:  # the common case: skip every mask
+        tf, rf, new_bad = t, r, None
+        scale = reference_scale(r)
+    else:
+        finite = t_finite & r_finite
+        # A NaN/Inf the reference shares at the same place (same inf, both NaN)
+        # is not a difference; any other one is outside tolerance by definition.
+        with np.errstate(invalid="ignore"):
+            same = ~finite & ((t == r) | (np.isnan(t) & np.isnan(r)))
+        new_bad = ~finite & ~same
+        tf, rf = np.where(finite, t, 0.0), np.where(finite, r, 0.0)
+        scale = reference_scale(r[r_finite]) if r_finite.any() else 1.0
+    abs_r = np.abs(rf)
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = np.abs(tf - rf)
+        excess = diff - (atol * scale + rtol * abs_r)
+    outside = excess > 0
     # Relative error is only defined where the reference is non-zero; elements
     # where it is zero are judged by the scaled absolute tolerance alone.
-    nonzero_ref = finite & (r != 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(nonzero_ref, diff / np.abs(np.where(nonzero_ref, r, 1.0)), 0.0)
-    with np.errstate(invalid="ignore", over="ignore"):
-        bound = allowed_error(r, atol, rtol, scale)
-    # A non-finite element the reference does not share is outside tolerance
-    # by definition; one the reference shares exactly (same inf, both NaN) is not.
-    same_nonfinite = ~finite & ((t == r) | (np.isnan(t) & np.isnan(r)))
-    outside = (~finite & ~same_nonfinite) | (diff > bound)
-    if finite.any():
-        worst_flat = int(np.argmax(np.where(finite, diff - bound, -np.inf)))
-    else:
-        worst_flat = 0
-    if (~finite & ~same_nonfinite).any():
-        worst_flat = int(np.argmax((~finite & ~same_nonfinite).ravel()))
-    worst = tuple(int(i) for i in np.unravel_index(worst_flat, t.shape))
-    fd = diff[finite]
-    new_nonfinite = bool(np.any(~finite & ~same_nonfinite))
-    cosine = cosine_similarity(np.where(finite, t, 0.0), np.where(finite, r, 0.0))
-    snr = snr_db(np.where(finite, t, 0.0), np.where(finite, r, 0.0))
+    rel = np.divide(diff, abs_r, out=np.zeros_like(diff), where=abs_r > 0)
+    new_nonfinite = new_bad is not None and bool(new_bad.any())
     if new_nonfinite:
-        # A NaN or Inf the reference does not have is an unbounded error; numbers
-        # computed over the finite rest would make a broken output look perfect.
-        fd = np.array([np.inf])
+        outside |= new_bad
+        worst_flat = int(np.argmax(new_bad))
+    else:
+        worst_flat = int(np.argmax(excess))
+    zero_t = t == 0
+    new_zero = zero_t & (r != 0) & outside
+    if new_nonfinite:
+        # An unbounded error: numbers computed over the finite rest would make a
+        # broken output look perfect.
+        max_abs = max_rel = mean_abs = rmse = float("inf")
         cosine, snr = float("nan"), -_SNR_CAP_DB
+    else:
+        max_abs, max_rel = float(diff.max()), float(rel.max())
+        mean_abs = float(diff.mean())
+        rmse = float(np.sqrt(np.mean(diff * diff)))
+        cosine = cosine_similarity(tf, rf)
+        snr = snr_db(tf, rf)
     return OutputMetrics(
-        shape=tuple(tgt.shape),
+        shape=shape,
         ref_shape=tuple(ref.shape),
         size=size,
-        max_abs=float(fd.max()) if fd.size else 0.0,
-        max_rel=float("inf") if new_nonfinite else float(rel.max()),
-        mean_abs=float(fd.mean()) if fd.size else 0.0,
-        rmse=float(np.sqrt(np.mean(fd * fd))) if fd.size else 0.0,
+        max_abs=max_abs,
+        max_rel=max_rel,
+        mean_abs=mean_abs,
+        rmse=rmse,
         cosine=cosine,
         snr_db=snr,
         ref_scale=scale,
         outside_fraction=float(np.count_nonzero(outside)) / size,
-        worst_index=worst,
-        worst_target=float(t.ravel()[worst_flat]),
-        worst_reference=float(r.ravel()[worst_flat]),
-        new_zero_fraction=float(np.count_nonzero((t == 0) & (r != 0) & outside)) / size,
-        zero_fraction=float(np.count_nonzero(t == 0)) / size,
+        worst_index=tuple(int(i) for i in np.unravel_index(worst_flat, shape)),
+        worst_target=float(t[worst_flat]),
+        worst_reference=float(r[worst_flat]),
+        zero_fraction=float(np.count_nonzero(zero_t)) / size,
         ref_zero_fraction=float(np.count_nonzero(r == 0)) / size,
-        nonfinite_count=int(np.count_nonzero(~np.isfinite(t))),
-        ref_nonfinite_count=int(np.count_nonzero(~np.isfinite(r))),
+        new_zero_fraction=float(np.count_nonzero(new_zero)) / size,
+        nonfinite_count=int(size - np.count_nonzero(t_finite)),
+        ref_nonfinite_count=int(size - np.count_nonzero(r_finite)),
     )
-

@@ -9,6 +9,7 @@ shape error) that goes into failure messages instead of into the terminal.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import tempfile
@@ -19,6 +20,10 @@ from typing import Iterator
 # fd swapping is process-wide; two threads doing it at once would steal each
 # other's output, so they queue.
 _LOCK = threading.RLock()
+# One sink file per process, emptied before each use: opening a temporary file
+# per capture cost more than the MNN calls it wrapped on small models.
+_SINK = None
+_DEPTH = 0
 
 
 @dataclass
@@ -31,38 +36,63 @@ class CapturedOutput:
 
 @contextlib.contextmanager
 def capture_native_output() -> Iterator[CapturedOutput]:
+    global _SINK, _DEPTH
     captured = CapturedOutput()
     with _LOCK:
+        if _DEPTH:
+            # Nested capture: the outer one already holds the descriptors and
+            # will collect this text too.
+            _DEPTH += 1
+            try:
+                yield captured
+            finally:
+                _DEPTH -= 1
+            return
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except (AttributeError, ValueError):
                 pass
-        with tempfile.TemporaryFile(mode="w+b") as sink:
-            saved = [os.dup(1), os.dup(2)]
+        if _SINK is None:
+            _SINK = tempfile.TemporaryFile(mode="w+b")
+        sink = _SINK
+        sink.seek(0)
+        sink.truncate()
+        saved = [os.dup(1), os.dup(2)]
+        _DEPTH = 1
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
             try:
-                os.dup2(sink.fileno(), 1)
-                os.dup2(sink.fileno(), 2)
-                try:
-                    yield captured
-                finally:
-                    _flush_c_stdio()
-                    os.dup2(saved[0], 1)
-                    os.dup2(saved[1], 2)
+                yield captured
             finally:
-                for fd in saved:
-                    os.close(fd)
-                sink.seek(0)
-                captured.text = sink.read().decode("utf-8", errors="replace")
-                captured.lines = [line for line in captured.text.splitlines() if line.strip()]
+                _flush_c_stdio()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+        finally:
+            _DEPTH = 0
+            for fd in saved:
+                os.close(fd)
+            # The fds shared the sink's offset; read from the start regardless.
+            os.lseek(sink.fileno(), 0, os.SEEK_SET)
+            sink.seek(0)
+            captured.text = sink.read().decode("utf-8", errors="replace")
+            captured.lines = [line for line in captured.text.splitlines() if line.strip()]
 
 
 def _flush_c_stdio() -> None:
     # C's stdout is block-buffered when it is not a terminal: without fflush the
     # bytes would land after we restore the descriptor, in the user's terminal.
+    fflush = _libc_fflush()
+    if fflush is not None:
+        fflush(None)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_fflush():
     try:
         import ctypes
 
-        ctypes.CDLL(None).fflush(None)
+        return ctypes.CDLL(None).fflush
     except (OSError, AttributeError):  # pragma: no cover - non-POSIX libc
-        pass
+        return None

@@ -12,6 +12,7 @@ reference outputs, once per model and input set.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,11 +106,12 @@ class ParityEngine:
         self._references: dict[Path, Reference | ModelError] = {}
         self._inputs: dict[Path, tuple[dict, dict]] = {}
         self._reference_traces: dict[Path, ReferenceTrace] = {}
+        self._fingerprints: dict[Path, str] = {}
 
     # -- models -----------------------------------------------------------------
     def model(self, path: os.PathLike | str) -> LoadedModel:
         """The loaded model, loading it once; a load failure is remembered and re-raised."""
-        key = Path(path).resolve()
+        key = _key(path)
         cached = self._models.get(key)
         if cached is None:
             try:
@@ -123,11 +125,12 @@ class ParityEngine:
 
     def release(self, path: os.PathLike | str) -> None:
         """Free a model's interpreter and sessions (MNN frees sessions with the interpreter only)."""
-        key = Path(path).resolve()
+        key = _key(path)
         model = self._models.pop(key, None)
         if isinstance(model, LoadedModel):
             model.close()
         self._inputs.pop(key, None)
+        self._fingerprints.pop(key, None)
         self._references.pop(key, None)
         trace = self._reference_traces.pop(key, None)
         if trace is not None:
@@ -135,16 +138,22 @@ class ParityEngine:
 
     def inputs(self, model: LoadedModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Input sets A (seed) and B (seed + 1): B exists to catch outputs that do not recompute."""
-        key = model.path.resolve()
+        key = _key(model.path)
         if key not in self._inputs:
             seed = self.settings.seed
             self._inputs[key] = (generate_inputs(model.info.inputs, model.shapes, seed),
                                  generate_inputs(model.info.inputs, model.shapes, seed + 1))
         return self._inputs[key]
 
+    def _fingerprint(self, model: LoadedModel) -> str:
+        key = _key(model.path)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = fingerprint(self.inputs(model)[0])
+        return self._fingerprints[key]
+
     # -- reference --------------------------------------------------------------
     def reference(self, model: LoadedModel) -> Reference:
-        key = model.path.resolve()
+        key = _key(model.path)
         cached = self._references.get(key)
         if cached is None:
             try:
@@ -219,7 +228,7 @@ class ParityEngine:
         result.verdict = judge_outputs(run_a.outputs, reference.outputs_a, tol,
                                        targets_b=run_b.outputs, references_b=reference.outputs_b)
         result.category = result.verdict.category
-        result.input_set = f"{input_set} ({fingerprint(inputs_a)})"
+        result.input_set = f"{input_set} ({self._fingerprint(model)})"
         mode = self.settings.layers
         if result.category in _TRACEABLE and (mode == "always" or (mode == "on-failure" and not result.passed)):
             self._trace(result, model, config, tol, inputs_a)
@@ -237,7 +246,7 @@ class ParityEngine:
 
     def _reference_trace(self, model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> ReferenceTrace:
         """The reference's per-op tensors for input set A, recorded once per model."""
-        key = model.path.resolve()
+        key = _key(model.path)
         if key not in self._reference_traces:
             ref_model = self.model(self.settings.reference) if self.settings.reference else model
             trace, _ = record_reference(ref_model, REFERENCE_CONFIG, inputs)
@@ -259,6 +268,16 @@ class ParityEngine:
             result.verdict = Verdict(Category.RUNTIME_ERROR)
             result.message = failure_message(result, model, error=_runtime_error_text(run), reproduce=reproduce)
         return result
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolved(path: str) -> Path:
+    return Path(path).resolve()
+
+
+def _key(path: os.PathLike | str) -> Path:
+    """Cache key of a model: its resolved path (resolving is a syscall per part, so it is memoised)."""
+    return _resolved(os.fspath(path))
 
 
 def _check_same_interface(model: LoadedModel, ref: LoadedModel) -> None:

@@ -254,7 +254,7 @@ class _CallbackGuard:
         return True
 
 
-def to_numpy(tensor: Any) -> np.ndarray:
+def to_numpy(tensor: Any, copy: bool = True) -> np.ndarray:
     """Copy any session tensor into an owned numpy array in logical (NCHW or NHWC) order.
 
     An empty or unresized tensor comes back as an empty array of its shape
@@ -270,7 +270,22 @@ def to_numpy(tensor: Any) -> np.ndarray:
     host = m.Tensor(tensor, tensor.getDimensionType())
     if not tensor.copyToHostTensor(host):
         return np.zeros((0,) * len(shape), dtype=dtype)
-    return np.array(host.getNumpyData(), copy=True)
+    data = host.getNumpyData()
+    if copy:
+        return np.array(data, copy=True)
+    # A view of ``host``'s memory: valid only while ``host`` lives, so the
+    # array keeps a reference to it.
+    view = np.asarray(data)
+    return _HostView(view, host) if view.base is None else view
+
+
+class _HostView(np.ndarray):
+    """An ndarray that keeps the MNN host tensor owning its memory alive."""
+
+    def __new__(cls, array: np.ndarray, owner: Any):
+        obj = array.view(cls)
+        obj._owner = owner
+        return obj
 
 
 def backend_label(forward_type: int | None) -> str | None:

@@ -26,7 +26,7 @@ FP16_MIN_SUBNORMAL = 2.0 ** -24
 
 # Net (MNN.fbs): bizCode 0, extraTensorDescribe 1, extraInfo 2, oplists 3, outputName 4,
 # preferForwardType 5, sourceType 6, tensorName 7, tensorNumber 8, usage 9, subgraphs 10.
-_NET_OPLISTS, _NET_SUBGRAPHS = 3, 10
+_NET_BIZCODE, _NET_OPLISTS, _NET_OUTPUTNAME, _NET_TENSORNAME, _NET_SUBGRAPHS = 0, 3, 4, 7, 10
 _SUBGRAPH_NODES = 4  # SubGraphProto: name, inputs, outputs, tensors, nodes
 # Op: inputIndexes 0, main_type 1, main 2, name 3, outputIndexes 4, type 5.
 _OP_MAIN_TYPE, _OP_MAIN, _OP_NAME, _OP_TYPE = 1, 2, 3, 5
@@ -116,9 +116,19 @@ class _Reader:
         start, count = self.vector(table, fid, 4)
         return [self.deref(start + 4 * i) for i in range(count)]
 
+    def strings(self, table: int, fid: int) -> list[str]:
+        start, count = self.vector(table, fid, 4)
+        return [self.text(self.deref(start + 4 * i)) for i in range(count)]
+
+    def text(self, pos: int) -> str:
+        count = self.unpack("<I", pos)
+        if pos + 4 + count > len(self.data):
+            self.fail(f"string at {pos} runs past the end of the file")
+        return self.data[pos + 4:pos + 4 + count].decode("utf-8", "replace")
+
     def string(self, table: int, fid: int) -> str:
-        start, count = self.vector(table, fid, 1)
-        return self.data[start:start + count].decode("utf-8", "replace")
+        pos = self.table(table, fid)
+        return "" if pos is None else self.text(pos)
 
     def array(self, table: int, fid: int, dtype: str) -> np.ndarray:
         start, count = self.vector(table, fid, np.dtype(dtype).itemsize)
@@ -132,20 +142,21 @@ def _read_only(values: np.ndarray) -> np.ndarray:
 
 
 class _External:
-    """``<model>.weight``, where the converter moves data of large models (RemoveParams.cpp)."""
+    """``<model>.weight``, where the converter moves data of large models (RemoveParams.cpp);
+    read per tensor because it can be many GB."""
 
     def __init__(self, path: Path):
-        self.path, self.data = path.with_name(path.name + ".weight"), None
+        self.path = path.with_name(path.name + ".weight")
 
     def floats(self, op_name: str, offset: int, nbytes: int) -> np.ndarray:
-        if self.data is None:
-            if not self.path.is_file():
-                raise ValueError(f"{self.path.name}: missing, but op {op_name!r} keeps its data there")
-            self.data = self.path.read_bytes()
-        if offset < 0 or nbytes < 0 or nbytes % 4 or offset + nbytes > len(self.data):
+        if not self.path.is_file():
+            raise ValueError(f"{self.path.name}: missing, but op {op_name!r} keeps its data there")
+        if offset < 0 or nbytes < 0 or nbytes % 4 or offset + nbytes > self.path.stat().st_size:
             raise ValueError(f"{self.path.name}: op {op_name!r} points at bytes "
                              f"{offset}..{offset + nbytes}, outside the file or not float32")
-        return np.frombuffer(self.data, "<f4", nbytes // 4, offset) if nbytes else np.empty(0, "<f4")
+        with self.path.open("rb") as f:
+            f.seek(offset)
+            return np.frombuffer(f.read(nbytes), "<f4")
 
 
 def iter_weights(path) -> Iterator[WeightTensor]:
@@ -159,27 +170,30 @@ def iter_weights(path) -> Iterator[WeightTensor]:
     external = _External(path)
     net = r.deref(0)
     ops = r.tables(net, _NET_OPLISTS)
+    if not ops:
+        r.fail("the net has no ops")
     for graph in r.tables(net, _NET_SUBGRAPHS):
         ops += r.tables(graph, _SUBGRAPH_NODES)
+        if len(ops) > len(data) // 8:  # more ops than bytes allow: shared vectors, would loop on
+            r.fail("its subgraphs reference more ops than the file can hold")
+    # Cheap checks of data we do not need, so that truncation past the weights is caught.
+    r.string(net, _NET_BIZCODE), r.strings(net, _NET_OUTPUTNAME), r.strings(net, _NET_TENSORNAME)
     for op in ops:
         op_type = r.scalar(op, _OP_TYPE, "<i", 0)
         param_type = r.scalar(op, _OP_MAIN_TYPE, "<B", 0)
+        name, params = r.string(op, _OP_NAME), r.table(op, _OP_MAIN)
+        if params is None:
+            if param_type:
+                r.fail(f"op {name!r} declares parameters but has none")
+            continue
+        r.field(params, 0)  # validates the parameter table's vtable
         if op_type in _CONV_TYPES and param_type == _PARAM_CONV2D:
-            yield from _conv(r, external, op, _CONV_TYPES[op_type])
+            yield from _conv(r, external, name, params, _CONV_TYPES[op_type])
         elif op_type == _CONST and param_type == _PARAM_BLOB:
-            yield from _const(r, external, op)
+            yield from _const(r, external, name, params)
 
 
-def _params(r: _Reader, op: int) -> tuple[str, int]:
-    name = r.string(op, _OP_NAME)
-    main = r.table(op, _OP_MAIN)
-    if main is None:
-        r.fail(f"op {name!r} declares parameters but has none")
-    return name, main
-
-
-def _conv(r: _Reader, external: _External, op: int, op_type: str) -> Iterator[WeightTensor]:
-    name, conv = _params(r, op)
+def _conv(r: _Reader, external: _External, name: str, conv: int, op_type: str) -> Iterator[WeightTensor]:
     compressed = r.field(conv, _CONV_QUAN) is not None or r.field(conv, _CONV_SYMQUAN) is not None
     weight = r.array(conv, _CONV_WEIGHT, "<f4")
     bias = r.array(conv, _CONV_BIAS, "<f4")
@@ -200,8 +214,7 @@ def _conv(r: _Reader, external: _External, op: int, op_type: str) -> Iterator[We
         yield WeightTensor(name, op_type, "bias", _read_only(bias), False)
 
 
-def _const(r: _Reader, external: _External, op: int) -> Iterator[WeightTensor]:
-    name, blob = _params(r, op)
+def _const(r: _Reader, external: _External, name: str, blob: int) -> Iterator[WeightTensor]:
     dtype = r.scalar(blob, _BLOB_DATATYPE, "<i", _DT_FLOAT)
     if dtype in (_DT_HALF, _DT_BFLOAT16):
         yield WeightTensor(name, "Const", "const", None, True)
@@ -213,7 +226,7 @@ def _const(r: _Reader, external: _External, op: int) -> Iterator[WeightTensor]:
         yield WeightTensor(name, "Const", "const", _read_only(values), False)
 
 
-def classify(op_name: str, op_type: str, role: str, values: np.ndarray,
+def classify_fp16(op_name: str, op_type: str, role: str, values: np.ndarray,
              min_fraction: float = 0.0) -> list[WeightRisk]:
     """The fp16 risks of one float tensor; a kind is reported only when it hits at least
     ``min_fraction`` of the elements, so tiny outliers can be tolerated."""
@@ -243,5 +256,5 @@ def fp16_weight_risks(path, *, min_fraction: float = 0.0) -> list[WeightRisk]:
     risks: list[WeightRisk] = []
     for t in iter_weights(path):
         if t.values is not None and t.role != "bias":
-            risks += classify(t.op_name, t.op_type, t.role, t.values, min_fraction)
+            risks += classify_fp16(t.op_name, t.op_type, t.role, t.values, min_fraction)
     return risks
