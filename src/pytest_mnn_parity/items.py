@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,23 @@ class ParityFailure(Exception):
     """A configuration that gave the wrong answer; its text is the failure message."""
 
 
+@dataclass(frozen=True)
+class Case:
+    """One generated item: a configuration, optionally of a conversion variant and a named input set.
+
+    Later axes (variants, input sets) extend the id in front of the
+    configuration: ``parity[fp16-photo1-CPU-low]``.
+    """
+
+    config: RunConfig
+    variant: str | None = None
+    input_set: str | None = None
+
+    @property
+    def id(self) -> str:
+        return "-".join(part for part in (self.variant, self.input_set, self.config.id) if part)
+
+
 class ModelFile(pytest.File):
     """A model named by ``--mnn-model``; its children are the matrix items."""
 
@@ -28,16 +46,15 @@ class ModelFile(pytest.File):
         if self.error is not None:
             yield ModelErrorItem.from_parent(self, name="load", error=self.error)
             return
-        for backend in run.options.backends:
-            for precision in run.options.precisions:
-                config = RunConfig(backend, precision, run.options.threads)
-                yield ParityItem.from_parent(self, name=f"parity[{config.id}]", run_config=config)
+        for case in run.cases(self.path):
+            yield ParityItem.from_parent(self, name=f"parity[{case.id}]", case=case)
 
 
 class ParityItem(pytest.Item):
-    def __init__(self, *, run_config: RunConfig, **kwargs: Any):
+    def __init__(self, *, case: Case, **kwargs: Any):
         super().__init__(**kwargs)
-        self.run_config = run_config
+        self.case = case
+        self.run_config = run_config = case.config
         self.result: ParityResult | None = None
         run: ParityRun = self.config.stash[PARITY_RUN]
         status = run.backend_status(run_config.backend)

@@ -82,6 +82,7 @@ class ParityResult:
     seconds: float = 0.0
     log: str = ""
     first_divergent_layer: dict[str, Any] | None = None
+    variant: str | None = None
     trace: TraceResult | None = None
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
 

@@ -7,10 +7,11 @@ from typing import Any
 import pytest
 
 from . import backends as backend_discovery
-from .items import PARITY_RUN, ModelErrorItem, ModelFile, ParityItem, node_id_path
+from .items import PARITY_RUN, Case, ModelErrorItem, ModelFile, ParityItem, node_id_path
 from .model import ModelError, check_model_path, expand_model_args
 from .options import Options, add_options
 from .parity import ParityEngine, ParityResult, ParitySettings
+from .runner import RunConfig
 from .report import RECORD_FIELDS, build_report, matrix_lines, record, write_json_atomically
 from .verdict import Category
 
@@ -109,6 +110,11 @@ class ParityRun:
             session.ihook.pytest_collectreport(report=pytest.CollectReport(nodeid, "passed", None, collected))
             items.extend(collected)
         return items
+
+    def cases(self, model_path) -> list[Case]:
+        """Every item to generate for one model, in a stable order."""
+        return [Case(RunConfig(backend, precision, self.options.threads))
+                for backend in self.options.backends for precision in self.options.precisions]
 
     def backend_status(self, backend: str):
         return backend_discovery.discover([backend])[backend]

@@ -31,7 +31,7 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "forward_type": result.forward_type,
         "precision": result.config.precision,
         "threads": result.config.threads,
-        "variant": None,
+        "variant": result.variant,
         "input_set": result.input_set,
         "outcome": outcome,
         "category": result.category.value,

@@ -176,8 +176,10 @@ def iter_weights(path) -> Iterator[WeightTensor]:
         ops += r.tables(graph, _SUBGRAPH_NODES)
         if len(ops) > len(data) // 8:  # more ops than bytes allow: shared vectors, would loop on
             r.fail("its subgraphs reference more ops than the file can hold")
-    # Cheap checks of data we do not need, so that truncation past the weights is caught.
-    r.string(net, _NET_BIZCODE), r.strings(net, _NET_OUTPUTNAME), r.strings(net, _NET_TENSORNAME)
+    # Data we do not need, read anyway so that truncation past the weights is caught.
+    r.string(net, _NET_BIZCODE)
+    r.strings(net, _NET_OUTPUTNAME)
+    r.strings(net, _NET_TENSORNAME)
     for op in ops:
         op_type = r.scalar(op, _OP_TYPE, "<i", 0)
         param_type = r.scalar(op, _OP_MAIN_TYPE, "<B", 0)
@@ -227,12 +229,13 @@ def _const(r: _Reader, external: _External, name: str, blob: int) -> Iterator[We
 
 
 def classify_fp16(op_name: str, op_type: str, role: str, values: np.ndarray,
-             min_fraction: float = 0.0) -> list[WeightRisk]:
-    """The fp16 risks of one float tensor; a kind is reported only when it hits at least
-    ``min_fraction`` of the elements, so tiny outliers can be tolerated."""
+                  min_fraction: float = 0.0) -> list[WeightRisk]:
+    """The fp16 risks of one tensor (cast to float32 first, as MNN stores it).  A kind is
+    reported only when it hits at least ``min_fraction`` of the elements, so that harmless
+    outliers (e.g. 1e-17 rounding noise in a DFT matrix) can be tolerated."""
     a = np.abs(np.asarray(values, dtype=np.float32).ravel())
     total = a.size
-    nonzero = a > 0  # NaN is neither a flush nor an overflow risk
+    nonzero = a > 0  # NaN compares False everywhere: neither a flush nor an overflow
     risks = []
 
     def add(kind: str, mask: np.ndarray, worst) -> None:
