@@ -23,6 +23,8 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
     used = result.backend_used or "?"
     lines.append(f"ran on:    {used} (forward type {result.forward_type}), precision {config.precision}, "
                  f"{config.threads} thread(s); requested {config.backend}")
+    if result.arithmetic is not None:
+        lines.append(f"arithmetic: {result.arithmetic.describe()}")
     lines.append(f"reference: {result.reference}")
     if result.tolerance is not None:
         lines.append(f"tolerance: {result.tolerance.describe()}")
@@ -36,7 +38,9 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
     if result.trace is not None:
         lines.append("")
         lines.extend(trace_lines(result))
-    if result.fp16_risks and result.tolerance is not None and result.tolerance.tier != "fp32":
+    reduced = config.precision in ("low", "Low_BF16") or (result.tolerance is not None
+                                                         and result.tolerance.tier != "fp32")
+    if result.fp16_risks and reduced:
         lines.append("")
         lines.append("fp16 risk (from the fp32 reference's activations; low precision cannot hold these):")
         lines.extend(f"  {risk.describe()}" for risk in result.fp16_risks[:5])

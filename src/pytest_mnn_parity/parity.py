@@ -83,6 +83,7 @@ class ParityResult:
     log: str = ""
     first_divergent_layer: dict[str, Any] | None = None
     variant: str | None = None
+    arithmetic: backends.Arithmetic | None = None
     trace: TraceResult | None = None
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
 
@@ -203,13 +204,14 @@ class ParityEngine:
             return self._check_without_reference(model, config, exc, reproduce)
         except ModelError as exc:
             return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log)
-        tol = resolve(config.backend, config.precision, *tolerance_layers)
+        arithmetic = backends.probe_arithmetic(config.backend, config.precision)
+        tol = resolve(config.backend, config.precision, *tolerance_layers, arithmetic=arithmetic.kind)
         inputs_a, inputs_b = self.inputs(model)
         input_set = f"seeded:{self.settings.seed}"
         forward, session_log = model.session_backend(config)
         result = ParityResult(model_label, config, Category.OK, "", backends.forward_name(forward), forward, tol,
                               reference=reference.description, input_set=input_set, log=session_log,
-                              fp16_risks=list(reference.fp16_risks))
+                              fp16_risks=list(reference.fp16_risks), arithmetic=arithmetic)
         if model.falls_back(config):
             result.category = Category.BACKEND_FALLBACK
             result.message = (f"{config.backend} was available at discovery but this session runs on "

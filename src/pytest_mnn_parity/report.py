@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 SCHEMA = "pytest-mnn-parity/1"
 
-RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "variant",
+RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "arithmetic", "variant",
                  "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "rc", "seconds")
 
@@ -31,6 +31,8 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "forward_type": result.forward_type,
         "precision": result.config.precision,
         "threads": result.config.threads,
+        "arithmetic": None if result.arithmetic is None else {
+            "kind": result.arithmetic.kind, "probe_errors": result.arithmetic.errors, "note": result.arithmetic.note},
         "variant": result.variant,
         "input_set": result.input_set,
         "outcome": outcome,

@@ -2,7 +2,9 @@
 
 Resolution order, later wins, field by field:
 
-1. **Built-in tier**, chosen by backend x precision (table below).
+1. **Built-in tier**, chosen by the arithmetic a probe measured for the
+   backend x precision (fp32, fp16 or bf16); when the probe cannot tell, by
+   the backend x precision table below.
 2. **ini / pyproject**: ``mnn_atol``, ``mnn_rtol``, ``mnn_min_cosine``,
    ``mnn_max_outside_fraction`` in ``[tool.pytest.ini_options]``.
 3. **Marker** on a user's test: ``@pytest.mark.mnn_parity(atol=..., rtol=...)``.
@@ -19,9 +21,10 @@ to the reference is at least ``min_cosine``.
 =========  ==========================================  =======  =======  ==========
 tier       used for                                     atol     rtol     min_cosine
 =========  ==========================================  =======  =======  ==========
-fp32       any backend at ``high``; CPU at ``normal``   5e-4     1e-3     0.9999
-fp16       CPU ``low``; GPU/NPU ``normal`` and ``low``  2e-2     2e-2     0.999
-bf16       ``Low_BF16``                                 6e-2     6e-2     0.995
+fp32       measured fp32; else ``high``, CPU ``normal``  5e-4     1e-3     0.9999
+fp16       measured fp16; else CPU ``low``, GPU/NPU     2e-2     2e-2     0.999
+           ``normal`` and ``low``
+bf16       measured bf16; else CPU ``Low_BF16``         6e-2     6e-2     0.995
 =========  ==========================================  =======  =======  ==========
 
 Why these numbers: fp32 kernels (Winograd convolutions, multi-threaded
@@ -83,13 +86,17 @@ def tier_for(backend: str, precision: str) -> str:
     return "fp16"
 
 
-def resolve(backend: str, precision: str, *layers: tuple[str, Mapping[str, Any] | None]) -> Tolerance:
+def resolve(backend: str, precision: str, *layers: tuple[str, Mapping[str, Any] | None],
+            arithmetic: str | None = None) -> Tolerance:
     """The tier for ``backend`` x ``precision`` with ``layers`` of overrides applied in order.
 
-    Each layer is ``(source_name, {field: value})``; ``None`` values are ignored
-    so an option that was not given does not clobber a lower layer.
+    ``arithmetic`` is what a probe measured the configuration to compute in
+    (``backends.probe_arithmetic``): when known it picks the tier, so an fp32
+    path (``low`` on an x86 CPU, anything on OpenCL without fp16) is held to
+    fp32 tolerances.  Each layer is ``(source_name, {field: value})``; ``None``
+    values are ignored so an option that was not given does not clobber a lower layer.
     """
-    tol = TIERS[tier_for(backend, precision)]
+    tol = TIERS[arithmetic if arithmetic in TIERS else tier_for(backend, precision)]
     for source, overrides in layers:
         if not overrides:
             continue

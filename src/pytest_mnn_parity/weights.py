@@ -116,10 +116,6 @@ class _Reader:
         start, count = self.vector(table, fid, 4)
         return [self.deref(start + 4 * i) for i in range(count)]
 
-    def strings(self, table: int, fid: int) -> list[str]:
-        start, count = self.vector(table, fid, 4)
-        return [self.text(self.deref(start + 4 * i)) for i in range(count)]
-
     def text(self, pos: int) -> str:
         count = self.unpack("<I", pos)
         if pos + 4 + count > len(self.data):
@@ -178,8 +174,8 @@ def iter_weights(path) -> Iterator[WeightTensor]:
             r.fail("its subgraphs reference more ops than the file can hold")
     # Data we do not need, read anyway so that truncation past the weights is caught.
     r.string(net, _NET_BIZCODE)
-    r.strings(net, _NET_OUTPUTNAME)
-    r.strings(net, _NET_TENSORNAME)
+    for pos in r.tables(net, _NET_OUTPUTNAME) + r.tables(net, _NET_TENSORNAME):
+        r.text(pos)
     for op in ops:
         op_type = r.scalar(op, _OP_TYPE, "<i", 0)
         param_type = r.scalar(op, _OP_MAIN_TYPE, "<B", 0)
