@@ -46,6 +46,10 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
         lines.extend(f"  {risk.describe()}" for risk in result.fp16_risks[:5])
         if len(result.fp16_risks) > 5:
             lines.append(f"  ... and {len(result.fp16_risks) - 5} more (see the JSON report)")
+    if result.weight_risks:
+        lines.append("")
+        lines.append("fp16 weight risk (what --fp16 conversion of the reference model would lose):")
+        lines.extend(f"  {risk.describe()}" for risk in result.weight_risks[:5])
     if reproduce:
         lines.append("")
         lines.append(f"reproduce: {reproduce}")

@@ -26,6 +26,7 @@ from .inputs import fingerprint, generate_inputs
 from .model import ModelError
 from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig, RunOutput, error_name
 from .tolerances import Tolerance, resolve
+from .weights import WeightRisk, fp16_weight_risks
 from .trace import ActivationRisk, ReferenceTrace, RiskScanner, TraceResult, record_reference, trace_target
 from .verdict import Category, Verdict, judge_outputs
 
@@ -64,6 +65,12 @@ class Reference:
     outputs_a: dict[str, np.ndarray]
     outputs_b: dict[str, np.ndarray]
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
+    weight_risks: list[WeightRisk] = field(default_factory=list)
+
+
+# A weight tensor is named only when this share of it would be lost: a few
+# rounding-noise entries (1e-17 in a DFT matrix) are not a risk.
+WEIGHT_RISK_MIN_FRACTION = 0.2
 
 
 @dataclass
@@ -86,6 +93,7 @@ class ParityResult:
     arithmetic: backends.Arithmetic | None = None
     trace: TraceResult | None = None
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
+    weight_risks: list[WeightRisk] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -186,7 +194,14 @@ class ParityEngine:
             if empty:
                 raise ModelError(ref_model.path, f"the reference run produced empty outputs {empty}",
                                  _runtime_hint(run), run.log)
-        return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [])
+        weight_risks = []
+        if scanner is not None:
+            try:
+                weight_risks = _without_repeats(fp16_weight_risks(ref_model.path,
+                                                                  min_fraction=WEIGHT_RISK_MIN_FRACTION))
+            except ValueError:
+                pass  # MNN loaded the file, so a reader gap is ours: skip the scan, never fail the model
+        return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [], weight_risks)
 
     # -- the check --------------------------------------------------------------
     def check(self, model_path: os.PathLike | str, config: RunConfig,
@@ -211,7 +226,8 @@ class ParityEngine:
         forward, session_log = model.session_backend(config)
         result = ParityResult(model_label, config, Category.OK, "", backends.forward_name(forward), forward, tol,
                               reference=reference.description, input_set=input_set, log=session_log,
-                              fp16_risks=list(reference.fp16_risks), arithmetic=arithmetic)
+                              fp16_risks=list(reference.fp16_risks), weight_risks=list(reference.weight_risks),
+                              arithmetic=arithmetic)
         if model.falls_back(config):
             result.category = Category.BACKEND_FALLBACK
             result.message = (f"{config.backend} was available at discovery but this session runs on "
@@ -271,6 +287,12 @@ class ParityEngine:
             result.verdict = Verdict(Category.RUNTIME_ERROR)
             result.message = failure_message(result, model, error=_runtime_error_text(run), reproduce=reproduce)
         return result
+
+
+def _without_repeats(risks: list[WeightRisk]) -> list[WeightRisk]:
+    """A tensor that flushes entirely is also below fp16's normal range: say it once."""
+    flushed = {(r.op_name, r.role) for r in risks if r.kind == "flush" and r.count == r.total}
+    return [r for r in risks if not (r.kind == "subnormal" and (r.op_name, r.role) in flushed)]
 
 
 @functools.lru_cache(maxsize=1024)

@@ -18,7 +18,8 @@ SCHEMA = "pytest-mnn-parity/1"
 
 RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "arithmetic", "variant",
                  "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
-                 "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "rc", "seconds")
+                 "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
+                 "seconds")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -45,6 +46,7 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "layer_trace": result.trace.summary() if result.trace is not None else None,
         "layers": [layer.as_dict(with_inputs=False) for layer in result.trace.layers] if result.trace else None,
         "fp16_risks": [risk.as_dict() for risk in result.fp16_risks],
+        "fp16_weight_risks": [risk.as_dict() for risk in result.weight_risks],
         "rc": result.rc,
         "seconds": result.seconds,
     }
@@ -165,11 +167,12 @@ def risk_lines(records: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     seen: set[str] = set()
     for rec in records:
-        risks = rec.get("fp16_risks") or []
+        risks = [f"{r['layer']} {r['kind']} (max |x| {float(r['max_abs']):.3g})" for r in rec.get("fp16_risks") or []]
+        risks += [f"{r['op']} {r['role']} {r['kind']} under --fp16 ({r['count']}/{r['total']})"
+                  for r in rec.get("fp16_weight_risks") or []]
         if not risks or rec["model"] in seen:
             continue
         seen.add(rec["model"])
-        lines.append(f"fp16 risk in {rec['model']}: " + "; ".join(
-            f"{r['layer']} {r['kind']} (max |x| {float(r['max_abs']):.3g})" for r in risks[:3])
-            + (f"; +{len(risks) - 3} more" if len(risks) > 3 else ""))
+        lines.append(f"fp16 risk in {rec['model']}: " + "; ".join(risks[:3])
+                     + (f"; +{len(risks) - 3} more" if len(risks) > 3 else ""))
     return lines

@@ -22,11 +22,9 @@ import numpy as np
 from .metrics import OutputMetrics, compare
 from .runner import LoadedModel, OpObserver, RunConfig, to_numpy
 from .tolerances import Tolerance
+from .weights import FP16_MAX, FP16_MIN_NORMAL
 from .verdict import fails_tolerance, has_new_non_finite, is_constant_output, is_zero_output
 
-FP16_MAX = 65504.0
-FP16_MIN_NORMAL = 2.0 ** -14
-FP16_MIN_SUBNORMAL = 2.0 ** -24
 METHOD = "MNN session per-op callbacks; ops matched by name and occurrence"
 
 

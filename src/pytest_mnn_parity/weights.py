@@ -68,6 +68,16 @@ class WeightRisk:
     kind: str
     worst: float
 
+    def describe(self) -> str:
+        what = {"flush": "flush to 0 under --fp16", "subnormal": "fall below fp16's normal range",
+                "overflow": "exceed 65504 and would be clamped under --fp16"}.get(self.kind, self.kind)
+        return (f"{self.op_name} ({self.op_type} {self.role}): {self.count} of {self.total} values would {what} "
+                f"(worst |w| {self.worst:.3g})")
+
+    def as_dict(self) -> dict:
+        return {"op": self.op_name, "type": self.op_type, "role": self.role, "kind": self.kind,
+                "count": self.count, "total": self.total, "worst": self.worst}
+
 
 class _Reader:
     """Bounds-checked FlatBuffers access: any bad offset becomes a ValueError, never a crash."""
