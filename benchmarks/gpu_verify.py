@@ -28,6 +28,13 @@ from pytest_mnn_parity.native_output import capture_native_output
 from pytest_mnn_parity.runner import LoadedModel
 
 CODES = {"normal": 0, "high": 1, "low": 2, "Low_BF16": 3}
+FORWARD = {"CPU": (0, 13), "OPENCL": (3,), "VULKAN": (7,), "CUDA": (2,)}
+# The examiner is subject to the same trap as everyone else: MNN's Vulkan stops
+# creating devices after ~10 models' sessions and silently runs on the CPU.  So
+# interpreters are kept alive, GPU sessions share one runtime per config, and
+# every session's forward type is checked.
+_ALIVE: list = []
+_RUNTIMES: dict = {}
 UNARY = {"log": np.log, "exp": np.exp, "neg": np.negative, "abs": np.abs, "sqrt": np.sqrt,
          "sigmoid": lambda x: 1 / (1 + np.exp(-x)), "relu": lambda x: np.maximum(x, 0)}
 BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "max": np.maximum,
@@ -40,7 +47,18 @@ def run_raw(path: Path, backend: str, precision: str, threads: int, inputs: dict
     seen: dict = {}
     with capture_native_output():
         interpreter = m.Interpreter(str(path))
-        session = interpreter.createSession({"backend": backend, "precision": CODES[precision], "numThread": threads})
+        _ALIVE.append(interpreter)
+        config = {"backend": backend, "precision": CODES[precision], "numThread": threads}
+        if backend == "CPU":
+            session = interpreter.createSession(config)
+        else:
+            key = (backend, precision, threads)
+            if key not in _RUNTIMES:
+                _RUNTIMES[key] = m.Interpreter.createRuntime((config,))[0]
+            session = interpreter.createSession(config, _RUNTIMES[key])
+        forward = interpreter.getSessionInfo(session, 2)
+        if forward not in FORWARD.get(backend, ()):
+            raise RuntimeError(f"the examiner's own {backend} session ran on forward type {forward}")
         for name, array in inputs.items():
             tensor = interpreter.getSessionInput(session, name)
             if tuple(tensor.getShape()) != array.shape:
@@ -115,7 +133,7 @@ def examine(rec: dict, settings: dict, repo: Path) -> dict:
     name = next(iter(sorted(k for k, v in rec["outputs"].items() if v.get("category") != "ok")), None)
     if name is None or name not in out_t:
         facts["confirmed"] = False
-        facts["why"] = "no failing output to check"
+        facts["why"] = f"no failing output to check (failing: {name}, outputs: {sorted(out_t)})"
         return facts
     t, r = out_t[name].astype(np.float64), out_r[name].astype(np.float64)
     cat = rec["category"]
@@ -168,7 +186,7 @@ def main() -> int:
         print(f"{f['nodeid']:70s} {f['category']:16s} confirmed={f.get('confirmed')} "
               f"layer={layer.get('name')} inputs_agree={layer.get('inputs_agree')} "
               f"output_differs={layer.get('output_differs')} fn={layer.get('function')} "
-              f"computes_fn={layer.get('target_computes_its_function')} {f.get('error', '')}")
+              f"computes_fn={layer.get('target_computes_its_function')} {f.get('error', '')}{f.get('why', '')}")
     if args.json:
         args.json.write_text(json.dumps(findings, indent=1, default=str))
     return 0

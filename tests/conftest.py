@@ -51,3 +51,16 @@ def read_report(path: Path) -> dict:
 
 def results_by_nodeid(report: dict) -> dict[str, dict]:
     return {r["nodeid"]: r for r in report["results"]}
+
+
+def gpu_backends_present() -> list[str]:
+    """GPU backends this MNN build really has (none with the registry's wheel)."""
+    from pytest_mnn_parity import backends
+
+    return [b for b in ("OPENCL", "VULKAN", "CUDA") if backends.discover([b])[b].available]
+
+
+# Tests that pin down what the registry's CPU-only wheel does (every GPU backend
+# skipped) cannot hold on a GPU build; tests/test_gpu.py covers that case.
+cpu_wheel_only = pytest.mark.skipif(bool(gpu_backends_present()),
+                                    reason="asserts the CPU-only wheel's skips; this MNN build has GPU backends")

@@ -150,9 +150,10 @@ def test_fallback_after_discovery_is_caught(monkeypatch):
     The session really falls back to CPU here; the engine must notice from the
     session's own forward type and never report a pass.
     """
-    fake = backends.BackendStatus("OPENCL", True, 3, "FAKE: pretend OPENCL probed fine")
-    monkeypatch.setitem(backends._CACHE, "OPENCL", fake)
-    result = ParityEngine().check(DEMO, RunConfig("OPENCL", "high"))
+    # METAL: never in a Linux build, so the session really falls back on every machine.
+    fake = backends.BackendStatus("METAL", True, 1, "FAKE: pretend METAL probed fine")
+    monkeypatch.setitem(backends._CACHE, "METAL", fake)
+    result = ParityEngine().check(DEMO, RunConfig("METAL", "high"))
     assert result.category is Category.BACKEND_FALLBACK
     assert "runs on CPU" in result.message and "fell back silently" in result.message
 
