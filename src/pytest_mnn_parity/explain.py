@@ -20,6 +20,8 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
     config = result.config
     lines = [_headline(result, error)]
     lines.append(f"model:     {model.path} (sha256 {model.info.sha256[:12]})")
+    if result.conversion:
+        lines.append(f"converted: {result.conversion}")
     used = result.backend_used or "?"
     lines.append(f"ran on:    {used} (forward type {result.forward_type}), precision {config.precision}, "
                  f"{config.threads} thread(s); requested {config.backend}")
@@ -63,8 +65,10 @@ def trace_lines(result: "ParityResult") -> list[str]:
     first = trace.first_divergent
     unmatched = len(trace.unmatched_target) + len(trace.unmatched_reference)
     lines = [f"layers:    {trace.compared} compared ({trace.method}); {unmatched} without a counterpart"]
+    lines.extend(f"note:      {note}" for note in getattr(trace, "notes", ()))
     if first is None:
-        lines.append("first divergent layer: none - every traced layer is within tolerance")
+        why = "see the notes above" if getattr(trace, "notes", None) else "every traced layer is within tolerance"
+        lines.append(f"first divergent layer: none - {why}")
         return lines
     blame = "its inputs were within tolerance" if first.inputs_ok else "its inputs had already diverged"
     health = f" [{', '.join(first.health)}]" if first.health else ""

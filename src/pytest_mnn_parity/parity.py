@@ -28,6 +28,7 @@ from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig, RunOutput, error_n
 from .tolerances import Tolerance, resolve
 from .weights import WeightRisk, fp16_weight_risks
 from .trace import ActivationRisk, ReferenceTrace, RiskScanner, TraceResult, record_reference, trace_target
+from .variants import is_onnx
 from .verdict import Category, Verdict, judge_outputs
 
 
@@ -42,6 +43,10 @@ class ParitySettings:
     # Per-layer tracing: "off", "on-failure" (trace a configuration whose
     # outputs are wrong) or "always".
     layers: str = "on-failure"
+    # ONNX models: where converted variants are cached (None: a temporary
+    # folder for this engine) and extra MNNConvert flags for every variant.
+    convert_cache: str | None = None
+    converter_flags: tuple[str, ...] = ()
 
 
 LAYER_MODES = ("off", "on-failure", "always")
@@ -94,6 +99,8 @@ class ParityResult:
     trace: TraceResult | None = None
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
     weight_risks: list[WeightRisk] = field(default_factory=list)
+    # How the tested .mnn was made from an ONNX model ("" for a given .mnn).
+    conversion: str = ""
 
     @property
     def passed(self) -> bool:
@@ -117,6 +124,9 @@ class ParityEngine:
         self._inputs: dict[Path, tuple[dict, dict]] = {}
         self._reference_traces: dict[Path, ReferenceTrace] = {}
         self._fingerprints: dict[Path, str] = {}
+        from .onnx_engine import OnnxSide  # noqa: PLC0415 - it uses this module's types
+
+        self.onnx = OnnxSide(self)
 
     # -- models -----------------------------------------------------------------
     def model(self, path: os.PathLike | str) -> LoadedModel:
@@ -136,6 +146,8 @@ class ParityEngine:
     def release(self, path: os.PathLike | str) -> None:
         """Free a model's interpreter and sessions (MNN frees sessions with the interpreter only)."""
         key = _key(path)
+        for converted in self.onnx.release(key):
+            self.release(converted)
         model = self._models.pop(key, None)
         if isinstance(model, LoadedModel):
             model.close()
@@ -177,6 +189,8 @@ class ParityEngine:
 
     def _compute_reference(self, model: LoadedModel) -> Reference:
         inputs_a, inputs_b = self.inputs(model)
+        if self.onnx.reference_path(model) is not None:
+            return self.onnx.reference(model, inputs_a, inputs_b)
         if self.settings.reference:
             ref_model = self.model(self.settings.reference)
             _check_same_interface(model, ref_model)
@@ -206,13 +220,27 @@ class ParityEngine:
     # -- the check --------------------------------------------------------------
     def check(self, model_path: os.PathLike | str, config: RunConfig,
               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-              reproduce: str = "") -> ParityResult:
+              reproduce: str = "", variant: str | None = None) -> ParityResult:
+        """Run ``config`` and judge it.  An ``.onnx`` model is converted first (``variant``:
+        ``fp32`` by default, see ``variants.VARIANTS``) and compared against ONNX Runtime."""
+        if variant is None and is_onnx(model_path):
+            variant = "fp32"
+        result = self._check(model_path, config, tolerance_layers, reproduce, variant)
+        result.variant = variant
+        return result
+
+    def _check(self, model_path: os.PathLike | str, config: RunConfig,
+               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]], reproduce: str,
+               variant: str | None) -> ParityResult:
         model_label = str(model_path)
         status = backends.discover([config.backend])[config.backend]
         if not status.available:
             return ParityResult(model_label, config, Category.BACKEND_UNAVAILABLE, status.reason,
                                 forward_type=status.forward_type)
+        conversion = ""
         try:
+            if is_onnx(model_path):
+                model_path, conversion = self.onnx.converted(model_path, variant)
             model = self.model(model_path)
             reference = self.reference(model)
         except ReferenceRunError as exc:
@@ -220,14 +248,15 @@ class ParityEngine:
         except ModelError as exc:
             return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log)
         arithmetic = backends.probe_arithmetic(config.backend, config.precision)
-        tol = resolve(config.backend, config.precision, *tolerance_layers, arithmetic=arithmetic.kind)
+        tol = resolve(config.backend, config.precision, *tolerance_layers, arithmetic=arithmetic.kind,
+                      variant=variant)
         inputs_a, inputs_b = self.inputs(model)
         input_set = f"seeded:{self.settings.seed}"
         forward, session_log = model.session_backend(config)
         result = ParityResult(model_label, config, Category.OK, "", backends.forward_name(forward), forward, tol,
                               reference=reference.description, input_set=input_set, log=session_log,
                               fp16_risks=list(reference.fp16_risks), weight_risks=list(reference.weight_risks),
-                              arithmetic=arithmetic)
+                              arithmetic=arithmetic, variant=variant, conversion=conversion)
         if model.falls_back(config):
             result.category = Category.BACKEND_FALLBACK
             result.message = (f"{config.backend} was available at discovery but this session runs on "
@@ -257,6 +286,9 @@ class ParityEngine:
 
     def _trace(self, result: ParityResult, model: LoadedModel, config: RunConfig, tol: Tolerance,
                inputs: Mapping[str, np.ndarray]) -> None:
+        if self.onnx.reference_path(model) is not None:
+            self.onnx.localise(result, model, config, tol, inputs)
+            return
         reference = self._reference_trace(model, inputs)
         result.trace = trace_target(reference, model, config, inputs, tol)
         first = result.trace.first_divergent
