@@ -123,8 +123,8 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     if ran:
         configs = list(OrderedDict.fromkeys(_column(r) for r in ran))
-        models = list(OrderedDict.fromkeys(r["model"] for r in ran))
-        cells = {(r["model"], _column(r)): _cell(r) for r in ran}
+        models = list(OrderedDict.fromkeys(_row(r) for r in ran))
+        cells = {(_row(r), _column(r)): _cell(r) for r in ran}
         header = ["model"] + configs
         rows = [header] + [[m] + [cells.get((m, c), "-") for c in configs] for m in models]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -140,6 +140,11 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
             reason = reason[len(prefix):]
         lines.append(f"skipped {', '.join(backends)} ({len(cfgs)} configs): {reason}")
     return lines
+
+
+def _row(rec: dict[str, Any]) -> str:
+    # A user's own test (docs/fixtures.md) gets a row of its own, next to its model's generated items.
+    return rec.get("test") or rec["model"]
 
 
 def _column(rec: dict[str, Any]) -> str:
