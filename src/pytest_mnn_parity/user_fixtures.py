@@ -10,6 +10,7 @@ joins the terminal matrix and the JSON report, also from pytest-xdist workers.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 from collections import Counter
 from dataclasses import dataclass
@@ -149,8 +150,8 @@ class UserTests:
             source = "--mnn-model"
             if reference is None and options.reference:
                 reference = _under(options.invocation_dir, options.reference)
-        reference_label = node_id_path(reference, root) if reference is not None else None
-        return [UserCase(None, path, node_id_path(path, root), source, reference, spec.tolerance, error,
+        reference_label = _label(reference, root) if reference is not None else None
+        return [UserCase(None, path, _label(path, root), source, reference, spec.tolerance, error,
                          reference_label=reference_label) for path, error in targets]
 
     def configs(self, spec: ParitySpec) -> tuple[list[RunConfig], str]:
@@ -454,6 +455,14 @@ def _outcome(report) -> str:
 def _argnames(mark) -> list[str]:
     names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
     return [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+
+
+def _label(path: Path, root: Path) -> str:
+    """The path as the report names it: relative to the rootdir, through symlinks as written."""
+    try:
+        return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
+    except ValueError:
+        return node_id_path(path, root)
 
 
 def _under(base: Path, path: str) -> Path:
