@@ -71,6 +71,18 @@ def _registered(kind: str) -> set[str]:
     return set(re.findall(pattern, proc.stdout, re.M))
 
 
+def test_every_marker_is_documented_with_its_arguments():
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--markers"], cwd=REPO, capture_output=True, text=True)
+    markers = re.findall(r"^@pytest\.mark\.(mnn_\w+)", proc.stdout, re.M)
+    assert {"mnn_parity", "mnn_xfail", "mnn_requires_backend", "mnn_generated"} <= set(markers)
+    documented = (REPO / "docs" / "fixtures.md").read_text() + (REPO / "docs" / "options.md").read_text()
+    for name in markers:
+        assert f"`{name}" in documented, f"marker {name} is not documented in docs/fixtures.md"
+    for key in ("model=", "reference=", "backends=", "precisions=", "atol=", "rtol=", "min_cosine=",
+                "max_outside_fraction=", "partial_zero_fraction=", "backend=", "precision=", "reason=", "strict="):
+        assert key in documented, f"marker argument {key} is not documented in docs/fixtures.md"
+
+
 def test_every_option_and_ini_key_is_documented():
     options_doc = (REPO / "docs" / "options.md").read_text()
     options, keys = _registered("option"), _registered("ini")

@@ -225,7 +225,7 @@ def test_mnn_xfail_and_mnn_requires_backend(pytester, models):
         def test_needs_cpu():
             pass
     ''')
-    result = pytester.runpytest("-rsx", "--mnn-report", "r.json")
+    result = pytester.runpytest("-rsx", "--strict-markers", "--mnn-report", "r.json")  # the markers are registered
     result.assert_outcomes(failed=3, xfailed=1, passed=1, skipped=1)
     result.stdout.fnmatch_lines([f"SKIPPED ?1? test_marks.py:*: {UNAVAILABLE_OPENCL}",
                                  "XFAIL test_marks.py::test_known_bad_on_low?CPU-low? - fp16 weights flush to zero*"])

@@ -9,38 +9,23 @@ joins the terminal matrix and the JSON report, also from pytest-xdist workers.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
-import shlex
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import pytest
 
 from . import backends as backend_discovery
-from .items import PARITY_RUN, node_id_path
-from .model import ModelError, expand_model_args
-from .parity import ParityEngine, ParityResult
-from .report import record
+from .model import ModelError
+from .parity import ParityResult
 from .runner import LoadedModel, RunConfig
-from .user_markers import (MARKER_HELP, MARKER_SOURCE, MarkerError, ParitySpec, matrix_row, parity_spec,
-                           required_backends, select, xfail_specs)
-from .user_parity import MnnInputError, MnnOutputs, MnnRunError, ModelRegistry, ModelUnderTest
-from .verdict import CATEGORY_ORDER, Category
+from .user_cases import CASE, USER_TESTS, MissingModel, UserCase, UserTests
+from .user_markers import MARKER_HELP, MARKER_SOURCE, MarkerError, required_backends
+from .user_parity import MnnInputError, MnnOutputs, MnnRunError, ModelUnderTest
+from .user_report import (LAST_RUN, RESULTS, SETUP_FAILURE, RunSummary, classify, matrix_case, unavailable_reasons,
+                          user_record, worst_result)
+from .verdict import Category
 
-CASE = "_mnn_parity_case"
-USER_TESTS = pytest.StashKey["UserTests"]()
-RESULTS = pytest.StashKey[list]()
-LAST_RUN = pytest.StashKey["RunSummary"]()
-PLANNED = pytest.StashKey[tuple]()
-SETUP_FAILURE = pytest.StashKey[tuple]()
 FIXTURES = ("mnn_config", "mnn_model", "mnn_run", "mnn_reference", "mnn_parity")
-
-
-class MissingModel(Exception):
-    """A test uses a model fixture but neither a marker nor ``--mnn-model`` names a model."""
 
 
 class ParityCheckFailed(AssertionError):
@@ -56,179 +41,20 @@ class ParityCheckFailed(AssertionError):
         self.result = result
 
 
-@dataclass(frozen=True)
-class RunSummary:
-    """Where and how fast a test's last ``mnn_run`` ran (kept instead of its outputs, which can be large)."""
-
-    forward_type: int | None
-    backend_used: str | None
-    seconds: float
-    rc: int
-
-
-@dataclass(frozen=True, eq=False)
-class UserCase:
-    """What one of the user's test items runs on: a configuration (or none) and a model (or none)."""
-
-    config: RunConfig | None
-    model: Path | None = None
-    model_label: str | None = None
-    source: str = ""  # "marker", "--mnn-model" or "" (no model)
-    reference: Path | None = None
-    tolerance: tuple[tuple[str, float], ...] = ()
-    error: ModelError | None = None
-    id: str = ""
-    reference_label: str | None = None
-
-
-class UserTests:
-    """Per-run state of the user-test layer: the cases, the shared models, what is still to run."""
-
-    def __init__(self, config: pytest.Config):
-        self.config = config
-        self._registry: ModelRegistry | None = None
-        self._remaining: Counter = Counter()
-
-    @property
-    def options(self):
-        return self.config.stash[PARITY_RUN].options
-
-    @property
-    def registry(self) -> ModelRegistry:
-        if self._registry is None:
-            # An engine of its own: the generated items free their models when
-            # their last item ran, which must not pull a model from under a test.
-            settings = dataclasses.replace(self.config.stash[PARITY_RUN].engine.settings)
-            self._registry = ModelRegistry(ParityEngine(settings))
-        return self._registry
-
-    # -- cases ------------------------------------------------------------------
-    def params(self, node, needs_config: bool) -> list | None:
-        """``pytest.param``s for a test, or None when it runs once as it is."""
-        spec = parity_spec(node.iter_markers("mnn_parity"), node.nodeid)
-        xfails = xfail_specs(node.iter_markers("mnn_xfail"), node.nodeid)
-        models = self.models(spec, node)
-        if not needs_config:
-            if len(models) <= 1:
-                return None
-            return [pytest.param(case, id=case.model_label) for case in models]
-        configs, empty_reason = self.configs(spec)
-        params = []
-        for base in models or [UserCase(None, tolerance=spec.tolerance)]:
-            prefix = f"{base.model_label}-" if len(models) > 1 else ""
-            if not configs:
-                params.append(pytest.param(dataclasses.replace(base, id=prefix + "none"), id=prefix + "none",
-                                           marks=pytest.mark.skip(reason=empty_reason)))
-            for run_config in configs:
-                marks = []
-                status = backend_discovery.discover([run_config.backend])[run_config.backend]
-                if not status.available:
-                    marks.append(pytest.mark.skip(reason=status.reason))
-                matching = [x for x in xfails if x.matches(run_config)]
-                if matching:
-                    strict = {} if matching[0].strict is None else {"strict": matching[0].strict}
-                    marks.append(pytest.mark.xfail(reason=matching[0].reason, **strict))
-                case = dataclasses.replace(base, config=run_config, id=prefix + run_config.id)
-                params.append(pytest.param(case, id=case.id, marks=marks))
-        return params
-
-    def single_case(self, node) -> UserCase:
-        models = self.models(parity_spec(node.iter_markers("mnn_parity"), node.nodeid), node)
-        return models[0] if models else UserCase(None)
-
-    def models(self, spec: ParitySpec, node) -> list[UserCase]:
-        """The marker's model (relative to the test file), else every model ``--mnn-model`` names."""
-        base = Path(node.path).parent
-        root = self.config.rootpath
-        options = self.options
-        reference = _under(base, spec.reference) if spec.reference else None
-        if spec.model is not None:
-            targets = [(_under(base, spec.model), None)]
-            source = "marker"
-        else:
-            targets = [(t.path, t.error) for t in expand_model_args(options.models, options.invocation_dir)]
-            source = "--mnn-model"
-            if reference is None and options.reference:
-                reference = _under(options.invocation_dir, options.reference)
-        reference_label = _label(reference, root) if reference is not None else None
-        return [UserCase(None, path, _label(path, root), source, reference, spec.tolerance, error,
-                         reference_label=reference_label) for path, error in targets]
-
-    def configs(self, spec: ParitySpec) -> tuple[list[RunConfig], str]:
-        options = self.options
-        backends = select(spec.backends, options.backends, self._explicit("backends"))
-        precisions = select(spec.precisions, options.precisions, self._explicit("precisions"))
-        configs = [RunConfig(b, p, options.threads) for b in backends for p in precisions]
-        empty = [(kind, wanted, allowed) for kind, wanted, allowed, chosen in (
-            ("backends", spec.backends, options.backends, backends),
-            ("precisions", spec.precisions, options.precisions, precisions)) if not chosen]
-        reason = "; ".join(f"the mnn_parity marker asks for {kind} {','.join(wanted or ())} but --mnn-{kind} "
-                           f"(or ini mnn_{kind}) allows only {','.join(allowed)}: no configuration in common"
-                           for kind, wanted, allowed in empty)
-        return configs, reason
-
-    def _explicit(self, name: str) -> bool:
-        return (self.config.getoption(f"mnn_{name}") is not None
-                or self.config.getini(f"mnn_{name}") not in ("", None, []))
-
-    def case_of(self, item) -> UserCase:
-        callspec = getattr(item, "callspec", None)
-        param = callspec.params.get(CASE) if callspec is not None else None
-        return param if isinstance(param, UserCase) else self.single_case(item)
-
-    # -- models -----------------------------------------------------------------
-    def under_test(self, node, case: UserCase) -> ModelUnderTest:
-        """The test's model, loaded; at fixture setup, so a model that cannot load is a setup error."""
-        __tracebackhide__ = True
-        with user_errors(case, node, setup=True):
-            if case.model is None:
-                wanted = [n for n in FIXTURES if n in node.fixturenames]
-                raise MissingModel(f"{node.nodeid} uses {', '.join(wanted)} but names no model: add "
-                                   f"@pytest.mark.mnn_parity(model=\"model.mnn\") (a path relative to the test "
-                                   f"file's directory) or run pytest with --mnn-model PATH")
-            if case.error is not None:
-                raise case.error
-            mut = self.registry.get(case.model, case.reference, case.model_label, case.reference_label)
-            mut.model
-        return mut
-
-    def plan(self, items) -> None:
-        for item in items:
-            if CASE not in getattr(item, "fixturenames", ()):
-                continue
-            try:
-                case = self.case_of(item)
-            except MarkerError:
-                continue  # reported when the test sets up
-            paths = tuple(p.resolve() for p in (case.model, case.reference) if p is not None)
-            self._remaining.update(paths)
-            item.stash[PLANNED] = paths
-
-    def done(self, item) -> None:
-        for path in item.stash.get(PLANNED, ()):
-            self._remaining[path] -= 1
-            if self._remaining[path] <= 0 and self._registry is not None:
-                self._registry.release(path)
-
-    # -- reporting --------------------------------------------------------------
-    def reproduce_command(self, item, case: UserCase) -> str:
-        options = self.options
-        parts = ["pytest", item.nodeid]
-        if case.source == "--mnn-model":
-            for model in options.models:
-                parts += ["--mnn-model", model]
-            parts += ["-m", "not mnn_generated"]  # the generated items of --mnn-model are not this test
-            if options.reference and case.reference is not None:
-                parts += ["--mnn-reference", options.reference]
-        if options.threads != 4:
-            parts += ["--mnn-threads", str(options.threads)]
-        if options.layers != "on-failure":
-            parts += ["--mnn-layers", options.layers]
-        for name, dims in options.input_shapes.items():
-            parts += ["--mnn-input-shape", f"{name}={'x'.join(map(str, dims))}"]
-        for name, value in options.tolerance_cli.items():
-            parts += [f"--mnn-{name.replace('_', '-')}", f"{value:g}"]
-        return " ".join(shlex.quote(p) for p in parts)
+def under_test(tests: UserTests, node, case: UserCase) -> ModelUnderTest:
+    """The test's model, loaded; at fixture setup, so a model that cannot load is a setup error."""
+    __tracebackhide__ = True
+    with user_errors(case, node, setup=True):
+        if case.model is None:
+            wanted = [n for n in FIXTURES if n in node.fixturenames]
+            raise MissingModel(f"{node.nodeid} uses {', '.join(wanted)} but names no model: add "
+                               f"@pytest.mark.mnn_parity(model=\"model.mnn\") (a path relative to the test "
+                               f"file's directory) or run pytest with --mnn-model PATH")
+        if case.error is not None:
+            raise case.error
+        mut = tests.registry.get(case.model, case.reference, case.model_label, case.reference_label)
+        mut.model
+    return mut
 
 
 class user_errors:
@@ -374,11 +200,11 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem):
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)  # outermost: sees the outcome after xfail handling
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    case = _matrix_case(item)
+    case = matrix_case(item)
     if case is None or call.when == "teardown":
         return (yield)
     category, message = item.stash.get(SETUP_FAILURE, None) or classify(
-        call.excinfo, item.stash.get(RESULTS, []), _unavailable_reasons(item, case))
+        call.excinfo, item.stash.get(RESULTS, []), unavailable_reasons(item, case))
     worst = worst_result(item.stash.get(RESULTS, []))
     if call.when == "call" or (call.excinfo is not None and category != "skipped"):
         from .plugin import _junit_properties
@@ -391,83 +217,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     return report
 
 
-def user_record(item, case: UserCase, report, category: str, message: str) -> dict[str, Any]:
-    """The report entry of one user test item; the layout of generated items' plus ``test`` and ``checks``."""
-    results = item.stash.get(RESULTS, [])
-    worst = worst_result(results)
-    base = worst if worst is not None else ParityResult(case.model_label, case.config, Category.OK, "")
-    last = item.stash.get(LAST_RUN, None)
-    if worst is None and last is not None:
-        base.forward_type, base.backend_used = last.forward_type, last.backend_used
-        base.seconds, base.rc = last.seconds, last.rc
-    data = record(item.nodeid, base, _outcome(report))
-    data.update(model=case.model_label, category=category, message=message,
-                test=matrix_row(item.nodeid, case.config.id), checks=len(results))
-    return data
-
-
-def classify(excinfo, results: list[ParityResult], unavailable: set[str]) -> tuple[str, str]:
-    """A user test's category: its worst comparison, else how it stopped."""
-    worst = worst_result(results)
-    exc = excinfo.value if excinfo is not None else None
-    if worst is not None and not worst.passed:
-        return worst.category.value, worst.message
-    if isinstance(exc, MnnRunError):
-        return exc.category.value, str(exc)
-    if isinstance(exc, (ModelError, MissingModel)):
-        return Category.MODEL_ERROR.value, str(exc)
-    if isinstance(exc, pytest.skip.Exception):
-        reason = str(exc.msg)
-        return ("backend_unavailable" if reason in unavailable else "skipped"), reason
-    if exc is not None:
-        return "test_failed", excinfo.exconly()[:2000]
-    return Category.OK.value, ""
-
-
-def worst_result(results: list[ParityResult]) -> ParityResult | None:
-    """The most severe comparison, the first among equals."""
-    return min(results, key=lambda r: CATEGORY_ORDER.index(r.category)) if results else None
-
-
-def _unavailable_reasons(item, case: UserCase) -> set[str]:
-    names = [case.config.backend]
-    try:
-        names += required_backends(item.iter_markers("mnn_requires_backend"), item.nodeid)
-    except MarkerError:
-        pass
-    return {s.reason for s in backend_discovery.discover(names).values() if not s.available}
-
-
-def _matrix_case(item) -> UserCase | None:
-    callspec = getattr(item, "callspec", None)
-    case = callspec.params.get(CASE) if callspec is not None else None
-    return case if isinstance(case, UserCase) and case.config is not None else None
-
-
-def _outcome(report) -> str:
-    if hasattr(report, "wasxfail"):
-        return "xfailed" if report.skipped else "xpassed"
-    if report.when != "call" and report.failed:
-        return "error"
-    return report.outcome
-
-
 def _argnames(mark) -> list[str]:
     names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
     return [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-
-
-def _label(path: Path, root: Path) -> str:
-    """The path as the report names it: relative to the rootdir, through symlinks as written."""
-    try:
-        return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
-    except ValueError:
-        return node_id_path(path, root)
-
-
-def _under(base: Path, path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else base / p
 
 
 # -- fixtures -------------------------------------------------------------------
@@ -496,14 +248,14 @@ def mnn_config(_mnn_parity_case: UserCase) -> RunConfig:
 def mnn_model(request: pytest.FixtureRequest, _mnn_parity_case: UserCase) -> LoadedModel:
     """The test's model, loaded once per run and shared by every test that names it."""
     tests = request.config.stash[USER_TESTS]
-    return tests.under_test(request.node, _mnn_parity_case).model
+    return under_test(tests, request.node, _mnn_parity_case).model
 
 
 @pytest.fixture
 def mnn_run(request: pytest.FixtureRequest, _mnn_parity_case: UserCase, mnn_config: RunConfig,
             mnn_model: LoadedModel) -> Callable[[Any], MnnOutputs]:
     """``mnn_run(inputs) -> {output name: array}`` on this item's configuration."""
-    mut = request.config.stash[USER_TESTS].under_test(request.node, _mnn_parity_case)
+    mut = under_test(request.config.stash[USER_TESTS], request.node, _mnn_parity_case)
     node = request.node
 
     def run(inputs):
@@ -520,7 +272,7 @@ def mnn_run(request: pytest.FixtureRequest, _mnn_parity_case: UserCase, mnn_conf
 def mnn_reference(request: pytest.FixtureRequest, _mnn_parity_case: UserCase,
                   mnn_model: LoadedModel) -> Callable[[Any], MnnOutputs]:
     """``mnn_reference(inputs) -> {output name: array}`` from the reference (CPU, high, 1 thread)."""
-    mut = request.config.stash[USER_TESTS].under_test(request.node, _mnn_parity_case)
+    mut = under_test(request.config.stash[USER_TESTS], request.node, _mnn_parity_case)
     node = request.node
 
     def reference(inputs):
@@ -536,5 +288,5 @@ def mnn_parity(request: pytest.FixtureRequest, _mnn_parity_case: UserCase, mnn_c
                mnn_model: LoadedModel) -> ParityCheck:
     """``mnn_parity(outputs, reference=None, fail=True, **tolerances)``: judge and record (see ParityCheck)."""
     tests = request.config.stash[USER_TESTS]
-    mut = tests.under_test(request.node, _mnn_parity_case)
+    mut = under_test(tests, request.node, _mnn_parity_case)
     return ParityCheck(tests, request.node, _mnn_parity_case, mnn_config, mut)

@@ -26,7 +26,6 @@ import numpy as np
 from . import backends
 from .explain import failure_message
 from .inputs import fingerprint
-from .model import ModelError
 from .parity import ParityEngine, ParityResult, _check_same_interface, _last_lines, _runtime_error_text
 from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig
 from .tolerances import resolve
