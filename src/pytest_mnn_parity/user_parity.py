@@ -218,9 +218,9 @@ class ModelUnderTest:
         references = {str(k): np.asarray(v) for k, v in reference.items()}
         verdict = judge_outputs(targets, references, tol)
         forward = getattr(outputs, "forward_type", None)
+        backend_used = backends.forward_name(forward) if forward is not None else None
         input_set = "given by the test" + (f" ({fingerprint(inputs)})" if inputs is not None else "")
-        result = ParityResult(self.label, config, verdict.category, "", backends.forward_name(forward)
-                              if forward is not None else None, forward, tol, verdict,
+        result = ParityResult(self.label, config, verdict.category, "", backend_used, forward, tol, verdict,
                               reference=self.reference_description(), input_set=input_set,
                               rc=getattr(outputs, "rc", None), seconds=getattr(outputs, "seconds", 0.0),
                               log=getattr(outputs, "log", ""), fp16_risks=list(getattr(reference, "fp16_risks", [])))
