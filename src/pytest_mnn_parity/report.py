@@ -147,7 +147,10 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
 
 
 def _row(rec: dict[str, Any]) -> str:
-    # Each conversion variant of an ONNX model gets a row of its own.
+    # A user's own test (docs/fixtures.md) gets a row of its own, next to its
+    # model's generated items; so does each conversion variant of an ONNX model.
+    if rec.get("test"):
+        return rec["test"]
     return f"{rec['model']} [{rec['variant']}]" if rec.get("variant") else rec["model"]
 
 
