@@ -18,7 +18,7 @@ SCHEMA = "pytest-mnn-parity/1"
 
 RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "variant",
                  "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
-                 "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "rc", "seconds")
+                 "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "rc", "seconds", "search")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -45,6 +45,7 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "fp16_risks": [risk.as_dict() for risk in result.fp16_risks],
         "rc": result.rc,
         "seconds": result.seconds,
+        "search": getattr(result, "search", None),
     }
 
 
@@ -123,8 +124,8 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     if ran:
         configs = list(OrderedDict.fromkeys(_column(r) for r in ran))
-        models = list(OrderedDict.fromkeys(r["model"] for r in ran))
-        cells = {(r["model"], _column(r)): _cell(r) for r in ran}
+        models = list(OrderedDict.fromkeys(_row(r) for r in ran))
+        cells = {(_row(r), _column(r)): _cell(r) for r in ran}
         header = ["model"] + configs
         rows = [header] + [[m] + [cells.get((m, c), "-") for c in configs] for m in models]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -142,6 +143,15 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _row(rec: dict[str, Any]) -> str:
+    """A model's row; named input sets and searches get rows of their own."""
+    label = rec["model"]
+    input_set = rec.get("input_set") or ""
+    if input_set and not input_set.startswith("seeded:") and input_set != "seeded":
+        label += f" [{input_set}]"
+    return label + (" search" if rec.get("search") else "")
+
+
 def _column(rec: dict[str, Any]) -> str:
     # A model that never loaded has no configuration: it gets a column of its own.
     return f"{rec['backend']}-{rec['precision']}" if rec.get("backend") else "load"
@@ -151,6 +161,8 @@ def _cell(rec: dict[str, Any]) -> str:
     status = {"passed": "PASS", "failed": "FAIL", "error": "ERROR"}.get(rec["outcome"], rec["outcome"].upper())
     detail = rec["category"] if rec["category"] != "ok" else ""
     metric = key_metric(rec)
+    if rec.get("search") and not rec["search"].get("found"):
+        metric = f"{rec['search']['runs']} examples"
     return " ".join(part for part in (status, detail, metric) if part)
 
 
