@@ -15,7 +15,6 @@ from pytest_mnn_parity.parity import ParityEngine, ParitySettings
 from pytest_mnn_parity.runner import LoadedModel, RunConfig
 from pytest_mnn_parity.sidecar import find_sidecar
 from pytest_mnn_parity.sources import Target
-from pytest_mnn_parity.tolerances import resolve
 from pytest_mnn_parity.verdict import Category
 
 from conftest import COLLAPSE, DEMO, FIXTURES
@@ -172,7 +171,7 @@ def test_per_output_tolerance_override_is_named_in_the_verdict():
     config = RunConfig("CPU", "high")
     strict = engine.check(COLLAPSE / "healthy.fp16.mnn", config)
     assert strict.category is Category.MISMATCH
-    own = resolve("CPU", "high", ("sidecar h.toml outputs.out", {"atol": 0.01, "rtol": 0.01}))
+    own = [("sidecar h.toml outputs.out", {"atol": 0.01, "rtol": 0.01})]
     loose = engine.check(COLLAPSE / "healthy.fp16.mnn", config, output_tolerances={"out": own})
     assert loose.category is Category.OK, loose.message
     assert loose.tolerance.tier == "fp32" and not loose.tolerance.sources  # the model's tolerance is untouched
@@ -185,7 +184,7 @@ def test_per_layer_tolerance_override_changes_which_layer_is_blamed():
     config = RunConfig("CPU", "high")
     plain = engine.check(COLLAPSE / "zero.fp16.mnn", config)
     assert plain.first_divergent_layer["name"] == "tiny_conv"
-    forgiving = resolve("CPU", "high", ("sidecar", {"atol": 1.0, "min_cosine": 0.0, "partial_zero_fraction": 1.0}))
+    forgiving = [("sidecar", {"atol": 1.0, "min_cosine": 0.0, "partial_zero_fraction": 1.0})]
     traced = engine.check(COLLAPSE / "zero.fp16.mnn", config, layer_tolerances={"tiny_conv": forgiving})
     layers = {layer.name: layer for layer in traced.trace.layers}
     assert not layers["tiny_conv"].failed and plain.trace.layers[1].failed

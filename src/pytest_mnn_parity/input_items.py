@@ -14,7 +14,6 @@ from .model import ModelError
 from .parity import ParityResult
 from .search import describe_inputs, replay_snippet, save, search, seed_from
 from .sidecar import Sidecar, find_sidecar
-from .tolerances import Tolerance, resolve
 from .verdict import Category
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -103,14 +102,12 @@ class SidecarSupport:
             self._validate(item.model_path, sidecar)
         except ModelError as exc:
             return ParityResult(self._label(item), config, Category.MODEL_ERROR, str(exc), log=exc.log)
-        kwargs["output_tolerances"] = self._tolerances(config, layers, sidecar.output_tolerances, sidecar.output_layer)
-        kwargs["layer_tolerances"] = self._tolerances(config, layers, sidecar.layer_tolerances, sidecar.layer_layer)
-        return kwargs
-
-    def _tolerances(self, config, layers, declared, layer_of) -> dict[str, Tolerance]:
         # The command line stays last: it overrides every tier, the sidecar's included.
-        return {name: resolve(config.backend, config.precision, *layers[:-1], layer_of(name), layers[-1])
-                for name in declared}
+        kwargs["output_tolerances"] = {name: [*layers[:-1], sidecar.output_layer(name), cli]
+                                       for name in sidecar.output_tolerances}
+        kwargs["layer_tolerances"] = {name: [*layers[:-1], sidecar.layer_layer(name), cli]
+                                      for name in sidecar.layer_tolerances}
+        return kwargs
 
     def _validate(self, model_path: Path, sidecar: Sidecar) -> None:
         """Once per model, before it runs: the sidecar against the model, and every input set built.
@@ -157,13 +154,14 @@ class SidecarSupport:
             return prepared
         engine = self.run.engine
         input_set: InputSet | None = prepared["input_set"]
-        tol = resolve(config.backend, config.precision, *prepared["tolerance_layers"])
+        tol = engine.tolerance(config, prepared["tolerance_layers"])
+        own = {k: engine.tolerance(config, v) for k, v in prepared.get("output_tolerances", {}).items()}
         try:
             if input_set is not None and input_set.error is not None:
                 raise input_set.error
             engine.reference(engine.model(item.model_path), input_set)  # the model and its reference can run
             outcome = search(engine, item.model_path, config, tol, max_examples=self.options.hypothesis, seed=seed,
-                             input_set=input_set, output_tolerances=prepared.get("output_tolerances"))
+                             input_set=input_set, output_tolerances=own)
         except ModelError as exc:
             return ParityResult(label, config, Category.MODEL_ERROR, str(exc), log=exc.log)
         set_label = item.case.input_set or "seeded"

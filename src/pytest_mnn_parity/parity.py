@@ -223,16 +223,22 @@ class ParityEngine:
         return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [])
 
     # -- the check --------------------------------------------------------------
+    def tolerance(self, config: RunConfig,
+                  layers: Sequence[tuple[str, Mapping[str, Any] | None]] = ()) -> Tolerance:
+        """The tolerance ``config`` is judged by, with ``layers`` of overrides: the one place a tier is chosen."""
+        return resolve(config.backend, config.precision, *layers)
+
     def check(self, model_path: os.PathLike | str, config: RunConfig,
               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
               reproduce: str = "", input_set: InputSet | None = None,
-              output_tolerances: Mapping[str, Tolerance] | None = None,
-              layer_tolerances: Mapping[str, Tolerance] | None = None) -> ParityResult:
+              output_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None,
+              layer_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None
+              ) -> ParityResult:
         """Judge ``config`` against the reference on input sets A and B.
 
         ``input_set``: a named set (default: seeded generated inputs).
-        ``output_tolerances`` / ``layer_tolerances``: per-output and per-layer
-        tolerances replacing the configuration's for those names.
+        ``output_tolerances`` / ``layer_tolerances``: for some outputs / traced
+        ops, their own override layers (the whole list, as ``tolerance_layers``).
         """
         model_label = str(model_path)
         status = backends.discover([config.backend])[config.backend]
@@ -246,7 +252,9 @@ class ParityEngine:
             return self._check_without_reference(model, config, exc, reproduce, input_set)
         except ModelError as exc:
             return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log)
-        tol = resolve(config.backend, config.precision, *tolerance_layers)
+        tol = self.tolerance(config, tolerance_layers)
+        output_tolerances = {k: self.tolerance(config, v) for k, v in (output_tolerances or {}).items()}
+        layer_tolerances = {k: self.tolerance(config, v) for k, v in (layer_tolerances or {}).items()}
         inputs_a, inputs_b = self.inputs(model, input_set)
         set_label = input_set.name if input_set is not None else f"seeded:{self.settings.seed}"
         forward, session_log = model.session_backend(config)
