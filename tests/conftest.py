@@ -12,6 +12,10 @@ from pytest_mnn_parity.mnn_import import mnn
 # pytester's in-process runs drop modules first imported inside them; pymnn's C
 # code looks MNN up in sys.modules, so MNN must be imported before any run.
 mnn()
+# The same for onnx and onnxruntime: importing their protobuf extensions a second
+# time in one process aborts it (duplicate descriptor registration).
+import onnx  # noqa: E402,F401
+import onnxruntime  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
@@ -51,3 +55,16 @@ def read_report(path: Path) -> dict:
 
 def results_by_nodeid(report: dict) -> dict[str, dict]:
     return {r["nodeid"]: r for r in report["results"]}
+
+
+def gpu_backends_present() -> list[str]:
+    """GPU backends this MNN build really has (none with the registry's wheel)."""
+    from pytest_mnn_parity import backends
+
+    return [b for b in ("OPENCL", "VULKAN", "CUDA") if backends.discover([b])[b].available]
+
+
+# Tests that pin down what the registry's CPU-only wheel does (every GPU backend
+# skipped) cannot hold on a GPU build; tests/test_gpu.py covers that case.
+cpu_wheel_only = pytest.mark.skipif(bool(gpu_backends_present()),
+                                    reason="asserts the CPU-only wheel's skips; this MNN build has GPU backends")

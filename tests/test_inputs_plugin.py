@@ -187,3 +187,19 @@ def test_bad_search_options_are_usage_errors(pytester, args, message):
     result = pytester.runpytest("--mnn-only", "--mnn-model", "x.mnn", *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
+
+
+def test_an_onnx_model_sidecar_and_search_against_onnx_runtime(pytester, models):
+    """The sidecar of an .onnx model is <name>.onnx.toml; each conversion variant is searched against ORT."""
+    models("onnx/threshold_gate.onnx", "threshold/dark.png", "threshold/small_mask.png")
+    (pytester.path / "threshold_gate.onnx.toml").write_text(
+        '[input_sets.dark]\nimage = { image = "dark.png" }\nmask = { mask = "small_mask.png" }\n')
+    result = pytester.runpytest(*CPU, "--mnn-precisions", "high", "--mnn-model", "threshold_gate.onnx",
+                                "--mnn-convert", "fp32,fp16", "--mnn-hypothesis", "10", "--hypothesis-seed", "0",
+                                "--mnn-report", "r.json")
+    result.assert_outcomes(passed=3, failed=1)  # only the fp16 conversion breaks, and only past a threshold
+    by_id = results_by_nodeid(read_report(pytester.path / "r.json"))
+    found = by_id["threshold_gate.onnx::search[fp16-dark-CPU-high]"]
+    assert found["category"] == "zero_output" and found["variant"] == "fp16" and found["search"]["found"]
+    assert "ONNX Runtime" in found["reference"]
+    assert by_id["threshold_gate.onnx::search[fp32-dark-CPU-high]"]["search"]["found"] is False

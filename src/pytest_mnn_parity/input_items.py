@@ -14,6 +14,7 @@ from .model import ModelError
 from .parity import ParityResult
 from .search import describe_inputs, replay_snippet, save, search, seed_from
 from .sidecar import Sidecar, find_sidecar
+from .variants import is_onnx
 from .verdict import Category
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,7 +100,7 @@ class SidecarSupport:
         if sidecar is None:
             return kwargs
         try:
-            self._validate(item.model_path, sidecar)
+            self._validate(item, sidecar)
         except ModelError as exc:
             return ParityResult(self._label(item), config, Category.MODEL_ERROR, str(exc), log=exc.log)
         # The command line stays last: it overrides every tier, the sidecar's included.
@@ -109,18 +110,18 @@ class SidecarSupport:
                                       for name in sidecar.layer_tolerances}
         return kwargs
 
-    def _validate(self, model_path: Path, sidecar: Sidecar) -> None:
+    def _validate(self, item: ParityItem, sidecar: Sidecar) -> None:
         """Once per model, before it runs: the sidecar against the model, and every input set built.
 
         The engine does not cache a set that fails to build, so a broken set
         raises its error again for its own items only; a problem with the
         sidecar as a whole is raised here, for every item of the model.
         """
-        model = self._model(model_path)
+        model = self._model(item)
         if model is None:
             return  # the engine reports why the model cannot load
         sidecar.check_model(model)
-        key = Path(model_path).resolve()
+        key = Path(model.path).resolve()
         if key not in self._validated:
             self._validated.add(key)
             for input_set in sidecar.input_sets:
@@ -129,11 +130,17 @@ class SidecarSupport:
                 except ModelError:
                     pass  # raised again when that set's items run
 
-    def _model(self, model_path: Path):
+    def _model(self, item: ParityItem):
         try:
-            return self.run.engine.model(model_path)
+            return self.run.engine.model(self._mnn_path(item))
         except ModelError:
             return None
+
+    def _mnn_path(self, item: ParityItem) -> Path:
+        """The .mnn an item runs: for an ONNX model, its conversion for the item's variant."""
+        if is_onnx(item.model_path):
+            return self.run.engine.onnx.converted(item.model_path, item.case.variant or "fp32")[0]
+        return item.model_path
 
     def _label(self, item: ParityItem) -> str:
         return node_id_path(item.model_path, item.config.rootpath)
@@ -143,6 +150,7 @@ class SidecarSupport:
         seed = seed_from(item.config.getoption("hypothesis_seed", None))
         seed = self.options.seed if seed is None else seed
         result = self._search(item, seed)
+        result.variant = item.case.variant
         if result.search is None:  # an error: still a search row in the matrix and the report
             result.search = {"max_examples": self.options.hypothesis, "seed": seed, "runs": 0, "found": False}
         return result
@@ -154,29 +162,32 @@ class SidecarSupport:
             return prepared
         engine = self.run.engine
         input_set: InputSet | None = prepared["input_set"]
-        tol = engine.tolerance(config, prepared["tolerance_layers"])
-        own = {k: engine.tolerance(config, v) for k, v in prepared.get("output_tolerances", {}).items()}
+        variant = item.case.variant
+        tol = engine.tolerance(config, prepared["tolerance_layers"], variant)
+        own = {k: engine.tolerance(config, v, variant) for k, v in prepared.get("output_tolerances", {}).items()}
         try:
             if input_set is not None and input_set.error is not None:
                 raise input_set.error
-            engine.reference(engine.model(item.model_path), input_set)  # the model and its reference can run
-            outcome = search(engine, item.model_path, config, tol, max_examples=self.options.hypothesis, seed=seed,
+            path = self._mnn_path(item)
+            engine.reference(engine.model(path), input_set)  # the model and its reference can run
+            outcome = search(engine, path, config, tol, max_examples=self.options.hypothesis, seed=seed,
                              input_set=input_set, output_tolerances=own)
         except ModelError as exc:
             return ParityResult(label, config, Category.MODEL_ERROR, str(exc), log=exc.log)
         set_label = item.case.input_set or "seeded"
-        search_again = (self.options.reproduce_command(label, config.backend, config.precision, item.case.input_set)
+        search_again = (self.options.reproduce_command(label, config.backend, config.precision, item.case.variant,
+                                                       input_set=item.case.input_set)
                         + f" --mnn-hypothesis {self.options.hypothesis} --hypothesis-seed {shlex.quote(str(seed))}")
         if self.options.hypothesis_dir_given:
             search_again += f" --mnn-hypothesis-dir {shlex.quote(str(self.options.hypothesis_dir))}"
         if not outcome.found:
-            forward, _ = engine.model(item.model_path).session_backend(config)
+            forward, _ = engine.model(path).session_backend(config)
             return ParityResult(label, config, Category.OK, "", forward_name(forward), forward, tol,
                                 input_set=set_label, search=outcome.as_dict())
         stem = f"{Path(label).name.removesuffix('.mnn')}-{set_label}-{config.id}"
         saved = save(outcome, self.options.hypothesis_dir, stem)
         found = InputSet.from_arrays(outcome.name, outcome.inputs, label=str(saved))
-        result = engine.check(item.model_path, config, prepared["tolerance_layers"], input_set=found,
+        result = engine.check(item.model_path, config, prepared["tolerance_layers"], variant=variant, input_set=found,
                               output_tolerances=prepared.get("output_tolerances"),
                               layer_tolerances=prepared.get("layer_tolerances"))
         result.model = label
@@ -184,7 +195,8 @@ class SidecarSupport:
             result.verdict, result.category = outcome.verdict, outcome.verdict.category
         file, snippet = replay_snippet(item.model_path, self.sidecar(item.model_path), outcome.name, saved,
                                        outcome.inputs, item.config.rootpath)
-        replay = self.options.reproduce_command(label, config.backend, config.precision, outcome.name)
+        replay = self.options.reproduce_command(label, config.backend, config.precision, item.case.variant,
+                                                input_set=outcome.name)
         body = result.message.splitlines()[1:] if result.message else []
         verb = "add this input set to" if file.exists() else "create"
         lines = [result.message.splitlines()[0] if result.message else f"{result.category.value} on {config.id}",

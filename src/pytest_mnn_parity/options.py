@@ -16,6 +16,7 @@ import pytest
 from .backends import DEFAULT_BACKENDS, PRECISIONS, canonical_backend, canonical_precision
 from .inputs import parse_input_shapes
 from .parity import LAYER_MODES
+from .variants import DEFAULT_VARIANTS, parse_converter_flags, parse_variants
 
 TOLERANCE_OPTIONS = {
     "atol": "absolute tolerance as a fraction of each output's largest |reference| value",
@@ -32,13 +33,18 @@ def add_options(parser: pytest.Parser) -> None:
         group.addoption(f"--mnn-{name}", dest=f"mnn_{name.replace('-', '_')}", help=help, **kwargs)
         parser.addini(f"mnn_{name.replace('-', '_')}", help, type=ini_type)
 
-    option("model", "an .mnn file, a directory (every *.mnn below it) or a glob; repeatable",
+    option("model", "an .mnn or .onnx file, a directory (every *.mnn and *.onnx below it) or a glob; repeatable",
            ini_type="args", action="append", default=None, metavar="PATH")
     option("backends", f"comma-separated backends to test (default: {','.join(DEFAULT_BACKENDS)})",
            metavar="LIST")
     option("precisions", f"comma-separated precisions (default: {','.join(PRECISIONS)})", metavar="LIST")
     option("reference", "what outputs are compared against: 'cpu' (default: the same model on CPU, high "
-           "precision, 1 thread) or another .mnn file with the same inputs and outputs", metavar="REF")
+           "precision, 1 thread; ONNX Runtime for an .onnx model), another .mnn file with the same inputs and "
+           "outputs, or an .onnx file run by ONNX Runtime", metavar="REF")
+    option("convert", f"conversion variants tested for each .onnx model: comma-separated from fp32, fp16, int8 "
+           f"(default {','.join(DEFAULT_VARIANTS)})", metavar="LIST")
+    parser.addini("mnn_convert_flags", "extra MNNConvert flags for every conversion variant of an .onnx model, "
+                  "e.g. --keepInputFormat", type="string")
     option("seed", "seed for the generated inputs (default 0)", metavar="INT")
     option("input-shape", "shape for an input, e.g. image=1x3x512x512 (needed for dynamic dimensions); repeatable",
            ini_type="linelist", action="append", default=None, metavar="NAME=SHAPE")
@@ -77,6 +83,8 @@ class Options:
     hypothesis: int = 0
     hypothesis_dir: Path | None = None
     hypothesis_dir_given: bool = False
+    convert: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    convert_flags: tuple[str, ...] = ()
     rootpath: Path = Path(".")
     invocation_dir: Path = Path(".")
 
@@ -127,11 +135,21 @@ class Options:
         if hypothesis < 0:
             raise pytest.UsageError("--mnn-hypothesis must be 0 (off) or a number of examples")
         hypothesis_dir = get("hypothesis_dir")
+        try:
+            convert = parse_variants(_as_list(get("convert") or list(DEFAULT_VARIANTS)))
+        except ValueError as exc:
+            raise pytest.UsageError(f"--mnn-convert: {exc}") from None
+        try:
+            convert_flags = parse_converter_flags(config.getini("mnn_convert_flags") or "")
+        except ValueError as exc:
+            raise pytest.UsageError(f"mnn_convert_flags: {exc}") from None
         return cls(
             input_sets=[p.strip() for chunk in _as_list(get("input_sets")) for p in chunk.split(",") if p.strip()],
             hypothesis=hypothesis,
             hypothesis_dir=Path(hypothesis_dir) if hypothesis_dir else _cache_dir(config) / "d" / "mnn-parity",
             hypothesis_dir_given=bool(hypothesis_dir),
+            convert=convert,
+            convert_flags=convert_flags,
             models=[str(m) for m in _as_list(get("model") or [])],
             backends=listed("backends", DEFAULT_BACKENDS, canonical_backend),
             precisions=listed("precisions", PRECISIONS, canonical_precision),
@@ -148,10 +166,13 @@ class Options:
             invocation_dir=config.invocation_params.dir,
         )
 
-    def reproduce_command(self, model: str, backend: str, precision: str, input_set: str | None = None) -> str:
-        """A command that reruns exactly one configuration of one model (and input set)."""
+    def reproduce_command(self, model: str, backend: str, precision: str, variant: str | None = None,
+                          input_set: str | None = None) -> str:
+        """A command that reruns exactly one configuration of one model (conversion variant, input set)."""
         parts = ["pytest", "--mnn-only", "--mnn-model", model, "--mnn-backends", backend,
                  "--mnn-precisions", precision, "--mnn-seed", str(self.seed)]
+        if variant is not None:
+            parts += ["--mnn-convert", variant]
         if self.threads != 4:
             parts += ["--mnn-threads", str(self.threads)]
         if self.reference:
@@ -171,6 +192,7 @@ class Options:
                 "seed": self.seed, "threads": self.threads, "layers": self.layers,
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
                 "input_sets": self.input_sets or None, "hypothesis": self.hypothesis,
+                "convert": self.convert, "convert_flags": list(self.convert_flags),
                 "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli}}
 
 

@@ -27,7 +27,9 @@ from .inputs import fingerprint, generate_inputs
 from .model import ModelError
 from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig, RunOutput, error_name
 from .tolerances import Tolerance, resolve
+from .weights import WeightRisk, fp16_weight_risks
 from .trace import ActivationRisk, ReferenceTrace, RiskScanner, TraceResult, record_reference, trace_target
+from .variants import is_onnx
 from .verdict import Category, Verdict, judge_outputs
 
 
@@ -42,6 +44,10 @@ class ParitySettings:
     # Per-layer tracing: "off", "on-failure" (trace a configuration whose
     # outputs are wrong) or "always".
     layers: str = "on-failure"
+    # ONNX models: where converted variants are cached (None: a temporary
+    # folder for this engine) and extra MNNConvert flags for every variant.
+    convert_cache: str | None = None
+    converter_flags: tuple[str, ...] = ()
 
 
 LAYER_MODES = ("off", "on-failure", "always")
@@ -65,6 +71,12 @@ class Reference:
     outputs_a: dict[str, np.ndarray]
     outputs_b: dict[str, np.ndarray]
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
+    weight_risks: list[WeightRisk] = field(default_factory=list)
+
+
+# A weight tensor is named only when this share of it would be lost: a few
+# rounding-noise entries (1e-17 in a DFT matrix) are not a risk.
+WEIGHT_RISK_MIN_FRACTION = 0.2
 
 
 @dataclass
@@ -84,8 +96,12 @@ class ParityResult:
     log: str = ""
     first_divergent_layer: dict[str, Any] | None = None
     variant: str | None = None
+    arithmetic: backends.Arithmetic | None = None
     trace: TraceResult | None = None
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
+    weight_risks: list[WeightRisk] = field(default_factory=list)
+    # How the tested .mnn was made from an ONNX model ("" for a given .mnn).
+    conversion: str = ""
     # Where a named input set's arrays came from (files, generators), for the message.
     input_detail: str = ""
     # A hypothesis search's summary (search items only), see ``search``.
@@ -115,6 +131,9 @@ class ParityEngine:
         self._fingerprints: dict[Path, str] = {}
         # Per-model input shapes (from a sidecar) and where each came from.
         self._model_shapes: dict[Path, tuple[dict[str, tuple[int, ...]], str]] = {}
+        from .onnx_engine import OnnxSide  # noqa: PLC0415 - it uses this module's types
+
+        self.onnx = OnnxSide(self)
 
     # -- models -----------------------------------------------------------------
     def model(self, path: os.PathLike | str) -> LoadedModel:
@@ -135,6 +154,8 @@ class ParityEngine:
     def release(self, path: os.PathLike | str) -> None:
         """Free a model's interpreter and sessions (MNN frees sessions with the interpreter only)."""
         key = _key(path)
+        for converted in self.onnx.release(key):
+            self.release(converted)
         model = self._models.pop(key, None)
         if isinstance(model, LoadedModel):
             model.close()
@@ -152,7 +173,9 @@ class ParityEngine:
             self._model_shapes[key] = (dict(shapes), source)
 
     def _shapes_for(self, key: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-        own, source = self._model_shapes.get(key, ({}, ""))
+        converted_from = self.onnx.source_of(key)  # a conversion uses its ONNX model's shapes
+        own, source = self._model_shapes.get(key) or self._model_shapes.get(
+            _key(converted_from) if converted_from is not None else key, ({}, ""))
         shapes = {**own, **self.settings.input_shapes}
         return shapes, {name: f"{source} {name}" for name in own if name not in self.settings.input_shapes}
 
@@ -203,6 +226,8 @@ class ParityEngine:
 
     def _compute_reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
         inputs_a, inputs_b = self.inputs(model, input_set)
+        if self.onnx.reference_path(model) is not None:
+            return self.onnx.reference(model, inputs_a, inputs_b)
         if self.settings.reference:
             ref_model = self.reference_model(model)
             _check_same_interface(model, ref_model)
@@ -220,47 +245,74 @@ class ParityEngine:
             if empty:
                 raise ModelError(ref_model.path, f"the reference run produced empty outputs {empty}",
                                  _runtime_hint(run), run.log)
-        return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [])
+        weight_risks = []
+        if scanner is not None:
+            try:
+                weight_risks = _without_repeats(fp16_weight_risks(ref_model.path,
+                                                                  min_fraction=WEIGHT_RISK_MIN_FRACTION))
+            except ValueError:
+                pass  # MNN loaded the file, so a reader gap is ours: skip the scan, never fail the model
+        return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [], weight_risks)
 
     # -- the check --------------------------------------------------------------
-    def tolerance(self, config: RunConfig,
-                  layers: Sequence[tuple[str, Mapping[str, Any] | None]] = ()) -> Tolerance:
-        """The tolerance ``config`` is judged by, with ``layers`` of overrides: the one place a tier is chosen."""
-        return resolve(config.backend, config.precision, *layers)
+    def tolerance(self, config: RunConfig, layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
+                  variant: str | None = None) -> Tolerance:
+        """The tolerance ``config`` is judged by, with ``layers`` of overrides: the one place a tier is chosen
+        (from the arithmetic measured for ``config`` and the conversion ``variant``)."""
+        arithmetic = backends.probe_arithmetic(config.backend, config.precision)
+        return resolve(config.backend, config.precision, *layers, arithmetic=arithmetic.kind, variant=variant)
 
     def check(self, model_path: os.PathLike | str, config: RunConfig,
               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-              reproduce: str = "", input_set: InputSet | None = None,
+              reproduce: str = "", variant: str | None = None, input_set: InputSet | None = None,
               output_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None,
               layer_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None
               ) -> ParityResult:
-        """Judge ``config`` against the reference on input sets A and B.
+        """Run ``config`` and judge it.  An ``.onnx`` model is converted first (``variant``:
+        ``fp32`` by default, see ``variants.VARIANTS``) and compared against ONNX Runtime.
 
         ``input_set``: a named set (default: seeded generated inputs).
         ``output_tolerances`` / ``layer_tolerances``: for some outputs / traced
         ops, their own override layers (the whole list, as ``tolerance_layers``).
         """
+        if variant is None and is_onnx(model_path):
+            variant = "fp32"
+        result = self._check(model_path, config, tolerance_layers, reproduce, variant, input_set,
+                             output_tolerances, layer_tolerances)
+        result.variant = variant
+        return result
+
+    def _check(self, model_path: os.PathLike | str, config: RunConfig,
+               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]], reproduce: str,
+               variant: str | None, input_set: InputSet | None = None,
+               output_tolerances: Mapping[str, Sequence] | None = None,
+               layer_tolerances: Mapping[str, Sequence] | None = None) -> ParityResult:
         model_label = str(model_path)
         status = backends.discover([config.backend])[config.backend]
         if not status.available:
             return ParityResult(model_label, config, Category.BACKEND_UNAVAILABLE, status.reason,
                                 forward_type=status.forward_type)
+        conversion = ""
         try:
+            if is_onnx(model_path):
+                model_path, conversion = self.onnx.converted(model_path, variant)
             model = self.model(model_path)
             reference = self.reference(model, input_set)
         except ReferenceRunError as exc:
             return self._check_without_reference(model, config, exc, reproduce, input_set)
         except ModelError as exc:
             return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log)
-        tol = self.tolerance(config, tolerance_layers)
-        output_tolerances = {k: self.tolerance(config, v) for k, v in (output_tolerances or {}).items()}
-        layer_tolerances = {k: self.tolerance(config, v) for k, v in (layer_tolerances or {}).items()}
+        arithmetic = backends.probe_arithmetic(config.backend, config.precision)
+        tol = self.tolerance(config, tolerance_layers, variant)
+        output_tolerances = {k: self.tolerance(config, v, variant) for k, v in (output_tolerances or {}).items()}
+        layer_tolerances = {k: self.tolerance(config, v, variant) for k, v in (layer_tolerances or {}).items()}
         inputs_a, inputs_b = self.inputs(model, input_set)
         set_label = input_set.name if input_set is not None else f"seeded:{self.settings.seed}"
         forward, session_log = model.session_backend(config)
         result = ParityResult(model_label, config, Category.OK, "", backends.forward_name(forward), forward, tol,
                               reference=reference.description, input_set=set_label, log=session_log,
-                              fp16_risks=list(reference.fp16_risks),
+                              fp16_risks=list(reference.fp16_risks), weight_risks=list(reference.weight_risks),
+                              arithmetic=arithmetic, variant=variant, conversion=conversion,
                               input_detail=input_set.describe() if input_set is not None else "")
         if model.falls_back(config):
             result.category = Category.BACKEND_FALLBACK
@@ -296,6 +348,9 @@ class ParityEngine:
     def _trace(self, result: ParityResult, model: LoadedModel, config: RunConfig, tol: Tolerance,
                inputs: Mapping[str, np.ndarray], input_set: InputSet | None = None,
                layer_tolerances: Mapping[str, Tolerance] | None = None) -> None:
+        if self.onnx.reference_path(model) is not None:
+            self.onnx.localise(result, model, config, tol, inputs)
+            return
         reference = self._reference_trace(model, inputs, input_set)
         result.trace = trace_target(reference, model, config, inputs, tol, layer_tolerances)
         first = result.trace.first_divergent
@@ -328,6 +383,12 @@ class ParityEngine:
             result.verdict = Verdict(Category.RUNTIME_ERROR)
             result.message = failure_message(result, model, error=_runtime_error_text(run), reproduce=reproduce)
         return result
+
+
+def _without_repeats(risks: list[WeightRisk]) -> list[WeightRisk]:
+    """A tensor that flushes entirely is also below fp16's normal range: say it once."""
+    flushed = {(r.op_name, r.role) for r in risks if r.kind == "flush" and r.count == r.total}
+    return [r for r in risks if not (r.kind == "subnormal" and (r.op_name, r.role) in flushed)]
 
 
 @functools.lru_cache(maxsize=1024)

@@ -14,6 +14,7 @@ from .options import Options, add_options
 from .parity import ParityEngine, ParityResult, ParitySettings
 from .runner import RunConfig
 from .report import RECORD_FIELDS, build_report, matrix_lines, record, write_json_atomically
+from .variants import is_onnx
 from .verdict import Category
 
 
@@ -31,6 +32,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(run, "mnn-parity-run")
     if options.report is not None:
         _check_writable(options.report)
+    if getattr(config, "cache", None) is not None:  # absent with -p no:cacheprovider: a temporary folder then
+        run.engine.settings.convert_cache = str(config.cache.mkdir("mnn-parity-convert"))
 
 
 def pytest_ignore_collect(collection_path, config: pytest.Config):
@@ -85,7 +88,7 @@ class ParityRun:
         self.options = options
         self.engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
                                                   reference=options.reference, threads=options.threads,
-                                                  layers=options.layers))
+                                                  layers=options.layers, converter_flags=options.convert_flags))
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
@@ -116,9 +119,10 @@ class ParityRun:
         return items
 
     def cases(self, model_path) -> list[Case]:
-        """Every item to generate for one model, in a stable order."""
-        return [Case(RunConfig(backend, precision, self.options.threads), input_set=input_set)
-                for input_set in self.inputs.set_names(model_path)
+        """Every item to generate for one model, in a stable order; an ONNX model once per conversion variant."""
+        variants = self.options.convert if is_onnx(model_path) else [None]
+        return [Case(RunConfig(backend, precision, self.options.threads), variant=variant, input_set=input_set)
+                for variant in variants for input_set in self.inputs.set_names(model_path)
                 for backend in self.options.backends for precision in self.options.precisions]
 
     def backend_status(self, backend: str):
@@ -132,9 +136,10 @@ class ParityRun:
         config = item.run_config
         model = node_id_path(item.model_path, item.config.rootpath)
         checks = self.inputs.prepare(item)  # tolerance layers, input set; or a bad sidecar's error
+        variant = item.case.variant
         result = checks if isinstance(checks, ParityResult) else self.engine.check(
-            item.model_path, config, reproduce=self.options.reproduce_command(
-                model, config.backend, config.precision, item.case.input_set), **checks)
+            item.model_path, config, variant=variant, reproduce=self.options.reproduce_command(
+                model, config.backend, config.precision, variant, input_set=item.case.input_set), **checks)
         result.model = model
         for name, value in _junit_properties(result):
             item.user_properties.append((name, value))
@@ -156,7 +161,7 @@ class ParityRun:
             return None
         if report.when == "setup" and report.skipped and item.result is None:
             result = ParityResult(node_id_path(item.model_path, item.config.rootpath), item.run_config,
-                                  Category.BACKEND_UNAVAILABLE, _skip_reason(report))
+                                  Category.BACKEND_UNAVAILABLE, _skip_reason(report), variant=item.case.variant)
             return record(item.nodeid, result, "skipped")
         if item.result is None:
             return None
@@ -203,6 +208,8 @@ def _junit_properties(result: ParityResult):
     yield "mnn_backend_used", str(result.backend_used)
     if result.tolerance is not None:
         yield "mnn_tier", result.tolerance.tier
+    if result.variant is not None:
+        yield "mnn_variant", result.variant
     if result.verdict is not None:
         for v in result.verdict.outputs:
             if v.metrics is not None:

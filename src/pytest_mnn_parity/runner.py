@@ -155,7 +155,11 @@ class LoadedModel:
             return cached
         start = time.perf_counter()
         with capture_native_output() as out:
-            handle = self.interpreter.createSession(config.session_config())
+            runtime = shared_runtime(config)
+            if runtime is None:
+                handle = self.interpreter.createSession(config.session_config())
+            else:
+                handle = self.interpreter.createSession(config.session_config(), runtime)
             if resize:
                 self._resize(handle)
         forward = session_forward_type(self.interpreter, handle)
@@ -214,6 +218,25 @@ class LoadedModel:
     def close(self) -> None:
         self._sessions.clear()
         self.interpreter = None
+
+
+_RUNTIMES: dict[RunConfig, Any] = {}
+
+
+def shared_runtime(config: RunConfig) -> Any:
+    """One MNN runtime per GPU configuration, shared by every model's sessions.
+
+    Each session otherwise creates its own GPU runtime; on the lent H100, MNN's
+    Vulkan backend stopped creating devices after about ten models' worth of
+    sessions (``Invalide device for support vulkan``) and fell back to the CPU.
+    CPU sessions keep their own runtime, as MNN's default.
+    """
+    if config.backend == "CPU":
+        return None
+    if config not in _RUNTIMES:
+        # createRuntime returns (runtime, status); createSession takes the runtime alone.
+        _RUNTIMES[config] = mnn().Interpreter.createRuntime((config.session_config(),))[0]
+    return _RUNTIMES[config]
 
 
 class OpObserver:

@@ -55,13 +55,18 @@ def judge_inputs(engine, model_path, config: RunConfig, inputs: Mapping[str, np.
                  output_tolerances: Mapping[str, Tolerance] | None = None) -> Verdict | None:
     """``config`` against the reference on one input; None when the reference itself cannot run it."""
     model = engine.model(model_path)
-    reference = engine.reference_model(model).run(REFERENCE_CONFIG, inputs)
-    if not reference.ok:
-        return None
+    onnx_reference = engine.onnx.reference_path(model)
+    if onnx_reference is not None:  # an ONNX model (or an .onnx --mnn-reference): ONNX Runtime is the reference
+        reference_outputs = dict(engine.onnx.runtime(onnx_reference).run(inputs))
+    else:
+        reference = engine.reference_model(model).run(REFERENCE_CONFIG, inputs)
+        if not reference.ok:
+            return None
+        reference_outputs = reference.outputs
     target = model.run(config, inputs)
     if not target.ok or any(a.size == 0 for a in target.outputs.values()):
         return Verdict(Category.RUNTIME_ERROR)
-    return judge_outputs(target.outputs, reference.outputs, tol, output_tolerances=output_tolerances)
+    return judge_outputs(target.outputs, reference_outputs, tol, output_tolerances=output_tolerances)
 
 
 def search(engine, model_path, config: RunConfig, tol: Tolerance, *, max_examples: int, seed: Any,
