@@ -17,6 +17,9 @@ from .report import RECORD_FIELDS, build_report, matrix_lines, record, write_jso
 from .variants import is_onnx
 from .verdict import Category
 
+# Fixtures and markers for users' own tests live in a plugin module of their own.
+pytest_plugins = ["pytest_mnn_parity.user_fixtures"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
@@ -71,7 +74,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         terminalreporter.write_sep("=", "MNN parity")
         for line in lines:
             terminalreporter.write_line(line)
-    if run.options.report is not None and run.active:
+    if run.options.report is not None and (run.active or run.records()):
         terminalreporter.write_line(f"MNN parity report: {run.options.report}")
 
 
@@ -180,7 +183,7 @@ class ParityRun:
         return list(self._records)
 
     def write_report(self) -> None:
-        if self.options.report is None or not self.active:
+        if self.options.report is None or not (self.active or self._records):
             return
         statuses = {name: {"available": s.available, "forward_type": s.forward_type, "reason": s.reason}
                     for name, s in backend_discovery.discover(self.options.backends).items()}

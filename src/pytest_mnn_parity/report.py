@@ -149,6 +149,10 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
 
 def _row(rec: dict[str, Any]) -> str:
     """A model's row; conversion variants, named input sets and searches get rows of their own."""
+    # A user's own test (docs/fixtures.md) gets a row of its own, next to its
+    # model's generated items.
+    if rec.get("test"):
+        return rec["test"]
     label = f"{rec['model']} [{rec['variant']}]" if rec.get("variant") else rec["model"]
     input_set = rec.get("input_set") or ""
     if input_set and not input_set.startswith("seeded:") and input_set != "seeded":

@@ -7,7 +7,8 @@ Resolution order, later wins, field by field:
    the backend x precision table below.
 2. **ini / pyproject**: ``mnn_atol``, ``mnn_rtol``, ``mnn_min_cosine``,
    ``mnn_max_outside_fraction`` in ``[tool.pytest.ini_options]``.
-3. **Marker** on a user's test: ``@pytest.mark.mnn_parity(atol=..., rtol=...)``.
+3. **Marker** on a user's test: ``@pytest.mark.mnn_parity(atol=..., rtol=...)``,
+   then keyword arguments of the test's ``mnn_parity(outputs, atol=...)`` call.
 4. **Command line**: ``--mnn-atol``, ``--mnn-rtol``, ``--mnn-min-cosine``,
    ``--mnn-max-outside-fraction``.
 
