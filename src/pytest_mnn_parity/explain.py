@@ -32,6 +32,8 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
         lines.append(f"tolerance: {result.tolerance.describe()}")
     lines.append("inputs:    " + result.input_set + " - " +
                  ", ".join(f"{s.name} {'x'.join(map(str, model.shapes[s.name]))} {s.dtype}" for s in model.info.inputs))
+    if getattr(result, "input_detail", ""):
+        lines.append("input set: " + result.input_detail)
     if error:
         lines.append("error:     " + error)
     if result.verdict is not None and result.verdict.outputs:

@@ -75,6 +75,11 @@ class OnnxSide:
                 released.append(done[0])
         return released
 
+    def source_of(self, key: Path) -> Path | None:
+        """The ONNX file a converted model (by its cache key) was made from; None for any other model."""
+        source = self._sources.get(key)
+        return source[0] if source else None
+
     # -- reference --------------------------------------------------------------
     def reference_path(self, model: LoadedModel) -> Path | None:
         """The ONNX file whose ORT outputs are the reference of ``model``, if any."""

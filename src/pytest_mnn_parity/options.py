@@ -55,6 +55,12 @@ def add_options(parser: pytest.Parser) -> None:
     option("layers", "per-layer trace: off, on-failure (default: trace configurations whose outputs are wrong "
            "and name the first divergent layer) or always", metavar="MODE")
     option("report", "write the JSON report (schema pytest-mnn-parity/1) to this path", metavar="PATH")
+    option("input-sets", "comma-separated names of the sidecar input sets to run (default: all declared)",
+           metavar="LIST")
+    option("hypothesis", "also search, per configuration, up to N hypothesis examples for an input that breaks "
+           "parity (seeded by --hypothesis-seed, default --mnn-seed)", metavar="N")
+    option("hypothesis-dir", "where the search saves minimal failing inputs as .npz (default: "
+           ".pytest_cache/d/mnn-parity under the rootdir)", metavar="DIR")
     group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
                     help="run only the generated parity items: do not collect test files")
 
@@ -73,6 +79,10 @@ class Options:
     report: Path | None = None
     layers: str = "on-failure"
     only: bool = False
+    input_sets: list[str] = field(default_factory=list)
+    hypothesis: int = 0
+    hypothesis_dir: Path | None = None
+    hypothesis_dir_given: bool = False
     convert: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     convert_flags: tuple[str, ...] = ()
     rootpath: Path = Path(".")
@@ -121,6 +131,10 @@ class Options:
         layers = str(get("layers") or "on-failure").strip().lower()
         if layers not in LAYER_MODES:
             raise pytest.UsageError(f"--mnn-layers: expected one of {', '.join(LAYER_MODES)}, got {layers!r}")
+        hypothesis = number("hypothesis", int, 0)
+        if hypothesis < 0:
+            raise pytest.UsageError("--mnn-hypothesis must be 0 (off) or a number of examples")
+        hypothesis_dir = get("hypothesis_dir")
         try:
             convert = parse_variants(_as_list(get("convert") or list(DEFAULT_VARIANTS)))
         except ValueError as exc:
@@ -130,6 +144,10 @@ class Options:
         except ValueError as exc:
             raise pytest.UsageError(f"mnn_convert_flags: {exc}") from None
         return cls(
+            input_sets=[p.strip() for chunk in _as_list(get("input_sets")) for p in chunk.split(",") if p.strip()],
+            hypothesis=hypothesis,
+            hypothesis_dir=Path(hypothesis_dir) if hypothesis_dir else _cache_dir(config) / "d" / "mnn-parity",
+            hypothesis_dir_given=bool(hypothesis_dir),
             convert=convert,
             convert_flags=convert_flags,
             models=[str(m) for m in _as_list(get("model") or [])],
@@ -148,8 +166,9 @@ class Options:
             invocation_dir=config.invocation_params.dir,
         )
 
-    def reproduce_command(self, model: str, backend: str, precision: str, variant: str | None = None) -> str:
-        """A command that reruns exactly one configuration of one model (and conversion variant)."""
+    def reproduce_command(self, model: str, backend: str, precision: str, variant: str | None = None,
+                          input_set: str | None = None) -> str:
+        """A command that reruns exactly one configuration of one model (conversion variant, input set)."""
         parts = ["pytest", "--mnn-only", "--mnn-model", model, "--mnn-backends", backend,
                  "--mnn-precisions", precision, "--mnn-seed", str(self.seed)]
         if variant is not None:
@@ -164,14 +183,26 @@ class Options:
             parts += ["--mnn-input-shape", f"{name}={'x'.join(map(str, dims))}"]
         for name, value in self.tolerance_cli.items():
             parts += [f"--mnn-{name.replace('_', '-')}", f"{value:g}"]
+        if input_set is not None:
+            parts += ["--mnn-input-sets", input_set]
         return " ".join(shlex.quote(p) for p in parts)
 
     def settings_dict(self) -> dict[str, Any]:
         return {"backends": self.backends, "precisions": self.precisions, "reference": self.reference or "cpu",
                 "seed": self.seed, "threads": self.threads, "layers": self.layers,
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+                "input_sets": self.input_sets or None, "hypothesis": self.hypothesis,
                 "convert": self.convert, "convert_flags": list(self.convert_flags),
                 "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli}}
+
+
+def _cache_dir(config: pytest.Config) -> Path:
+    """pytest's cache folder (``cache_dir``), also when the cacheprovider plugin is off."""
+    try:
+        name = config.getini("cache_dir") or ".pytest_cache"
+    except ValueError:  # -p no:cacheprovider: the ini key is not registered
+        name = ".pytest_cache"
+    return config.rootpath / name
 
 
 def _as_list(value) -> list[str]:

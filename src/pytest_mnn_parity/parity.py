@@ -22,6 +22,7 @@ import numpy as np
 
 from . import backends
 from .explain import failure_message
+from .input_sets import InputSet
 from .inputs import fingerprint, generate_inputs
 from .model import ModelError
 from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig, RunOutput, error_name
@@ -101,6 +102,10 @@ class ParityResult:
     weight_risks: list[WeightRisk] = field(default_factory=list)
     # How the tested .mnn was made from an ONNX model ("" for a given .mnn).
     conversion: str = ""
+    # Where a named input set's arrays came from (files, generators), for the message.
+    input_detail: str = ""
+    # A hypothesis search's summary (search items only), see ``search``.
+    search: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -124,6 +129,8 @@ class ParityEngine:
         self._inputs: dict[Path, tuple[dict, dict]] = {}
         self._reference_traces: dict[Path, ReferenceTrace] = {}
         self._fingerprints: dict[Path, str] = {}
+        # Per-model input shapes (from a sidecar) and where each came from.
+        self._model_shapes: dict[Path, tuple[dict[str, tuple[int, ...]], str]] = {}
         from .onnx_engine import OnnxSide  # noqa: PLC0415 - it uses this module's types
 
         self.onnx = OnnxSide(self)
@@ -135,7 +142,8 @@ class ParityEngine:
         cached = self._models.get(key)
         if cached is None:
             try:
-                cached = LoadedModel(Path(path), self.settings.input_shapes)
+                shapes, sources = self._shapes_for(key)
+                cached = LoadedModel(Path(path), shapes, shape_sources=sources)
             except ModelError as exc:
                 cached = exc
             self._models[key] = cached
@@ -151,35 +159,64 @@ class ParityEngine:
         model = self._models.pop(key, None)
         if isinstance(model, LoadedModel):
             model.close()
-        self._inputs.pop(key, None)
-        self._fingerprints.pop(key, None)
-        self._references.pop(key, None)
-        trace = self._reference_traces.pop(key, None)
-        if trace is not None:
-            trace.close()
+        for cache in (self._inputs, self._fingerprints, self._references, self._reference_traces):
+            for cached in [k for k in cache if k == key or (isinstance(k, tuple) and k[0] == key)]:
+                value = cache.pop(cached)
+                if isinstance(value, ReferenceTrace):
+                    value.close()
 
-    def inputs(self, model: LoadedModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Input sets A (seed) and B (seed + 1): B exists to catch outputs that do not recompute."""
-        key = _key(model.path)
+    def set_input_shapes(self, path: os.PathLike | str, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+        """Shapes for one model (a sidecar's [shapes]); ``--mnn-input-shape`` still wins per input."""
+        key = _key(path)
+        if self._model_shapes.get(key) != (dict(shapes), source):
+            self.release(path)
+            self._model_shapes[key] = (dict(shapes), source)
+
+    def _shapes_for(self, key: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+        converted_from = self.onnx.source_of(key)  # a conversion uses its ONNX model's shapes
+        own, source = self._model_shapes.get(key) or self._model_shapes.get(
+            _key(converted_from) if converted_from is not None else key, ({}, ""))
+        shapes = {**own, **self.settings.input_shapes}
+        return shapes, {name: f"{source} {name}" for name in own if name not in self.settings.input_shapes}
+
+    def reference_model(self, model: LoadedModel) -> LoadedModel:
+        """The model the reference runs: ``model`` itself, or ``--mnn-reference`` with the same input shapes."""
+        if not self.settings.reference:
+            return model
+        own = self._model_shapes.get(_key(model.path))
+        if own is not None and _key(self.settings.reference) not in self._model_shapes:
+            self._model_shapes[_key(self.settings.reference)] = own
+        return self.model(self.settings.reference)
+
+    def inputs(self, model: LoadedModel, input_set: InputSet | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Input sets A (seed) and B (seed + 1): B exists to catch outputs that do not recompute.
+
+        A named ``input_set`` gives its own A, and B = A mirrored (see ``input_sets``).
+        """
+        key = _set_key(model.path, input_set)
         if key not in self._inputs:
             seed = self.settings.seed
-            self._inputs[key] = (generate_inputs(model.info.inputs, model.shapes, seed),
-                                 generate_inputs(model.info.inputs, model.shapes, seed + 1))
+            if input_set is not None:
+                self._inputs[key] = input_set.build(model, seed)
+            else:
+                self._inputs[key] = (generate_inputs(model.info.inputs, model.shapes, seed),
+                                     generate_inputs(model.info.inputs, model.shapes, seed + 1))
         return self._inputs[key]
 
-    def _fingerprint(self, model: LoadedModel) -> str:
-        key = _key(model.path)
+    def _fingerprint(self, model: LoadedModel, input_set: InputSet | None = None) -> str:
+        key = _set_key(model.path, input_set)
         if key not in self._fingerprints:
-            self._fingerprints[key] = fingerprint(self.inputs(model)[0])
+            self._fingerprints[key] = fingerprint(self.inputs(model, input_set)[0])
         return self._fingerprints[key]
 
     # -- reference --------------------------------------------------------------
-    def reference(self, model: LoadedModel) -> Reference:
-        key = _key(model.path)
+    def reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
+        key = _set_key(model.path, input_set)
         cached = self._references.get(key)
         if cached is None:
             try:
-                cached = self._compute_reference(model)
+                cached = self._compute_reference(model, input_set)
             except ModelError as exc:
                 cached = exc
             self._references[key] = cached
@@ -187,12 +224,12 @@ class ParityEngine:
             raise cached
         return cached
 
-    def _compute_reference(self, model: LoadedModel) -> Reference:
-        inputs_a, inputs_b = self.inputs(model)
+    def _compute_reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
+        inputs_a, inputs_b = self.inputs(model, input_set)
         if self.onnx.reference_path(model) is not None:
             return self.onnx.reference(model, inputs_a, inputs_b)
         if self.settings.reference:
-            ref_model = self.model(self.settings.reference)
+            ref_model = self.reference_model(model)
             _check_same_interface(model, ref_model)
             description = f"{ref_model.path} on {REFERENCE_CONFIG.describe()}"
         else:
@@ -218,20 +255,38 @@ class ParityEngine:
         return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [], weight_risks)
 
     # -- the check --------------------------------------------------------------
+    def tolerance(self, config: RunConfig, layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
+                  variant: str | None = None) -> Tolerance:
+        """The tolerance ``config`` is judged by, with ``layers`` of overrides: the one place a tier is chosen
+        (from the arithmetic measured for ``config`` and the conversion ``variant``)."""
+        arithmetic = backends.probe_arithmetic(config.backend, config.precision)
+        return resolve(config.backend, config.precision, *layers, arithmetic=arithmetic.kind, variant=variant)
+
     def check(self, model_path: os.PathLike | str, config: RunConfig,
               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-              reproduce: str = "", variant: str | None = None) -> ParityResult:
+              reproduce: str = "", variant: str | None = None, input_set: InputSet | None = None,
+              output_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None,
+              layer_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None
+              ) -> ParityResult:
         """Run ``config`` and judge it.  An ``.onnx`` model is converted first (``variant``:
-        ``fp32`` by default, see ``variants.VARIANTS``) and compared against ONNX Runtime."""
+        ``fp32`` by default, see ``variants.VARIANTS``) and compared against ONNX Runtime.
+
+        ``input_set``: a named set (default: seeded generated inputs).
+        ``output_tolerances`` / ``layer_tolerances``: for some outputs / traced
+        ops, their own override layers (the whole list, as ``tolerance_layers``).
+        """
         if variant is None and is_onnx(model_path):
             variant = "fp32"
-        result = self._check(model_path, config, tolerance_layers, reproduce, variant)
+        result = self._check(model_path, config, tolerance_layers, reproduce, variant, input_set,
+                             output_tolerances, layer_tolerances)
         result.variant = variant
         return result
 
     def _check(self, model_path: os.PathLike | str, config: RunConfig,
                tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]], reproduce: str,
-               variant: str | None) -> ParityResult:
+               variant: str | None, input_set: InputSet | None = None,
+               output_tolerances: Mapping[str, Sequence] | None = None,
+               layer_tolerances: Mapping[str, Sequence] | None = None) -> ParityResult:
         model_label = str(model_path)
         status = backends.discover([config.backend])[config.backend]
         if not status.available:
@@ -242,21 +297,23 @@ class ParityEngine:
             if is_onnx(model_path):
                 model_path, conversion = self.onnx.converted(model_path, variant)
             model = self.model(model_path)
-            reference = self.reference(model)
+            reference = self.reference(model, input_set)
         except ReferenceRunError as exc:
-            return self._check_without_reference(model, config, exc, reproduce)
+            return self._check_without_reference(model, config, exc, reproduce, input_set)
         except ModelError as exc:
             return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log)
         arithmetic = backends.probe_arithmetic(config.backend, config.precision)
-        tol = resolve(config.backend, config.precision, *tolerance_layers, arithmetic=arithmetic.kind,
-                      variant=variant)
-        inputs_a, inputs_b = self.inputs(model)
-        input_set = f"seeded:{self.settings.seed}"
+        tol = self.tolerance(config, tolerance_layers, variant)
+        output_tolerances = {k: self.tolerance(config, v, variant) for k, v in (output_tolerances or {}).items()}
+        layer_tolerances = {k: self.tolerance(config, v, variant) for k, v in (layer_tolerances or {}).items()}
+        inputs_a, inputs_b = self.inputs(model, input_set)
+        set_label = input_set.name if input_set is not None else f"seeded:{self.settings.seed}"
         forward, session_log = model.session_backend(config)
         result = ParityResult(model_label, config, Category.OK, "", backends.forward_name(forward), forward, tol,
-                              reference=reference.description, input_set=input_set, log=session_log,
+                              reference=reference.description, input_set=set_label, log=session_log,
                               fp16_risks=list(reference.fp16_risks), weight_risks=list(reference.weight_risks),
-                              arithmetic=arithmetic, variant=variant, conversion=conversion)
+                              arithmetic=arithmetic, variant=variant, conversion=conversion,
+                              input_detail=input_set.describe() if input_set is not None else "")
         if model.falls_back(config):
             result.category = Category.BACKEND_FALLBACK
             result.message = (f"{config.backend} was available at discovery but this session runs on "
@@ -274,45 +331,52 @@ class ParityEngine:
             result.message = failure_message(result, model, error=_runtime_error_text(failed_run), reproduce=reproduce)
             return result
         result.verdict = judge_outputs(run_a.outputs, reference.outputs_a, tol,
-                                       targets_b=run_b.outputs, references_b=reference.outputs_b)
+                                       targets_b=run_b.outputs, references_b=reference.outputs_b,
+                                       output_tolerances=output_tolerances)
         result.category = result.verdict.category
-        result.input_set = f"{input_set} ({self._fingerprint(model)})"
+        if input_set is None:
+            result.input_set = f"{set_label} ({self._fingerprint(model)})"
+        else:
+            result.input_detail += f" (crc {self._fingerprint(model, input_set)})"
         mode = self.settings.layers
         if result.category in _TRACEABLE and (mode == "always" or (mode == "on-failure" and not result.passed)):
-            self._trace(result, model, config, tol, inputs_a)
+            self._trace(result, model, config, tol, inputs_a, input_set, layer_tolerances)
         if not result.passed:
             result.message = failure_message(result, model, reproduce=reproduce)
         return result
 
     def _trace(self, result: ParityResult, model: LoadedModel, config: RunConfig, tol: Tolerance,
-               inputs: Mapping[str, np.ndarray]) -> None:
+               inputs: Mapping[str, np.ndarray], input_set: InputSet | None = None,
+               layer_tolerances: Mapping[str, Tolerance] | None = None) -> None:
         if self.onnx.reference_path(model) is not None:
             self.onnx.localise(result, model, config, tol, inputs)
             return
-        reference = self._reference_trace(model, inputs)
-        result.trace = trace_target(reference, model, config, inputs, tol)
+        reference = self._reference_trace(model, inputs, input_set)
+        result.trace = trace_target(reference, model, config, inputs, tol, layer_tolerances)
         first = result.trace.first_divergent
         if first is not None:
             result.first_divergent_layer = first.as_dict()
 
-    def _reference_trace(self, model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> ReferenceTrace:
-        """The reference's per-op tensors for input set A, recorded once per model."""
-        key = _key(model.path)
+    def _reference_trace(self, model: LoadedModel, inputs: Mapping[str, np.ndarray],
+                         input_set: InputSet | None = None) -> ReferenceTrace:
+        """The reference's per-op tensors for input set A, recorded once per model and input set."""
+        key = _set_key(model.path, input_set)
         if key not in self._reference_traces:
-            ref_model = self.model(self.settings.reference) if self.settings.reference else model
+            ref_model = self.reference_model(model)
             trace, _ = record_reference(ref_model, REFERENCE_CONFIG, inputs)
             self._reference_traces[key] = trace
         return self._reference_traces[key]
 
 
     def _check_without_reference(self, model: LoadedModel, config: RunConfig, exc: ReferenceRunError,
-                                 reproduce: str) -> ParityResult:
+                                 reproduce: str, input_set: InputSet | None = None) -> ParityResult:
         """The reference cannot run the model: if the target cannot either, that is the finding."""
         forward, session_log = model.session_backend(config)
-        run = model.run(config, self.inputs(model)[0])
+        run = model.run(config, self.inputs(model, input_set)[0])
+        set_label = input_set.name if input_set is not None else f"seeded:{self.settings.seed}"
         result = ParityResult(str(model.path), config, Category.MODEL_ERROR, str(exc), backends.forward_name(forward),
                               forward, resolve(config.backend, config.precision), rc=run.rc,
-                              reference="unavailable: " + exc.reason, input_set=f"seeded:{self.settings.seed}",
+                              reference="unavailable: " + exc.reason, input_set=set_label,
                               log=session_log + exc.log + run.log)
         if not run.ok:
             result.category = Category.RUNTIME_ERROR
@@ -335,6 +399,11 @@ def _resolved(path: str) -> Path:
 def _key(path: os.PathLike | str) -> Path:
     """Cache key of a model: its resolved path (resolving is a syscall per part, so it is memoised)."""
     return _resolved(os.fspath(path))
+
+
+def _set_key(path: os.PathLike | str, input_set: InputSet | None) -> Any:
+    """Cache key of a model's input set: the model's key alone for the default seeded set."""
+    return _key(path) if input_set is None else (_key(path), input_set.name)
 
 
 def _check_same_interface(model: LoadedModel, ref: LoadedModel) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from . import backends as backend_discovery
+from .input_items import SidecarSupport, xfail_outcome
 from .items import PARITY_RUN, Case, ModelErrorItem, ModelFile, ParityItem, node_id_path
 from .model import ModelError, check_model_path, expand_model_args
 from .options import Options, add_options
@@ -94,6 +95,7 @@ class ParityRun:
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
+        self.inputs = SidecarSupport(self)
 
     # -- collection -------------------------------------------------------------
     def collect(self, session: pytest.Session) -> list[pytest.Item]:
@@ -105,12 +107,14 @@ class ParityRun:
             if error is None:
                 try:
                     check_model_path(target.path)
+                    self.inputs.load(target.path)
                 except ModelError as exc:
                     error = exc
             nodeid = node_id_path(target.path, session.config.rootpath)
             collector = ModelFile.from_parent(session, path=target.path, nodeid=nodeid)
             collector.error = error
             collected = list(collector.collect())
+            collected += self.inputs.extra_items(collector, collected)
             # Tell the terminal (and any other listener) what was collected, as
             # regular collection would: "collected N items" must count these.
             session.ihook.pytest_collectreport(report=pytest.CollectReport(nodeid, "passed", None, collected))
@@ -120,8 +124,9 @@ class ParityRun:
     def cases(self, model_path) -> list[Case]:
         """Every item to generate for one model, in a stable order; an ONNX model once per conversion variant."""
         variants = self.options.convert if is_onnx(model_path) else [None]
-        return [Case(RunConfig(backend, precision, self.options.threads), variant=variant)
-                for variant in variants for backend in self.options.backends for precision in self.options.precisions]
+        return [Case(RunConfig(backend, precision, self.options.threads), variant=variant, input_set=input_set)
+                for variant in variants for input_set in self.inputs.set_names(model_path)
+                for backend in self.options.backends for precision in self.options.precisions]
 
     def backend_status(self, backend: str):
         return backend_discovery.discover([backend])[backend]
@@ -133,11 +138,11 @@ class ParityRun:
     def check(self, item: ParityItem) -> ParityResult:
         config = item.run_config
         model = node_id_path(item.model_path, item.config.rootpath)
-        layers = [("ini", self.options.tolerance_ini), ("command line", self.options.tolerance_cli)]
+        checks = self.inputs.prepare(item)  # tolerance layers, input set; or a bad sidecar's error
         variant = item.case.variant
-        result = self.engine.check(item.model_path, config, layers, variant=variant,
-                                   reproduce=self.options.reproduce_command(model, config.backend, config.precision,
-                                                                            variant))
+        result = checks if isinstance(checks, ParityResult) else self.engine.check(
+            item.model_path, config, variant=variant, reproduce=self.options.reproduce_command(
+                model, config.backend, config.precision, variant, input_set=item.case.input_set), **checks)
         result.model = model
         for name, value in _junit_properties(result):
             item.user_properties.append((name, value))
@@ -166,7 +171,7 @@ class ParityRun:
         if report.when == "setup" and report.failed:
             return record(item.nodeid, item.result, "error")
         if report.when == "call":
-            return record(item.nodeid, item.result, report.outcome)
+            return record(item.nodeid, item.result, xfail_outcome(item, report))
         return None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:

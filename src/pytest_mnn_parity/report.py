@@ -19,7 +19,7 @@ SCHEMA = "pytest-mnn-parity/1"
 RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "arithmetic", "variant",
                  "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
-                 "seconds")
+                 "seconds", "search")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -49,6 +49,7 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "fp16_weight_risks": [risk.as_dict() for risk in result.weight_risks],
         "rc": result.rc,
         "seconds": result.seconds,
+        "search": getattr(result, "search", None),
     }
 
 
@@ -147,11 +148,16 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
 
 
 def _row(rec: dict[str, Any]) -> str:
+    """A model's row; conversion variants, named input sets and searches get rows of their own."""
     # A user's own test (docs/fixtures.md) gets a row of its own, next to its
-    # model's generated items; so does each conversion variant of an ONNX model.
+    # model's generated items.
     if rec.get("test"):
         return rec["test"]
-    return f"{rec['model']} [{rec['variant']}]" if rec.get("variant") else rec["model"]
+    label = f"{rec['model']} [{rec['variant']}]" if rec.get("variant") else rec["model"]
+    input_set = rec.get("input_set") or ""
+    if input_set and not input_set.startswith("seeded:") and input_set != "seeded":
+        label += f" [{input_set}]"
+    return label + (" search" if rec.get("search") else "")
 
 
 def _column(rec: dict[str, Any]) -> str:
@@ -163,6 +169,8 @@ def _cell(rec: dict[str, Any]) -> str:
     status = {"passed": "PASS", "failed": "FAIL", "error": "ERROR"}.get(rec["outcome"], rec["outcome"].upper())
     detail = rec["category"] if rec["category"] != "ok" else ""
     metric = key_metric(rec)
+    if rec.get("search") and not rec["search"].get("found"):
+        metric = f"{rec['search']['runs']} examples"
     return " ".join(part for part in (status, detail, metric) if part)
 
 

@@ -232,10 +232,12 @@ class ReferenceTrace(OpObserver):
 
 
 class _TargetComparer(OpObserver):
-    def __init__(self, reference: ReferenceTrace, tol: Tolerance):
+    def __init__(self, reference: ReferenceTrace, tol: Tolerance, layer_tolerances=None):
         self.reference = reference
         self.known = reference.keys()
-        self.tol = tol
+        self.tol = self.model_tol = tol
+        # Per-layer overrides by op name; an op's inputs are judged with the op's tolerance.
+        self.layer_tolerances = layer_tolerances or {}
         self.layers: list[LayerRecord] = []
         self.unmatched: list[str] = []
         self._seen: dict[str, int] = {}
@@ -248,6 +250,7 @@ class _TargetComparer(OpObserver):
         occurrence = self._seen.get(name, 0)
         self._seen[name] = occurrence + 1
         key = _key(name, occurrence)
+        self.tol = self.layer_tolerances.get(name, self.model_tol)
         self._inputs = [self._judge(key, "in", i, t) for i, t in enumerate(tensors)] if key in self.known else []
 
     def after(self, tensors, name: str, op_type: str) -> None:
@@ -256,6 +259,7 @@ class _TargetComparer(OpObserver):
         if key not in self.known:
             self.unmatched.append(key)
             return
+        self.tol = self.layer_tolerances.get(name, self.model_tol)
         layer = LayerRecord(len(self.layers), name, op_type, occurrence, inputs=self._inputs)
         layer.outputs = [self._judge(key, "out", i, t) for i, t in enumerate(tensors)]
         self.layers.append(layer)
@@ -315,8 +319,8 @@ def record_reference(model: LoadedModel, config: RunConfig, inputs) -> tuple[Ref
 
 
 def trace_target(reference: ReferenceTrace, model: LoadedModel, config: RunConfig, inputs,
-                 tol: Tolerance) -> TraceResult:
-    comparer = _TargetComparer(reference, tol)
+                 tol: Tolerance, layer_tolerances=None) -> TraceResult:
+    comparer = _TargetComparer(reference, tol, layer_tolerances)
     model.run(config, inputs, observer=comparer)
     seen = {_key(layer.name, layer.occurrence) for layer in comparer.layers}
     missing = [_key(n, o) for n, _, o in reference.order if _key(n, o) not in seen]

@@ -58,6 +58,8 @@ class OutputVerdict:
     metrics: OutputMetrics | None
     detail: str = ""
     stale_metrics: OutputMetrics | None = None
+    # Set when this output was judged with its own tolerance (a per-output override).
+    tolerance: Tolerance | None = None
 
     @property
     def passed(self) -> bool:
@@ -67,6 +69,8 @@ class OutputVerdict:
         data: dict[str, Any] = {"category": self.category.value, "detail": self.detail}
         if self.metrics is not None:
             data.update(self.metrics.as_dict())
+        if self.tolerance is not None:
+            data["tolerance"] = self.tolerance.as_dict()
         return data
 
 
@@ -181,17 +185,25 @@ class Verdict:
 
 def judge_outputs(targets: Mapping[str, np.ndarray], references: Mapping[str, np.ndarray], tol: Tolerance,
                   *, targets_b: Mapping[str, np.ndarray] | None = None,
-                  references_b: Mapping[str, np.ndarray] | None = None) -> Verdict:
-    """Judge every output the reference has; a missing or extra output is a shape mismatch."""
+                  references_b: Mapping[str, np.ndarray] | None = None,
+                  output_tolerances: Mapping[str, Tolerance] | None = None) -> Verdict:
+    """Judge every output the reference has; a missing or extra output is a shape mismatch.
+
+    ``output_tolerances`` replaces ``tol`` for the outputs it names.
+    """
     verdicts: list[OutputVerdict] = []
+    output_tolerances = output_tolerances or {}
     for name, ref in references.items():
         if name not in targets:
             verdicts.append(OutputVerdict(name, Category.SHAPE_MISMATCH, None,
                                           f"the target has no output named {name!r} (it has {sorted(targets)})"))
             continue
-        verdicts.append(judge_output(name, targets[name], ref, tol,
+        own = output_tolerances.get(name)
+        verdicts.append(judge_output(name, targets[name], ref, own or tol,
                                      target_b=None if targets_b is None else targets_b.get(name),
                                      reference_b=None if references_b is None else references_b.get(name)))
+        if own is not None:
+            verdicts[-1].tolerance = own
     for name in targets:
         if name not in references:
             verdicts.append(OutputVerdict(name, Category.SHAPE_MISMATCH, None,
