@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from .artifacts import ARTIFACT_MODES
 from .backends import DEFAULT_BACKENDS, PRECISIONS, canonical_backend, canonical_precision
 from .inputs import parse_input_shapes
 from .parity import LAYER_MODES
@@ -49,6 +50,12 @@ def add_options(parser: pytest.Parser) -> None:
     option("layers", "per-layer trace: off, on-failure (default: trace configurations whose outputs are wrong "
            "and name the first divergent layer) or always", metavar="MODE")
     option("report", "write the JSON report (schema pytest-mnn-parity/1) to this path", metavar="PATH")
+    option("artifacts", "write pictures (reference, target, error heatmap, zero/NaN mask, error histogram) of "
+           "failing outputs into this directory, one folder per item", metavar="DIR")
+    option("artifacts-when", "which outputs get pictures: on-failure (default: the failing outputs of failing "
+           "configurations) or always", metavar="MODE")
+    option("html", "write a self-contained HTML report (matrix, metrics, per-layer error curve, pictures) to this "
+           "path", metavar="PATH")
     group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
                     help="run only the generated parity items: do not collect test files")
 
@@ -67,6 +74,9 @@ class Options:
     report: Path | None = None
     layers: str = "on-failure"
     only: bool = False
+    artifacts: Path | None = None
+    artifacts_when: str = "on-failure"
+    html: Path | None = None
     rootpath: Path = Path(".")
     invocation_dir: Path = Path(".")
 
@@ -113,6 +123,12 @@ class Options:
         layers = str(get("layers") or "on-failure").strip().lower()
         if layers not in LAYER_MODES:
             raise pytest.UsageError(f"--mnn-layers: expected one of {', '.join(LAYER_MODES)}, got {layers!r}")
+        artifacts = get("artifacts")
+        artifacts_when = str(get("artifacts_when") or "on-failure").strip().lower()
+        if artifacts_when not in ARTIFACT_MODES:
+            raise pytest.UsageError(f"--mnn-artifacts-when: expected one of {', '.join(ARTIFACT_MODES)}, "
+                                    f"got {artifacts_when!r}")
+        html = get("html")
         return cls(
             models=[str(m) for m in _as_list(get("model") or [])],
             backends=listed("backends", DEFAULT_BACKENDS, canonical_backend),
@@ -126,6 +142,10 @@ class Options:
             report=Path(report) if report else None,
             layers=layers,
             only=bool(config.getoption("mnn_only")),
+            # Absolute, so every xdist worker writes into the same folder whatever its cwd.
+            artifacts=(config.invocation_params.dir / str(artifacts)).resolve() if artifacts else None,
+            artifacts_when=artifacts_when,
+            html=Path(html) if html else None,
             rootpath=config.rootpath,
             invocation_dir=config.invocation_params.dir,
         )
@@ -144,13 +164,28 @@ class Options:
             parts += ["--mnn-input-shape", f"{name}={'x'.join(map(str, dims))}"]
         for name, value in self.tolerance_cli.items():
             parts += [f"--mnn-{name.replace('_', '-')}", f"{value:g}"]
+        if self.artifacts is not None:
+            parts += ["--mnn-artifacts", _shown_path(self.artifacts, self.invocation_dir)]
+            if self.artifacts_when != "on-failure":
+                parts += ["--mnn-artifacts-when", self.artifacts_when]
         return " ".join(shlex.quote(p) for p in parts)
 
     def settings_dict(self) -> dict[str, Any]:
         return {"backends": self.backends, "precisions": self.precisions, "reference": self.reference or "cpu",
                 "seed": self.seed, "threads": self.threads, "layers": self.layers,
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
-                "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli}}
+                "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli},
+                "artifacts": (None if self.artifacts is None
+                              else {"dir": str(self.artifacts), "when": self.artifacts_when}),
+                "html": None if self.html is None else str(self.html)}
+
+
+def _shown_path(path: Path, base: Path) -> str:
+    """Relative to where pytest was started when it lies below it, so a reproduce line stays short."""
+    try:
+        return path.relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _as_list(value) -> list[str]:

@@ -16,7 +16,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -42,6 +42,10 @@ class ParitySettings:
     # Per-layer tracing: "off", "on-failure" (trace a configuration whose
     # outputs are wrong) or "always".
     layers: str = "on-failure"
+    # Called with (result, targets, references, layer_arrays) for every
+    # configuration whose outputs were judged, while the arrays exist (e.g.
+    # artifacts.ArtifactWriter); results never keep arrays themselves.
+    output_sink: Callable[..., None] | None = None
 
 
 LAYER_MODES = ("off", "on-failure", "always")
@@ -94,6 +98,8 @@ class ParityResult:
     trace: TraceResult | None = None
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
     weight_risks: list[WeightRisk] = field(default_factory=list)
+    # What an output_sink wrote (artifacts.ArtifactWriter: picture paths); None without one.
+    artifacts: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -251,6 +257,8 @@ class ParityEngine:
         mode = self.settings.layers
         if result.category in _TRACEABLE and (mode == "always" or (mode == "on-failure" and not result.passed)):
             self._trace(result, model, config, tol, inputs_a)
+        if self.settings.output_sink is not None:
+            self._to_sink(result, model, config, run_a.outputs, reference.outputs_a, inputs_a)
         if not result.passed:
             result.message = failure_message(result, model, reproduce=reproduce)
         return result
@@ -262,6 +270,19 @@ class ParityEngine:
         first = result.trace.first_divergent
         if first is not None:
             result.first_divergent_layer = first.as_dict()
+
+    def _to_sink(self, result: ParityResult, model: LoadedModel, config: RunConfig,
+                 targets: Mapping[str, np.ndarray], references: Mapping[str, np.ndarray],
+                 inputs: Mapping[str, np.ndarray]) -> None:
+        from .artifacts import capture_layers
+
+        def layer_arrays():
+            # Only on demand: it costs one more traced run of the target.
+            if result.trace is None:
+                return []
+            return capture_layers(result.trace, model, config, inputs, self._reference_trace(model, inputs))
+
+        self.settings.output_sink(result, targets, references, layer_arrays)
 
     def _reference_trace(self, model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> ReferenceTrace:
         """The reference's per-op tensors for input set A, recorded once per model."""

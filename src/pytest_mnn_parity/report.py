@@ -19,7 +19,7 @@ SCHEMA = "pytest-mnn-parity/1"
 RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "arithmetic", "variant",
                  "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
-                 "seconds")
+                 "seconds", "artifacts")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -49,6 +49,7 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "fp16_weight_risks": [risk.as_dict() for risk in result.weight_risks],
         "rc": result.rc,
         "seconds": result.seconds,
+        "artifacts": result.artifacts,
     }
 
 
