@@ -238,22 +238,44 @@ def test_runtime_error_item_for_a_model_sessions_cannot_run(pytester, models):
                                  "*hint: *Module API*"])
 
 
-def test_xdist_gives_the_same_ids_and_one_merged_report(pytester, models):
+@pytest.mark.parametrize("dist", ["load", "loadgroup"])
+def test_xdist_gives_the_same_ids_and_one_merged_report(pytester, models, dist):
     pytest.importorskip("xdist")
+    from test_reports import parse_html
+
     models("demo/lama_like.mnn", "multi_io.mnn")
-    args = ["--mnn-only", "--mnn-backends", "CPU,METAL", "--mnn-model", "lama_like.mnn", "--mnn-model", "multi_io.mnn"]
-    single = pytester.runpytest(*args, "--mnn-report", "single.json")
-    parallel = pytester.runpytest_subprocess(*args, "-n", "2", "--mnn-report", "parallel.json")
-    parallel.assert_outcomes(passed=8, skipped=8)
+    args = ["--mnn-only", "--mnn-backends", "CPU,METAL", "--mnn-model", "lama_like.mnn", "--mnn-model", "multi_io.mnn",
+            "--mnn-artifacts", "art", "--mnn-artifacts-when", "always"]
+    # Under loadgroup, -k must still select by the plain ids xdist decorates with "@<group>".
+    selection = ["-k", "not normal"] if dist == "loadgroup" else []
+    n = 12 if selection else 16
+    single = pytester.runpytest(*args, *selection, "--mnn-report", "single.json", "--mnn-html", "single.html")
+    parallel = pytester.runpytest_subprocess(*args, *selection, "-n", "2", "--dist", dist, "--mnn-report",
+                                             "parallel.json", "--mnn-html", "parallel.html", "-v")
+    parallel.assert_outcomes(passed=n // 2, skipped=n // 2)
     one = results_by_nodeid(read_report(pytester.path / "single.json"))
     two = results_by_nodeid(read_report(pytester.path / "parallel.json"))
-    assert one.keys() == two.keys() and len(one) == 16
+    assert one.keys() == two.keys() and len(one) == n
     for nodeid, rec in one.items():
-        assert (rec["outcome"], rec["category"]) == (two[nodeid]["outcome"], two[nodeid]["category"])
-        if rec["outputs"]:
-            assert rec["outputs"].keys() == two[nodeid]["outputs"].keys()
+        # Everything but the timing: metrics, messages, first layers, picture links.
+        assert {k: v for k, v in rec.items() if k != "seconds"} == {k: v for k, v in two[nodeid].items()
+                                                                     if k != "seconds"}
     assert "MNN parity" in parallel.stdout.str()
-    single.assert_outcomes(passed=8, skipped=8)
+    single.assert_outcomes(passed=n // 2, skipped=n // 2, deselected=16 - n)
+    html_one, html_two = (parse_html((pytester.path / f"{name}.html").read_text()) for name in ("single", "parallel"))
+    assert html_one.rows == html_two.rows == ["lama_like.mnn", "multi_io.mnn"]
+    assert html_one.cells == html_two.cells and len(html_one.cells) == n // 2
+    assert len(html_one.images) == len(html_two.images) > 0
+    if dist == "loadgroup":
+        # xdist shows ids with "@<model>" and sends each model's items to one worker; reports keep the plain ids.
+        ran = [line.split() for line in parallel.outlines if "PASSED" in line and line.startswith("[gw")]
+        workers = {}
+        for worker, *_, nodeid in ran:
+            assert nodeid.endswith("@" + nodeid.split("::")[0])
+            workers.setdefault(nodeid.split("::")[0], set()).add(worker)
+        assert set(workers) == {"lama_like.mnn", "multi_io.mnn"} and all(len(w) == 1 for w in workers.values())
+        assert not any("@" in nodeid for nodeid in two)
+        assert not any("normal" in nodeid for nodeid in two)
 
 
 def test_report_is_valid_json_even_with_infinities(pytester, models):

@@ -54,6 +54,9 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
         lines.append("")
         lines.append("fp16 weight risk (what --fp16 conversion of the reference model would lose):")
         lines.extend(f"  {risk.describe()}" for risk in result.weight_risks[:5])
+    if result.artifacts:
+        lines.append("")
+        lines.append(f"pictures:  {result.artifacts.get('error') or result.artifacts['folder']}")
     if reproduce:
         lines.append("")
         lines.append(f"reproduce: {reproduce}")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from .artifacts import ARTIFACT_MODES
 from .backends import DEFAULT_BACKENDS, PRECISIONS, canonical_backend, canonical_precision
 from .inputs import parse_input_shapes
 from .parity import LAYER_MODES
@@ -61,6 +62,12 @@ def add_options(parser: pytest.Parser) -> None:
            "parity (seeded by --hypothesis-seed, default --mnn-seed)", metavar="N")
     option("hypothesis-dir", "where the search saves minimal failing inputs as .npz (default: "
            ".pytest_cache/d/mnn-parity under the rootdir)", metavar="DIR")
+    option("artifacts", "write pictures (reference, target, error heatmap, zero/NaN mask, error histogram) of "
+           "failing outputs into this directory, one folder per item", metavar="DIR")
+    option("artifacts-when", "which outputs get pictures: on-failure (default: the failing outputs of failing "
+           "configurations) or always", metavar="MODE")
+    option("html", "write a self-contained HTML report (matrix, metrics, per-layer error curve, pictures) to this "
+           "path", metavar="PATH")
     group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
                     help="run only the generated parity items: do not collect test files")
 
@@ -85,6 +92,9 @@ class Options:
     hypothesis_dir_given: bool = False
     convert: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     convert_flags: tuple[str, ...] = ()
+    artifacts: Path | None = None
+    artifacts_when: str = "on-failure"
+    html: Path | None = None
     rootpath: Path = Path(".")
     invocation_dir: Path = Path(".")
 
@@ -143,6 +153,12 @@ class Options:
             convert_flags = parse_converter_flags(config.getini("mnn_convert_flags") or "")
         except ValueError as exc:
             raise pytest.UsageError(f"mnn_convert_flags: {exc}") from None
+        artifacts = get("artifacts")
+        artifacts_when = str(get("artifacts_when") or "on-failure").strip().lower()
+        if artifacts_when not in ARTIFACT_MODES:
+            raise pytest.UsageError(f"--mnn-artifacts-when: expected one of {', '.join(ARTIFACT_MODES)}, "
+                                    f"got {artifacts_when!r}")
+        html = get("html")
         return cls(
             input_sets=[p.strip() for chunk in _as_list(get("input_sets")) for p in chunk.split(",") if p.strip()],
             hypothesis=hypothesis,
@@ -162,6 +178,10 @@ class Options:
             report=Path(report) if report else None,
             layers=layers,
             only=bool(config.getoption("mnn_only")),
+            # Absolute, so every xdist worker writes into the same folder whatever its cwd.
+            artifacts=(config.invocation_params.dir / str(artifacts)).resolve() if artifacts else None,
+            artifacts_when=artifacts_when,
+            html=Path(html) if html else None,
             rootpath=config.rootpath,
             invocation_dir=config.invocation_params.dir,
         )
@@ -185,6 +205,10 @@ class Options:
             parts += [f"--mnn-{name.replace('_', '-')}", f"{value:g}"]
         if input_set is not None:
             parts += ["--mnn-input-sets", input_set]
+        if self.artifacts is not None:
+            parts += ["--mnn-artifacts", _shown_path(self.artifacts, self.invocation_dir)]
+            if self.artifacts_when != "on-failure":
+                parts += ["--mnn-artifacts-when", self.artifacts_when]
         return " ".join(shlex.quote(p) for p in parts)
 
     def settings_dict(self) -> dict[str, Any]:
@@ -193,7 +217,18 @@ class Options:
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
                 "input_sets": self.input_sets or None, "hypothesis": self.hypothesis,
                 "convert": self.convert, "convert_flags": list(self.convert_flags),
-                "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli}}
+                "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli},
+                "artifacts": (None if self.artifacts is None
+                              else {"dir": str(self.artifacts), "when": self.artifacts_when}),
+                "html": None if self.html is None else str(self.html)}
+
+
+def _shown_path(path: Path, base: Path) -> str:
+    """Relative to where pytest was started when it lies below it, so a reproduce line stays short."""
+    try:
+        return path.relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _cache_dir(config: pytest.Config) -> Path:

@@ -16,7 +16,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -48,6 +48,10 @@ class ParitySettings:
     # folder for this engine) and extra MNNConvert flags for every variant.
     convert_cache: str | None = None
     converter_flags: tuple[str, ...] = ()
+    # Called with (result, targets, references, layer_arrays) for every
+    # configuration whose outputs were judged, while the arrays exist (e.g.
+    # artifacts.ArtifactWriter); results never keep arrays themselves.
+    output_sink: Callable[..., None] | None = None
 
 
 LAYER_MODES = ("off", "on-failure", "always")
@@ -106,6 +110,8 @@ class ParityResult:
     input_detail: str = ""
     # A hypothesis search's summary (search items only), see ``search``.
     search: dict[str, Any] | None = None
+    # What an output_sink wrote (artifacts.ArtifactWriter: picture paths); None without one.
+    artifacts: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -341,6 +347,8 @@ class ParityEngine:
         mode = self.settings.layers
         if result.category in _TRACEABLE and (mode == "always" or (mode == "on-failure" and not result.passed)):
             self._trace(result, model, config, tol, inputs_a, input_set, layer_tolerances)
+        if self.settings.output_sink is not None:
+            self._to_sink(result, model, config, run_a.outputs, reference.outputs_a, inputs_a, input_set)
         if not result.passed:
             result.message = failure_message(result, model, reproduce=reproduce)
         return result
@@ -356,6 +364,20 @@ class ParityEngine:
         first = result.trace.first_divergent
         if first is not None:
             result.first_divergent_layer = first.as_dict()
+
+    def _to_sink(self, result: ParityResult, model: LoadedModel, config: RunConfig,
+                 targets: Mapping[str, np.ndarray], references: Mapping[str, np.ndarray],
+                 inputs: Mapping[str, np.ndarray], input_set: InputSet | None = None) -> None:
+        from .artifacts import capture_layers
+
+        def layer_arrays():
+            # Only on demand: it costs one more traced run of the target.
+            if result.trace is None:
+                return []
+            return capture_layers(result.trace, model, config, inputs,
+                                  self._reference_trace(model, inputs, input_set))
+
+        self.settings.output_sink(result, targets, references, layer_arrays)
 
     def _reference_trace(self, model: LoadedModel, inputs: Mapping[str, np.ndarray],
                          input_set: InputSet | None = None) -> ReferenceTrace:

@@ -8,12 +8,15 @@ import pytest
 
 from . import backends as backend_discovery
 from .input_items import SidecarSupport, xfail_outcome
+from . import scaleout
+from .artifacts import ArtifactWriter
+from .htmlreport import write_html
 from .items import PARITY_RUN, Case, ModelErrorItem, ModelFile, ParityItem, node_id_path
 from .model import ModelError, check_model_path, expand_model_args
 from .options import Options, add_options
 from .parity import ParityEngine, ParityResult, ParitySettings
 from .runner import RunConfig
-from .report import RECORD_FIELDS, build_report, matrix_lines, record, write_json_atomically
+from .report import RECORD_FIELDS, build_report, json_safe, matrix_lines, record, write_json_atomically
 from .variants import is_onnx
 from .verdict import Category
 
@@ -37,6 +40,14 @@ def pytest_configure(config: pytest.Config) -> None:
         _check_writable(options.report)
     if getattr(config, "cache", None) is not None:  # absent with -p no:cacheprovider: a temporary folder then
         run.engine.settings.convert_cache = str(config.cache.mkdir("mnn-parity-convert"))
+    scaleout.register_marker(config)
+    for flag, path in (("--mnn-html", options.html), ("--mnn-artifacts", options.artifacts)):
+        if path is not None:
+            _check_writable(path, flag)
+    if config.pluginmanager.hasplugin("html"):
+        from .html_extras import HtmlExtras
+
+        config.pluginmanager.register(HtmlExtras(options.artifacts), "mnn-parity-html-extras")
 
 
 def pytest_ignore_collect(collection_path, config: pytest.Config):
@@ -59,6 +70,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     report = yield
     data = item.config.stash[PARITY_RUN].record_for(item, report)
     if data is not None:
+        data["nodeid"] = scaleout.stable_nodeid(item)
         report.mnn_parity = data
     return report
 
@@ -76,12 +88,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
             terminalreporter.write_line(line)
     if run.options.report is not None and (run.active or run.records()):
         terminalreporter.write_line(f"MNN parity report: {run.options.report}")
+    if run.options.html is not None and run.active:
+        terminalreporter.write_line(f"MNN parity HTML: {run.options.html}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     if hasattr(session.config, "workerinput"):
         return  # xdist worker: the controller writes the report
     session.config.stash[PARITY_RUN].write_report()
+    session.config.stash[PARITY_RUN].write_html()
 
 
 class ParityRun:
@@ -89,9 +104,11 @@ class ParityRun:
 
     def __init__(self, options: Options):
         self.options = options
+        self.writer = None if options.artifacts is None else ArtifactWriter(options.artifacts, options.artifacts_when)
         self.engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
                                                   reference=options.reference, threads=options.threads,
-                                                  layers=options.layers, converter_flags=options.convert_flags))
+                                                  layers=options.layers, converter_flags=options.convert_flags,
+                                                  output_sink=self.writer))
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
@@ -113,6 +130,7 @@ class ParityRun:
             nodeid = node_id_path(target.path, session.config.rootpath)
             collector = ModelFile.from_parent(session, path=target.path, nodeid=nodeid)
             collector.error = error
+            collector.add_marker(scaleout.group_mark(nodeid))
             collected = list(collector.collect())
             collected += self.inputs.extra_items(collector, collected)
             # Tell the terminal (and any other listener) what was collected, as
@@ -140,6 +158,8 @@ class ParityRun:
         model = node_id_path(item.model_path, item.config.rootpath)
         checks = self.inputs.prepare(item)  # tolerance layers, input set; or a bad sidecar's error
         variant = item.case.variant
+        if self.writer is not None:
+            self.writer.label = scaleout.stable_nodeid(item)
         result = checks if isinstance(checks, ParityResult) else self.engine.check(
             item.model_path, config, variant=variant, reproduce=self.options.reproduce_command(
                 model, config.backend, config.precision, variant, input_set=item.case.input_set), **checks)
@@ -185,11 +205,19 @@ class ParityRun:
     def write_report(self) -> None:
         if self.options.report is None or not (self.active or self._records):
             return
+        write_json_atomically(self.options.report, self.report_data())
+
+    def report_data(self) -> dict[str, Any]:
         statuses = {name: {"available": s.available, "forward_type": s.forward_type, "reason": s.reason}
                     for name, s in backend_discovery.discover(self.options.backends).items()}
-        data = build_report(self.records(), mnn_version=_mnn_version(), settings=self.options.settings_dict(),
+        return build_report(self.records(), mnn_version=_mnn_version(), settings=self.options.settings_dict(),
                             backends=statuses)
-        write_json_atomically(self.options.report, data)
+
+    def write_html(self) -> None:
+        if self.options.html is None or not self.active:
+            return
+        # From the JSON form of the data, so a saved report renders the same page.
+        write_html(self.options.html, json_safe(self.report_data()), self.options.artifacts)
 
 
 def _error_record(item: ModelErrorItem, report) -> dict[str, Any]:
@@ -226,7 +254,7 @@ def _mnn_version() -> str:
     return mnn_version()
 
 
-def _check_writable(path) -> None:
+def _check_writable(path, flag: str = "--mnn-report") -> None:
     import os
     from pathlib import Path
 
@@ -234,4 +262,4 @@ def _check_writable(path) -> None:
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK):
-        raise pytest.UsageError(f"--mnn-report {path}: cannot write there ({parent} is not writable)")
+        raise pytest.UsageError(f"{flag} {path}: cannot write there ({parent} is not writable)")

@@ -19,7 +19,7 @@ SCHEMA = "pytest-mnn-parity/1"
 RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "arithmetic", "variant",
                  "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
-                 "seconds", "search")
+                 "seconds", "search", "artifacts")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -50,6 +50,7 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "rc": result.rc,
         "seconds": result.seconds,
         "search": getattr(result, "search", None),
+        "artifacts": result.artifacts,
     }
 
 
