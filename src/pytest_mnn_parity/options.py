@@ -15,7 +15,9 @@ import pytest
 
 from .backends import DEFAULT_BACKENDS, PRECISIONS, canonical_backend, canonical_precision
 from .inputs import parse_input_shapes
+from .apis import API_MODES, parse_api
 from .parity import LAYER_MODES
+from .stream import StreamSpec, parse_stream
 
 TOLERANCE_OPTIONS = {
     "atol": "absolute tolerance as a fraction of each output's largest |reference| value",
@@ -49,6 +51,12 @@ def add_options(parser: pytest.Parser) -> None:
     option("layers", "per-layer trace: off, on-failure (default: trace configurations whose outputs are wrong "
            "and name the first divergent layer) or always", metavar="MODE")
     option("report", "write the JSON report (schema pytest-mnn-parity/1) to this path", metavar="PATH")
+    option("api", f"MNN API that runs the models: {', '.join(API_MODES)} (default auto: the session API where a "
+           "session can run the model, the Module API where it cannot; both: the API is a matrix axis and the two "
+           "are compared)", metavar="MODE")
+    option("stream", "streaming model: feed state outputs back into inputs step by step, e.g. "
+           "\"h_out->h;steps=8\" (model=GLOB; limits it to some models); repeatable",
+           ini_type="linelist", action="append", default=None, metavar="SPEC")
     group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
                     help="run only the generated parity items: do not collect test files")
 
@@ -67,6 +75,8 @@ class Options:
     report: Path | None = None
     layers: str = "on-failure"
     only: bool = False
+    api: str = "auto"
+    streams: tuple[StreamSpec, ...] = ()
     rootpath: Path = Path(".")
     invocation_dir: Path = Path(".")
 
@@ -113,7 +123,14 @@ class Options:
         layers = str(get("layers") or "on-failure").strip().lower()
         if layers not in LAYER_MODES:
             raise pytest.UsageError(f"--mnn-layers: expected one of {', '.join(LAYER_MODES)}, got {layers!r}")
+        try:
+            api = parse_api(get("api") or "auto")
+            streams = tuple(parse_stream(text) for text in _as_list(get("stream") or []) if text.strip())
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
         return cls(
+            api=api,
+            streams=streams,
             models=[str(m) for m in _as_list(get("model") or [])],
             backends=listed("backends", DEFAULT_BACKENDS, canonical_backend),
             precisions=listed("precisions", PRECISIONS, canonical_precision),
@@ -130,10 +147,17 @@ class Options:
             invocation_dir=config.invocation_params.dir,
         )
 
-    def reproduce_command(self, model: str, backend: str, precision: str) -> str:
-        """A command that reruns exactly one configuration of one model."""
+    def reproduce_command(self, model: str, backend: str, precision: str, api: str | None = None) -> str:
+        """A command that reruns exactly one configuration of one model (of one API, with --mnn-api both)."""
         parts = ["pytest", "--mnn-only", "--mnn-model", model, "--mnn-backends", backend,
                  "--mnn-precisions", precision, "--mnn-seed", str(self.seed)]
+        if self.api != "auto":
+            parts += ["--mnn-api", self.api]
+        if self.api == "both" and api:
+            # Both APIs must run for the cross-API comparison; -k picks this item's report.
+            parts += ["-k", f"{api}-{backend}-{precision}"]
+        for spec in self.streams:
+            parts += ["--mnn-stream", spec.text()]
         if self.threads != 4:
             parts += ["--mnn-threads", str(self.threads)]
         if self.reference:
@@ -148,7 +172,8 @@ class Options:
 
     def settings_dict(self) -> dict[str, Any]:
         return {"backends": self.backends, "precisions": self.precisions, "reference": self.reference or "cpu",
-                "seed": self.seed, "threads": self.threads, "layers": self.layers,
+                "seed": self.seed, "threads": self.threads, "layers": self.layers, "api": self.api,
+                "streams": [spec.text() for spec in self.streams],
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
                 "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli}}
 

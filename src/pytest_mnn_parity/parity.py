@@ -42,6 +42,10 @@ class ParitySettings:
     # Per-layer tracing: "off", "on-failure" (trace a configuration whose
     # outputs are wrong) or "always".
     layers: str = "on-failure"
+    # Which MNN API runs the models: "auto", "session", "module" or "both" (see apis.py).
+    api: str = "auto"
+    # Streaming declarations (stream.StreamSpec): state outputs fed back into inputs, step by step.
+    streams: tuple = ()
 
 
 LAYER_MODES = ("off", "on-failure", "always")
@@ -53,10 +57,14 @@ _TRACEABLE = {Category.OK, Category.SHAPE_MISMATCH, Category.NON_FINITE, Categor
 class ReferenceRunError(ModelError):
     """The reference configuration itself could not run the model."""
 
-    def __init__(self, path: Path, run: RunOutput):
+    def __init__(self, path: Path, run: RunOutput, session_log: str = ""):
         self.run = run
-        super().__init__(path, f"the reference run failed: runSession returned {run.rc} ({error_name(run.rc)})",
-                         _runtime_hint(run), run.log)
+        super().__init__(path, f"the reference run failed: {_run_failure(run)}",
+                         _runtime_hint(run), session_log + run.log)
+
+
+class EmptyReferenceOutputs(ModelError):
+    """The reference run returned success but left outputs empty (shapes MNN could not compute)."""
 
 
 @dataclass
@@ -94,6 +102,17 @@ class ParityResult:
     trace: TraceResult | None = None
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
     weight_risks: list[WeightRisk] = field(default_factory=list)
+    # The MNN API that ran ("session" or "module") and why; see apis.py.
+    api: str | None = None
+    api_reason: str = ""
+    api_axis: bool = False
+    # What is known of the backend where it cannot be read back (Module API).
+    backend_note: str = ""
+    trace_note: str = ""
+    # --mnn-api both: a module item's outputs against the session API's.
+    cross_api: dict[str, Any] | None = None
+    # Streaming models: every step's judgement and the first failing step (stream.stream_record).
+    stream: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -117,10 +136,21 @@ class ParityEngine:
         self._inputs: dict[Path, tuple[dict, dict]] = {}
         self._reference_traces: dict[Path, ReferenceTrace] = {}
         self._fingerprints: dict[Path, str] = {}
+        from .apis import ApiSide  # noqa: PLC0415 - they use this module's types
+        from .stream import StreamSide  # noqa: PLC0415
+
+        self.apis = ApiSide(self)
+        self.streams = StreamSide(self)
 
     # -- models -----------------------------------------------------------------
-    def model(self, path: os.PathLike | str) -> LoadedModel:
-        """The loaded model, loading it once; a load failure is remembered and re-raised."""
+    def model(self, path: os.PathLike | str, api: str = "session") -> LoadedModel:
+        """The loaded model, loading it once; a load failure is remembered and re-raised.
+
+        ``api="module"`` gives the model loaded through MNN's Module API instead
+        (``module_runner.ModuleModel``, same interface).
+        """
+        if api == "module":
+            return self.apis.module(path)
         key = _key(path)
         cached = self._models.get(key)
         if cached is None:
@@ -142,6 +172,9 @@ class ParityEngine:
         self._inputs.pop(key, None)
         self._fingerprints.pop(key, None)
         self._references.pop(key, None)
+        self._references.pop((key, "module"), None)
+        self.apis.release(key)
+        self.streams.release(key)
         trace = self._reference_traces.pop(key, None)
         if trace is not None:
             trace.close()
@@ -164,6 +197,8 @@ class ParityEngine:
     # -- reference --------------------------------------------------------------
     def reference(self, model: LoadedModel) -> Reference:
         key = _key(model.path)
+        if _api(model) != "session":  # each API is compared against its own reference
+            key = (key, _api(model))
         cached = self._references.get(key)
         if cached is None:
             try:
@@ -178,24 +213,27 @@ class ParityEngine:
     def _compute_reference(self, model: LoadedModel) -> Reference:
         inputs_a, inputs_b = self.inputs(model)
         if self.settings.reference:
-            ref_model = self.model(self.settings.reference)
+            ref_model = self.model(self.settings.reference, _api(model))
             _check_same_interface(model, ref_model)
             description = f"{ref_model.path} on {REFERENCE_CONFIG.describe()}"
         else:
             ref_model = model
             description = f"same model on {REFERENCE_CONFIG.describe()}"
-        scanner = RiskScanner() if self.settings.layers != "off" else None
+        if _api(model) != "session":
+            description += f" ({_api(model)} API)"
+        # The activation scan needs per-op callbacks, which only sessions have.
+        scanner = RiskScanner() if self.settings.layers != "off" and _api(model) == "session" else None
         run_a = ref_model.run(REFERENCE_CONFIG, inputs_a, observer=scanner)
         run_b = ref_model.run(REFERENCE_CONFIG, inputs_b)
         for run in (run_a, run_b):
             if not run.ok:
-                raise ReferenceRunError(ref_model.path, run)
+                raise ReferenceRunError(ref_model.path, run, ref_model.session_backend(REFERENCE_CONFIG)[1])
             empty = [name for name, arr in run.outputs.items() if arr.size == 0]
             if empty:
-                raise ModelError(ref_model.path, f"the reference run produced empty outputs {empty}",
-                                 _runtime_hint(run), run.log)
+                raise EmptyReferenceOutputs(ref_model.path, f"the reference run produced empty outputs {empty}",
+                                            _runtime_hint(run), run.log)
         weight_risks = []
-        if scanner is not None:
+        if self.settings.layers != "off":
             try:
                 weight_risks = _without_repeats(fp16_weight_risks(ref_model.path,
                                                                   min_fraction=WEIGHT_RISK_MIN_FRACTION))
@@ -206,34 +244,43 @@ class ParityEngine:
     # -- the check --------------------------------------------------------------
     def check(self, model_path: os.PathLike | str, config: RunConfig,
               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-              reproduce: str = "") -> ParityResult:
+              reproduce: str = "", api: str | None = None) -> ParityResult:
+        """Run ``config`` and judge it.  ``api``: "session", "module" or "auto" (default: ``settings.api``)."""
         model_label = str(model_path)
         status = backends.discover([config.backend])[config.backend]
         if not status.available:
             return ParityResult(model_label, config, Category.BACKEND_UNAVAILABLE, status.reason,
                                 forward_type=status.forward_type)
+        choice = self.apis.resolve(model_path, api)
+        api_fields = {"api": choice.api, "api_reason": choice.reason, "api_axis": choice.axis}
         try:
-            model = self.model(model_path)
+            model = self.model(model_path, choice.api)
             reference = self.reference(model)
-        except ReferenceRunError as exc:
-            return self._check_without_reference(model, config, exc, reproduce)
+        except (ReferenceRunError, EmptyReferenceOutputs) as exc:
+            return self._check_without_reference(model, config, exc, reproduce, api_fields)
         except ModelError as exc:
-            return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log)
+            return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log, **api_fields)
         arithmetic = backends.probe_arithmetic(config.backend, config.precision)
         tol = resolve(config.backend, config.precision, *tolerance_layers, arithmetic=arithmetic.kind)
         inputs_a, inputs_b = self.inputs(model)
         input_set = f"seeded:{self.settings.seed}"
         forward, session_log = model.session_backend(config)
-        result = ParityResult(model_label, config, Category.OK, "", backends.forward_name(forward), forward, tol,
+        result = ParityResult(model_label, config, Category.OK, "", _backend_name(forward), forward, tol,
                               reference=reference.description, input_set=input_set, log=session_log,
                               fp16_risks=list(reference.fp16_risks), weight_risks=list(reference.weight_risks),
-                              arithmetic=arithmetic)
+                              arithmetic=arithmetic, **api_fields)
+        if choice.api == "module":
+            result.backend_note = model.backend_note(config)
         if model.falls_back(config):
             result.category = Category.BACKEND_FALLBACK
-            result.message = (f"{config.backend} was available at discovery but this session runs on "
+            runner = "this module" if choice.api == "module" else "this session"
+            result.message = (f"{config.backend} was available at discovery but {runner} runs on "
                               f"{backends.forward_name(forward)} (forward type {forward}): MNN fell back silently. "
                               f"MNN said: {_last_lines(session_log)}")
             return result
+        stream = self.streams.spec_for(model_path)
+        if stream is not None:
+            return self.streams.check(result, model, config, tol, stream, reproduce)
         run_a = model.run(config, inputs_a)
         run_b = model.run(config, inputs_b) if run_a.ok else run_a
         result.rc, result.seconds = run_a.rc if not run_a.ok else run_b.rc, run_a.seconds
@@ -242,11 +289,14 @@ class ParityEngine:
         if failed_run is not None:
             result.category = Category.RUNTIME_ERROR
             result.verdict = Verdict(Category.RUNTIME_ERROR)
-            result.message = failure_message(result, model, error=_runtime_error_text(failed_run), reproduce=reproduce)
+            result.message = failure_message(result, model, error=_runtime_error_text(failed_run, result.log),
+                                             reproduce=reproduce)
             return result
         result.verdict = judge_outputs(run_a.outputs, reference.outputs_a, tol,
                                        targets_b=run_b.outputs, references_b=reference.outputs_b)
         result.category = result.verdict.category
+        if choice.api == "module" and self.settings.api == "both":
+            self.apis.cross_check(result, model_path, config, tol, inputs_a, run_a.outputs)
         result.input_set = f"{input_set} ({self._fingerprint(model)})"
         mode = self.settings.layers
         if result.category in _TRACEABLE and (mode == "always" or (mode == "on-failure" and not result.passed)):
@@ -257,6 +307,16 @@ class ParityEngine:
 
     def _trace(self, result: ParityResult, model: LoadedModel, config: RunConfig, tol: Tolerance,
                inputs: Mapping[str, np.ndarray]) -> None:
+        if _api(model) == "module":
+            from .apis import NO_TRACE, TRACE_VIA_SESSION  # noqa: PLC0415
+
+            session = self.apis.session_for_trace(model.path)
+            if session is None:
+                result.trace_note = NO_TRACE
+                return
+            self._trace(result, session, config, tol, inputs)
+            result.trace.method = TRACE_VIA_SESSION
+            return
         reference = self._reference_trace(model, inputs)
         result.trace = trace_target(reference, model, config, inputs, tol)
         first = result.trace.first_divergent
@@ -273,20 +333,33 @@ class ParityEngine:
         return self._reference_traces[key]
 
 
-    def _check_without_reference(self, model: LoadedModel, config: RunConfig, exc: ReferenceRunError,
-                                 reproduce: str) -> ParityResult:
+    def _check_without_reference(self, model: LoadedModel, config: RunConfig, exc: ModelError,
+                                 reproduce: str, api_fields: Mapping[str, Any] | None = None) -> ParityResult:
         """The reference cannot run the model: if the target cannot either, that is the finding."""
         forward, session_log = model.session_backend(config)
         run = model.run(config, self.inputs(model)[0])
-        result = ParityResult(str(model.path), config, Category.MODEL_ERROR, str(exc), backends.forward_name(forward),
+        result = ParityResult(str(model.path), config, Category.MODEL_ERROR, str(exc), _backend_name(forward),
                               forward, resolve(config.backend, config.precision), rc=run.rc,
                               reference="unavailable: " + exc.reason, input_set=f"seeded:{self.settings.seed}",
-                              log=session_log + exc.log + run.log)
-        if not run.ok:
+                              log=session_log + exc.log + run.log, **(api_fields or {}))
+        empty = [name for name, arr in run.outputs.items() if arr.size == 0]
+        if not run.ok or empty:
             result.category = Category.RUNTIME_ERROR
             result.verdict = Verdict(Category.RUNTIME_ERROR)
-            result.message = failure_message(result, model, error=_runtime_error_text(run), reproduce=reproduce)
+            error = (_runtime_error_text(run, result.log) if not run.ok else
+                     f"outputs {empty} came back empty (not judged).\n  MNN said: {_mnn_said(result.log)}\n"
+                     f"  hint: {_runtime_hint(run)}")
+            result.message = failure_message(result, model, error=error, reproduce=reproduce)
         return result
+
+
+def _api(model) -> str:
+    return getattr(model, "api", "session")
+
+
+def _backend_name(forward: int | None) -> str | None:
+    # None: the Module API, which cannot read back its backend (see module_runner).
+    return None if forward is None else backends.forward_name(forward)
 
 
 def _without_repeats(risks: list[WeightRisk]) -> list[WeightRisk]:
@@ -328,13 +401,31 @@ def _last_lines(log: str, n: int = 3) -> str:
 
 
 def _runtime_hint(run: RunOutput) -> str:
+    if getattr(run, "failure", ""):  # the Module API already handles control flow
+        if run.rc == 3 or "Compute Shape Error" in run.log:
+            return "MNN could not compute the output shapes: check the input shapes (--mnn-input-shape)"
+        return "see MNN's log above"
     if run.rc == 3 or "Compute Shape Error" in run.log or "not resized" in run.log:
         return ("MNN could not compute the output shapes. A model with control flow (ONNX If/Loop, or an LSTM "
-                "converted to While) cannot run in a session: use the Module API (MNN.nn.load_module_from_file) "
-                "or re-convert with --useOriginRNNImpl; a dynamic input needs --mnn-input-shape")
+                "converted to While) cannot run in a session: use the Module API (--mnn-api auto or module; "
+                "MNN.nn.load_module_from_file) or re-convert with --useOriginRNNImpl; a dynamic input needs "
+                "--mnn-input-shape")
     return "see MNN's log above"
 
 
-def _runtime_error_text(run: RunOutput) -> str:
-    return (f"runSession returned {run.rc} ({error_name(run.rc)}); outputs were not read (MNN leaves stale data "
-            f"after a failed run).\n  MNN said: {_last_lines(run.log, 4)}\n  hint: {_runtime_hint(run)}")
+def _run_failure(run: RunOutput) -> str:
+    """What failed, in the terms of the API that ran it."""
+    return getattr(run, "failure", "") or f"runSession returned {run.rc} ({error_name(run.rc)})"
+
+
+def _mnn_said(log: str, n: int = 4) -> str:
+    """MNN's error lines first (``Compute Shape Error for out`` is printed at resize, before the run)."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if "rror" in line]
+    chosen = list(dict.fromkeys(errors[:2] + lines[-(n - min(2, len(errors))):])) if lines else []
+    return " | ".join(chosen) if chosen else "(nothing)"
+
+
+def _runtime_error_text(run: RunOutput, log: str = "") -> str:
+    return (f"{_run_failure(run)}; outputs were not read (MNN leaves stale data "
+            f"after a failed run).\n  MNN said: {_mnn_said(log or run.log)}\n  hint: {_runtime_hint(run)}")

@@ -84,7 +84,8 @@ class ParityRun:
         self.options = options
         self.engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
                                                   reference=options.reference, threads=options.threads,
-                                                  layers=options.layers))
+                                                  layers=options.layers, api=options.api,
+                                                  streams=options.streams))
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
@@ -113,8 +114,9 @@ class ParityRun:
 
     def cases(self, model_path) -> list[Case]:
         """Every item to generate for one model, in a stable order."""
-        return [Case(RunConfig(backend, precision, self.options.threads))
-                for backend in self.options.backends for precision in self.options.precisions]
+        apis = ["session", "module"] if self.options.api == "both" else [None]
+        return [Case(RunConfig(backend, precision, self.options.threads), api=api)
+                for api in apis for backend in self.options.backends for precision in self.options.precisions]
 
     def backend_status(self, backend: str):
         return backend_discovery.discover([backend])[backend]
@@ -127,8 +129,9 @@ class ParityRun:
         config = item.run_config
         model = node_id_path(item.model_path, item.config.rootpath)
         layers = [("ini", self.options.tolerance_ini), ("command line", self.options.tolerance_cli)]
-        result = self.engine.check(item.model_path, config, layers,
-                                   reproduce=self.options.reproduce_command(model, config.backend, config.precision))
+        result = self.engine.check(item.model_path, config, layers, api=item.case.api,
+                                   reproduce=self.options.reproduce_command(model, config.backend, config.precision,
+                                                                            item.case.api))
         result.model = model
         for name, value in _junit_properties(result):
             item.user_properties.append((name, value))
@@ -150,7 +153,8 @@ class ParityRun:
             return None
         if report.when == "setup" and report.skipped and item.result is None:
             result = ParityResult(node_id_path(item.model_path, item.config.rootpath), item.run_config,
-                                  Category.BACKEND_UNAVAILABLE, _skip_reason(report))
+                                  Category.BACKEND_UNAVAILABLE, _skip_reason(report), api=item.case.api,
+                                  api_axis=item.case.api is not None)
             return record(item.nodeid, result, "skipped")
         if item.result is None:
             return None
@@ -195,6 +199,8 @@ def _skip_reason(report) -> str:
 def _junit_properties(result: ParityResult):
     yield "mnn_category", result.category.value
     yield "mnn_backend_used", str(result.backend_used)
+    if result.api is not None:
+        yield "mnn_api", result.api
     if result.tolerance is not None:
         yield "mnn_tier", result.tolerance.tier
     if result.verdict is not None:

@@ -19,7 +19,7 @@ SCHEMA = "pytest-mnn-parity/1"
 RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "arithmetic", "variant",
                  "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
-                 "seconds")
+                 "seconds", "api", "api_reason", "api_axis", "backend_note", "cross_api", "stream")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -49,6 +49,12 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "fp16_weight_risks": [risk.as_dict() for risk in result.weight_risks],
         "rc": result.rc,
         "seconds": result.seconds,
+        "api": result.api,
+        "api_reason": result.api_reason,
+        "api_axis": result.api_axis,
+        "backend_note": result.backend_note,
+        "cross_api": result.cross_api,
+        "stream": result.stream,
     }
 
 
@@ -148,14 +154,20 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
 
 def _column(rec: dict[str, Any]) -> str:
     # A model that never loaded has no configuration: it gets a column of its own.
-    return f"{rec['backend']}-{rec['precision']}" if rec.get("backend") else "load"
+    if not rec.get("backend"):
+        return "load"
+    # --mnn-api both: the API is an axis of the matrix, as in the item ids.
+    api = f"{rec['api']}-" if rec.get("api_axis") and rec.get("api") else ""
+    return f"{api}{rec['backend']}-{rec['precision']}"
 
 
 def _cell(rec: dict[str, Any]) -> str:
     status = {"passed": "PASS", "failed": "FAIL", "error": "ERROR"}.get(rec["outcome"], rec["outcome"].upper())
     detail = rec["category"] if rec["category"] != "ok" else ""
     metric = key_metric(rec)
-    return " ".join(part for part in (status, detail, metric) if part)
+    # Say where auto chose the Module API, so a column never hides which API ran.
+    api = "(module)" if rec.get("api") == "module" and not rec.get("api_axis") else ""
+    return " ".join(part for part in (status, api, detail, metric) if part)
 
 
 def risk_lines(records: list[dict[str, Any]]) -> list[str]:

@@ -31,6 +31,8 @@ class Category(str, Enum):
     CONSTANT_OUTPUT = "constant_output"
     STALE_OUTPUT = "stale_output"
     MISMATCH = "mismatch"
+    # --mnn-api both: the Module API's outputs disagree with the session API's.
+    API_MISMATCH = "api_mismatch"
 
     def __str__(self) -> str:
         return self.value
@@ -40,7 +42,7 @@ class Category(str, Enum):
 CATEGORY_ORDER = [
     Category.MODEL_ERROR, Category.BACKEND_UNAVAILABLE, Category.BACKEND_FALLBACK, Category.RUNTIME_ERROR,
     Category.SHAPE_MISMATCH, Category.NON_FINITE, Category.ZERO_OUTPUT, Category.PARTIAL_ZERO,
-    Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH, Category.OK,
+    Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH, Category.API_MISMATCH, Category.OK,
 ]
 
 
@@ -106,8 +108,14 @@ def judge_output(name: str, target: np.ndarray, reference: np.ndarray, tol: Tole
         return OutputVerdict(name, Category.RUNTIME_ERROR, None,
                              f"output is an empty tensor {target.shape}; the reference has shape {reference.shape}")
     if target.shape != reference.shape:
+        dtypes = f" (and dtype {target.dtype} vs {reference.dtype})" if target.dtype != reference.dtype else ""
         return OutputVerdict(name, Category.SHAPE_MISMATCH, None,
-                             f"shape {target.shape} but the reference has {reference.shape}")
+                             f"shape {target.shape} but the reference has {reference.shape}{dtypes}")
+    if target.dtype != reference.dtype:
+        # An int output where the reference is float (or the reverse) is a different
+        # interface even when the numbers would compare equal.
+        return OutputVerdict(name, Category.SHAPE_MISMATCH, None,
+                             f"dtype {target.dtype} but the reference has {reference.dtype} (shape {target.shape})")
     m = compare(target, reference, atol=tol.atol, rtol=tol.rtol)
     stale_m = None
     stale = False
