@@ -100,3 +100,20 @@ def test_lstm_while_and_origin_builds_under_auto_junit(pytester, models):
     apis = {case.get("classname"): {p.get("name"): p.get("value") for p in case.iter("property")}["mnn_api"]
             for case in ET.parse(pytester.path / "j.xml").iter("testcase")}
     assert apis == {"lstm_while.mnn": "module", "lstm_origin.mnn": "session"}
+
+
+@pytest.mark.parametrize("api", ["session", "module"])
+def test_shape_and_dtype_mismatch_are_named_with_both_sides(pytester, models, api):
+    models("interface/conv_out.mnn", "interface/conv_out_flat.mnn", "interface/conv_out_int.mnn")
+    result = pytester.runpytest(*CPU_HIGH, "--mnn-model", "conv_out_flat.mnn", "--mnn-model", "conv_out_int.mnn",
+                                "--mnn-reference", "conv_out.mnn", "--mnn-api", api, "--mnn-report", "r.json")
+    result.assert_outcomes(failed=2)
+    by_id = results_by_nodeid(read_report(pytester.path / "r.json"))
+    flat = by_id["conv_out_flat.mnn::parity[CPU-high]"]["outputs"]["out"]
+    assert flat["category"] == "shape_mismatch"
+    assert flat["detail"] == "shape (1, 256) but the reference has (1, 4, 8, 8)" and "max_abs" not in flat
+    cast = by_id["conv_out_int.mnn::parity[CPU-high]"]["outputs"]["out"]
+    assert cast["category"] == "shape_mismatch"
+    assert cast["detail"] == "dtype int32 but the reference has float32 (shape (1, 4, 8, 8))"
+    result.stdout.fnmatch_lines(["model*CPU-high", "conv_out_flat.mnn*FAIL*shape_mismatch*",
+                                 "conv_out_int.mnn*FAIL*shape_mismatch*"])

@@ -19,7 +19,7 @@ STATE = "h_out->h;steps=10"
 
 # -- the declaration -------------------------------------------------------------------------
 
-_NAME = st.text(alphabet=st.characters(whitelist_categories=("L", "N"), whitelist_characters="_./:"),
+_NAME = st.text(alphabet=st.characters(whitelist_categories=("L", "N"), whitelist_characters="_./:-"),
                 min_size=1, max_size=12)
 
 
