@@ -12,6 +12,10 @@ from pytest_mnn_parity.mnn_import import mnn
 # pytester's in-process runs drop modules first imported inside them; pymnn's C
 # code looks MNN up in sys.modules, so MNN must be imported before any run.
 mnn()
+# The same for onnx and onnxruntime: importing their protobuf extensions a second
+# time in one process aborts it (duplicate descriptor registration).
+import onnx  # noqa: E402,F401
+import onnxruntime  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"

@@ -176,9 +176,9 @@ def test_module_items_are_traced_through_the_session_api_where_it_runs():
     engine = ParityEngine(ParitySettings(api="module", reference=str(COLLAPSE / "zero.mnn")))
     result = engine.check(COLLAPSE / "zero.fp16.mnn", RunConfig("CPU", "high"))
     assert result.category is Category.ZERO_OUTPUT
-    assert result.trace.method == TRACE_VIA_SESSION
+    assert result.trace.method.startswith(TRACE_VIA_SESSION + ": MNN session per-op callbacks")
     assert result.first_divergent_layer["name"] == "tiny_conv"
-    assert "session API per-op callbacks on the same configuration" in result.message
+    assert "through the session API on the same configuration" in result.message
 
 
 def test_module_items_say_they_are_not_traced_where_no_session_runs():
@@ -207,12 +207,22 @@ def test_wrong_shape_or_dtype_is_a_shape_mismatch_even_when_values_look_right(ap
     np.testing.assert_allclose(got.reshape(want.shape).astype(np.float32), want, atol=1.0)
 
 
-@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.float64])
-def test_judge_output_refuses_another_dtype_before_comparing_values(dtype):
-    reference = np.arange(12, dtype=np.float32).reshape(3, 4)
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_])
+def test_judge_output_refuses_an_int_output_for_a_float_reference_before_comparing_values(dtype):
+    reference = np.arange(12, dtype=np.float32).reshape(3, 4) % 2
     verdict = judge_output("y", reference.astype(dtype), reference, TIERS["fp32"])
     assert verdict.category is Category.SHAPE_MISMATCH and verdict.metrics is None
     assert f"dtype {np.dtype(dtype)} but the reference has float32" in verdict.detail
+    back = judge_output("y", reference, reference.astype(dtype), TIERS["fp32"])
+    assert back.category is Category.SHAPE_MISMATCH and "but the reference has" in back.detail
+
+
+@pytest.mark.parametrize(("target", "reference"), [(np.int32, np.int64), (np.float32, np.float64)])
+def test_judge_output_does_not_refuse_mnns_narrower_storage(target, reference):
+    """MNN stores int64 as int32 and float64 as float32 where ONNX Runtime keeps them: same values, same verdict."""
+    values = np.arange(12).reshape(3, 4)
+    verdict = judge_output("y", values.astype(target), values.astype(reference), TIERS["fp32"])
+    assert verdict.category is Category.OK and verdict.metrics.max_abs == 0
 
 
 # -- the Module runner's own edges -----------------------------------------------------------

@@ -35,8 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .tolerances import Tolerance
 
 API_MODES = ("auto", "session", "module", "both")
-TRACE_VIA_SESSION = ("session API per-op callbacks on the same configuration (pymnn has no per-op callbacks "
-                     "for the Module API); ops matched by name and occurrence")
+TRACE_VIA_SESSION = ("through the session API on the same configuration, as pymnn has no per-op callbacks for "
+                     "the Module API")
 NO_TRACE = ("not traced: pymnn has no per-op callbacks for the Module API, and the session API cannot run "
             "this model")
 
@@ -73,7 +73,8 @@ class ApiSide:
         cached = self._modules.get(key)
         if cached is None:
             try:
-                cached = ModuleModel(path, self.engine.settings.input_shapes)
+                shapes, sources = self.engine._shapes_for(key)  # --mnn-input-shape and a sidecar's [shapes]
+                cached = ModuleModel(path, shapes, shape_sources=sources)
             except ModelError as exc:
                 cached = exc
             self._modules[key] = cached

@@ -22,6 +22,8 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
     config = result.config
     lines = [_headline(result, error)]
     lines.append(f"model:     {model.path} (sha256 {model.info.sha256[:12]})")
+    if result.conversion:
+        lines.append(f"converted: {result.conversion}")
     used = result.backend_used or "?"
     where = f"{used} (forward type {result.forward_type})"
     if result.api == "module" and result.forward_type is None:
@@ -36,6 +38,8 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
         lines.append(f"tolerance: {result.tolerance.describe()}")
     lines.append("inputs:    " + result.input_set + " - " +
                  ", ".join(f"{s.name} {'x'.join(map(str, model.shapes[s.name]))} {s.dtype}" for s in model.info.inputs))
+    if getattr(result, "input_detail", ""):
+        lines.append("input set: " + result.input_detail)
     if error:
         lines.append("error:     " + error)
     if result.stream:
@@ -75,8 +79,10 @@ def trace_lines(result: "ParityResult") -> list[str]:
     first = trace.first_divergent
     unmatched = len(trace.unmatched_target) + len(trace.unmatched_reference)
     lines = [f"layers:    {trace.compared} compared ({trace.method}); {unmatched} without a counterpart"]
+    lines.extend(f"note:      {note}" for note in getattr(trace, "notes", ()))
     if first is None:
-        lines.append("first divergent layer: none - every traced layer is within tolerance")
+        why = "see the notes above" if getattr(trace, "notes", None) else "every traced layer is within tolerance"
+        lines.append(f"first divergent layer: none - {why}")
         return lines
     blame = "its inputs were within tolerance" if first.inputs_ok else "its inputs had already diverged"
     health = f" [{', '.join(first.health)}]" if first.health else ""

@@ -93,6 +93,8 @@ class ModuleModel:
 
     path: Path
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # Where a shape came from, per input (a sidecar's [shapes]), as for LoadedModel.
+    shape_sources: Mapping[str, str] = field(default_factory=dict)
     api = API_MODULE
 
     def __post_init__(self):

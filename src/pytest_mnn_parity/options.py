@@ -18,6 +18,7 @@ from .inputs import parse_input_shapes
 from .apis import API_MODES, parse_api
 from .parity import LAYER_MODES
 from .stream import StreamSpec, parse_stream
+from .variants import DEFAULT_VARIANTS, parse_converter_flags, parse_variants
 
 TOLERANCE_OPTIONS = {
     "atol": "absolute tolerance as a fraction of each output's largest |reference| value",
@@ -34,13 +35,18 @@ def add_options(parser: pytest.Parser) -> None:
         group.addoption(f"--mnn-{name}", dest=f"mnn_{name.replace('-', '_')}", help=help, **kwargs)
         parser.addini(f"mnn_{name.replace('-', '_')}", help, type=ini_type)
 
-    option("model", "an .mnn file, a directory (every *.mnn below it) or a glob; repeatable",
+    option("model", "an .mnn or .onnx file, a directory (every *.mnn and *.onnx below it) or a glob; repeatable",
            ini_type="args", action="append", default=None, metavar="PATH")
     option("backends", f"comma-separated backends to test (default: {','.join(DEFAULT_BACKENDS)})",
            metavar="LIST")
     option("precisions", f"comma-separated precisions (default: {','.join(PRECISIONS)})", metavar="LIST")
     option("reference", "what outputs are compared against: 'cpu' (default: the same model on CPU, high "
-           "precision, 1 thread) or another .mnn file with the same inputs and outputs", metavar="REF")
+           "precision, 1 thread; ONNX Runtime for an .onnx model), another .mnn file with the same inputs and "
+           "outputs, or an .onnx file run by ONNX Runtime", metavar="REF")
+    option("convert", f"conversion variants tested for each .onnx model: comma-separated from fp32, fp16, int8 "
+           f"(default {','.join(DEFAULT_VARIANTS)})", metavar="LIST")
+    parser.addini("mnn_convert_flags", "extra MNNConvert flags for every conversion variant of an .onnx model, "
+                  "e.g. --keepInputFormat", type="string")
     option("seed", "seed for the generated inputs (default 0)", metavar="INT")
     option("input-shape", "shape for an input, e.g. image=1x3x512x512 (needed for dynamic dimensions); repeatable",
            ini_type="linelist", action="append", default=None, metavar="NAME=SHAPE")
@@ -51,6 +57,12 @@ def add_options(parser: pytest.Parser) -> None:
     option("layers", "per-layer trace: off, on-failure (default: trace configurations whose outputs are wrong "
            "and name the first divergent layer) or always", metavar="MODE")
     option("report", "write the JSON report (schema pytest-mnn-parity/1) to this path", metavar="PATH")
+    option("input-sets", "comma-separated names of the sidecar input sets to run (default: all declared)",
+           metavar="LIST")
+    option("hypothesis", "also search, per configuration, up to N hypothesis examples for an input that breaks "
+           "parity (seeded by --hypothesis-seed, default --mnn-seed)", metavar="N")
+    option("hypothesis-dir", "where the search saves minimal failing inputs as .npz (default: "
+           ".pytest_cache/d/mnn-parity under the rootdir)", metavar="DIR")
     option("api", f"MNN API that runs the models: {', '.join(API_MODES)} (default auto: the session API where a "
            "session can run the model, the Module API where it cannot; both: the API is a matrix axis and the two "
            "are compared)", metavar="MODE")
@@ -75,6 +87,12 @@ class Options:
     report: Path | None = None
     layers: str = "on-failure"
     only: bool = False
+    input_sets: list[str] = field(default_factory=list)
+    hypothesis: int = 0
+    hypothesis_dir: Path | None = None
+    hypothesis_dir_given: bool = False
+    convert: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    convert_flags: tuple[str, ...] = ()
     api: str = "auto"
     streams: tuple[StreamSpec, ...] = ()
     rootpath: Path = Path(".")
@@ -123,6 +141,18 @@ class Options:
         layers = str(get("layers") or "on-failure").strip().lower()
         if layers not in LAYER_MODES:
             raise pytest.UsageError(f"--mnn-layers: expected one of {', '.join(LAYER_MODES)}, got {layers!r}")
+        hypothesis = number("hypothesis", int, 0)
+        if hypothesis < 0:
+            raise pytest.UsageError("--mnn-hypothesis must be 0 (off) or a number of examples")
+        hypothesis_dir = get("hypothesis_dir")
+        try:
+            convert = parse_variants(_as_list(get("convert") or list(DEFAULT_VARIANTS)))
+        except ValueError as exc:
+            raise pytest.UsageError(f"--mnn-convert: {exc}") from None
+        try:
+            convert_flags = parse_converter_flags(config.getini("mnn_convert_flags") or "")
+        except ValueError as exc:
+            raise pytest.UsageError(f"mnn_convert_flags: {exc}") from None
         try:
             api = parse_api(get("api") or "auto")
             streams = tuple(parse_stream(text) for text in _as_list(get("stream") or []) if text.strip())
@@ -131,6 +161,12 @@ class Options:
         return cls(
             api=api,
             streams=streams,
+            input_sets=[p.strip() for chunk in _as_list(get("input_sets")) for p in chunk.split(",") if p.strip()],
+            hypothesis=hypothesis,
+            hypothesis_dir=Path(hypothesis_dir) if hypothesis_dir else _cache_dir(config) / "d" / "mnn-parity",
+            hypothesis_dir_given=bool(hypothesis_dir),
+            convert=convert,
+            convert_flags=convert_flags,
             models=[str(m) for m in _as_list(get("model") or [])],
             backends=listed("backends", DEFAULT_BACKENDS, canonical_backend),
             precisions=listed("precisions", PRECISIONS, canonical_precision),
@@ -147,15 +183,18 @@ class Options:
             invocation_dir=config.invocation_params.dir,
         )
 
-    def reproduce_command(self, model: str, backend: str, precision: str, api: str | None = None) -> str:
-        """A command that reruns exactly one configuration of one model (of one API, with --mnn-api both)."""
+    def reproduce_command(self, model: str, backend: str, precision: str, variant: str | None = None,
+                          input_set: str | None = None, api: str | None = None) -> str:
+        """A command that reruns exactly one configuration of one model (conversion variant, input set, API)."""
         parts = ["pytest", "--mnn-only", "--mnn-model", model, "--mnn-backends", backend,
                  "--mnn-precisions", precision, "--mnn-seed", str(self.seed)]
+        if variant is not None:
+            parts += ["--mnn-convert", variant]
         if self.api != "auto":
             parts += ["--mnn-api", self.api]
         if self.api == "both" and api:
-            # Both APIs must run for the cross-API comparison; -k picks this item's report.
-            parts += ["-k", f"{api}-{backend}-{precision}"]
+            # Both APIs must run for the cross-API comparison; -k picks this item by its id.
+            parts += ["-k", "-".join(p for p in (api, variant, input_set, f"{backend}-{precision}") if p)]
         for spec in self.streams:
             parts += ["--mnn-stream", spec.text()]
         if self.threads != 4:
@@ -168,6 +207,8 @@ class Options:
             parts += ["--mnn-input-shape", f"{name}={'x'.join(map(str, dims))}"]
         for name, value in self.tolerance_cli.items():
             parts += [f"--mnn-{name.replace('_', '-')}", f"{value:g}"]
+        if input_set is not None:
+            parts += ["--mnn-input-sets", input_set]
         return " ".join(shlex.quote(p) for p in parts)
 
     def settings_dict(self) -> dict[str, Any]:
@@ -175,7 +216,18 @@ class Options:
                 "seed": self.seed, "threads": self.threads, "layers": self.layers, "api": self.api,
                 "streams": [spec.text() for spec in self.streams],
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+                "input_sets": self.input_sets or None, "hypothesis": self.hypothesis,
+                "convert": self.convert, "convert_flags": list(self.convert_flags),
                 "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli}}
+
+
+def _cache_dir(config: pytest.Config) -> Path:
+    """pytest's cache folder (``cache_dir``), also when the cacheprovider plugin is off."""
+    try:
+        name = config.getini("cache_dir") or ".pytest_cache"
+    except ValueError:  # -p no:cacheprovider: the ini key is not registered
+        name = ".pytest_cache"
+    return config.rootpath / name
 
 
 def _as_list(value) -> list[str]:

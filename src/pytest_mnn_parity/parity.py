@@ -22,12 +22,14 @@ import numpy as np
 
 from . import backends
 from .explain import failure_message
+from .input_sets import InputSet
 from .inputs import fingerprint, generate_inputs
 from .model import ModelError
 from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig, RunOutput, error_name
 from .tolerances import Tolerance, resolve
 from .weights import WeightRisk, fp16_weight_risks
 from .trace import ActivationRisk, ReferenceTrace, RiskScanner, TraceResult, record_reference, trace_target
+from .variants import is_onnx
 from .verdict import Category, Verdict, judge_outputs
 
 
@@ -42,6 +44,10 @@ class ParitySettings:
     # Per-layer tracing: "off", "on-failure" (trace a configuration whose
     # outputs are wrong) or "always".
     layers: str = "on-failure"
+    # ONNX models: where converted variants are cached (None: a temporary
+    # folder for this engine) and extra MNNConvert flags for every variant.
+    convert_cache: str | None = None
+    converter_flags: tuple[str, ...] = ()
     # Which MNN API runs the models: "auto", "session", "module" or "both" (see apis.py).
     api: str = "auto"
     # Streaming declarations (stream.StreamSpec): state outputs fed back into inputs, step by step.
@@ -102,6 +108,12 @@ class ParityResult:
     trace: TraceResult | None = None
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
     weight_risks: list[WeightRisk] = field(default_factory=list)
+    # How the tested .mnn was made from an ONNX model ("" for a given .mnn).
+    conversion: str = ""
+    # Where a named input set's arrays came from (files, generators), for the message.
+    input_detail: str = ""
+    # A hypothesis search's summary (search items only), see ``search``.
+    search: dict[str, Any] | None = None
     # The MNN API that ran ("session" or "module") and why; see apis.py.
     api: str | None = None
     api_reason: str = ""
@@ -136,9 +148,13 @@ class ParityEngine:
         self._inputs: dict[Path, tuple[dict, dict]] = {}
         self._reference_traces: dict[Path, ReferenceTrace] = {}
         self._fingerprints: dict[Path, str] = {}
-        from .apis import ApiSide  # noqa: PLC0415 - they use this module's types
+        # Per-model input shapes (from a sidecar) and where each came from.
+        self._model_shapes: dict[Path, tuple[dict[str, tuple[int, ...]], str]] = {}
+        from .onnx_engine import OnnxSide  # noqa: PLC0415 - it uses this module's types
+        from .apis import ApiSide  # noqa: PLC0415
         from .stream import StreamSide  # noqa: PLC0415
 
+        self.onnx = OnnxSide(self)
         self.apis = ApiSide(self)
         self.streams = StreamSide(self)
 
@@ -155,7 +171,8 @@ class ParityEngine:
         cached = self._models.get(key)
         if cached is None:
             try:
-                cached = LoadedModel(Path(path), self.settings.input_shapes)
+                shapes, sources = self._shapes_for(key)
+                cached = LoadedModel(Path(path), shapes, shape_sources=sources)
             except ModelError as exc:
                 cached = exc
             self._models[key] = cached
@@ -166,43 +183,74 @@ class ParityEngine:
     def release(self, path: os.PathLike | str) -> None:
         """Free a model's interpreter and sessions (MNN frees sessions with the interpreter only)."""
         key = _key(path)
+        for converted in self.onnx.release(key):
+            self.release(converted)
         model = self._models.pop(key, None)
         if isinstance(model, LoadedModel):
             model.close()
-        self._inputs.pop(key, None)
-        self._fingerprints.pop(key, None)
-        self._references.pop(key, None)
-        self._references.pop((key, "module"), None)
+        for cache in (self._inputs, self._fingerprints, self._references, self._reference_traces):
+            for cached in [k for k in cache if k == key or (isinstance(k, tuple) and k[0] == key)]:
+                value = cache.pop(cached)
+                if isinstance(value, ReferenceTrace):
+                    value.close()
         self.apis.release(key)
         self.streams.release(key)
-        trace = self._reference_traces.pop(key, None)
-        if trace is not None:
-            trace.close()
 
-    def inputs(self, model: LoadedModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Input sets A (seed) and B (seed + 1): B exists to catch outputs that do not recompute."""
-        key = _key(model.path)
+    def set_input_shapes(self, path: os.PathLike | str, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+        """Shapes for one model (a sidecar's [shapes]); ``--mnn-input-shape`` still wins per input."""
+        key = _key(path)
+        if self._model_shapes.get(key) != (dict(shapes), source):
+            self.release(path)
+            self._model_shapes[key] = (dict(shapes), source)
+
+    def _shapes_for(self, key: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+        converted_from = self.onnx.source_of(key)  # a conversion uses its ONNX model's shapes
+        own, source = self._model_shapes.get(key) or self._model_shapes.get(
+            _key(converted_from) if converted_from is not None else key, ({}, ""))
+        shapes = {**own, **self.settings.input_shapes}
+        return shapes, {name: f"{source} {name}" for name in own if name not in self.settings.input_shapes}
+
+    def reference_model(self, model: LoadedModel) -> LoadedModel:
+        """The model the reference runs: ``model`` itself, or ``--mnn-reference`` with the same input shapes
+        (on the same MNN API as ``model``)."""
+        if not self.settings.reference:
+            return model
+        own = self._model_shapes.get(_key(model.path))
+        if own is not None and _key(self.settings.reference) not in self._model_shapes:
+            self._model_shapes[_key(self.settings.reference)] = own
+        return self.model(self.settings.reference, _api(model))
+
+    def inputs(self, model: LoadedModel, input_set: InputSet | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Input sets A (seed) and B (seed + 1): B exists to catch outputs that do not recompute.
+
+        A named ``input_set`` gives its own A, and B = A mirrored (see ``input_sets``).
+        """
+        key = _set_key(model.path, input_set)
         if key not in self._inputs:
             seed = self.settings.seed
-            self._inputs[key] = (generate_inputs(model.info.inputs, model.shapes, seed),
-                                 generate_inputs(model.info.inputs, model.shapes, seed + 1))
+            if input_set is not None:
+                self._inputs[key] = input_set.build(model, seed)
+            else:
+                self._inputs[key] = (generate_inputs(model.info.inputs, model.shapes, seed),
+                                     generate_inputs(model.info.inputs, model.shapes, seed + 1))
         return self._inputs[key]
 
-    def _fingerprint(self, model: LoadedModel) -> str:
-        key = _key(model.path)
+    def _fingerprint(self, model: LoadedModel, input_set: InputSet | None = None) -> str:
+        key = _set_key(model.path, input_set)
         if key not in self._fingerprints:
-            self._fingerprints[key] = fingerprint(self.inputs(model)[0])
+            self._fingerprints[key] = fingerprint(self.inputs(model, input_set)[0])
         return self._fingerprints[key]
 
     # -- reference --------------------------------------------------------------
-    def reference(self, model: LoadedModel) -> Reference:
-        key = _key(model.path)
+    def reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
+        key = _set_key(model.path, input_set)
         if _api(model) != "session":  # each API is compared against its own reference
-            key = (key, _api(model))
+            key = (key if isinstance(key, tuple) else (key,)) + (_api(model),)
         cached = self._references.get(key)
         if cached is None:
             try:
-                cached = self._compute_reference(model)
+                cached = self._compute_reference(model, input_set)
             except ModelError as exc:
                 cached = exc
             self._references[key] = cached
@@ -210,10 +258,12 @@ class ParityEngine:
             raise cached
         return cached
 
-    def _compute_reference(self, model: LoadedModel) -> Reference:
-        inputs_a, inputs_b = self.inputs(model)
+    def _compute_reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
+        inputs_a, inputs_b = self.inputs(model, input_set)
+        if self.onnx.reference_path(model) is not None:
+            return self.onnx.reference(model, inputs_a, inputs_b)
         if self.settings.reference:
-            ref_model = self.model(self.settings.reference, _api(model))
+            ref_model = self.reference_model(model)
             _check_same_interface(model, ref_model)
             description = f"{ref_model.path} on {REFERENCE_CONFIG.describe()}"
         else:
@@ -242,33 +292,69 @@ class ParityEngine:
         return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [], weight_risks)
 
     # -- the check --------------------------------------------------------------
+    def tolerance(self, config: RunConfig, layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
+                  variant: str | None = None) -> Tolerance:
+        """The tolerance ``config`` is judged by, with ``layers`` of overrides: the one place a tier is chosen
+        (from the arithmetic measured for ``config`` and the conversion ``variant``)."""
+        arithmetic = backends.probe_arithmetic(config.backend, config.precision)
+        return resolve(config.backend, config.precision, *layers, arithmetic=arithmetic.kind, variant=variant)
+
     def check(self, model_path: os.PathLike | str, config: RunConfig,
               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-              reproduce: str = "", api: str | None = None) -> ParityResult:
-        """Run ``config`` and judge it.  ``api``: "session", "module" or "auto" (default: ``settings.api``)."""
+              reproduce: str = "", variant: str | None = None, input_set: InputSet | None = None,
+              output_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None,
+              layer_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None,
+              api: str | None = None) -> ParityResult:
+        """Run ``config`` and judge it.  An ``.onnx`` model is converted first (``variant``:
+        ``fp32`` by default, see ``variants.VARIANTS``) and compared against ONNX Runtime.
+
+        ``input_set``: a named set (default: seeded generated inputs).
+        ``output_tolerances`` / ``layer_tolerances``: for some outputs / traced
+        ops, their own override layers (the whole list, as ``tolerance_layers``).
+        ``api``: "session", "module" or "auto" (default: ``settings.api``, see ``apis``).
+        """
+        if variant is None and is_onnx(model_path):
+            variant = "fp32"
+        result = self._check(model_path, config, tolerance_layers, reproduce, variant, input_set,
+                             output_tolerances, layer_tolerances, api)
+        result.variant = variant
+        return result
+
+    def _check(self, model_path: os.PathLike | str, config: RunConfig,
+               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]], reproduce: str,
+               variant: str | None, input_set: InputSet | None = None,
+               output_tolerances: Mapping[str, Sequence] | None = None,
+               layer_tolerances: Mapping[str, Sequence] | None = None, api: str | None = None) -> ParityResult:
         model_label = str(model_path)
         status = backends.discover([config.backend])[config.backend]
         if not status.available:
             return ParityResult(model_label, config, Category.BACKEND_UNAVAILABLE, status.reason,
                                 forward_type=status.forward_type)
-        choice = self.apis.resolve(model_path, api)
-        api_fields = {"api": choice.api, "api_reason": choice.reason, "api_axis": choice.axis}
+        conversion = ""
+        api_fields: dict[str, Any] = {}
         try:
+            if is_onnx(model_path):
+                model_path, conversion = self.onnx.converted(model_path, variant)
+            choice = self.apis.resolve(model_path, api)
+            api_fields = {"api": choice.api, "api_reason": choice.reason, "api_axis": choice.axis}
             model = self.model(model_path, choice.api)
-            reference = self.reference(model)
+            reference = self.reference(model, input_set)
         except (ReferenceRunError, EmptyReferenceOutputs) as exc:
-            return self._check_without_reference(model, config, exc, reproduce, api_fields)
+            return self._check_without_reference(model, config, exc, reproduce, input_set, api_fields)
         except ModelError as exc:
             return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log, **api_fields)
         arithmetic = backends.probe_arithmetic(config.backend, config.precision)
-        tol = resolve(config.backend, config.precision, *tolerance_layers, arithmetic=arithmetic.kind)
-        inputs_a, inputs_b = self.inputs(model)
-        input_set = f"seeded:{self.settings.seed}"
+        tol = self.tolerance(config, tolerance_layers, variant)
+        output_tolerances = {k: self.tolerance(config, v, variant) for k, v in (output_tolerances or {}).items()}
+        layer_tolerances = {k: self.tolerance(config, v, variant) for k, v in (layer_tolerances or {}).items()}
+        inputs_a, inputs_b = self.inputs(model, input_set)
+        set_label = input_set.name if input_set is not None else f"seeded:{self.settings.seed}"
         forward, session_log = model.session_backend(config)
         result = ParityResult(model_label, config, Category.OK, "", _backend_name(forward), forward, tol,
-                              reference=reference.description, input_set=input_set, log=session_log,
+                              reference=reference.description, input_set=set_label, log=session_log,
                               fp16_risks=list(reference.fp16_risks), weight_risks=list(reference.weight_risks),
-                              arithmetic=arithmetic, **api_fields)
+                              arithmetic=arithmetic, variant=variant, conversion=conversion,
+                              input_detail=input_set.describe() if input_set is not None else "", **api_fields)
         if choice.api == "module":
             result.backend_note = model.backend_note(config)
         if model.falls_back(config):
@@ -278,7 +364,8 @@ class ParityEngine:
                               f"{backends.forward_name(forward)} (forward type {forward}): MNN fell back silently. "
                               f"MNN said: {_last_lines(session_log)}")
             return result
-        stream = self.streams.spec_for(model_path)
+        # A stream feeds back its own state, so it runs the seeded inputs only.
+        stream = self.streams.spec_for(model_path) if input_set is None else None
         if stream is not None:
             return self.streams.check(result, model, config, tol, stream, reproduce)
         run_a = model.run(config, inputs_a)
@@ -293,20 +380,25 @@ class ParityEngine:
                                              reproduce=reproduce)
             return result
         result.verdict = judge_outputs(run_a.outputs, reference.outputs_a, tol,
-                                       targets_b=run_b.outputs, references_b=reference.outputs_b)
+                                       targets_b=run_b.outputs, references_b=reference.outputs_b,
+                                       output_tolerances=output_tolerances)
         result.category = result.verdict.category
         if choice.api == "module" and self.settings.api == "both":
             self.apis.cross_check(result, model_path, config, tol, inputs_a, run_a.outputs)
-        result.input_set = f"{input_set} ({self._fingerprint(model)})"
+        if input_set is None:
+            result.input_set = f"{set_label} ({self._fingerprint(model)})"
+        else:
+            result.input_detail += f" (crc {self._fingerprint(model, input_set)})"
         mode = self.settings.layers
         if result.category in _TRACEABLE and (mode == "always" or (mode == "on-failure" and not result.passed)):
-            self._trace(result, model, config, tol, inputs_a)
+            self._trace(result, model, config, tol, inputs_a, input_set, layer_tolerances)
         if not result.passed:
             result.message = failure_message(result, model, reproduce=reproduce)
         return result
 
     def _trace(self, result: ParityResult, model: LoadedModel, config: RunConfig, tol: Tolerance,
-               inputs: Mapping[str, np.ndarray]) -> None:
+               inputs: Mapping[str, np.ndarray], input_set: InputSet | None = None,
+               layer_tolerances: Mapping[str, Tolerance] | None = None) -> None:
         if _api(model) == "module":
             from .apis import NO_TRACE, TRACE_VIA_SESSION  # noqa: PLC0415
 
@@ -314,33 +406,40 @@ class ParityEngine:
             if session is None:
                 result.trace_note = NO_TRACE
                 return
-            self._trace(result, session, config, tol, inputs)
-            result.trace.method = TRACE_VIA_SESSION
+            self._trace(result, session, config, tol, inputs, input_set, layer_tolerances)
+            if result.trace is not None:
+                result.trace.method = f"{TRACE_VIA_SESSION}: {result.trace.method}"
             return
-        reference = self._reference_trace(model, inputs)
-        result.trace = trace_target(reference, model, config, inputs, tol)
+        if self.onnx.reference_path(model) is not None:
+            self.onnx.localise(result, model, config, tol, inputs)
+            return
+        reference = self._reference_trace(model, inputs, input_set)
+        result.trace = trace_target(reference, model, config, inputs, tol, layer_tolerances)
         first = result.trace.first_divergent
         if first is not None:
             result.first_divergent_layer = first.as_dict()
 
-    def _reference_trace(self, model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> ReferenceTrace:
-        """The reference's per-op tensors for input set A, recorded once per model."""
-        key = _key(model.path)
+    def _reference_trace(self, model: LoadedModel, inputs: Mapping[str, np.ndarray],
+                         input_set: InputSet | None = None) -> ReferenceTrace:
+        """The reference's per-op tensors for input set A, recorded once per model and input set."""
+        key = _set_key(model.path, input_set)
         if key not in self._reference_traces:
-            ref_model = self.model(self.settings.reference) if self.settings.reference else model
+            ref_model = self.reference_model(model)
             trace, _ = record_reference(ref_model, REFERENCE_CONFIG, inputs)
             self._reference_traces[key] = trace
         return self._reference_traces[key]
 
 
     def _check_without_reference(self, model: LoadedModel, config: RunConfig, exc: ModelError,
-                                 reproduce: str, api_fields: Mapping[str, Any] | None = None) -> ParityResult:
+                                 reproduce: str, input_set: InputSet | None = None,
+                                 api_fields: Mapping[str, Any] | None = None) -> ParityResult:
         """The reference cannot run the model: if the target cannot either, that is the finding."""
         forward, session_log = model.session_backend(config)
-        run = model.run(config, self.inputs(model)[0])
+        run = model.run(config, self.inputs(model, input_set)[0])
+        set_label = input_set.name if input_set is not None else f"seeded:{self.settings.seed}"
         result = ParityResult(str(model.path), config, Category.MODEL_ERROR, str(exc), _backend_name(forward),
                               forward, resolve(config.backend, config.precision), rc=run.rc,
-                              reference="unavailable: " + exc.reason, input_set=f"seeded:{self.settings.seed}",
+                              reference="unavailable: " + exc.reason, input_set=set_label,
                               log=session_log + exc.log + run.log, **(api_fields or {}))
         empty = [name for name, arr in run.outputs.items() if arr.size == 0]
         if not run.ok or empty:
@@ -376,6 +475,11 @@ def _resolved(path: str) -> Path:
 def _key(path: os.PathLike | str) -> Path:
     """Cache key of a model: its resolved path (resolving is a syscall per part, so it is memoised)."""
     return _resolved(os.fspath(path))
+
+
+def _set_key(path: os.PathLike | str, input_set: InputSet | None) -> Any:
+    """Cache key of a model's input set: the model's key alone for the default seeded set."""
+    return _key(path) if input_set is None else (_key(path), input_set.name)
 
 
 def _check_same_interface(model: LoadedModel, ref: LoadedModel) -> None:

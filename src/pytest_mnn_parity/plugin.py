@@ -7,13 +7,18 @@ from typing import Any
 import pytest
 
 from . import backends as backend_discovery
+from .input_items import SidecarSupport, xfail_outcome
 from .items import PARITY_RUN, Case, ModelErrorItem, ModelFile, ParityItem, node_id_path
 from .model import ModelError, check_model_path, expand_model_args
 from .options import Options, add_options
 from .parity import ParityEngine, ParityResult, ParitySettings
 from .runner import RunConfig
 from .report import RECORD_FIELDS, build_report, matrix_lines, record, write_json_atomically
+from .variants import is_onnx
 from .verdict import Category
+
+# Fixtures and markers for users' own tests live in a plugin module of their own.
+pytest_plugins = ["pytest_mnn_parity.user_fixtures"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -30,6 +35,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(run, "mnn-parity-run")
     if options.report is not None:
         _check_writable(options.report)
+    if getattr(config, "cache", None) is not None:  # absent with -p no:cacheprovider: a temporary folder then
+        run.engine.settings.convert_cache = str(config.cache.mkdir("mnn-parity-convert"))
 
 
 def pytest_ignore_collect(collection_path, config: pytest.Config):
@@ -67,7 +74,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         terminalreporter.write_sep("=", "MNN parity")
         for line in lines:
             terminalreporter.write_line(line)
-    if run.options.report is not None and run.active:
+    if run.options.report is not None and (run.active or run.records()):
         terminalreporter.write_line(f"MNN parity report: {run.options.report}")
 
 
@@ -84,11 +91,12 @@ class ParityRun:
         self.options = options
         self.engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
                                                   reference=options.reference, threads=options.threads,
-                                                  layers=options.layers, api=options.api,
-                                                  streams=options.streams))
+                                                  layers=options.layers, converter_flags=options.convert_flags,
+                                                  api=options.api, streams=options.streams))
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
+        self.inputs = SidecarSupport(self)
 
     # -- collection -------------------------------------------------------------
     def collect(self, session: pytest.Session) -> list[pytest.Item]:
@@ -100,12 +108,14 @@ class ParityRun:
             if error is None:
                 try:
                     check_model_path(target.path)
+                    self.inputs.load(target.path)
                 except ModelError as exc:
                     error = exc
             nodeid = node_id_path(target.path, session.config.rootpath)
             collector = ModelFile.from_parent(session, path=target.path, nodeid=nodeid)
             collector.error = error
             collected = list(collector.collect())
+            collected += self.inputs.extra_items(collector, collected)
             # Tell the terminal (and any other listener) what was collected, as
             # regular collection would: "collected N items" must count these.
             session.ihook.pytest_collectreport(report=pytest.CollectReport(nodeid, "passed", None, collected))
@@ -113,10 +123,14 @@ class ParityRun:
         return items
 
     def cases(self, model_path) -> list[Case]:
-        """Every item to generate for one model, in a stable order."""
+        """Every item to generate for one model, in a stable order; an ONNX model once per conversion variant,
+        each configuration once per API with --mnn-api both."""
         apis = ["session", "module"] if self.options.api == "both" else [None]
-        return [Case(RunConfig(backend, precision, self.options.threads), api=api)
-                for api in apis for backend in self.options.backends for precision in self.options.precisions]
+        variants = self.options.convert if is_onnx(model_path) else [None]
+        return [Case(RunConfig(backend, precision, self.options.threads), variant=variant, input_set=input_set,
+                     api=api)
+                for api in apis for variant in variants for input_set in self.inputs.set_names(model_path)
+                for backend in self.options.backends for precision in self.options.precisions]
 
     def backend_status(self, backend: str):
         return backend_discovery.discover([backend])[backend]
@@ -128,10 +142,12 @@ class ParityRun:
     def check(self, item: ParityItem) -> ParityResult:
         config = item.run_config
         model = node_id_path(item.model_path, item.config.rootpath)
-        layers = [("ini", self.options.tolerance_ini), ("command line", self.options.tolerance_cli)]
-        result = self.engine.check(item.model_path, config, layers, api=item.case.api,
-                                   reproduce=self.options.reproduce_command(model, config.backend, config.precision,
-                                                                            item.case.api))
+        checks = self.inputs.prepare(item)  # tolerance layers, input set; or a bad sidecar's error
+        variant = item.case.variant
+        result = checks if isinstance(checks, ParityResult) else self.engine.check(
+            item.model_path, config, variant=variant, api=item.case.api, reproduce=self.options.reproduce_command(
+                model, config.backend, config.precision, variant, input_set=item.case.input_set, api=item.case.api),
+            **checks)
         result.model = model
         for name, value in _junit_properties(result):
             item.user_properties.append((name, value))
@@ -153,15 +169,15 @@ class ParityRun:
             return None
         if report.when == "setup" and report.skipped and item.result is None:
             result = ParityResult(node_id_path(item.model_path, item.config.rootpath), item.run_config,
-                                  Category.BACKEND_UNAVAILABLE, _skip_reason(report), api=item.case.api,
-                                  api_axis=item.case.api is not None)
+                                  Category.BACKEND_UNAVAILABLE, _skip_reason(report), variant=item.case.variant,
+                                  api=item.case.api, api_axis=item.case.api is not None)
             return record(item.nodeid, result, "skipped")
         if item.result is None:
             return None
         if report.when == "setup" and report.failed:
             return record(item.nodeid, item.result, "error")
         if report.when == "call":
-            return record(item.nodeid, item.result, report.outcome)
+            return record(item.nodeid, item.result, xfail_outcome(item, report))
         return None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -173,7 +189,7 @@ class ParityRun:
         return list(self._records)
 
     def write_report(self) -> None:
-        if self.options.report is None or not self.active:
+        if self.options.report is None or not (self.active or self._records):
             return
         statuses = {name: {"available": s.available, "forward_type": s.forward_type, "reason": s.reason}
                     for name, s in backend_discovery.discover(self.options.backends).items()}
@@ -203,6 +219,8 @@ def _junit_properties(result: ParityResult):
         yield "mnn_api", result.api
     if result.tolerance is not None:
         yield "mnn_tier", result.tolerance.tier
+    if result.variant is not None:
+        yield "mnn_variant", result.variant
     if result.verdict is not None:
         for v in result.verdict.outputs:
             if v.metrics is not None:

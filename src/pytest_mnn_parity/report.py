@@ -19,7 +19,7 @@ SCHEMA = "pytest-mnn-parity/1"
 RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "arithmetic", "variant",
                  "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
-                 "seconds", "api", "api_reason", "api_axis", "backend_note", "cross_api", "stream")
+                 "seconds", "search", "api", "api_reason", "api_axis", "backend_note", "cross_api", "stream")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -49,6 +49,7 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "fp16_weight_risks": [risk.as_dict() for risk in result.weight_risks],
         "rc": result.rc,
         "seconds": result.seconds,
+        "search": getattr(result, "search", None),
         "api": result.api,
         "api_reason": result.api_reason,
         "api_axis": result.api_axis,
@@ -133,8 +134,8 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     if ran:
         configs = list(OrderedDict.fromkeys(_column(r) for r in ran))
-        models = list(OrderedDict.fromkeys(r["model"] for r in ran))
-        cells = {(r["model"], _column(r)): _cell(r) for r in ran}
+        models = list(OrderedDict.fromkeys(_row(r) for r in ran))
+        cells = {(_row(r), _column(r)): _cell(r) for r in ran}
         header = ["model"] + configs
         rows = [header] + [[m] + [cells.get((m, c), "-") for c in configs] for m in models]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -152,6 +153,19 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _row(rec: dict[str, Any]) -> str:
+    """A model's row; conversion variants, named input sets and searches get rows of their own."""
+    # A user's own test (docs/fixtures.md) gets a row of its own, next to its
+    # model's generated items.
+    if rec.get("test"):
+        return rec["test"]
+    label = f"{rec['model']} [{rec['variant']}]" if rec.get("variant") else rec["model"]
+    input_set = rec.get("input_set") or ""
+    if input_set and not input_set.startswith("seeded:") and input_set != "seeded":
+        label += f" [{input_set}]"
+    return label + (" search" if rec.get("search") else "")
+
+
 def _column(rec: dict[str, Any]) -> str:
     # A model that never loaded has no configuration: it gets a column of its own.
     if not rec.get("backend"):
@@ -165,6 +179,8 @@ def _cell(rec: dict[str, Any]) -> str:
     status = {"passed": "PASS", "failed": "FAIL", "error": "ERROR"}.get(rec["outcome"], rec["outcome"].upper())
     detail = rec["category"] if rec["category"] != "ok" else ""
     metric = key_metric(rec)
+    if rec.get("search") and not rec["search"].get("found"):
+        metric = f"{rec['search']['runs']} examples"
     # Say where auto chose the Module API, so a column never hides which API ran.
     api = "(module)" if rec.get("api") == "module" and not rec.get("api_axis") else ""
     return " ".join(part for part in (status, api, detail, metric) if part)

@@ -102,6 +102,8 @@ class LoadedModel:
 
     path: Path
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # Where a shape came from, per input, when not --mnn-input-shape (e.g. a sidecar's [shapes]).
+    shape_sources: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -139,7 +141,8 @@ class LoadedModel:
                 shapes[spec.name] = spec.shape
                 continue
             if len(given) != len(spec.shape):
-                raise ModelError(self.path, f"--mnn-input-shape {spec.name}={'x'.join(map(str, given))} has rank "
+                origin = self.shape_sources.get(spec.name, f"--mnn-input-shape {spec.name}")
+                raise ModelError(self.path, f"{origin}={'x'.join(map(str, given))} has rank "
                                             f"{len(given)} but the model's input is {spec.describe()}",
                                  f"give {len(spec.shape)} dimensions")
             shapes[spec.name] = given

@@ -12,6 +12,7 @@ while the target runs, so neither run's intermediates are ever all in memory.
 from __future__ import annotations
 
 import shutil
+import zlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +193,7 @@ class ReferenceTrace(OpObserver):
         self.order: list[tuple[str, str, int]] = []
         self.risks: list[ActivationRisk] = []
         self.files: dict[tuple[str, str, int], Path] = {}
+        self._by_content: dict[tuple, Path] = {}
         self._seen: dict[str, int] = {}
 
     def before(self, tensors, name: str, op_type: str) -> None:
@@ -209,8 +211,13 @@ class ReferenceTrace(OpObserver):
             self.risks.extend(activation_risk(name, op_type, array))
 
     def _save(self, key: str, kind: str, index: int, array: np.ndarray) -> None:
-        path = self.folder / f"{len(self.files)}.npy"
-        np.save(path, array)
+        # An op's input is usually an earlier op's output: store its bytes once.
+        content = fingerprint_array(array)
+        path = self._by_content.get(content)
+        if path is None:
+            path = self.folder / f"{len(self._by_content)}.npy"
+            np.save(path, array)
+            self._by_content[content] = path
         self.files[(key, kind, index)] = path
 
     def load(self, key: str, kind: str, index: int) -> np.ndarray | None:
@@ -225,19 +232,25 @@ class ReferenceTrace(OpObserver):
 
 
 class _TargetComparer(OpObserver):
-    def __init__(self, reference: ReferenceTrace, tol: Tolerance):
+    def __init__(self, reference: ReferenceTrace, tol: Tolerance, layer_tolerances=None):
         self.reference = reference
         self.known = reference.keys()
-        self.tol = tol
+        self.tol = self.model_tol = tol
+        # Per-layer overrides by op name; an op's inputs are judged with the op's tolerance.
+        self.layer_tolerances = layer_tolerances or {}
         self.layers: list[LayerRecord] = []
         self.unmatched: list[str] = []
         self._seen: dict[str, int] = {}
         self._inputs: list[TensorJudgement] = []
+        # (target content, reference file) -> judgement of an earlier op's output,
+        # reused when a later op reads that same tensor as an input.
+        self._judged: dict[tuple, TensorJudgement] = {}
 
     def before(self, tensors, name: str, op_type: str) -> None:
         occurrence = self._seen.get(name, 0)
         self._seen[name] = occurrence + 1
         key = _key(name, occurrence)
+        self.tol = self.layer_tolerances.get(name, self.model_tol)
         self._inputs = [self._judge(key, "in", i, t) for i, t in enumerate(tensors)] if key in self.known else []
 
     def after(self, tensors, name: str, op_type: str) -> None:
@@ -246,13 +259,23 @@ class _TargetComparer(OpObserver):
         if key not in self.known:
             self.unmatched.append(key)
             return
+        self.tol = self.layer_tolerances.get(name, self.model_tol)
         layer = LayerRecord(len(self.layers), name, op_type, occurrence, inputs=self._inputs)
         layer.outputs = [self._judge(key, "out", i, t) for i, t in enumerate(tensors)]
         self.layers.append(layer)
 
     def _judge(self, key: str, kind: str, index: int, tensor) -> TensorJudgement:
-        ref = self.reference.load(key, kind, index)
         target = to_numpy(tensor)
+        ref_path = self.reference.files.get((key, kind, index))
+        memo = (fingerprint_array(target), ref_path)
+        if memo in self._judged:
+            earlier = self._judged[memo]
+            return TensorJudgement(index, earlier.metrics, earlier.failed, list(earlier.health), earlier.note)
+        judgement = self._compare(index, target, self.reference.load(key, kind, index))
+        self._judged[memo] = judgement
+        return judgement
+
+    def _compare(self, index: int, target: np.ndarray, ref: np.ndarray | None) -> TensorJudgement:
         if ref is None:
             return TensorJudgement(index, None, False, note="no reference tensor")
         if ref.shape != target.shape:
@@ -268,6 +291,12 @@ class _TargetComparer(OpObserver):
         failed = fails_tolerance(m, self.tol)
         health = _health(target, ref, m, self.tol) if failed else []
         return TensorJudgement(index, m, failed, health)
+
+
+def fingerprint_array(array: np.ndarray) -> tuple:
+    """Identity of a tensor's content: shape, dtype and a CRC of its bytes (one fast pass)."""
+    data = np.ascontiguousarray(array)
+    return data.shape, data.dtype.str, zlib.crc32(memoryview(data).cast("B"))
 
 
 def _health(target: np.ndarray, ref: np.ndarray, m: OutputMetrics, tol: Tolerance) -> list[str]:
@@ -290,8 +319,8 @@ def record_reference(model: LoadedModel, config: RunConfig, inputs) -> tuple[Ref
 
 
 def trace_target(reference: ReferenceTrace, model: LoadedModel, config: RunConfig, inputs,
-                 tol: Tolerance) -> TraceResult:
-    comparer = _TargetComparer(reference, tol)
+                 tol: Tolerance, layer_tolerances=None) -> TraceResult:
+    comparer = _TargetComparer(reference, tol, layer_tolerances)
     model.run(config, inputs, observer=comparer)
     seen = {_key(layer.name, layer.occurrence) for layer in comparer.layers}
     missing = [_key(n, o) for n, _, o in reference.order if _key(n, o) not in seen]

@@ -60,6 +60,8 @@ class OutputVerdict:
     metrics: OutputMetrics | None
     detail: str = ""
     stale_metrics: OutputMetrics | None = None
+    # Set when this output was judged with its own tolerance (a per-output override).
+    tolerance: Tolerance | None = None
 
     @property
     def passed(self) -> bool:
@@ -69,6 +71,8 @@ class OutputVerdict:
         data: dict[str, Any] = {"category": self.category.value, "detail": self.detail}
         if self.metrics is not None:
             data.update(self.metrics.as_dict())
+        if self.tolerance is not None:
+            data["tolerance"] = self.tolerance.as_dict()
         return data
 
 
@@ -100,6 +104,12 @@ def fails_tolerance(m: OutputMetrics, tol: Tolerance) -> bool:
     return m.outside_fraction > tol.max_outside_fraction or not m.cosine >= tol.min_cosine
 
 
+def dtype_family(dtype) -> str:
+    """``float`` or ``integer``: widths are not compared, since MNN stores int64 as int32 and float64 as
+    float32 where ONNX Runtime keeps them, and bool as an integer type."""
+    return "float" if np.dtype(dtype).kind in "fc" else "integer"
+
+
 def judge_output(name: str, target: np.ndarray, reference: np.ndarray, tol: Tolerance,
                  *, target_b: np.ndarray | None = None, reference_b: np.ndarray | None = None) -> OutputVerdict:
     """Judge one output. ``*_b`` are the same output for the second input set (stale check)."""
@@ -107,11 +117,12 @@ def judge_output(name: str, target: np.ndarray, reference: np.ndarray, tol: Tole
     if target.size == 0 and reference.size != 0:
         return OutputVerdict(name, Category.RUNTIME_ERROR, None,
                              f"output is an empty tensor {target.shape}; the reference has shape {reference.shape}")
+    same_kind = dtype_family(target.dtype) == dtype_family(reference.dtype)
     if target.shape != reference.shape:
-        dtypes = f" (and dtype {target.dtype} vs {reference.dtype})" if target.dtype != reference.dtype else ""
+        dtypes = "" if same_kind else f" (and dtype {target.dtype} vs {reference.dtype})"
         return OutputVerdict(name, Category.SHAPE_MISMATCH, None,
                              f"shape {target.shape} but the reference has {reference.shape}{dtypes}")
-    if target.dtype != reference.dtype:
+    if not same_kind:
         # An int output where the reference is float (or the reverse) is a different
         # interface even when the numbers would compare equal.
         return OutputVerdict(name, Category.SHAPE_MISMATCH, None,
@@ -189,17 +200,25 @@ class Verdict:
 
 def judge_outputs(targets: Mapping[str, np.ndarray], references: Mapping[str, np.ndarray], tol: Tolerance,
                   *, targets_b: Mapping[str, np.ndarray] | None = None,
-                  references_b: Mapping[str, np.ndarray] | None = None) -> Verdict:
-    """Judge every output the reference has; a missing or extra output is a shape mismatch."""
+                  references_b: Mapping[str, np.ndarray] | None = None,
+                  output_tolerances: Mapping[str, Tolerance] | None = None) -> Verdict:
+    """Judge every output the reference has; a missing or extra output is a shape mismatch.
+
+    ``output_tolerances`` replaces ``tol`` for the outputs it names.
+    """
     verdicts: list[OutputVerdict] = []
+    output_tolerances = output_tolerances or {}
     for name, ref in references.items():
         if name not in targets:
             verdicts.append(OutputVerdict(name, Category.SHAPE_MISMATCH, None,
                                           f"the target has no output named {name!r} (it has {sorted(targets)})"))
             continue
-        verdicts.append(judge_output(name, targets[name], ref, tol,
+        own = output_tolerances.get(name)
+        verdicts.append(judge_output(name, targets[name], ref, own or tol,
                                      target_b=None if targets_b is None else targets_b.get(name),
                                      reference_b=None if references_b is None else references_b.get(name)))
+        if own is not None:
+            verdicts[-1].tolerance = own
     for name in targets:
         if name not in references:
             verdicts.append(OutputVerdict(name, Category.SHAPE_MISMATCH, None,

@@ -79,6 +79,10 @@ class WeightRisk:
                 "count": self.count, "total": self.total, "worst": self.worst}
 
 
+# Compiled once: parsing a model calls unpack thousands of times.
+_STRUCTS: dict[str, struct.Struct] = {}
+
+
 class _Reader:
     """Bounds-checked FlatBuffers access: any bad offset becomes a ValueError, never a crash."""
 
@@ -89,9 +93,10 @@ class _Reader:
         raise ValueError(f"{self.name}: not a valid .mnn file: {why}")
 
     def unpack(self, fmt: str, pos: int):
-        if pos < 0 or pos + struct.calcsize(fmt) > len(self.data):
+        compiled = _STRUCTS.get(fmt) or _STRUCTS.setdefault(fmt, struct.Struct(fmt))
+        if pos < 0 or pos + compiled.size > len(self.data):
             self.fail(f"offset {pos} is outside the file ({len(self.data)} bytes)")
-        return struct.unpack_from(fmt, self.data, pos)[0]
+        return compiled.unpack_from(self.data, pos)[0]
 
     def deref(self, pos: int) -> int:
         return pos + self.unpack("<I", pos)
