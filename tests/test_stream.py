@@ -161,3 +161,27 @@ def test_stream_ini_key_and_bad_value(pytester, models):
     bad = pytester.runpytest("--mnn-only", "--mnn-model", "rnn_step.mnn", "--mnn-stream", "h_out=h")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     assert "--mnn-stream 'h_out=h': unknown key 'h_out'" in bad.stderr.str()
+
+
+def test_sidecar_stream_table(pytester, models):
+    models("stream/rnn_step.fp16.mnn", "stream/rnn_step.mnn")
+    args = ["--mnn-only", "--mnn-backends", "CPU", "--mnn-precisions", "high", "--mnn-model", "rnn_step.fp16.mnn",
+            "--mnn-reference", "rnn_step.mnn", "--mnn-report", "r.json"]
+    (pytester.path / "rnn_step.fp16.mnn.toml").write_text('[stream]\nstate = { h_out = "h" }\nsteps = 10\n')
+    result = pytester.runpytest(*args)
+    result.assert_outcomes(failed=1)
+    stream = read_report(pytester.path / "r.json")["results"][0]["stream"]
+    assert stream["declared_by"] == "sidecar rnn_step.fp16.mnn.toml [stream]" and stream["steps"] == 10
+    assert stream["first_failing_step"] > 0 and stream["first_failing_output"] == "h_out"
+    # The option wins over the sidecar: 3 steps stay within tolerance.
+    pytester.runpytest(*args, "--mnn-stream", "h_out->h;steps=3").assert_outcomes(passed=1)
+    assert read_report(pytester.path / "r.json")["results"][0]["stream"]["declared_by"] == "--mnn-stream"
+    (pytester.path / "rnn_step.fp16.mnn.toml").write_text('[stream]\nstate = { state = "h" }\n')
+    wrong = pytester.runpytest(*args)
+    wrong.assert_outcomes(errors=1)
+    assert ("sidecar rnn_step.fp16.mnn.toml [stream] 'state->h;steps=8': the model has no output 'state'"
+            in wrong.stdout.str())
+    (pytester.path / "rnn_step.fp16.mnn.toml").write_text('[stream]\nstate = { h_out = "h" }\nsteps = "ten"\n')
+    bad = pytester.runpytest(*args)
+    assert "steps must be an integer, got 'ten'" in bad.stdout.str() and "rnn_step.fp16.mnn.toml" in bad.stdout.str()
+    assert bad.ret != 0

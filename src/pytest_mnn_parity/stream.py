@@ -3,8 +3,8 @@
 A streaming voice detector or a decoder step has state inputs and outputs: the
 app feeds each step's state output into the next step's state input.  An error
 too small to fail one step can grow over a stream, so one step with random
-state proves little.  With a declaration (``--mnn-stream "h_out->h;steps=8"``,
-later a sidecar key with the same fields, see ``StreamSpec.from_mapping``) the
+state proves little.  With a declaration (``--mnn-stream "h_out->h;steps=8"``, or
+the model's sidecar table ``[stream]``, read by ``StreamSpec.from_mapping``) the
 reference and the target each run ``steps`` steps feeding back their *own*
 state, every step is judged, and the first step and output that broke
 tolerance are reported.
@@ -44,6 +44,8 @@ class StreamSpec:
     state: tuple[tuple[str, str], ...]  # (state output, state input)
     steps: int = DEFAULT_STEPS
     model: str | None = None  # a glob; None: every model
+    # Where it was declared, for messages: the option, or a sidecar's [stream].
+    origin: str = field(default="--mnn-stream", compare=False)
 
     def __post_init__(self):
         if not self.state:
@@ -72,6 +74,10 @@ class StreamSpec:
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise ValueError(f"steps must be an integer, got {steps!r}")
         return cls(tuple((str(k), str(v)) for k, v in state.items()), steps, data.get("model"))
+
+    def label(self) -> str:
+        """How messages name the declaration: ``--mnn-stream 'h_out->h;steps=8'``."""
+        return f"{self.origin} {self.text()!r}"
 
     def text(self) -> str:
         """The option text that declares this stream (``parse_stream(spec.text()) == spec``)."""
@@ -142,12 +148,12 @@ def check_declaration(model, spec: StreamSpec) -> None:
     inputs = {s.name for s in model.info.inputs}
     for out, inp in spec.state:
         if out not in model.info.output_names:
-            raise ModelError(model.path, f"--mnn-stream {spec.text()!r}: the model has no output {out!r} "
+            raise ModelError(model.path, f"{spec.label()}: the model has no output {out!r} "
                                          f"(outputs: {', '.join(model.info.output_names)})",
                              "name a state output of this model, or scope the declaration to other models "
                              "with model=GLOB")
         if inp not in inputs:
-            raise ModelError(model.path, f"--mnn-stream {spec.text()!r}: the model has no input {inp!r} "
+            raise ModelError(model.path, f"{spec.label()}: the model has no input {inp!r} "
                                          f"(inputs: {', '.join(sorted(inputs))})",
                              "name a state input of this model, or scope the declaration to other models "
                              "with model=GLOB")
@@ -175,7 +181,7 @@ def run_stream(model, config: RunConfig, spec: StreamSpec, inputs: list[dict[str
         for o, i in spec.state:
             value = out.outputs[o]
             if value.shape != tuple(model.shapes[i]):
-                raise ModelError(model.path, f"--mnn-stream {spec.text()!r}: state output {o!r} has shape "
+                raise ModelError(model.path, f"{spec.label()}: state output {o!r} has shape "
                                              f"{value.shape} but state input {i!r} takes {tuple(model.shapes[i])}",
                                  "pair each state output with the input of the same shape")
             state[i] = value
@@ -214,7 +220,7 @@ def stream_record(spec: StreamSpec, judged: StreamVerdict | None, failed_step: i
     first_output = None
     if first is not None:
         first_output = next(v.name for v in judged.verdicts[first].outputs if not v.passed)
-    return {"declaration": spec.text(), "steps": spec.steps, "state": dict(spec.state),
+    return {"declaration": spec.text(), "declared_by": spec.origin, "steps": spec.steps, "state": dict(spec.state),
             "steps_run": len(steps), "first_failing_step": first if failed_step is None else failed_step,
             "first_failing_output": first_output, "per_step": steps}
 
@@ -273,9 +279,14 @@ class StreamSide:
         self.engine = engine
         self._references: dict[tuple, StreamRun | ModelError] = {}
         self._inputs: dict[tuple, list] = {}
+        self._declared: dict[Path, StreamSpec] = {}  # per model, from its sidecar
+
+    def declare(self, path, spec: StreamSpec) -> None:
+        """One model's own declaration (its sidecar's [stream]); ``--mnn-stream`` still wins."""
+        self._declared[Path(path).resolve()] = spec
 
     def spec_for(self, path) -> StreamSpec | None:
-        return spec_for(self.engine.settings.streams, path)
+        return spec_for(self.engine.settings.streams, path) or self._declared.get(Path(path).resolve())
 
     def _step_inputs(self, model, spec: StreamSpec) -> list[dict[str, np.ndarray]]:
         key = (Path(model.path).resolve(), spec)
