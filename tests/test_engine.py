@@ -102,7 +102,8 @@ def test_generated_inputs_are_deterministic_per_seed():
 
 
 def test_control_flow_model_is_a_runtime_error_with_mnn_error_name_and_hint(engine):
-    result = engine.check(FIXTURES / "control_flow/if_branch.mnn", RunConfig("CPU", "high"))
+    """On the session API; auto runs it on the Module API (tests/test_module_api.py)."""
+    result = engine.check(FIXTURES / "control_flow/if_branch.mnn", RunConfig("CPU", "high"), api="session")
     assert result.category is Category.RUNTIME_ERROR
     assert result.rc == 3
     assert "runSession returned 3 (COMPUTE_SIZE_ERROR)" in result.message

@@ -232,7 +232,8 @@ def test_without_mnn_model_the_plugin_stays_silent(pytester):
 
 def test_runtime_error_item_for_a_model_sessions_cannot_run(pytester, models):
     models("control_flow/if_branch.mnn")
-    result = pytester.runpytest(*CPU_ONLY, "--mnn-precisions", "high", "--mnn-model", "if_branch.mnn")
+    result = pytester.runpytest(*CPU_ONLY, "--mnn-precisions", "high", "--mnn-model", "if_branch.mnn",
+                                "--mnn-api", "session")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*runtime_error on CPU-high: runSession returned 3 (COMPUTE_SIZE_ERROR)*",
                                  "*hint: *Module API*"])

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .apis import api_lines, cross_api_lines
+from .stream import stream_lines
 from .verdict import OutputVerdict
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,8 +25,12 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
     if result.conversion:
         lines.append(f"converted: {result.conversion}")
     used = result.backend_used or "?"
-    lines.append(f"ran on:    {used} (forward type {result.forward_type}), precision {config.precision}, "
-                 f"{config.threads} thread(s); requested {config.backend}")
+    where = f"{used} (forward type {result.forward_type})"
+    if result.api == "module" and result.forward_type is None:
+        where = "a backend the Module API cannot report (see backend:)"
+    lines.append(f"ran on:    {where}, precision {config.precision}, {config.threads} thread(s); "
+                 f"requested {config.backend}")
+    lines.extend(api_lines(result))
     if result.arithmetic is not None:
         lines.append(f"arithmetic: {result.arithmetic.describe()}")
     lines.append(f"reference: {result.reference}")
@@ -36,9 +42,15 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
         lines.append("input set: " + result.input_detail)
     if error:
         lines.append("error:     " + error)
+    if result.stream:
+        lines.append("")
+        lines.extend(stream_lines(result))
     if result.verdict is not None and result.verdict.outputs:
         lines.append("")
         lines.extend(output_table(result.verdict.outputs))
+    if result.cross_api:
+        lines.append("")
+        lines.extend(cross_api_lines(result))
     if result.trace is not None:
         lines.append("")
         lines.extend(trace_lines(result))
@@ -87,6 +99,13 @@ def trace_lines(result: "ParityResult") -> list[str]:
 
 def _headline(result: "ParityResult", error: str) -> str:
     head = f"{result.category.value} on {result.config.id}"
+    if result.api and result.api != "session":
+        head += f" ({result.api} API)"
+    if result.stream and result.stream.get("first_failing_step") is not None:
+        head += f" at stream step {result.stream['first_failing_step']} (of 0..{result.stream['steps'] - 1})"
+    if result.category.value == "api_mismatch" and result.cross_api:
+        bad = [(n, o) for n, o in result.cross_api["outputs"].items() if o["category"] != "ok"]
+        return f"{head}: output {bad[0][0]!r} vs the session API: {bad[0][1]['detail']}" if bad else head
     if error or result.verdict is None:
         return head + (": " + error.splitlines()[0] if error else "")
     bad = [v for v in result.verdict.outputs if not v.passed]

@@ -48,6 +48,8 @@ class SidecarSupport:
         self.sidecars[key] = sidecar
         if sidecar is not None and sidecar.shapes:
             self.run.engine.set_input_shapes(model_path, sidecar.shapes, f"{sidecar.label} [shapes]")
+        if sidecar is not None and sidecar.stream is not None:
+            self.run.engine.streams.declare(model_path, sidecar.stream)
         self.set_names(model_path)  # unknown --mnn-input-sets names are this model's error
         return sidecar
 

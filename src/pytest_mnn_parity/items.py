@@ -25,17 +25,19 @@ class ParityFailure(Exception):
 class Case:
     """One generated item: a configuration, optionally of a conversion variant and a named input set.
 
-    Later axes (variants, input sets) extend the id in front of the
-    configuration: ``parity[fp16-photo1-CPU-low]``.
+    Later axes (API, variants, input sets) extend the id in front of the
+    configuration: ``parity[module-fp16-photo1-CPU-low]``.
     """
 
     config: RunConfig
     variant: str | None = None
     input_set: str | None = None
+    # "session" or "module" with --mnn-api both; None: the engine's choice (apis.py).
+    api: str | None = None
 
     @property
     def id(self) -> str:
-        return "-".join(part for part in (self.variant, self.input_set, self.config.id) if part)
+        return "-".join(part for part in (self.api, self.variant, self.input_set, self.config.id) if part)
 
 
 class ModelFile(pytest.File):

@@ -16,7 +16,9 @@ import pytest
 from .artifacts import ARTIFACT_MODES
 from .backends import DEFAULT_BACKENDS, PRECISIONS, canonical_backend, canonical_precision
 from .inputs import parse_input_shapes
+from .apis import API_MODES, parse_api
 from .parity import LAYER_MODES
+from .stream import StreamSpec, parse_stream
 from .variants import DEFAULT_VARIANTS, parse_converter_flags, parse_variants
 
 TOLERANCE_OPTIONS = {
@@ -68,6 +70,12 @@ def add_options(parser: pytest.Parser) -> None:
            "configurations) or always", metavar="MODE")
     option("html", "write a self-contained HTML report (matrix, metrics, per-layer error curve, pictures) to this "
            "path", metavar="PATH")
+    option("api", f"MNN API that runs the models: {', '.join(API_MODES)} (default auto: the session API where a "
+           "session can run the model, the Module API where it cannot; both: the API is a matrix axis and the two "
+           "are compared)", metavar="MODE")
+    option("stream", "streaming model: feed state outputs back into inputs step by step, e.g. "
+           "\"h_out->h;steps=8\" (model=GLOB; limits it to some models); repeatable",
+           ini_type="linelist", action="append", default=None, metavar="SPEC")
     group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
                     help="run only the generated parity items: do not collect test files")
 
@@ -95,6 +103,8 @@ class Options:
     artifacts: Path | None = None
     artifacts_when: str = "on-failure"
     html: Path | None = None
+    api: str = "auto"
+    streams: tuple[StreamSpec, ...] = ()
     rootpath: Path = Path(".")
     invocation_dir: Path = Path(".")
 
@@ -159,7 +169,14 @@ class Options:
             raise pytest.UsageError(f"--mnn-artifacts-when: expected one of {', '.join(ARTIFACT_MODES)}, "
                                     f"got {artifacts_when!r}")
         html = get("html")
+        try:
+            api = parse_api(get("api") or "auto")
+            streams = tuple(parse_stream(text) for text in _as_list(get("stream") or []) if text.strip())
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
         return cls(
+            api=api,
+            streams=streams,
             input_sets=[p.strip() for chunk in _as_list(get("input_sets")) for p in chunk.split(",") if p.strip()],
             hypothesis=hypothesis,
             hypothesis_dir=Path(hypothesis_dir) if hypothesis_dir else _cache_dir(config) / "d" / "mnn-parity",
@@ -187,12 +204,19 @@ class Options:
         )
 
     def reproduce_command(self, model: str, backend: str, precision: str, variant: str | None = None,
-                          input_set: str | None = None) -> str:
-        """A command that reruns exactly one configuration of one model (conversion variant, input set)."""
+                          input_set: str | None = None, api: str | None = None) -> str:
+        """A command that reruns exactly one configuration of one model (conversion variant, input set, API)."""
         parts = ["pytest", "--mnn-only", "--mnn-model", model, "--mnn-backends", backend,
                  "--mnn-precisions", precision, "--mnn-seed", str(self.seed)]
         if variant is not None:
             parts += ["--mnn-convert", variant]
+        if self.api != "auto":
+            parts += ["--mnn-api", self.api]
+        if self.api == "both" and api:
+            # Both APIs must run for the cross-API comparison; -k picks this item by its id.
+            parts += ["-k", "-".join(p for p in (api, variant, input_set, f"{backend}-{precision}") if p)]
+        for spec in self.streams:
+            parts += ["--mnn-stream", spec.text()]
         if self.threads != 4:
             parts += ["--mnn-threads", str(self.threads)]
         if self.reference:
@@ -213,7 +237,8 @@ class Options:
 
     def settings_dict(self) -> dict[str, Any]:
         return {"backends": self.backends, "precisions": self.precisions, "reference": self.reference or "cpu",
-                "seed": self.seed, "threads": self.threads, "layers": self.layers,
+                "seed": self.seed, "threads": self.threads, "layers": self.layers, "api": self.api,
+                "streams": [spec.text() for spec in self.streams],
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
                 "input_sets": self.input_sets or None, "hypothesis": self.hypothesis,
                 "convert": self.convert, "convert_flags": list(self.convert_flags),

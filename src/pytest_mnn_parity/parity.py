@@ -52,6 +52,10 @@ class ParitySettings:
     # configuration whose outputs were judged, while the arrays exist (e.g.
     # artifacts.ArtifactWriter); results never keep arrays themselves.
     output_sink: Callable[..., None] | None = None
+    # Which MNN API runs the models: "auto", "session", "module" or "both" (see apis.py).
+    api: str = "auto"
+    # Streaming declarations (stream.StreamSpec): state outputs fed back into inputs, step by step.
+    streams: tuple = ()
 
 
 LAYER_MODES = ("off", "on-failure", "always")
@@ -63,10 +67,14 @@ _TRACEABLE = {Category.OK, Category.SHAPE_MISMATCH, Category.NON_FINITE, Categor
 class ReferenceRunError(ModelError):
     """The reference configuration itself could not run the model."""
 
-    def __init__(self, path: Path, run: RunOutput):
+    def __init__(self, path: Path, run: RunOutput, session_log: str = ""):
         self.run = run
-        super().__init__(path, f"the reference run failed: runSession returned {run.rc} ({error_name(run.rc)})",
-                         _runtime_hint(run), run.log)
+        super().__init__(path, f"the reference run failed: {_run_failure(run)}",
+                         _runtime_hint(run), session_log + run.log)
+
+
+class EmptyReferenceOutputs(ModelError):
+    """The reference run returned success but left outputs empty (shapes MNN could not compute)."""
 
 
 @dataclass
@@ -112,6 +120,17 @@ class ParityResult:
     search: dict[str, Any] | None = None
     # What an output_sink wrote (artifacts.ArtifactWriter: picture paths); None without one.
     artifacts: dict[str, Any] | None = None
+    # The MNN API that ran ("session" or "module") and why; see apis.py.
+    api: str | None = None
+    api_reason: str = ""
+    api_axis: bool = False
+    # What is known of the backend where it cannot be read back (Module API).
+    backend_note: str = ""
+    trace_note: str = ""
+    # --mnn-api both: a module item's outputs against the session API's.
+    cross_api: dict[str, Any] | None = None
+    # Streaming models: every step's judgement and the first failing step (stream.stream_record).
+    stream: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -138,12 +157,22 @@ class ParityEngine:
         # Per-model input shapes (from a sidecar) and where each came from.
         self._model_shapes: dict[Path, tuple[dict[str, tuple[int, ...]], str]] = {}
         from .onnx_engine import OnnxSide  # noqa: PLC0415 - it uses this module's types
+        from .apis import ApiSide  # noqa: PLC0415
+        from .stream import StreamSide  # noqa: PLC0415
 
         self.onnx = OnnxSide(self)
+        self.apis = ApiSide(self)
+        self.streams = StreamSide(self)
 
     # -- models -----------------------------------------------------------------
-    def model(self, path: os.PathLike | str) -> LoadedModel:
-        """The loaded model, loading it once; a load failure is remembered and re-raised."""
+    def model(self, path: os.PathLike | str, api: str = "session") -> LoadedModel:
+        """The loaded model, loading it once; a load failure is remembered and re-raised.
+
+        ``api="module"`` gives the model loaded through MNN's Module API instead
+        (``module_runner.ModuleModel``, same interface).
+        """
+        if api == "module":
+            return self.apis.module(path)
         key = _key(path)
         cached = self._models.get(key)
         if cached is None:
@@ -170,6 +199,8 @@ class ParityEngine:
                 value = cache.pop(cached)
                 if isinstance(value, ReferenceTrace):
                     value.close()
+        self.apis.release(key)
+        self.streams.release(key)
 
     def set_input_shapes(self, path: os.PathLike | str, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
         """Shapes for one model (a sidecar's [shapes]); ``--mnn-input-shape`` still wins per input."""
@@ -186,13 +217,14 @@ class ParityEngine:
         return shapes, {name: f"{source} {name}" for name in own if name not in self.settings.input_shapes}
 
     def reference_model(self, model: LoadedModel) -> LoadedModel:
-        """The model the reference runs: ``model`` itself, or ``--mnn-reference`` with the same input shapes."""
+        """The model the reference runs: ``model`` itself, or ``--mnn-reference`` with the same input shapes
+        (on the same MNN API as ``model``)."""
         if not self.settings.reference:
             return model
         own = self._model_shapes.get(_key(model.path))
         if own is not None and _key(self.settings.reference) not in self._model_shapes:
             self._model_shapes[_key(self.settings.reference)] = own
-        return self.model(self.settings.reference)
+        return self.model(self.settings.reference, _api(model))
 
     def inputs(self, model: LoadedModel, input_set: InputSet | None = None
                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -219,6 +251,8 @@ class ParityEngine:
     # -- reference --------------------------------------------------------------
     def reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
         key = _set_key(model.path, input_set)
+        if _api(model) != "session":  # each API is compared against its own reference
+            key = (key if isinstance(key, tuple) else (key,)) + (_api(model),)
         cached = self._references.get(key)
         if cached is None:
             try:
@@ -241,18 +275,21 @@ class ParityEngine:
         else:
             ref_model = model
             description = f"same model on {REFERENCE_CONFIG.describe()}"
-        scanner = RiskScanner() if self.settings.layers != "off" else None
+        if _api(model) != "session":
+            description += f" ({_api(model)} API)"
+        # The activation scan needs per-op callbacks, which only sessions have.
+        scanner = RiskScanner() if self.settings.layers != "off" and _api(model) == "session" else None
         run_a = ref_model.run(REFERENCE_CONFIG, inputs_a, observer=scanner)
         run_b = ref_model.run(REFERENCE_CONFIG, inputs_b)
         for run in (run_a, run_b):
             if not run.ok:
-                raise ReferenceRunError(ref_model.path, run)
+                raise ReferenceRunError(ref_model.path, run, ref_model.session_backend(REFERENCE_CONFIG)[1])
             empty = [name for name, arr in run.outputs.items() if arr.size == 0]
             if empty:
-                raise ModelError(ref_model.path, f"the reference run produced empty outputs {empty}",
-                                 _runtime_hint(run), run.log)
+                raise EmptyReferenceOutputs(ref_model.path, f"the reference run produced empty outputs {empty}",
+                                            _runtime_hint(run), run.log)
         weight_risks = []
-        if scanner is not None:
+        if self.settings.layers != "off":
             try:
                 weight_risks = _without_repeats(fp16_weight_risks(ref_model.path,
                                                                   min_fraction=WEIGHT_RISK_MIN_FRACTION))
@@ -272,19 +309,20 @@ class ParityEngine:
               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
               reproduce: str = "", variant: str | None = None, input_set: InputSet | None = None,
               output_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None,
-              layer_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None
-              ) -> ParityResult:
+              layer_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None,
+              api: str | None = None) -> ParityResult:
         """Run ``config`` and judge it.  An ``.onnx`` model is converted first (``variant``:
         ``fp32`` by default, see ``variants.VARIANTS``) and compared against ONNX Runtime.
 
         ``input_set``: a named set (default: seeded generated inputs).
         ``output_tolerances`` / ``layer_tolerances``: for some outputs / traced
         ops, their own override layers (the whole list, as ``tolerance_layers``).
+        ``api``: "session", "module" or "auto" (default: ``settings.api``, see ``apis``).
         """
         if variant is None and is_onnx(model_path):
             variant = "fp32"
         result = self._check(model_path, config, tolerance_layers, reproduce, variant, input_set,
-                             output_tolerances, layer_tolerances)
+                             output_tolerances, layer_tolerances, api)
         result.variant = variant
         return result
 
@@ -292,22 +330,25 @@ class ParityEngine:
                tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]], reproduce: str,
                variant: str | None, input_set: InputSet | None = None,
                output_tolerances: Mapping[str, Sequence] | None = None,
-               layer_tolerances: Mapping[str, Sequence] | None = None) -> ParityResult:
+               layer_tolerances: Mapping[str, Sequence] | None = None, api: str | None = None) -> ParityResult:
         model_label = str(model_path)
         status = backends.discover([config.backend])[config.backend]
         if not status.available:
             return ParityResult(model_label, config, Category.BACKEND_UNAVAILABLE, status.reason,
                                 forward_type=status.forward_type)
         conversion = ""
+        api_fields: dict[str, Any] = {}
         try:
             if is_onnx(model_path):
                 model_path, conversion = self.onnx.converted(model_path, variant)
-            model = self.model(model_path)
+            choice = self.apis.resolve(model_path, api)
+            api_fields = {"api": choice.api, "api_reason": choice.reason, "api_axis": choice.axis}
+            model = self.model(model_path, choice.api)
             reference = self.reference(model, input_set)
-        except ReferenceRunError as exc:
-            return self._check_without_reference(model, config, exc, reproduce, input_set)
+        except (ReferenceRunError, EmptyReferenceOutputs) as exc:
+            return self._check_without_reference(model, config, exc, reproduce, input_set, api_fields)
         except ModelError as exc:
-            return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log)
+            return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log, **api_fields)
         arithmetic = backends.probe_arithmetic(config.backend, config.precision)
         tol = self.tolerance(config, tolerance_layers, variant)
         output_tolerances = {k: self.tolerance(config, v, variant) for k, v in (output_tolerances or {}).items()}
@@ -315,17 +356,24 @@ class ParityEngine:
         inputs_a, inputs_b = self.inputs(model, input_set)
         set_label = input_set.name if input_set is not None else f"seeded:{self.settings.seed}"
         forward, session_log = model.session_backend(config)
-        result = ParityResult(model_label, config, Category.OK, "", backends.forward_name(forward), forward, tol,
+        result = ParityResult(model_label, config, Category.OK, "", _backend_name(forward), forward, tol,
                               reference=reference.description, input_set=set_label, log=session_log,
                               fp16_risks=list(reference.fp16_risks), weight_risks=list(reference.weight_risks),
                               arithmetic=arithmetic, variant=variant, conversion=conversion,
-                              input_detail=input_set.describe() if input_set is not None else "")
+                              input_detail=input_set.describe() if input_set is not None else "", **api_fields)
+        if choice.api == "module":
+            result.backend_note = model.backend_note(config)
         if model.falls_back(config):
             result.category = Category.BACKEND_FALLBACK
-            result.message = (f"{config.backend} was available at discovery but this session runs on "
+            runner = "this module" if choice.api == "module" else "this session"
+            result.message = (f"{config.backend} was available at discovery but {runner} runs on "
                               f"{backends.forward_name(forward)} (forward type {forward}): MNN fell back silently. "
                               f"MNN said: {_last_lines(session_log)}")
             return result
+        # A stream feeds back its own state, so it runs the seeded inputs only.
+        stream = self.streams.spec_for(model_path) if input_set is None else None
+        if stream is not None:
+            return self.streams.check(result, model, config, tol, stream, reproduce)
         run_a = model.run(config, inputs_a)
         run_b = model.run(config, inputs_b) if run_a.ok else run_a
         result.rc, result.seconds = run_a.rc if not run_a.ok else run_b.rc, run_a.seconds
@@ -334,12 +382,15 @@ class ParityEngine:
         if failed_run is not None:
             result.category = Category.RUNTIME_ERROR
             result.verdict = Verdict(Category.RUNTIME_ERROR)
-            result.message = failure_message(result, model, error=_runtime_error_text(failed_run), reproduce=reproduce)
+            result.message = failure_message(result, model, error=_runtime_error_text(failed_run, result.log),
+                                             reproduce=reproduce)
             return result
         result.verdict = judge_outputs(run_a.outputs, reference.outputs_a, tol,
                                        targets_b=run_b.outputs, references_b=reference.outputs_b,
                                        output_tolerances=output_tolerances)
         result.category = result.verdict.category
+        if choice.api == "module" and self.settings.api == "both":
+            self.apis.cross_check(result, model_path, config, tol, inputs_a, run_a.outputs)
         if input_set is None:
             result.input_set = f"{set_label} ({self._fingerprint(model)})"
         else:
@@ -356,6 +407,17 @@ class ParityEngine:
     def _trace(self, result: ParityResult, model: LoadedModel, config: RunConfig, tol: Tolerance,
                inputs: Mapping[str, np.ndarray], input_set: InputSet | None = None,
                layer_tolerances: Mapping[str, Tolerance] | None = None) -> None:
+        if _api(model) == "module":
+            from .apis import NO_TRACE, TRACE_VIA_SESSION  # noqa: PLC0415
+
+            session = self.apis.session_for_trace(model.path)
+            if session is None:
+                result.trace_note = NO_TRACE
+                return
+            self._trace(result, session, config, tol, inputs, input_set, layer_tolerances)
+            if result.trace is not None:
+                result.trace.method = f"{TRACE_VIA_SESSION}: {result.trace.method}"
+            return
         if self.onnx.reference_path(model) is not None:
             self.onnx.localise(result, model, config, tol, inputs)
             return
@@ -390,21 +452,35 @@ class ParityEngine:
         return self._reference_traces[key]
 
 
-    def _check_without_reference(self, model: LoadedModel, config: RunConfig, exc: ReferenceRunError,
-                                 reproduce: str, input_set: InputSet | None = None) -> ParityResult:
+    def _check_without_reference(self, model: LoadedModel, config: RunConfig, exc: ModelError,
+                                 reproduce: str, input_set: InputSet | None = None,
+                                 api_fields: Mapping[str, Any] | None = None) -> ParityResult:
         """The reference cannot run the model: if the target cannot either, that is the finding."""
         forward, session_log = model.session_backend(config)
         run = model.run(config, self.inputs(model, input_set)[0])
         set_label = input_set.name if input_set is not None else f"seeded:{self.settings.seed}"
-        result = ParityResult(str(model.path), config, Category.MODEL_ERROR, str(exc), backends.forward_name(forward),
+        result = ParityResult(str(model.path), config, Category.MODEL_ERROR, str(exc), _backend_name(forward),
                               forward, resolve(config.backend, config.precision), rc=run.rc,
                               reference="unavailable: " + exc.reason, input_set=set_label,
-                              log=session_log + exc.log + run.log)
-        if not run.ok:
+                              log=session_log + exc.log + run.log, **(api_fields or {}))
+        empty = [name for name, arr in run.outputs.items() if arr.size == 0]
+        if not run.ok or empty:
             result.category = Category.RUNTIME_ERROR
             result.verdict = Verdict(Category.RUNTIME_ERROR)
-            result.message = failure_message(result, model, error=_runtime_error_text(run), reproduce=reproduce)
+            error = (_runtime_error_text(run, result.log) if not run.ok else
+                     f"outputs {empty} came back empty (not judged).\n  MNN said: {_mnn_said(result.log)}\n"
+                     f"  hint: {_runtime_hint(run)}")
+            result.message = failure_message(result, model, error=error, reproduce=reproduce)
         return result
+
+
+def _api(model) -> str:
+    return getattr(model, "api", "session")
+
+
+def _backend_name(forward: int | None) -> str | None:
+    # None: the Module API, which cannot read back its backend (see module_runner).
+    return None if forward is None else backends.forward_name(forward)
 
 
 def _without_repeats(risks: list[WeightRisk]) -> list[WeightRisk]:
@@ -451,13 +527,31 @@ def _last_lines(log: str, n: int = 3) -> str:
 
 
 def _runtime_hint(run: RunOutput) -> str:
+    if getattr(run, "failure", ""):  # the Module API already handles control flow
+        if run.rc == 3 or "Compute Shape Error" in run.log:
+            return "MNN could not compute the output shapes: check the input shapes (--mnn-input-shape)"
+        return "see MNN's log above"
     if run.rc == 3 or "Compute Shape Error" in run.log or "not resized" in run.log:
         return ("MNN could not compute the output shapes. A model with control flow (ONNX If/Loop, or an LSTM "
-                "converted to While) cannot run in a session: use the Module API (MNN.nn.load_module_from_file) "
-                "or re-convert with --useOriginRNNImpl; a dynamic input needs --mnn-input-shape")
+                "converted to While) cannot run in a session: use the Module API (--mnn-api auto or module; "
+                "MNN.nn.load_module_from_file) or re-convert with --useOriginRNNImpl; a dynamic input needs "
+                "--mnn-input-shape")
     return "see MNN's log above"
 
 
-def _runtime_error_text(run: RunOutput) -> str:
-    return (f"runSession returned {run.rc} ({error_name(run.rc)}); outputs were not read (MNN leaves stale data "
-            f"after a failed run).\n  MNN said: {_last_lines(run.log, 4)}\n  hint: {_runtime_hint(run)}")
+def _run_failure(run: RunOutput) -> str:
+    """What failed, in the terms of the API that ran it."""
+    return getattr(run, "failure", "") or f"runSession returned {run.rc} ({error_name(run.rc)})"
+
+
+def _mnn_said(log: str, n: int = 4) -> str:
+    """MNN's error lines first (``Compute Shape Error for out`` is printed at resize, before the run)."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if "rror" in line]
+    chosen = list(dict.fromkeys(errors[:2] + lines[-(n - min(2, len(errors))):])) if lines else []
+    return " | ".join(chosen) if chosen else "(nothing)"
+
+
+def _runtime_error_text(run: RunOutput, log: str = "") -> str:
+    return (f"{_run_failure(run)}; outputs were not read (MNN leaves stale data "
+            f"after a failed run).\n  MNN said: {_mnn_said(log or run.log)}\n  hint: {_runtime_hint(run)}")

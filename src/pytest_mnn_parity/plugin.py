@@ -108,7 +108,7 @@ class ParityRun:
         self.engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
                                                   reference=options.reference, threads=options.threads,
                                                   layers=options.layers, converter_flags=options.convert_flags,
-                                                  output_sink=self.writer))
+                                                  output_sink=self.writer, api=options.api, streams=options.streams))
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
@@ -140,10 +140,13 @@ class ParityRun:
         return items
 
     def cases(self, model_path) -> list[Case]:
-        """Every item to generate for one model, in a stable order; an ONNX model once per conversion variant."""
+        """Every item to generate for one model, in a stable order; an ONNX model once per conversion variant,
+        each configuration once per API with --mnn-api both."""
+        apis = ["session", "module"] if self.options.api == "both" else [None]
         variants = self.options.convert if is_onnx(model_path) else [None]
-        return [Case(RunConfig(backend, precision, self.options.threads), variant=variant, input_set=input_set)
-                for variant in variants for input_set in self.inputs.set_names(model_path)
+        return [Case(RunConfig(backend, precision, self.options.threads), variant=variant, input_set=input_set,
+                     api=api)
+                for api in apis for variant in variants for input_set in self.inputs.set_names(model_path)
                 for backend in self.options.backends for precision in self.options.precisions]
 
     def backend_status(self, backend: str):
@@ -161,8 +164,9 @@ class ParityRun:
         if self.writer is not None:
             self.writer.label = scaleout.stable_nodeid(item)
         result = checks if isinstance(checks, ParityResult) else self.engine.check(
-            item.model_path, config, variant=variant, reproduce=self.options.reproduce_command(
-                model, config.backend, config.precision, variant, input_set=item.case.input_set), **checks)
+            item.model_path, config, variant=variant, api=item.case.api, reproduce=self.options.reproduce_command(
+                model, config.backend, config.precision, variant, input_set=item.case.input_set, api=item.case.api),
+            **checks)
         result.model = model
         for name, value in _junit_properties(result):
             item.user_properties.append((name, value))
@@ -184,7 +188,8 @@ class ParityRun:
             return None
         if report.when == "setup" and report.skipped and item.result is None:
             result = ParityResult(node_id_path(item.model_path, item.config.rootpath), item.run_config,
-                                  Category.BACKEND_UNAVAILABLE, _skip_reason(report), variant=item.case.variant)
+                                  Category.BACKEND_UNAVAILABLE, _skip_reason(report), variant=item.case.variant,
+                                  api=item.case.api, api_axis=item.case.api is not None)
             return record(item.nodeid, result, "skipped")
         if item.result is None:
             return None
@@ -237,6 +242,8 @@ def _skip_reason(report) -> str:
 def _junit_properties(result: ParityResult):
     yield "mnn_category", result.category.value
     yield "mnn_backend_used", str(result.backend_used)
+    if result.api is not None:
+        yield "mnn_api", result.api
     if result.tolerance is not None:
         yield "mnn_tier", result.tolerance.tier
     if result.variant is not None:

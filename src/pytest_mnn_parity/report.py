@@ -19,7 +19,8 @@ SCHEMA = "pytest-mnn-parity/1"
 RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "arithmetic", "variant",
                  "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
-                 "seconds", "search", "artifacts")
+                 "seconds", "search", "artifacts", "api", "api_reason", "api_axis", "backend_note", "cross_api",
+                 "stream")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -51,6 +52,12 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "seconds": result.seconds,
         "search": getattr(result, "search", None),
         "artifacts": result.artifacts,
+        "api": result.api,
+        "api_reason": result.api_reason,
+        "api_axis": result.api_axis,
+        "backend_note": result.backend_note,
+        "cross_api": result.cross_api,
+        "stream": result.stream,
     }
 
 
@@ -163,7 +170,11 @@ def _row(rec: dict[str, Any]) -> str:
 
 def _column(rec: dict[str, Any]) -> str:
     # A model that never loaded has no configuration: it gets a column of its own.
-    return f"{rec['backend']}-{rec['precision']}" if rec.get("backend") else "load"
+    if not rec.get("backend"):
+        return "load"
+    # --mnn-api both: the API is an axis of the matrix, as in the item ids.
+    api = f"{rec['api']}-" if rec.get("api_axis") and rec.get("api") else ""
+    return f"{api}{rec['backend']}-{rec['precision']}"
 
 
 def _cell(rec: dict[str, Any]) -> str:
@@ -172,7 +183,9 @@ def _cell(rec: dict[str, Any]) -> str:
     metric = key_metric(rec)
     if rec.get("search") and not rec["search"].get("found"):
         metric = f"{rec['search']['runs']} examples"
-    return " ".join(part for part in (status, detail, metric) if part)
+    # Say where auto chose the Module API, so a column never hides which API ran.
+    api = "(module)" if rec.get("api") == "module" and not rec.get("api_axis") else ""
+    return " ".join(part for part in (status, api, detail, metric) if part)
 
 
 def risk_lines(records: list[dict[str, Any]]) -> list[str]:

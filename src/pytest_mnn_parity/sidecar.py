@@ -7,7 +7,9 @@ in the rootdir's ``pyproject.toml``) declares, for one model:
 * ``[input_sets.NAME]``: named input sets (see ``input_sets``);
 * ``[tolerance]``, ``[tolerance.outputs.NAME]``, ``[tolerance.layers.NAME]``:
   tolerance overrides for the whole model, one output, one traced layer;
-* ``[[xfail]]``: configurations expected to fail, with the reason.
+* ``[[xfail]]``: configurations expected to fail, with the reason;
+* ``[stream]``: a streaming model's state (``state = {h_out = "h"}``, ``steps``),
+  as ``--mnn-stream`` declares it (see ``stream``).
 
 Paths are relative to the file that declares them.  Everything that needs no
 model is checked when the file is read; errors name the file, the key and the fix.
@@ -16,16 +18,17 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from .backends import canonical_backend, canonical_precision
 from .input_sets import InputSet, SidecarError, Where, parse_source
 from .inputs import parse_input_shape
+from .stream import StreamSpec
 from .tolerances import OVERRIDABLE, resolve
 
-TOP_KEYS = ("shapes", "input_sets", "tolerance", "xfail")
+TOP_KEYS = ("shapes", "input_sets", "tolerance", "xfail", "stream")
 PYPROJECT_TABLE = "tool.mnn-parity.models"
 _SET_NAME = re.compile(r"^[A-Za-z0-9_.+]+(?:-[A-Za-z0-9_.+]+)*$")
 
@@ -56,6 +59,7 @@ class Sidecar:
     output_tolerances: dict[str, dict[str, float]] = field(default_factory=dict)
     layer_tolerances: dict[str, dict[str, float]] = field(default_factory=dict)
     xfails: list[XFail] = field(default_factory=list)
+    stream: StreamSpec | None = None
 
     @property
     def source(self) -> str:
@@ -145,7 +149,21 @@ def parse_sidecar(file: Path, table: str, data: Any, label: str) -> Sidecar:
         raise sidecar.where(key="xfail").error("expected [[xfail]] tables",
                                                '[[xfail]] with precision = "low" and reason = "..."')
     sidecar.xfails = [_xfail(sidecar, i, x) for i, x in enumerate(xfails)]
+    if "stream" in data:
+        sidecar.stream = _stream(sidecar, _table(sidecar, data, "stream"))
     return sidecar
+
+
+def _stream(sidecar: Sidecar, table: dict) -> StreamSpec:
+    if "model" in table:
+        raise sidecar.where("stream", "model").error("a sidecar's [stream] is for its own model",
+                                                     "drop the model key")
+    try:
+        spec = StreamSpec.from_mapping(table)
+    except ValueError as exc:
+        raise sidecar.where("stream").error(str(exc), 'write [stream] with state = { h_out = "h" } and steps = 8'
+                                            ) from None
+    return replace(spec, origin=f"{sidecar.source} [stream]")
 
 
 # -- sections -------------------------------------------------------------------------

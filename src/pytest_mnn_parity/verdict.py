@@ -31,6 +31,8 @@ class Category(str, Enum):
     CONSTANT_OUTPUT = "constant_output"
     STALE_OUTPUT = "stale_output"
     MISMATCH = "mismatch"
+    # --mnn-api both: the Module API's outputs disagree with the session API's.
+    API_MISMATCH = "api_mismatch"
 
     def __str__(self) -> str:
         return self.value
@@ -40,7 +42,7 @@ class Category(str, Enum):
 CATEGORY_ORDER = [
     Category.MODEL_ERROR, Category.BACKEND_UNAVAILABLE, Category.BACKEND_FALLBACK, Category.RUNTIME_ERROR,
     Category.SHAPE_MISMATCH, Category.NON_FINITE, Category.ZERO_OUTPUT, Category.PARTIAL_ZERO,
-    Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH, Category.OK,
+    Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH, Category.API_MISMATCH, Category.OK,
 ]
 
 
@@ -102,6 +104,12 @@ def fails_tolerance(m: OutputMetrics, tol: Tolerance) -> bool:
     return m.outside_fraction > tol.max_outside_fraction or not m.cosine >= tol.min_cosine
 
 
+def dtype_family(dtype) -> str:
+    """``float`` or ``integer``: widths are not compared, since MNN stores int64 as int32 and float64 as
+    float32 where ONNX Runtime keeps them, and bool as an integer type."""
+    return "float" if np.dtype(dtype).kind in "fc" else "integer"
+
+
 def judge_output(name: str, target: np.ndarray, reference: np.ndarray, tol: Tolerance,
                  *, target_b: np.ndarray | None = None, reference_b: np.ndarray | None = None) -> OutputVerdict:
     """Judge one output. ``*_b`` are the same output for the second input set (stale check)."""
@@ -109,9 +117,16 @@ def judge_output(name: str, target: np.ndarray, reference: np.ndarray, tol: Tole
     if target.size == 0 and reference.size != 0:
         return OutputVerdict(name, Category.RUNTIME_ERROR, None,
                              f"output is an empty tensor {target.shape}; the reference has shape {reference.shape}")
+    same_kind = dtype_family(target.dtype) == dtype_family(reference.dtype)
     if target.shape != reference.shape:
+        dtypes = "" if same_kind else f" (and dtype {target.dtype} vs {reference.dtype})"
         return OutputVerdict(name, Category.SHAPE_MISMATCH, None,
-                             f"shape {target.shape} but the reference has {reference.shape}")
+                             f"shape {target.shape} but the reference has {reference.shape}{dtypes}")
+    if not same_kind:
+        # An int output where the reference is float (or the reverse) is a different
+        # interface even when the numbers would compare equal.
+        return OutputVerdict(name, Category.SHAPE_MISMATCH, None,
+                             f"dtype {target.dtype} but the reference has {reference.dtype} (shape {target.shape})")
     m = compare(target, reference, atol=tol.atol, rtol=tol.rtol)
     stale_m = None
     stale = False
