@@ -87,7 +87,9 @@ class ParityItem(pytest.Item):
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
-        return self.model_path, 0, f"{self.parent.name}::{self.name}"
+        # The domain is the item's own name: pytest turns dots in a domain into
+        # "::" (it expects dotted Python names), which would mangle "x.mnn".
+        return self.model_path, 0, self.name
 
 
 class ModelLoadFailure(pytest.fail.Exception):
@@ -121,7 +123,7 @@ class ModelErrorItem(pytest.Item):
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
-        return self.path, 0, f"{self.parent.name}::{self.name}"
+        return self.path, 0, self.name
 
 
 def node_id_path(path: Path, rootpath: Path) -> str:
