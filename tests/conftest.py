@@ -51,3 +51,16 @@ def read_report(path: Path) -> dict:
 
 def results_by_nodeid(report: dict) -> dict[str, dict]:
     return {r["nodeid"]: r for r in report["results"]}
+
+
+def plugin_env(**extra: str) -> dict[str, str]:
+    """Environment for a child Python that must import this checkout's plugin whatever its working directory
+    (a relative PYTHONPATH=src would point elsewhere)."""
+    import os
+
+    import pytest_mnn_parity
+
+    env = dict(os.environ, **extra)
+    root = str(Path(pytest_mnn_parity.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env

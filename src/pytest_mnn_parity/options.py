@@ -15,7 +15,9 @@ import pytest
 
 from .backends import DEFAULT_BACKENDS, PRECISIONS, canonical_backend, canonical_precision
 from .inputs import parse_input_shapes
+from .limits import DEFAULT_MAX_INPUT_MB
 from .parity import LAYER_MODES
+from .reliability import ISOLATE_MODES
 
 TOLERANCE_OPTIONS = {
     "atol": "absolute tolerance as a fraction of each output's largest |reference| value",
@@ -49,6 +51,13 @@ def add_options(parser: pytest.Parser) -> None:
     option("layers", "per-layer trace: off, on-failure (default: trace configurations whose outputs are wrong "
            "and name the first divergent layer) or always", metavar="MODE")
     option("report", "write the JSON report (schema pytest-mnn-parity/1) to this path", metavar="PATH")
+    option("isolate", "run configurations in worker processes so a crash or hang fails one item: always (the "
+           "default when the option is given without a value), never, or auto (the default: every backend but "
+           "the CPU, and every backend when --mnn-timeout is set)", nargs="?", const="always", metavar="MODE")
+    option("timeout", "seconds one configuration may take; an isolated worker is killed then (default: none, "
+           "600 for isolated configurations; 0: none)", metavar="SECONDS")
+    option("max-input-mb", f"refuse models whose inputs need more than this many MiB per input set, before "
+           f"allocating them (default {DEFAULT_MAX_INPUT_MB:g})", metavar="MB")
     group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
                     help="run only the generated parity items: do not collect test files")
 
@@ -66,6 +75,9 @@ class Options:
     tolerance_cli: dict[str, float] = field(default_factory=dict)
     report: Path | None = None
     layers: str = "on-failure"
+    isolate: str = "auto"
+    timeout: float | None = None
+    max_input_mb: float = DEFAULT_MAX_INPUT_MB
     only: bool = False
     rootpath: Path = Path(".")
     invocation_dir: Path = Path(".")
@@ -79,13 +91,19 @@ class Options:
                 return ini if ini not in ("", [], None) else None
             return value
 
+        def where(name: str) -> str:
+            """The option, or the ini key and its file when the value came from there."""
+            if config.getoption(f"mnn_{name}") in (None, []) and config.inipath is not None:
+                return f"mnn_{name} in {config.inipath}"
+            return f"--mnn-{name.replace('_', '-')}"
+
         def listed(name: str, default, canon) -> list[str]:
             raw = get(name)
             items = default if raw is None else [p for chunk in _as_list(raw) for p in chunk.split(",")]
             try:
                 return list(dict.fromkeys(canon(p) for p in items if p.strip()))
             except ValueError as exc:
-                raise pytest.UsageError(f"--mnn-{name}: {exc}") from None
+                raise pytest.UsageError(f"{where(name)}: {exc}") from None
 
         def number(name: str, kind, default):
             raw = get(name)
@@ -94,15 +112,21 @@ class Options:
             try:
                 return kind(raw)
             except ValueError:
-                raise pytest.UsageError(f"--mnn-{name.replace('_', '-')}: expected a number, got {raw!r}") from None
+                raise pytest.UsageError(f"{where(name)}: expected a number, got {raw!r}") from None
 
         try:
             shapes = parse_input_shapes(_as_list(get("input_shape") or []))
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
         tol_cli = {k: number(k, float, None) for k in TOLERANCE_OPTIONS if config.getoption(f"mnn_{k}") is not None}
-        tol_ini = {k: float(config.getini(f"mnn_{k}")) for k in TOLERANCE_OPTIONS
-                   if config.getini(f"mnn_{k}") not in ("", None)}
+        tol_ini = {}
+        for k in TOLERANCE_OPTIONS:
+            if config.getini(f"mnn_{k}") not in ("", None):
+                try:
+                    tol_ini[k] = float(config.getini(f"mnn_{k}"))
+                except ValueError:
+                    raise pytest.UsageError(f"mnn_{k} in {config.inipath}: expected a number, got "
+                                            f"{config.getini(f'mnn_{k}')!r}") from None
         reference = get("reference")
         if reference is not None and str(reference).strip().lower() in ("", "cpu"):
             reference = None
@@ -113,6 +137,15 @@ class Options:
         layers = str(get("layers") or "on-failure").strip().lower()
         if layers not in LAYER_MODES:
             raise pytest.UsageError(f"--mnn-layers: expected one of {', '.join(LAYER_MODES)}, got {layers!r}")
+        isolate = str(get("isolate") or "auto").strip().lower()
+        if isolate not in ISOLATE_MODES:
+            raise pytest.UsageError(f"{where('isolate')}: expected one of {', '.join(ISOLATE_MODES)}, got {isolate!r}")
+        timeout = number("timeout", float, None)
+        if timeout is not None and not timeout >= 0:
+            raise pytest.UsageError(f"{where('timeout')}: expected seconds >= 0 (0: no timeout), got {timeout:g}")
+        max_input_mb = number("max_input_mb", float, DEFAULT_MAX_INPUT_MB)
+        if not max_input_mb > 0:
+            raise pytest.UsageError(f"{where('max_input_mb')}: expected a size in MiB > 0, got {max_input_mb:g}")
         return cls(
             models=[str(m) for m in _as_list(get("model") or [])],
             backends=listed("backends", DEFAULT_BACKENDS, canonical_backend),
@@ -125,6 +158,9 @@ class Options:
             tolerance_cli=tol_cli,
             report=Path(report) if report else None,
             layers=layers,
+            isolate=isolate,
+            timeout=timeout or None,
+            max_input_mb=max_input_mb,
             only=bool(config.getoption("mnn_only")),
             rootpath=config.rootpath,
             invocation_dir=config.invocation_params.dir,
@@ -142,6 +178,12 @@ class Options:
             parts += ["--mnn-layers", self.layers]
         for name, dims in self.input_shapes.items():
             parts += ["--mnn-input-shape", f"{name}={'x'.join(map(str, dims))}"]
+        if self.isolate != "auto":
+            parts += [f"--mnn-isolate={self.isolate}"]
+        if self.timeout is not None:
+            parts += ["--mnn-timeout", f"{self.timeout:g}"]
+        if self.max_input_mb != DEFAULT_MAX_INPUT_MB:
+            parts += ["--mnn-max-input-mb", f"{self.max_input_mb:g}"]
         for name, value in self.tolerance_cli.items():
             parts += [f"--mnn-{name.replace('_', '-')}", f"{value:g}"]
         return " ".join(shlex.quote(p) for p in parts)
@@ -150,6 +192,7 @@ class Options:
         return {"backends": self.backends, "precisions": self.precisions, "reference": self.reference or "cpu",
                 "seed": self.seed, "threads": self.threads, "layers": self.layers,
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+                "isolate": self.isolate, "timeout": self.timeout, "max_input_mb": self.max_input_mb,
                 "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli}}
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from . import backends
 from .explain import failure_message
 from .inputs import fingerprint, generate_inputs
+from .limits import DEFAULT_MAX_INPUT_MB, nonfinite_inputs
 from .model import ModelError
 from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig, RunOutput, error_name
 from .tolerances import Tolerance, resolve
@@ -41,6 +42,8 @@ class ParitySettings:
     # Per-layer tracing: "off", "on-failure" (trace a configuration whose
     # outputs are wrong) or "always".
     layers: str = "on-failure"
+    # One input set larger than this (MiB) is refused before it is allocated.
+    max_input_mb: float | None = DEFAULT_MAX_INPUT_MB
 
 
 LAYER_MODES = ("off", "on-failure", "always")
@@ -85,6 +88,12 @@ class ParityResult:
     variant: str | None = None
     trace: TraceResult | None = None
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
+    # {input name: {"nan", "inf", "size", "sets"}} when an input set holds NaN/Inf (allowed, but reported).
+    inputs_nonfinite: dict[str, Any] | None = None
+    # Set when the check ran in an isolated worker (isolation.py): {"pid", "index"}.
+    worker: dict[str, Any] | None = None
+    # Set for crashed/timeout: how the worker ended (signal, exit code, stderr tail).
+    fault: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -108,6 +117,8 @@ class ParityEngine:
         self._inputs: dict[Path, tuple[dict, dict]] = {}
         self._reference_traces: dict[Path, ReferenceTrace] = {}
         self._fingerprints: dict[Path, str] = {}
+        self._nonfinite: dict[Path, dict | None] = {}
+        self._provided: set[Path] = set()
 
     # -- models -----------------------------------------------------------------
     def model(self, path: os.PathLike | str) -> LoadedModel:
@@ -116,7 +127,7 @@ class ParityEngine:
         cached = self._models.get(key)
         if cached is None:
             try:
-                cached = LoadedModel(Path(path), self.settings.input_shapes)
+                cached = LoadedModel(Path(path), self.settings.input_shapes, max_input_mb=self.settings.max_input_mb)
             except ModelError as exc:
                 cached = exc
             self._models[key] = cached
@@ -132,6 +143,8 @@ class ParityEngine:
             model.close()
         self._inputs.pop(key, None)
         self._fingerprints.pop(key, None)
+        self._nonfinite.pop(key, None)
+        self._provided.discard(key)
         self._references.pop(key, None)
         trace = self._reference_traces.pop(key, None)
         if trace is not None:
@@ -145,6 +158,40 @@ class ParityEngine:
             self._inputs[key] = (generate_inputs(model.info.inputs, model.shapes, seed),
                                  generate_inputs(model.info.inputs, model.shapes, seed + 1))
         return self._inputs[key]
+
+    def provide_inputs(self, model_path: os.PathLike | str, inputs_a: Mapping[str, np.ndarray],
+                       inputs_b: Mapping[str, np.ndarray] | None = None) -> None:
+        """Use these arrays instead of generated inputs for this model (B defaults to the generated set B).
+
+        Every model input must be given, at the model's resolved shape; NaN/Inf
+        are allowed and reported in each result's ``inputs_nonfinite``.
+        """
+        model = self.model(model_path)
+        generated_a, generated_b = self.inputs(model)
+        given = []
+        for arrays in (inputs_a, inputs_b if inputs_b is not None else generated_b):
+            missing = sorted(set(generated_a) - set(arrays))
+            if missing:
+                raise ValueError(f"{model.path}: no array for input(s) {missing}")
+            converted = {}
+            for name, ref in generated_a.items():
+                array = np.asarray(arrays[name], dtype=ref.dtype)
+                if array.shape != ref.shape:
+                    raise ValueError(f"{model.path}: input {name!r} has shape {array.shape}, the model needs "
+                                     f"{ref.shape}")
+                converted[name] = array
+            given.append(converted)
+        key = _key(model.path)
+        self._inputs[key] = (given[0], given[1])
+        self._provided.add(key)
+        for cache in (self._fingerprints, self._nonfinite, self._references):
+            cache.pop(key, None)
+
+    def inputs_nonfinite(self, model: LoadedModel) -> dict[str, Any] | None:
+        key = _key(model.path)
+        if key not in self._nonfinite:
+            self._nonfinite[key] = nonfinite_inputs(*self.inputs(model))
+        return self._nonfinite[key]
 
     def _fingerprint(self, model: LoadedModel) -> str:
         key = _key(model.path)
@@ -205,11 +252,15 @@ class ParityEngine:
             return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log)
         tol = resolve(config.backend, config.precision, *tolerance_layers)
         inputs_a, inputs_b = self.inputs(model)
-        input_set = f"seeded:{self.settings.seed}"
-        forward, session_log = model.session_backend(config)
+        input_set = "provided" if _key(model.path) in self._provided else f"seeded:{self.settings.seed}"
+        try:
+            forward, session_log = model.session_backend(config)
+        except ModelError as exc:  # the reference's session worked, this configuration's did not
+            return ParityResult(model_label, config, Category.RUNTIME_ERROR, str(exc), tolerance=tol,
+                                reference=reference.description, input_set=input_set, log=exc.log)
         result = ParityResult(model_label, config, Category.OK, "", backends.forward_name(forward), forward, tol,
                               reference=reference.description, input_set=input_set, log=session_log,
-                              fp16_risks=list(reference.fp16_risks))
+                              fp16_risks=list(reference.fp16_risks), inputs_nonfinite=self.inputs_nonfinite(model))
         if model.falls_back(config):
             result.category = Category.BACKEND_FALLBACK
             result.message = (f"{config.backend} was available at discovery but this session runs on "

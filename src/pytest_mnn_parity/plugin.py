@@ -6,13 +6,14 @@ from typing import Any
 
 import pytest
 
-from . import backends as backend_discovery
+from .durable_report import IncrementalReport, report_path_problem
 from .items import PARITY_RUN, Case, ModelErrorItem, ModelFile, ParityItem, node_id_path
 from .model import ModelError, check_model_path, expand_model_args
 from .options import Options, add_options
 from .parity import ParityEngine, ParityResult, ParitySettings
+from .reliability import Isolation
 from .runner import RunConfig
-from .report import RECORD_FIELDS, build_report, matrix_lines, record, write_json_atomically
+from .report import RECORD_FIELDS, build_report, matrix_lines, record
 from .verdict import Category
 
 
@@ -30,6 +31,17 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(run, "mnn-parity-run")
     if options.report is not None:
         _check_writable(options.report)
+    # xdist workers send their records to the controller, which writes the report.
+    run.writes_report = not hasattr(config, "workerinput")
+    xdist_controller = run.writes_report and bool(getattr(config.option, "numprocesses", None))
+    if run.active and not xdist_controller:
+        run.isolation.start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run = config.stash.get(PARITY_RUN, None)
+    if run is not None:
+        run.isolation.close()
 
 
 def pytest_ignore_collect(collection_path, config: pytest.Config):
@@ -84,10 +96,13 @@ class ParityRun:
         self.options = options
         self.engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
                                                   reference=options.reference, threads=options.threads,
-                                                  layers=options.layers))
+                                                  layers=options.layers, max_input_mb=options.max_input_mb))
+        self.isolation = Isolation(self.engine, options.isolate, options.timeout, options.backends)
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
+        self.writes_report = True
+        self._report: IncrementalReport | None = None
 
     # -- collection -------------------------------------------------------------
     def collect(self, session: pytest.Session) -> list[pytest.Item]:
@@ -117,7 +132,7 @@ class ParityRun:
                 for backend in self.options.backends for precision in self.options.precisions]
 
     def backend_status(self, backend: str):
-        return backend_discovery.discover([backend])[backend]
+        return self.isolation.backend_status(backend)
 
     def plan(self, items: list[pytest.Item]) -> None:
         self._remaining = Counter(item.model_path for item in items if isinstance(item, ParityItem))
@@ -127,8 +142,8 @@ class ParityRun:
         config = item.run_config
         model = node_id_path(item.model_path, item.config.rootpath)
         layers = [("ini", self.options.tolerance_ini), ("command line", self.options.tolerance_cli)]
-        result = self.engine.check(item.model_path, config, layers,
-                                   reproduce=self.options.reproduce_command(model, config.backend, config.precision))
+        result = self.isolation.check(item.model_path, config, layers,
+                                      reproduce=self.options.reproduce_command(model, config.backend, config.precision))
         result.model = model
         for name, value in _junit_properties(result):
             item.user_properties.append((name, value))
@@ -138,7 +153,7 @@ class ParityRun:
         if isinstance(item, ParityItem):
             self._remaining[item.model_path] -= 1
             if self._remaining[item.model_path] <= 0:
-                self.engine.release(item.model_path)
+                self.isolation.release(item.model_path)
 
     # -- reporting --------------------------------------------------------------
     def record_for(self, item: pytest.Item, report: pytest.TestReport) -> dict[str, Any] | None:
@@ -164,18 +179,30 @@ class ParityRun:
         data = getattr(report, "mnn_parity", None)
         if data is not None:
             self._records.append(data)
+            writer = self._report_writer()
+            if writer is not None:
+                writer.add(data)
 
     def records(self) -> list[dict[str, Any]]:
         return list(self._records)
 
-    def write_report(self) -> None:
-        if self.options.report is None or not self.active:
-            return
+    def _report_writer(self) -> IncrementalReport | None:
+        """The report file, rewritten as items finish so a killed run still leaves one (durable_report.py)."""
+        if self.options.report is None or not self.active or not self.writes_report:
+            return None
+        if self._report is None:
+            self._report = IncrementalReport(self.options.report, self._report_header)
+        return self._report
+
+    def _report_header(self) -> dict[str, Any]:
         statuses = {name: {"available": s.available, "forward_type": s.forward_type, "reason": s.reason}
-                    for name, s in backend_discovery.discover(self.options.backends).items()}
-        data = build_report(self.records(), mnn_version=_mnn_version(), settings=self.options.settings_dict(),
-                            backends=statuses)
-        write_json_atomically(self.options.report, data)
+                    for name, s in ((n, self.backend_status(n)) for n in self.options.backends)}
+        return build_report([], mnn_version=_mnn_version(), settings=self.options.settings_dict(), backends=statuses)
+
+    def write_report(self) -> None:
+        writer = self._report_writer()
+        if writer is not None:
+            writer.flush()
 
 
 def _error_record(item: ModelErrorItem, report) -> dict[str, Any]:
@@ -211,11 +238,6 @@ def _mnn_version() -> str:
 
 
 def _check_writable(path) -> None:
-    import os
-    from pathlib import Path
-
-    parent = Path(path).resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise pytest.UsageError(f"--mnn-report {path}: cannot write there ({parent} is not writable)")
+    problem = report_path_problem(path)
+    if problem is not None:
+        raise pytest.UsageError(f"--mnn-report {path}: cannot write the report there: {problem}")

@@ -18,7 +18,8 @@ SCHEMA = "pytest-mnn-parity/1"
 
 RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "variant",
                  "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
-                 "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "rc", "seconds")
+                 "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "rc", "seconds",
+                 "inputs_nonfinite", "worker", "fault")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -45,6 +46,9 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "fp16_risks": [risk.as_dict() for risk in result.fp16_risks],
         "rc": result.rc,
         "seconds": result.seconds,
+        "inputs_nonfinite": getattr(result, "inputs_nonfinite", None),
+        "worker": getattr(result, "worker", None),
+        "fault": getattr(result, "fault", None),
     }
 
 

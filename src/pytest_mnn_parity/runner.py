@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .backends import canonical_backend, canonical_precision, forward_name, runs_as, session_forward_type
+from .limits import check_input_budget
 from .mnn_import import mnn
 from .model import LAYOUTS, ModelError, ModelInfo, TensorSpec, file_sha256, halide_type, open_interpreter, tensor_dtype
 from .native_output import capture_native_output
@@ -102,6 +103,9 @@ class LoadedModel:
 
     path: Path
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # Refuse inputs above this many MiB per input set before allocating them
+    # (``limits.check_input_budget``); None: no limit.
+    max_input_mb: float | None = None
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -109,6 +113,8 @@ class LoadedModel:
         self._sessions: dict[RunConfig, _Session] = {}
         self.info = self._describe()
         self.shapes = self._resolve_shapes()
+        if self.max_input_mb is not None:
+            check_input_budget(self.path, self.info.inputs, self.shapes, self.max_input_mb)
         # The session that described the model was created before the shapes
         # were known; it is the reference session, so it must be resized too.
         self._resize(self._sessions[REFERENCE_CONFIG].handle)
@@ -152,9 +158,18 @@ class LoadedModel:
             return cached
         start = time.perf_counter()
         with capture_native_output() as out:
-            handle = self.interpreter.createSession(config.session_config())
-            if resize:
-                self._resize(handle)
+            try:
+                handle = self.interpreter.createSession(config.session_config())
+            except Exception as exc:  # pymnn raises a bare Exception; corrupt models get here (fuzzing)
+                error: Exception | None = exc
+            else:
+                error = None
+                if resize:
+                    self._resize(handle)
+        if error is not None:
+            raise ModelError(self.path, f"MNN could not create a session for {config.describe()} ({error})",
+                             "the file is corrupt, or uses an operator or shape this MNN cannot run on that "
+                             "configuration; re-convert it", out.text)
         forward = session_forward_type(self.interpreter, handle)
         created = _Session(handle, forward, out.text, time.perf_counter() - start)
         self._sessions[config] = created

@@ -1,0 +1,442 @@
+"""Run configurations in worker processes, so a crash or a hang costs one item, not the run.
+
+``IsolatedEngine`` has the engine's interface (``check``, ``release``) and
+works without pytest.  Each model gets a worker process (``worker.py``) that
+stays alive across that model's configurations, so the model is loaded and its
+reference computed once, as in-process.  A spare worker is started ahead of
+need so the next model does not wait for Python and MNN to import.
+
+* A worker that dies (by a signal or an exit) yields category ``crashed`` with
+  the signal's name and the tail of the worker's stderr (where ``faulthandler``
+  wrote the Python stack); the model's next configuration gets a fresh worker.
+* A configuration that runs longer than the timeout yields ``timeout``: the
+  worker is asked to dump its stack (SIGUSR1), then killed (SIGKILL).
+
+Backend probes of isolated backends run in a worker too: probing is where a
+broken GPU driver usually crashes first.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from . import backends, wire
+from .parity import ParityResult, ParitySettings, _key
+from .runner import RunConfig
+from .tolerances import resolve
+from .verdict import Category
+from .worker import PARENT_PID_ENV
+
+STARTUP_TIMEOUT = 120.0  # importing numpy and MNN; not part of any configuration's time
+PROBE_TIMEOUT = 60.0  # GPU session creation can take seconds (kernel compilation)
+STACK_DUMP_WAIT = 1.0
+TAIL_LINES = 25
+
+
+class WorkerDied(Exception):
+    def __init__(self, returncode: int | None):
+        self.returncode = returncode
+        super().__init__(f"worker ended with {returncode}")
+
+
+class WorkerTimedOut(Exception):
+    pass
+
+
+class WorkerError(RuntimeError):
+    """A Python exception inside the worker (not a crash): re-raised in the parent like an in-process one."""
+
+
+class Worker:
+    """One ``python -m pytest_mnn_parity.worker`` process and its pipes."""
+
+    def __init__(self, settings: ParitySettings):
+        self.stderr = tempfile.TemporaryFile(prefix="mnn-parity-worker-", suffix=".stderr")
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env[PARENT_PID_ENV] = str(os.getpid())
+        self.proc = subprocess.Popen([sys.executable, "-m", "pytest_mnn_parity.worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, env=env)
+        self.pid = self.proc.pid
+        self.checks = 0
+        self.ready = False
+        self._buffer = b""
+        try:
+            self._send({"op": "init", "settings": wire.settings_to_wire(settings), "cwd": os.getcwd()})
+        except WorkerDied:
+            pass  # it died starting up: the first request reports it, with its stderr
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(self) -> None:
+        """Wait for the worker's imports (not part of any timeout); ``WorkerDied`` if it died starting."""
+        if not self.ready:
+            hello = self._receive(STARTUP_TIMEOUT)
+            self.ready = bool(hello.get("ready"))
+
+    def request(self, message: Mapping[str, Any], timeout: float | None) -> dict[str, Any]:
+        """Send one request and wait for its reply; ``WorkerDied`` / ``WorkerTimedOut`` otherwise."""
+        self.wait_ready()
+        self._send(message)
+        return self._receive(timeout)
+
+    def _send(self, message: Mapping[str, Any]) -> None:
+        try:
+            self.proc.stdin.write(wire.dumps(dict(message)))
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise WorkerDied(self._reap()) from None
+
+    def _receive(self, timeout: float | None) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise WorkerTimedOut()
+            ready, _, _ = select.select([fd], [], [], wait)
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise WorkerDied(self._reap())
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return wire.loads(line)
+
+    def _reap(self, wait: float = 10.0) -> int | None:
+        try:
+            return self.proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:  # alive but not answering: a closed pipe or a hang
+            self.proc.kill()
+            try:
+                return self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # stuck in the kernel (a GPU driver): leave it
+                return None
+
+    def kill(self, dump_stack: bool = False) -> int | None:
+        """Kill the worker; with ``dump_stack`` ask faulthandler for every thread's stack first."""
+        if self.alive() and dump_stack:
+            before = self._stderr_size()
+            os.kill(self.pid, signal.SIGUSR1)
+            end = time.monotonic() + STACK_DUMP_WAIT
+            last, stable_since = before, time.monotonic()
+            while time.monotonic() < end:
+                time.sleep(0.02)
+                size = self._stderr_size()
+                if size != last:
+                    last, stable_since = size, time.monotonic()
+                elif size > before and time.monotonic() - stable_since > 0.1:
+                    break
+        if self.alive():
+            self.proc.kill()
+        return self._reap(5)
+
+    def retire(self) -> None:
+        """Ask the worker to exit, without waiting for it (``close`` reaps it later)."""
+        if self.alive():
+            try:
+                self.proc.stdin.write(wire.dumps({"op": "exit"}))
+                self.proc.stdin.close()
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+
+    def close(self, kill: bool = False) -> None:
+        """End the worker (politely unless ``kill``) and free its pipes; never blocks for long."""
+        if kill and self.alive():
+            self.proc.kill()
+        self.retire()
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+        self.stderr.close()
+
+    def _stderr_size(self) -> int:
+        try:
+            return os.fstat(self.stderr.fileno()).st_size
+        except (OSError, ValueError):
+            return 0
+
+    def stderr_tail(self, lines: int = TAIL_LINES) -> str:
+        try:
+            size = self._stderr_size()
+            self.stderr.seek(max(0, size - 32768))
+            text = self.stderr.read().decode("utf-8", errors="replace")
+        except (OSError, ValueError):
+            return ""
+        # faulthandler's list of loaded extension modules says nothing about the fault.
+        kept = [line for line in text.splitlines() if line.strip() and not line.startswith("Extension modules:")]
+        return "\n".join(kept[-lines:])
+
+
+class IsolatedEngine:
+    """``ParityEngine.check`` in worker processes; one worker per model (``worker_per_model``).
+
+    ``timeout`` (seconds, per configuration) bounds each check, including, for
+    a model's first configuration in a fresh worker, loading the model and
+    computing its reference.  Worker start-up is not counted.
+    """
+
+    def __init__(self, settings: ParitySettings | None = None, *, timeout: float | None = None,
+                 worker_per_model: bool = True, prespawn: bool = True):
+        self.settings = settings or ParitySettings()
+        self.timeout = timeout
+        self.worker_per_model = worker_per_model
+        self.prespawn = prespawn
+        self._workers: dict[Path, Worker] = {}
+        self._shared: Worker | None = None
+        self._spare: Worker | None = None
+        self._retired: list[Worker] = []
+        self._closed = False
+        atexit.register(self.close)
+        if prespawn:
+            self._spare = Worker(self.settings)
+
+    # -- workers ----------------------------------------------------------------
+    def _take(self) -> Worker:
+        spare, self._spare = self._spare, None
+        worker = spare if spare is not None and spare.alive() else Worker(self.settings)
+        if spare is not None and spare is not worker:
+            spare.close(kill=True)
+        if self.prespawn:
+            self._spare = Worker(self.settings)
+        return worker
+
+    def _worker_for(self, key: Path) -> Worker:
+        if not self.worker_per_model:
+            if self._shared is None or not self._shared.alive():
+                self._shared = self._take()
+            return self._shared
+        worker = self._workers.get(key)
+        if worker is None or not worker.alive():
+            worker = self._workers[key] = self._take()
+        return worker
+
+    def _forget(self, key: Path, worker: Worker) -> None:
+        if self._workers.get(key) is worker:
+            del self._workers[key]
+        if self._shared is worker:
+            self._shared = None
+        worker.close()
+
+    def worker_pid(self, model_path: os.PathLike | str) -> int | None:
+        worker = self._shared if not self.worker_per_model else self._workers.get(_key(model_path))
+        return worker.pid if worker is not None else None
+
+    # -- engine interface -------------------------------------------------------
+    def check(self, model_path: os.PathLike | str, config: RunConfig,
+              tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
+              reproduce: str = "") -> ParityResult:
+        status = self.backend_status(config.backend)
+        if status.fault:
+            return self._fault_result(model_path, config, tolerance_layers, reproduce, status.fault)
+        if not status.available:
+            return ParityResult(str(model_path), config, Category.BACKEND_UNAVAILABLE, status.reason,
+                                forward_type=status.forward_type)
+        key = _key(model_path)
+        worker = self._worker_for(key)
+        request = {"op": "check", "model": os.fspath(model_path), "config": wire.config_to_wire(config),
+                   "tolerance_layers": [[source, dict(values) if values else None]
+                                        for source, values in tolerance_layers],
+                   "reproduce": reproduce, "backend_status": _status_dict(status)}
+        started = time.monotonic()
+        try:
+            worker.checks += 1
+            worker.wait_ready()
+            started = time.monotonic()
+            reply = worker.request(request, self.timeout)
+        except WorkerTimedOut:
+            returncode = worker.kill(dump_stack=True)
+            fault = self._fault(worker, "timeout", returncode, time.monotonic() - started)
+            self._forget(key, worker)
+            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault)
+        except WorkerDied as died:
+            fault = self._fault(worker, "crashed", died.returncode, time.monotonic() - started)
+            self._forget(key, worker)
+            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault)
+        if not reply.get("ok"):
+            raise WorkerError(f"the isolated worker (pid {worker.pid}) raised:\n{reply.get('error')}")
+        result = wire.result_from_wire(reply["result"])
+        result.worker = {"pid": worker.pid, "index": worker.checks}
+        return result
+
+    def release(self, model_path: os.PathLike | str) -> None:
+        key = _key(model_path)
+        if self.worker_per_model:
+            worker = self._workers.pop(key, None)
+            if worker is not None:
+                worker.retire()
+                self._retired.append(worker)
+            self._reap_retired()
+        elif self._shared is not None and self._shared.alive():
+            try:
+                self._shared.request({"op": "release", "model": os.fspath(model_path)}, self.timeout)
+            except (WorkerDied, WorkerTimedOut):
+                self._shared.kill()
+                self._shared.close()
+                self._shared = None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        workers = list(self._workers.values()) + [w for w in (self._shared,) if w is not None] + self._retired
+        spare = self._spare
+        self._workers.clear()
+        self._retired = []
+        self._shared = self._spare = None
+        if spare is not None:
+            spare.close(kill=True)  # probably still importing: nothing to finish
+        for worker in workers:
+            worker.close()
+        atexit.unregister(self.close)
+
+    def _reap_retired(self) -> None:
+        still = []
+        for worker in self._retired:
+            if worker.alive():
+                still.append(worker)
+            else:
+                worker.close()
+        self._retired = still
+
+    # -- backends ---------------------------------------------------------------
+    def backend_status(self, name: str) -> backends.BackendStatus:
+        """Discovery of ``name`` in a worker, once per process (shared with in-process discovery)."""
+        name = backends.canonical_backend(name)
+        known = backends._CACHE.get(name)
+        if known is not None:
+            return known
+        if name in backends._forced_unavailable():
+            return backends.discover([name])[name]
+        status = self.probe(name)
+        backends._CACHE[name] = status
+        return status
+
+    def probe(self, name: str) -> backends.BackendStatus:
+        worker = self._spare if self._spare is not None and self._spare.alive() else None
+        if worker is None:
+            worker = self._spare = Worker(self.settings)
+        timeout = max(self.timeout or 0.0, PROBE_TIMEOUT)
+        started = time.monotonic()
+        try:
+            worker.wait_ready()
+            started = time.monotonic()
+            reply = worker.request({"op": "probe", "backend": name}, timeout)
+        except (WorkerTimedOut, WorkerDied) as exc:
+            if isinstance(exc, WorkerTimedOut):
+                kind, returncode = "timeout", worker.kill(dump_stack=True)
+                reason = f"{name}: its probe did not finish within {timeout:g} s; the isolated worker was killed"
+            else:
+                kind, returncode = "crashed", exc.returncode
+                reason = f"{name}: its probe crashed the isolated worker ({describe_exit(returncode)})"
+            fault = self._fault(worker, kind, returncode, time.monotonic() - started)
+            fault.update(backend=name, timeout=timeout)
+            self._drop_spare(worker)
+            return backends.BackendStatus(name, False, None, reason, fault["stderr_tail"], fault)
+        if not reply.get("ok"):
+            return backends.BackendStatus(name, False, None, f"{name}: probe failed: {reply.get('error')}")
+        return backends.BackendStatus(**reply["status"])
+
+    def _drop_spare(self, worker: Worker) -> None:
+        if self._spare is worker:
+            self._spare = None
+        worker.close()
+
+    # -- faults -----------------------------------------------------------------
+    def _fault(self, worker: Worker, kind: str, returncode: int | None, seconds: float) -> dict[str, Any]:
+        signame = None
+        if returncode is not None and returncode < 0:
+            try:
+                signame = signal.Signals(-returncode).name
+            except ValueError:
+                signame = f"signal {-returncode}"
+        return {"kind": kind, "pid": worker.pid, "index": worker.checks, "returncode": returncode,
+                "signal": signame, "seconds": round(seconds, 3), "timeout": self.timeout,
+                "stderr_tail": worker.stderr_tail()}
+
+    def _fault_result(self, model_path, config: RunConfig, tolerance_layers, reproduce: str,
+                      fault: dict[str, Any]) -> ParityResult:
+        category = Category.TIMEOUT if fault["kind"] == "timeout" else Category.CRASHED
+        result = ParityResult(str(model_path), config, category, "", tolerance=resolve(
+            config.backend, config.precision, *tolerance_layers), input_set=f"seeded:{self.settings.seed}",
+            seconds=fault["seconds"], log=fault["stderr_tail"], fault=fault,
+            worker={"pid": fault["pid"], "index": fault["index"]})
+        result.message = fault_message(result, model_path, reproduce)
+        return result
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "it stopped answering and could not be killed"
+    if returncode < 0:
+        try:
+            sig = signal.Signals(-returncode)
+            return f"{sig.name}, {signal.strsignal(sig) or 'signal'}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def fault_message(result: ParityResult, model_path, reproduce: str) -> str:
+    fault, config = result.fault or {}, result.config
+    if fault.get("backend"):
+        what = ("did not finish within {:g} s; the worker was killed".format(fault["timeout"])
+                if result.category is Category.TIMEOUT else f"killed it ({describe_exit(fault['returncode'])})")
+        head = (f"{result.category.value} on {config.id}: probing backend {fault['backend']} in an isolated worker "
+                f"(pid {fault['pid']}) {what}")
+        lines = [head, f"model:     {model_path} (never loaded: the backend failed before any model ran on it)",
+                 f"next:      every configuration of {fault['backend']} fails the same way; other backends are "
+                 "unaffected. Exclude it with --mnn-backends, or MNN_PARITY_DISABLE_BACKENDS="
+                 f"{fault['backend']} to skip it"]
+        return "\n".join(lines + _tail_lines(fault) + ([f"", f"reproduce: {reproduce}"] if reproduce else []))
+    if result.category is Category.TIMEOUT:
+        head = (f"timeout on {config.id}: the configuration did not finish within {fault['timeout']:g} s "
+                f"(--mnn-timeout); its isolated worker (pid {fault['pid']}) was killed")
+    else:
+        head = (f"crashed on {config.id}: the isolated worker (pid {fault['pid']}) running this configuration "
+                f"died ({describe_exit(fault['returncode'])}) after {fault['seconds']:.2f} s")
+    order = ("the first configuration in this worker, so it also loaded the model and computed the reference"
+             if fault["index"] == 1 else f"configuration #{fault['index']} in this worker")
+    lines = [head,
+             f"model:     {model_path}",
+             f"ran on:    requested {config.backend}, precision {config.precision}, {config.threads} thread(s); "
+             f"{order}",
+             "next:      this model's remaining configurations run in a fresh worker; other models are unaffected"]
+    lines += _tail_lines(fault)
+    if reproduce:
+        lines += ["", f"reproduce: {reproduce}"]
+    return "\n".join(lines)
+
+
+def _tail_lines(fault: Mapping[str, Any]) -> list[str]:
+    tail = fault.get("stderr_tail") or ""
+    if not tail:
+        return []
+    return (["", "worker stderr (last lines; the Python stack is faulthandler's):"]
+            + ["  " + line for line in tail.splitlines()])
+
+
+def _status_dict(status: backends.BackendStatus) -> dict[str, Any]:
+    return {"name": status.name, "available": status.available, "forward_type": status.forward_type,
+            "reason": status.reason, "log": status.log}
