@@ -118,6 +118,21 @@ def test_a_corpus_of_bad_model_files_fails_each_file_by_name_and_the_good_models
         assert crashed["fault"]["signal"] in ("SIGSEGV", "SIGFPE", "SIGBUS", "SIGABRT", "SIGILL")
 
 
+def test_names_that_are_not_utf8_are_handled(tmp_path):
+    """Found by fuzzing: pymnn decodes tensor and op names as UTF-8 and raised on corrupt ones."""
+    healthy = HEALTHY.read_bytes()
+    bad_input = tmp_path / "bad_input_name.mnn"
+    bad_input.write_bytes(healthy.replace(b"image", b"\xffmage"))
+    result = ParityEngine().check(bad_input, HIGH)
+    assert result.category is Category.MODEL_ERROR
+    assert result.message.startswith(f"{bad_input}: an input or output name is not valid UTF-8")
+    bad_op = tmp_path / "bad_op_name.mnn"
+    bad_op.write_bytes(healthy.replace(b"c2_conv", b"\xff2_conv"))
+    traced = ParityEngine(ParitySettings(layers="always")).check(bad_op, HIGH)
+    assert traced.category is Category.OK, traced.message
+    assert "<op name not valid UTF-8>" in [layer.name for layer in traced.trace.layers]
+
+
 def test_huge_shapes_are_refused_before_anything_is_allocated():
     engine = ParityEngine(ParitySettings(input_shapes={"image": (1, 3, 100000, 100000)}))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -108,6 +108,18 @@ def test_a_real_sigsegv_sent_during_a_real_inference_is_a_crashed_result_and_the
         engine.close()
 
 
+def test_a_worker_that_writes_garbage_on_its_channel_is_killed_and_reported(monkeypatch):
+    monkeypatch.setenv(FAULT_INJECTION_ENV, "GARBAGE:CPU-low")
+    engine = IsolatedEngine(ParitySettings(), prespawn=False)
+    try:
+        result = engine.check(DEMO, RunConfig("CPU", "low"))
+        assert result.category is Category.CRASHED
+        assert "wrote an unreadable answer (b'\\xff\\xfe not a protocol line'" in result.message
+        assert engine.check(DEMO, RunConfig("CPU", "high")).category is Category.OK
+    finally:
+        engine.close()
+
+
 def test_a_slow_model_times_out_and_a_healthy_model_in_the_same_run_passes(pytester, models):
     models("slow/matmul_chain.mnn", "demo/lama_like.mnn")
     started = time.monotonic()

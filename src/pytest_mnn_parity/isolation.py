@@ -39,12 +39,14 @@ STARTUP_TIMEOUT = 120.0  # importing numpy and MNN; not part of any configuratio
 PROBE_TIMEOUT = 60.0  # GPU session creation can take seconds (kernel compilation)
 STACK_DUMP_WAIT = 1.0
 TAIL_LINES = 25
+SPARE_MIN_CORES = 4  # below this, a worker importing next to running checks costs more than it saves
 
 
 class WorkerDied(Exception):
-    def __init__(self, returncode: int | None):
+    def __init__(self, returncode: int | None, detail: str = ""):
         self.returncode = returncode
-        super().__init__(f"worker ended with {returncode}")
+        self.detail = detail
+        super().__init__(detail or f"worker ended with {returncode}")
 
 
 class WorkerTimedOut(Exception):
@@ -112,7 +114,12 @@ class Worker:
                 raise WorkerDied(self._reap())
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
-        return wire.loads(line)
+        try:
+            return wire.loads(line)
+        except ValueError:  # not our JSON: something in the worker wrote over the channel
+            self.kill()
+            raise WorkerDied(self._reap(), f"it wrote an unreadable answer ({line[:80]!r}...) and was killed") \
+                from None
 
     def _reap(self, wait: float = 10.0) -> int | None:
         try:
@@ -195,6 +202,13 @@ class IsolatedEngine:
     ``timeout`` (seconds, per configuration) bounds each check, including, for
     a model's first configuration in a fresh worker, loading the model and
     computing its reference.  Worker start-up is not counted.
+
+    ``prespawn`` starts a worker at once, and (on machines with cores to spare)
+    the next one whenever one is taken, so a model rarely waits for Python and
+    MNN to import.  On fewer cores the next worker's import would compete with
+    the running checks (MNN's CPU threads spin while they wait, and suffer from
+    any competition), so it is started when needed.  ``expected_models``, when
+    known (the plugin sets it), stops the spare once no model is left to use it.
     """
 
     def __init__(self, settings: ParitySettings | None = None, *, timeout: float | None = None,
@@ -207,6 +221,9 @@ class IsolatedEngine:
         self._shared: Worker | None = None
         self._spare: Worker | None = None
         self._retired: list[Worker] = []
+        self._taken = 0
+        self.expected_models: int | None = None
+        self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self._closed = False
         atexit.register(self.close)
         if prespawn:
@@ -218,7 +235,9 @@ class IsolatedEngine:
         worker = spare if spare is not None and spare.alive() else Worker(self.settings)
         if spare is not None and spare is not worker:
             spare.close(kill=True)
-        if self.prespawn:
+        self._taken += 1
+        more = self.expected_models is None or self._taken < self.expected_models
+        if self.prespawn and more and self._cores >= SPARE_MIN_CORES:
             self._spare = Worker(self.settings)
         return worker
 
@@ -272,6 +291,7 @@ class IsolatedEngine:
             return self._fault_result(model_path, config, tolerance_layers, reproduce, fault)
         except WorkerDied as died:
             fault = self._fault(worker, "crashed", died.returncode, time.monotonic() - started)
+            fault["detail"] = died.detail
             self._forget(key, worker)
             return self._fault_result(model_path, config, tolerance_layers, reproduce, fault)
         if not reply.get("ok"):
@@ -413,6 +433,9 @@ def fault_message(result: ParityResult, model_path, reproduce: str) -> str:
     if result.category is Category.TIMEOUT:
         head = (f"timeout on {config.id}: the configuration did not finish within {fault['timeout']:g} s "
                 f"(--mnn-timeout); its isolated worker (pid {fault['pid']}) was killed")
+    elif fault.get("detail"):
+        head = f"crashed on {config.id}: the isolated worker (pid {fault['pid']}) running this configuration: " \
+               f"{fault['detail']}"
     else:
         head = (f"crashed on {config.id}: the isolated worker (pid {fault['pid']}) running this configuration "
                 f"died ({describe_exit(fault['returncode'])}) after {fault['seconds']:.2f} s")

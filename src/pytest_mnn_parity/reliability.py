@@ -66,6 +66,11 @@ class Isolation:
     def isolates(self, backend: str) -> bool:
         return backend in self.isolated_set
 
+    def expect_models(self, count: int) -> None:
+        """How many models will run isolated: no spare worker is started for a model that will not come."""
+        if count or self._isolated is not None:
+            self.isolated.expected_models = count
+
     def backend_status(self, name: str) -> backends.BackendStatus:
         name = backends.canonical_backend(name)
         if self.isolates(name):

@@ -123,10 +123,17 @@ class LoadedModel:
     def _describe(self) -> ModelInfo:
         session = self._session(REFERENCE_CONFIG, resize=False).handle
         specs = []
-        for name, tensor in self.interpreter.getSessionInputAll(session).items():
-            specs.append(TensorSpec(name, tuple(int(d) for d in tensor.getShape()), tensor_dtype(tensor),
-                                    LAYOUTS.get(int(tensor.getDimensionType()), "NCHW")))
-        outputs = tuple(self.interpreter.getSessionOutputAll(session).keys())
+        try:
+            for name, tensor in self.interpreter.getSessionInputAll(session).items():
+                specs.append(TensorSpec(name, tuple(int(d) for d in tensor.getShape()), tensor_dtype(tensor),
+                                        LAYOUTS.get(int(tensor.getDimensionType()), "NCHW")))
+            outputs = tuple(self.interpreter.getSessionOutputAll(session).keys())
+        except (UnicodeDecodeError, SystemError) as exc:  # found by fuzzing: pymnn decodes names as UTF-8
+            cause = exc if isinstance(exc, UnicodeDecodeError) else (exc.__cause__ or exc.__context__)
+            if not isinstance(cause, UnicodeDecodeError):
+                raise
+            raise ModelError(self.path, f"an input or output name is not valid UTF-8 ({cause.reason} at byte "
+                                        f"{cause.start}): the file is corrupt", "re-convert the model") from None
         return ModelInfo(self.path, file_sha256(self.path), tuple(specs), outputs)
 
     def _resolve_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -263,10 +270,24 @@ class _CallbackGuard:
     def _call(self, method, tensors, info) -> bool:
         if self.error is None:
             try:
-                method(tensors, info.getName(), info.getType())
+                method(tensors, *_op_name_and_type(info))
             except BaseException as exc:  # noqa: BLE001 - re-raised after the run
                 self.error = exc
         return True
+
+
+def _op_name_and_type(info) -> tuple[str, str]:
+    # pymnn decodes op names as UTF-8 and raises on a corrupt one (found by
+    # fuzzing); the same placeholder in both runs keeps ops paired by occurrence.
+    try:
+        name = info.getName()
+    except UnicodeDecodeError:
+        name = "<op name not valid UTF-8>"
+    try:
+        op_type = info.getType()
+    except UnicodeDecodeError:
+        op_type = "<type not valid UTF-8>"
+    return name, op_type
 
 
 def to_numpy(tensor: Any, copy: bool = True) -> np.ndarray:

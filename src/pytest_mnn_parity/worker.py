@@ -23,7 +23,8 @@ import traceback
 # Test fault injection, inert unless this variable is set.  "SIGSEGV:CPU-low"
 # makes the worker send itself that signal right before each session run of
 # configuration CPU-low (of any model); "SIGSEGV:probe-OPENCL" right before
-# probing backend OPENCL; several are separated by commas.  The tests use it to
+# probing backend OPENCL; "GARBAGE:CPU-low" writes bytes that are not a reply
+# on the protocol channel instead; several are separated by commas.  The tests use it to
 # kill a worker by a real signal at a known point.
 FAULT_INJECTION_ENV = "MNN_PARITY_TEST_FAULT_INJECTION"
 # Set by the parent to its pid: the worker ends itself when the parent dies (Linux).
@@ -53,7 +54,7 @@ def main() -> int:
         return 2
     os.chdir(init.get("cwd") or os.getcwd())
     engine = ParityEngine(wire.settings_from_wire(init["settings"]))
-    _install_fault_injection(crash_log)
+    _install_fault_injection(crash_log, proto)
     proto.write(wire.dumps({"ready": True, "pid": os.getpid()}))
     done = 0
     for line in stdin:
@@ -113,7 +114,7 @@ def _die_with_parent() -> None:
         os._exit(3)
 
 
-def _install_fault_injection(log) -> None:
+def _install_fault_injection(log, proto) -> None:
     specs = [part.strip() for part in os.environ.get(FAULT_INJECTION_ENV, "").split(",") if part.strip()]
     if not specs:
         return
@@ -122,13 +123,16 @@ def _install_fault_injection(log) -> None:
     faults = {}
     for spec in specs:
         signame, _, where = spec.partition(":")
-        faults[where] = (signame.upper(), getattr(signal, signame.upper()))
+        faults[where] = (signame.upper(), None if signame.upper() == "GARBAGE" else getattr(signal, signame.upper()))
 
     def inject(where: str, what: str) -> None:
         if where in faults:
             signame, signum = faults[where]
             log.write(f"[mnn-parity worker {os.getpid()}] TEST FAULT INJECTION: {signame} before {what}\n")
-            os.kill(os.getpid(), signum)
+            if signum is None:  # GARBAGE: bytes on the protocol channel, as a stray native write would leave
+                proto.write(b"\xff\xfe not a protocol line\n")
+            else:
+                os.kill(os.getpid(), signum)
 
     original_probe, original_run = backends.probe_backend, runner.LoadedModel.run
 
