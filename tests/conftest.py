@@ -12,6 +12,10 @@ from pytest_mnn_parity.mnn_import import mnn
 # pytester's in-process runs drop modules first imported inside them; pymnn's C
 # code looks MNN up in sys.modules, so MNN must be imported before any run.
 mnn()
+# The same for onnx and onnxruntime: importing their protobuf extensions a second
+# time in one process aborts it (duplicate descriptor registration).
+import onnx  # noqa: E402,F401
+import onnxruntime  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
@@ -64,3 +68,16 @@ def plugin_env(**extra: str) -> dict[str, str]:
     root = str(Path(pytest_mnn_parity.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
+
+
+def gpu_backends_present() -> list[str]:
+    """GPU backends this MNN build really has (none with the registry's wheel)."""
+    from pytest_mnn_parity import backends
+
+    return [b for b in ("OPENCL", "VULKAN", "CUDA") if backends.discover([b])[b].available]
+
+
+# Tests that pin down what the registry's CPU-only wheel does (every GPU backend
+# skipped) cannot hold on a GPU build; tests/test_gpu.py covers that case.
+cpu_wheel_only = pytest.mark.skipif(bool(gpu_backends_present()),
+                                    reason="asserts the CPU-only wheel's skips; this MNN build has GPU backends")

@@ -85,15 +85,17 @@ def main(argv=None) -> int:
                 continue
             category = result.category.value
             tally[(Path(source).name, kind, category)] += 1
-            if result.fault and result.fault.get("signal"):
-                signals[result.fault["signal"]] += 1
+            if result.fault:
+                signals[result.fault.get("signal") or f"exit {result.fault.get('returncode')}"] += 1
             if not result.passed and str(path) not in result.message:
                 examples.setdefault("message_without_path", result.message[:300])
             examples.setdefault(category, result.message.splitlines()[0][:200] if result.message else "")
             engine.release(path)
             path.unlink()
-            if engine.check(CONTROL, config).category.value != "ok":
+            control = engine.check(CONTROL, config)
+            if control.category.value != "ok":
                 control_failures += 1
+                examples.setdefault("control_failure", control.message[:600])
             if (i + 1) % 250 == 0:
                 print(f"{i + 1} variants, {time.monotonic() - started:.0f} s", file=sys.stderr)
     engine.close()

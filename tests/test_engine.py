@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from pytest_mnn_parity import backends
+from pytest_mnn_parity.mnn_import import device_support_line
 from pytest_mnn_parity.model import ModelError
+from pytest_mnn_parity.tolerances import TIERS
 from pytest_mnn_parity.parity import ParityEngine, ParitySettings
 from pytest_mnn_parity.runner import REFERENCE_CONFIG, LoadedModel, RunConfig
 from pytest_mnn_parity.verdict import Category
@@ -50,12 +52,28 @@ def test_fp16_conversion_collapse_is_named_by_its_category(name):
     assert "reproduce: pytest ..." in result.message
 
 
-def test_fp16_healthy_build_passes_the_fp16_tier_but_not_the_fp32_tier():
+def test_fp16_healthy_build_passes_fp16_tolerances_but_not_fp32_ones():
     engine = ParityEngine(ParitySettings(reference=str(COLLAPSE / "healthy.mnn")))
-    assert engine.check(COLLAPSE / "healthy.fp16.mnn", RunConfig("CPU", "low")).category is Category.OK
     strict = engine.check(COLLAPSE / "healthy.fp16.mnn", RunConfig("CPU", "high"))
     assert strict.category is Category.MISMATCH
     assert strict.tolerance.tier == "fp32"
+    fp16 = {k: getattr(TIERS["fp16"], k) for k in ("atol", "rtol", "min_cosine")}
+    loose = engine.check(COLLAPSE / "healthy.fp16.mnn", RunConfig("CPU", "high"), [("test", fp16)])
+    assert loose.category is Category.OK, loose.message
+
+
+@pytest.mark.parametrize("precision", backends.PRECISIONS)
+def test_tier_follows_the_measured_arithmetic(precision):
+    """x86 CPUs compute every precision in fp32 (MNN prints fp16:0): all are held to the fp32 tier."""
+    arithmetic = backends.probe_arithmetic("CPU", precision)
+    result = ParityEngine().check(DEMO, RunConfig("CPU", precision))
+    assert result.arithmetic is arithmetic and result.tolerance.tier == arithmetic.kind
+    assert set(arithmetic.errors) == {"add", "matmul"}
+    if "fp16:0" in device_support_line():
+        assert arithmetic.kind == "fp32" and max(arithmetic.errors.values()) < 1e-3
+    failing = ParityEngine(ParitySettings(reference=str(COLLAPSE / "zero.mnn"))).check(
+        COLLAPSE / "zero.fp16.mnn", RunConfig("CPU", precision))
+    assert f"arithmetic: {arithmetic.kind} (probe errors: add " in failing.message
 
 
 def test_inputs_are_copied_in_before_every_run():
@@ -132,9 +150,10 @@ def test_fallback_after_discovery_is_caught(monkeypatch):
     The session really falls back to CPU here; the engine must notice from the
     session's own forward type and never report a pass.
     """
-    fake = backends.BackendStatus("OPENCL", True, 3, "FAKE: pretend OPENCL probed fine")
-    monkeypatch.setitem(backends._CACHE, "OPENCL", fake)
-    result = ParityEngine().check(DEMO, RunConfig("OPENCL", "high"))
+    # METAL: never in a Linux build, so the session really falls back on every machine.
+    fake = backends.BackendStatus("METAL", True, 1, "FAKE: pretend METAL probed fine")
+    monkeypatch.setitem(backends._CACHE, "METAL", fake)
+    result = ParityEngine().check(DEMO, RunConfig("METAL", "high"))
     assert result.category is Category.BACKEND_FALLBACK
     assert "runs on CPU" in result.message and "fell back silently" in result.message
 

@@ -159,6 +159,24 @@ def test_isolated_results_are_the_in_process_results():
             assert a[key] == b[key], key
 
 
+def test_isolated_onnx_results_keep_their_onnx_localisation():
+    """An ONNX model's trace is localised against ONNX (a TraceResult subclass): it survives the trip too."""
+    model, config = FIXTURES / "onnx" / "fused_conv_relu.onnx", RunConfig("CPU", "high")
+    engine = IsolatedEngine(ParitySettings(), prespawn=False)
+    try:
+        isolated = engine.check(model, config, variant="fp16", reproduce="pytest x")
+    finally:
+        engine.close()
+    local = ParityEngine().check(model, config, variant="fp16", reproduce="pytest x")
+    assert isolated.category is Category.ZERO_OUTPUT and isolated.first_divergent_layer["name"] == "tiny_conv"
+    assert type(isolated.trace) is type(local.trace) and isolated.trace.first_divergent.name == "tiny_conv"
+    a, b = record("n", isolated, "failed"), record("n", local, "failed")
+    for key in set(a) | set(b):
+        if key not in ("seconds", "worker", "message"):  # the message names each engine's conversion folder
+            assert a[key] == b[key], key
+    assert a["message"].splitlines()[0] == b["message"].splitlines()[0]
+
+
 def test_default_cpu_configurations_stay_in_process(pytester, models):
     models("collapse/healthy.mnn")
     pytester.runpytest("--mnn-only", "--mnn-backends", "CPU", "--mnn-precisions", "high", "--mnn-model",

@@ -66,6 +66,20 @@ def test_throttling_bounds_the_time_spent_writing():
         assert len(json.loads(path.read_text())["results"]) == 200
 
 
+def test_a_throttled_record_is_written_when_the_window_ends_without_waiting_for_the_next_one():
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "r.json"
+        writer = IncrementalReport(path, lambda: build_report([], **HEADER), ratio=300.0)
+        writer.add({"nodeid": "a", "outcome": "passed"})
+        writer.add({"nodeid": "b", "outcome": "failed"})  # inside the window: not written yet
+        assert len(json.loads(path.read_text())["results"]) == 1 and writer.dirty
+        deadline = time.monotonic() + 10
+        while writer.dirty and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [r["nodeid"] for r in json.loads(path.read_text())["results"]] == ["a", "b"]
+        assert writer.writes == 2
+
+
 def _workers_of(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():

@@ -62,3 +62,24 @@ def test_resolution_equals_last_writer_per_field(layers, backend, precision):
             if name in d:
                 expected = d[name]
         assert getattr(tol, name) == expected
+
+
+@given(st.sampled_from(["CPU", "OPENCL", "VULKAN"]), st.sampled_from(["normal", "high", "low", "Low_BF16"]),
+       st.sampled_from([None, "fp32", "fp16", "int8"]))
+def test_a_conversion_variant_never_tightens_the_tier(backend, precision, variant):
+    from pytest_mnn_parity.tolerances import TIER_ORDER, VARIANT_TIERS
+
+    plain = resolve(backend, precision)
+    with_variant = resolve(backend, precision, variant=variant)
+    assert TIER_ORDER.index(with_variant.tier) >= TIER_ORDER.index(plain.tier)
+    if variant is not None:
+        assert TIER_ORDER.index(with_variant.tier) >= TIER_ORDER.index(VARIANT_TIERS[variant])
+    assert with_variant.tier in (tier_for(backend, precision), VARIANT_TIERS.get(variant or "fp32"))
+    assert with_variant.atol >= plain.atol and with_variant.min_cosine <= plain.min_cosine
+
+
+def test_variant_tiers_as_documented():
+    assert resolve("CPU", "high", variant="fp16").tier == "fp16"
+    assert resolve("CPU", "high", variant="int8").tier == "int8"
+    assert resolve("CPU", "Low_BF16", variant="int8").tier == "bf16"
+    assert resolve("CPU", "high", ("command line", {"atol": 0.5}), variant="int8").atol == 0.5

@@ -170,3 +170,21 @@ def test_risk_line_in_terminal_summary_for_a_passing_model(pytester, models):
     result = pytester.runpytest("--mnn-only", "--mnn-backends", "CPU", "--mnn-model", "overflow_activation.mnn")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["fp16 risk in overflow_activation.mnn: scale_up overflow (max |x| *)*"])
+
+
+def test_weight_risk_scan_names_the_weights_fp16_conversion_would_lose(pytester, models):
+    engine = ParityEngine(ParitySettings(reference=str(COLLAPSE / "zero.mnn")))
+    result = engine.check(COLLAPSE / "zero.fp16.mnn", RunConfig("CPU", "low"))
+    kinds = {(r.op_name, r.kind) for r in result.weight_risks}
+    assert kinds == {("tiny_conv", "flush"), ("gain", "overflow")}
+    assert "tiny_conv (Convolution weight): 108 of 108 values would flush to 0 under --fp16" in result.message
+    healthy = ParityEngine().check(FIXTURES / "deep" / "deep_fp32.mnn", RunConfig("CPU", "low"))
+    assert healthy.weight_risks == [] and healthy.fp16_risks == []
+
+    models("collapse/zero.mnn")
+    run = pytester.runpytest("--mnn-only", "--mnn-backends", "CPU", "--mnn-precisions", "high", "--mnn-model",
+                             "zero.mnn", "--mnn-report", "w.json")
+    run.assert_outcomes(passed=1)
+    run.stdout.fnmatch_lines(["fp16 risk in zero.mnn: *tiny_conv weight flush under --fp16 (108/108)*"])
+    rec = read_report(pytester.path / "w.json")["results"][0]
+    assert {(r["op"], r["kind"]) for r in rec["fp16_weight_risks"]} == {("tiny_conv", "flush"), ("gain", "overflow")}

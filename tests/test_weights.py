@@ -16,7 +16,7 @@ from pytest_mnn_parity.weights import (FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNO
 from conftest import COLLAPSE, DEMO, FIXTURES
 
 PAIRS = ["zero", "partial_zero", "constant", "non_finite", "stale", "mismatch", "healthy"]
-FUZZ = settings(max_examples=60, deadline=None, database=None,
+FUZZ = settings(max_examples=50, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -119,20 +119,24 @@ def test_subgraph_consts_are_read():
     assert consts == {("zero", "const"): [0.0], ("two", "const"): [2.0], ("one", "const"): [1.0]}
 
 
-def test_external_weight_file(tmp_path):
-    target = tmp_path / "stale.mnn"
-    convert_onnx(FIXTURES / "onnx" / "collapse_stale.onnx", target, extra_flags=["--saveExternalData"])
-    weight_file = tmp_path / "stale.mnn.weight"
+@pytest.mark.parametrize("name, fp16", [("stale", False), ("healthy", True)])
+def test_external_weight_file(tmp_path, name, fp16):
+    target = tmp_path / f"{name}.mnn"
+    convert_onnx(FIXTURES / "onnx" / f"collapse_{name}.onnx", target, fp16=fp16,
+                 extra_flags=["--saveExternalData"])
+    weight_file = tmp_path / f"{name}.mnn.weight"
     if not weight_file.exists():  # convert_onnx writes via "<target>.partial" and renames only the .mnn
-        os.replace(tmp_path / "stale.mnn.partial.weight", weight_file)
-    inline = _weights(COLLAPSE / "stale.mnn")
-    external = _weights(target)
-    assert external.keys() == inline.keys()
-    for key, values in inline.items():
-        np.testing.assert_array_equal(external[key], values)
-    assert fp16_weight_risks(target) == fp16_weight_risks(COLLAPSE / "stale.mnn")
+        os.replace(tmp_path / f"{name}.mnn.partial.weight", weight_file)
+    assert weight_file.stat().st_size > 0
+    inline = list(iter_weights(COLLAPSE / f"{name}{'.fp16' if fp16 else ''}.mnn"))
+    external = list(iter_weights(target))
+    assert [(t.op_name, t.role, t.compressed) for t in external] == \
+        [(t.op_name, t.role, t.compressed) for t in inline]
+    for ext, ref in zip(external, inline):  # fp16: biases sit after the half buffer and scales
+        np.testing.assert_array_equal(ext.values, ref.values)
+    assert fp16_weight_risks(target) == fp16_weight_risks(COLLAPSE / f"{name}.mnn") * (not fp16)
     weight_file.unlink()
-    with pytest.raises(ValueError, match=r"stale\.mnn\.weight.*missing"):
+    with pytest.raises(ValueError, match=rf"{name}\.mnn\.weight.*missing"):
         fp16_weight_risks(target)
 
 
@@ -152,18 +156,28 @@ def _expected(values: np.ndarray, min_fraction: float) -> list[tuple[str, int, f
     return out
 
 
-SCALES = st.sampled_from([0.0, 1e-30, 1e-9, 3e-8, 1e-6, 1e-4, 1.0, 6e4, 1e5, np.inf, np.nan])
+_EDGES = [2.0 ** -24, 2.0 ** -14, 65504.0]
+BOUNDARIES = [float(f(np.float32(e), t)) for e in _EDGES for f, t in
+              ((np.nextafter, np.float32(0)), (np.nextafter, np.float32(np.inf)), (lambda x, _: x, None))]
 
 
-@given(hnp.arrays(np.float32, st.integers(1, 64), elements=st.floats(-1, 1, width=32)),
-       st.lists(SCALES, min_size=1, max_size=64), st.sampled_from([0.0, 0.1, 0.5, 1.0]))
-@settings(max_examples=60, deadline=None, database=None)
-def test_classifier_agrees_with_numpy(base, scales, min_fraction):
-    with np.errstate(invalid="ignore", over="ignore"):
-        values = (base * np.resize(np.array(scales, np.float32), base.shape)).astype(np.float32)
+@given(hnp.arrays(np.float32, st.integers(1, 32), elements=st.one_of(
+           st.floats(width=32), st.floats(-2.0 ** -10, 2.0 ** -10, width=32),
+           st.sampled_from(BOUNDARIES + [-b for b in BOUNDARIES]))),
+       st.sampled_from([0.0, 0.1, 0.5, 1.0]))
+@settings(max_examples=40, deadline=None, database=None)
+def test_classifier_agrees_with_numpy(values, min_fraction):
     got = classify_fp16("op", "Convolution", "weight", values, min_fraction)
     assert [(r.kind, r.count, r.worst) for r in got] == _expected(values, min_fraction)
     assert all(r.total == values.size for r in got)
+
+
+def test_classifier_boundaries():
+    below = [float(np.nextafter(np.float32(e), np.float32(0))) for e in (2.0 ** -24, 2.0 ** -14)]
+    above = float(np.nextafter(np.float32(FP16_MAX), np.float32(np.inf)))
+    values = np.array([0.0, 2.0 ** -24, below[0], 2.0 ** -14, below[1], 1e-6, FP16_MAX, above, np.nan], np.float32)
+    got = {r.kind: (r.count, r.worst) for r in classify_fp16("op", "Const", "const", values)}
+    assert got == {"flush": (1, below[0]), "subnormal": (4, below[0]), "overflow": (1, above)}  # 4 of 7
 
 
 def test_thresholds_are_fp16_limits():

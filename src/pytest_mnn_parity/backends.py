@@ -152,3 +152,96 @@ def _forced_unavailable() -> set[str]:
     # An escape hatch for machines where probing a backend hangs the driver.
     raw = os.environ.get("MNN_PARITY_DISABLE_BACKENDS", "")
     return {part.strip().upper() for part in raw.split(",") if part.strip()}
+
+
+# -- what arithmetic a configuration really uses ----------------------------------
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """The float format a backend x precision was measured to compute in.
+
+    ``kind`` is ``fp32``, ``fp16``, ``bf16``, ``broken`` (a probe was off by
+    more than any float format explains) or ``unknown`` (no probe ran, or the
+    output equalled the input exactly, which no rounding explains either).
+    """
+
+    kind: str
+    errors: dict
+    note: str = ""
+
+    def describe(self) -> str:
+        errors = ", ".join(f"{k} {v:.3g}" for k, v in self.errors.items())
+        return f"{self.kind} (probe errors: {errors}){' - ' + self.note if self.note else ''}"
+
+
+# (x + 1024) - 1024 loses what the format cannot hold next to 1024: fp32 keeps
+# ~1e-4, fp16 rounds to 1 (error <= 0.5), bf16 to 8 (error < 1 for x < 1).
+_ARITH_X = np.array([[0.1, 0.2, 0.3, 0.45, 0.55, 0.7, 0.8, 0.95]], dtype=np.float32)
+_ARITH_CACHE: dict[tuple[str, str], Arithmetic] = {}
+_ARITH_INTERPRETERS: list = []  # kept alive: destroying interpreters exhausts Vulkan devices
+
+
+@functools.lru_cache(maxsize=1)
+def _arithmetic_models() -> dict[str, Path]:
+    expr = mnn().expr
+    folder = Path(tempfile.mkdtemp(prefix="mnn-parity-arith-"))
+    atexit.register(shutil.rmtree, folder, True)
+    paths = {}
+    with capture_native_output():
+        for kind in ("add", "matmul"):
+            x = expr.placeholder([1, 8], expr.NCHW)
+            x.name = "x"
+            if kind == "add":
+                y = (x + 1024.0) - 1024.0
+            else:
+                eye = expr.const(np.eye(8, dtype=np.float32).flatten().tolist(), [8, 8], expr.NCHW)
+                y = expr.matmul(x + 1024.0, eye) - 1024.0
+            y.name = "y"
+            paths[kind] = folder / f"{kind}.mnn"
+            expr.save([y], str(paths[kind]))
+    return paths
+
+
+def probe_arithmetic(backend: str, precision: str) -> Arithmetic:
+    """Measure (once per process) the float format ``backend`` x ``precision`` computes in."""
+    key = (canonical_backend(backend), canonical_precision(precision))
+    if key not in _ARITH_CACHE:
+        _ARITH_CACHE[key] = _measure_arithmetic(*key)
+    return _ARITH_CACHE[key]
+
+
+def _measure_arithmetic(backend: str, precision: str) -> Arithmetic:
+    m = mnn()
+    code = {"normal": 0, "high": 1, "low": 2, "Low_BF16": 3}[precision]
+    errors: dict[str, float] = {}
+    try:
+        with capture_native_output():
+            if not _ARITH_INTERPRETERS:
+                _ARITH_INTERPRETERS.extend((k, m.Interpreter(str(p))) for k, p in _arithmetic_models().items())
+            for kind, interpreter in _ARITH_INTERPRETERS:
+                # numThread 1: on GPU backends it means "no kernel tuning", which
+                # keeps probing fast; it does not change the arithmetic.
+                session = interpreter.createSession({"backend": backend, "precision": code, "numThread": 1})
+                if not runs_as(backend, session_forward_type(interpreter, session)):
+                    return Arithmetic("unknown", {}, "the probe session fell back to another backend")
+                interpreter.getSessionInput(session).copyFrom(
+                    m.Tensor((1, 8), m.Halide_Type_Float, _ARITH_X, m.Tensor_DimensionType_Caffe))
+                if int(interpreter.runSession(session)) != 0:
+                    return Arithmetic("unknown", {}, "the probe run failed")
+                out = interpreter.getSessionOutput(session)
+                host = m.Tensor(out, out.getDimensionType())
+                out.copyToHostTensor(host)
+                errors[kind] = float(np.max(np.abs(np.array(host.getNumpyData()) - _ARITH_X)))
+    except Exception as exc:  # a probe must never take discovery down
+        return Arithmetic("unknown", errors, f"probe failed: {exc}")
+    worst = max(errors.values())
+    if all(e == 0.0 for e in errors.values()):
+        return Arithmetic("unknown", errors, "output equals the input exactly: no rounding at all, the backend "
+                                             "may not have computed")
+    if not np.isfinite(worst) or worst > 4.0:
+        return Arithmetic("broken", errors, "a probe was off by more than any float format explains")
+    if worst <= 1e-3:
+        return Arithmetic("fp32", errors)
+    if worst <= 0.5 + 1e-6:
+        return Arithmetic("fp16", errors)
+    return Arithmetic("bf16", errors)

@@ -9,8 +9,10 @@ Rewriting everything after every item would be quadratic in serialisation
 work, so each record is serialised once, when it arrives, and a rewrite only
 joins the stored texts.  Rewrites are also throttled: the next one waits at
 least ``ratio`` times as long as the last one took, which bounds the time
-spent writing to about 1/``ratio`` of the run.  In practice a rewrite takes
-about a millisecond, so every item is on disk by the time the next one ends.
+spent writing to about 1/``ratio`` of the run.  A record that arrives inside
+that window is written when the window ends, by a timer, not only when the
+next record comes (which, after a slow model, could be minutes later).  In
+practice a rewrite takes about a millisecond.
 
 The text written is exactly what ``report.write_json_atomically`` writes for
 the same records (tested), so incremental and final reports read the same.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,22 +40,49 @@ class IncrementalReport:
         self._dirty = False
         self._last_end: float | None = None
         self._last_cost = 0.0
+        self._head: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
         self.writes = 0
         self.write_seconds = 0.0
 
     def add(self, record: dict[str, Any]) -> None:
         text = json.dumps(json_safe(record), indent=2, allow_nan=False)
-        self._parts.append("    " + text.replace("\n", "\n    "))
-        self._counts[record["outcome"]] = self._counts.get(record["outcome"], 0) + 1
-        self._dirty = True
-        if self._last_end is None or time.monotonic() - self._last_end >= self.ratio * self._last_cost:
-            self.flush()
+        # The header is taken here, in the caller's thread: the first call may import
+        # MNN or start a worker process, which a timer thread must never do.
+        head = self.header()
+        with self._lock:
+            self._parts.append("    " + text.replace("\n", "\n    "))
+            self._counts[record["outcome"]] = self._counts.get(record["outcome"], 0) + 1
+            self._head = head
+            self._dirty = True
+            wait = 0.0 if self._last_end is None else self._last_end + self.ratio * self._last_cost - time.monotonic()
+            if wait <= 0:
+                self._write()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self._on_timer)
+                self._timer.daemon = True
+                self._timer.start()
 
     def flush(self) -> None:
         """Write the report now (also with no records: the final write of an empty run)."""
-        head = self.header()  # not timed: the first call may import MNN and probe backends
+        head = self.header()
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._head = head
+            self._write()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._dirty:
+                self._write()
+
+    def _write(self) -> None:
         started = time.monotonic()
-        write_text_atomically(self.path, self.text(head))
+        write_text_atomically(self.path, self.text(self._head))
         self._last_end = time.monotonic()
         self._last_cost = self._last_end - started
         self.writes += 1

@@ -20,9 +20,13 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
     config = result.config
     lines = [_headline(result, error)]
     lines.append(f"model:     {model.path} (sha256 {model.info.sha256[:12]})")
+    if result.conversion:
+        lines.append(f"converted: {result.conversion}")
     used = result.backend_used or "?"
     lines.append(f"ran on:    {used} (forward type {result.forward_type}), precision {config.precision}, "
                  f"{config.threads} thread(s); requested {config.backend}")
+    if result.arithmetic is not None:
+        lines.append(f"arithmetic: {result.arithmetic.describe()}")
     lines.append(f"reference: {result.reference}")
     if result.tolerance is not None:
         lines.append(f"tolerance: {result.tolerance.describe()}")
@@ -41,12 +45,18 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
     if result.trace is not None:
         lines.append("")
         lines.extend(trace_lines(result))
-    if result.fp16_risks and result.tolerance is not None and result.tolerance.tier != "fp32":
+    reduced = config.precision in ("low", "Low_BF16") or (result.tolerance is not None
+                                                         and result.tolerance.tier != "fp32")
+    if result.fp16_risks and reduced:
         lines.append("")
         lines.append("fp16 risk (from the fp32 reference's activations; low precision cannot hold these):")
         lines.extend(f"  {risk.describe()}" for risk in result.fp16_risks[:5])
         if len(result.fp16_risks) > 5:
             lines.append(f"  ... and {len(result.fp16_risks) - 5} more (see the JSON report)")
+    if result.weight_risks:
+        lines.append("")
+        lines.append("fp16 weight risk (what --fp16 conversion of the reference model would lose):")
+        lines.extend(f"  {risk.describe()}" for risk in result.weight_risks[:5])
     if reproduce:
         lines.append("")
         lines.append(f"reproduce: {reproduce}")
@@ -60,8 +70,10 @@ def trace_lines(result: "ParityResult") -> list[str]:
     first = trace.first_divergent
     unmatched = len(trace.unmatched_target) + len(trace.unmatched_reference)
     lines = [f"layers:    {trace.compared} compared ({trace.method}); {unmatched} without a counterpart"]
+    lines.extend(f"note:      {note}" for note in getattr(trace, "notes", ()))
     if first is None:
-        lines.append("first divergent layer: none - every traced layer is within tolerance")
+        why = "see the notes above" if getattr(trace, "notes", None) else "every traced layer is within tolerance"
+        lines.append(f"first divergent layer: none - {why}")
         return lines
     blame = "its inputs were within tolerance" if first.inputs_ok else "its inputs had already diverged"
     health = f" [{', '.join(first.health)}]" if first.health else ""

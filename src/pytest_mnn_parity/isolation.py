@@ -265,19 +265,19 @@ class IsolatedEngine:
     # -- engine interface -------------------------------------------------------
     def check(self, model_path: os.PathLike | str, config: RunConfig,
               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-              reproduce: str = "") -> ParityResult:
+              reproduce: str = "", variant: str | None = None) -> ParityResult:
         status = self.backend_status(config.backend)
         if status.fault:
-            return self._fault_result(model_path, config, tolerance_layers, reproduce, status.fault)
+            return self._fault_result(model_path, config, tolerance_layers, reproduce, status.fault, variant)
         if not status.available:
             return ParityResult(str(model_path), config, Category.BACKEND_UNAVAILABLE, status.reason,
-                                forward_type=status.forward_type)
+                                forward_type=status.forward_type, variant=variant)
         key = _key(model_path)
         worker = self._worker_for(key)
         request = {"op": "check", "model": os.fspath(model_path), "config": wire.config_to_wire(config),
                    "tolerance_layers": [[source, dict(values) if values else None]
                                         for source, values in tolerance_layers],
-                   "reproduce": reproduce, "backend_status": _status_dict(status)}
+                   "reproduce": reproduce, "variant": variant, "backend_status": _status_dict(status)}
         started = time.monotonic()
         try:
             worker.checks += 1
@@ -288,12 +288,12 @@ class IsolatedEngine:
             returncode = worker.kill(dump_stack=True)
             fault = self._fault(worker, "timeout", returncode, time.monotonic() - started)
             self._forget(key, worker)
-            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault)
+            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault, variant)
         except WorkerDied as died:
             fault = self._fault(worker, "crashed", died.returncode, time.monotonic() - started)
             fault["detail"] = died.detail
             self._forget(key, worker)
-            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault)
+            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault, variant)
         if not reply.get("ok"):
             raise WorkerError(f"the isolated worker (pid {worker.pid}) raised:\n{reply.get('error')}")
         result = wire.result_from_wire(reply["result"])
@@ -396,12 +396,12 @@ class IsolatedEngine:
                 "stderr_tail": worker.stderr_tail()}
 
     def _fault_result(self, model_path, config: RunConfig, tolerance_layers, reproduce: str,
-                      fault: dict[str, Any]) -> ParityResult:
+                      fault: dict[str, Any], variant: str | None = None) -> ParityResult:
         category = Category.TIMEOUT if fault["kind"] == "timeout" else Category.CRASHED
         result = ParityResult(str(model_path), config, category, "", tolerance=resolve(
             config.backend, config.precision, *tolerance_layers), input_set=f"seeded:{self.settings.seed}",
             seconds=fault["seconds"], log=fault["stderr_tail"], fault=fault,
-            worker={"pid": fault["pid"], "index": fault["index"]})
+            worker={"pid": fault["pid"], "index": fault["index"]}, variant=variant)
         result.message = fault_message(result, model_path, reproduce)
         return result
 

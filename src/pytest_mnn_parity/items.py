@@ -88,8 +88,16 @@ class ParityItem(pytest.Item):
         return self.model_path, 0, f"{self.parent.name}::{self.name}"
 
 
-class ModelLoadFailure(Exception):
-    """The model cannot be tested at all (missing, corrupt, unrunnable reference)."""
+class ModelLoadFailure(pytest.fail.Exception):
+    """The model cannot be tested at all (missing, corrupt, unconvertible, unrunnable reference).
+
+    A ``pytest.fail`` exception without traceback: pytest renders setup errors
+    with ``_repr_failure_py``, not ``repr_failure``, and shows only the message
+    for these instead of pytest's own call stack.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message, pytrace=False)
 
 
 class ModelErrorItem(pytest.Item):

@@ -95,56 +95,52 @@ def snr_db(target: np.ndarray, reference: np.ndarray) -> float:
     return float(np.clip(10.0 * math.log10(signal / noise), -_SNR_CAP_DB, _SNR_CAP_DB))
 
 
+# Elements per slice: float64 temporaries of a slice stay in cache-sized
+# blocks, so comparing a 512x512x64 activation costs a few MB, not hundreds.
+CHUNK = 1 << 18
+
+
 def compare(target: np.ndarray, reference: np.ndarray, *, atol: float, rtol: float) -> OutputMetrics:
-    """All metrics for one output; shapes must already match (see ``verdict``)."""
+    """All metrics for one output; shapes must already match (see ``verdict``).
+
+    Works slice by slice in float64 (two passes: the reference's scale, then
+    everything else), so memory stays bounded and sums stay exact enough for
+    cosines near 1 on tensors of millions of elements.
+    """
     tgt, ref = np.asarray(target), np.asarray(reference)
     shape, size = tuple(tgt.shape), int(tgt.size)
     if size == 0:
         return OutputMetrics(shape, tuple(ref.shape), 0, 0.0, 0.0, 0.0, 0.0, 1.0, _SNR_CAP_DB, 1.0, 0.0, (),
                              0.0, 0.0, 0.0, 0.0, 0.0, 0, 0)
-    t = tgt.astype(np.float64, copy=False).ravel()
-    r = ref.astype(np.float64, copy=False).ravel()
-    t_finite, r_finite = np.isfinite(t), np.isfinite(r)
-    all_finite = bool(t_finite.all() and r_finite.all())
-    if all_finite:  # the common case: skip every mask
-        tf, rf, new_bad = t, r, None
-        scale = reference_scale(r)
-    else:
-        finite = t_finite & r_finite
-        # A NaN/Inf the reference shares at the same place (same inf, both NaN)
-        # is not a difference; any other one is outside tolerance by definition.
-        with np.errstate(invalid="ignore"):
-            same = ~finite & ((t == r) | (np.isnan(t) & np.isnan(r)))
-        new_bad = ~finite & ~same
-        tf, rf = np.where(finite, t, 0.0), np.where(finite, r, 0.0)
-        scale = reference_scale(r[r_finite]) if r_finite.any() else 1.0
-    abs_r = np.abs(rf)
-    with np.errstate(over="ignore", invalid="ignore"):
-        diff = np.abs(tf - rf)
-        excess = diff - (atol * scale + rtol * abs_r)
-    outside = excess > 0
-    # Relative error is only defined where the reference is non-zero; elements
-    # where it is zero are judged by the scaled absolute tolerance alone.
-    rel = np.divide(diff, abs_r, out=np.zeros_like(diff), where=abs_r > 0)
-    new_nonfinite = new_bad is not None and bool(new_bad.any())
-    if new_nonfinite:
-        outside |= new_bad
-        worst_flat = int(np.argmax(new_bad))
-    else:
-        worst_flat = int(np.argmax(excess))
-    zero_t = t == 0
-    new_zero = zero_t & (r != 0) & outside
-    if new_nonfinite:
+    t_all, r_all = tgt.reshape(-1), ref.reshape(-1)
+    slices = [slice(i, min(i + CHUNK, size)) for i in range(0, size, CHUNK)]
+    scale = 0.0
+    for sl in slices:
+        r = np.abs(r_all[sl].astype(np.float64, copy=False))
+        finite = r[np.isfinite(r)] if not np.isfinite(r).all() else r
+        if finite.size:
+            scale = max(scale, float(finite.max()))
+    scale = scale if scale > 0 else 1.0
+    # float32 outputs are compared in float32 (their own precision: differences
+    # are exact to a rounding of the tolerance) with float64 sums; anything
+    # else (float64, integers) in float64.
+    work = np.float32 if tgt.dtype == np.float32 and ref.dtype == np.float32 else np.float64
+    acc = _Accumulator()
+    for sl in slices:
+        acc.add(t_all[sl].astype(work, copy=False), r_all[sl].astype(work, copy=False),
+                sl.start, atol * scale, rtol)
+    worst_flat = acc.worst_bad if acc.worst_bad is not None else acc.worst
+    if acc.new_nonfinite:
         # An unbounded error: numbers computed over the finite rest would make a
         # broken output look perfect.
         max_abs = max_rel = mean_abs = rmse = float("inf")
         cosine, snr = float("nan"), -_SNR_CAP_DB
     else:
-        max_abs, max_rel = float(diff.max()), float(rel.max())
-        mean_abs = float(diff.mean())
-        rmse = float(np.sqrt(np.mean(diff * diff)))
-        cosine = cosine_similarity(tf, rf)
-        snr = snr_db(tf, rf)
+        max_abs, max_rel = acc.max_abs, acc.max_rel
+        mean_abs = acc.sum_abs / size
+        rmse = float(np.sqrt(acc.sum_sq / size))
+        cosine = _cosine_from_sums(acc.tt, acc.rr, acc.tr)
+        snr = _snr_from_sums(acc.rr, acc.sum_sq)
     return OutputMetrics(
         shape=shape,
         ref_shape=tuple(ref.shape),
@@ -156,13 +152,95 @@ def compare(target: np.ndarray, reference: np.ndarray, *, atol: float, rtol: flo
         cosine=cosine,
         snr_db=snr,
         ref_scale=scale,
-        outside_fraction=float(np.count_nonzero(outside)) / size,
+        outside_fraction=acc.outside / size,
         worst_index=tuple(int(i) for i in np.unravel_index(worst_flat, shape)),
-        worst_target=float(t[worst_flat]),
-        worst_reference=float(r[worst_flat]),
-        zero_fraction=float(np.count_nonzero(zero_t)) / size,
-        ref_zero_fraction=float(np.count_nonzero(r == 0)) / size,
-        new_zero_fraction=float(np.count_nonzero(new_zero)) / size,
-        nonfinite_count=int(size - np.count_nonzero(t_finite)),
-        ref_nonfinite_count=int(size - np.count_nonzero(r_finite)),
+        worst_target=float(t_all[worst_flat]),
+        worst_reference=float(r_all[worst_flat]),
+        zero_fraction=acc.zeros / size,
+        ref_zero_fraction=acc.ref_zeros / size,
+        new_zero_fraction=acc.new_zeros / size,
+        nonfinite_count=acc.nonfinite,
+        ref_nonfinite_count=acc.ref_nonfinite,
     )
+
+
+class _Accumulator:
+    """Running sums and extremes over slices; see ``compare``."""
+
+    def __init__(self):
+        self.max_abs = self.max_rel = self.sum_abs = self.sum_sq = 0.0
+        self.tt = self.rr = self.tr = 0.0
+        self.outside = self.zeros = self.ref_zeros = self.new_zeros = self.nonfinite = self.ref_nonfinite = 0
+        self.worst, self.worst_excess = 0, -np.inf
+        self.worst_bad: int | None = None
+        self.new_nonfinite = False
+
+    def add(self, t: np.ndarray, r: np.ndarray, offset: int, abs_bound: float, rtol: float) -> None:
+        t_finite, r_finite = np.isfinite(t), np.isfinite(r)
+        all_finite = bool(t_finite.all() and r_finite.all())
+        if all_finite:
+            tf, rf, bad = t, r, None
+        else:
+            finite = t_finite & r_finite
+            # A NaN/Inf the reference shares at the same place (same inf, both
+            # NaN) is not a difference; any other one is outside by definition.
+            with np.errstate(invalid="ignore"):
+                same = ~finite & ((t == r) | (np.isnan(t) & np.isnan(r)))
+            bad = ~finite & ~same
+            zero = t.dtype.type(0)
+            tf, rf = np.where(finite, t, zero), np.where(finite, r, zero)
+            self.nonfinite += int(t.size - np.count_nonzero(t_finite))
+            self.ref_nonfinite += int(r.size - np.count_nonzero(r_finite))
+        abs_r = np.abs(rf)
+        with np.errstate(over="ignore", invalid="ignore"):
+            diff = np.abs(tf - rf)
+            excess = diff - (abs_r * t.dtype.type(rtol) + t.dtype.type(abs_bound))
+        outside = excess > 0
+        if bad is not None and bad.any():
+            outside |= bad
+            if self.worst_bad is None:
+                self.worst_bad = offset + int(np.argmax(bad))
+            self.new_nonfinite = True
+        i = int(np.argmax(excess))
+        if excess[i] > self.worst_excess:
+            self.worst, self.worst_excess = offset + i, float(excess[i])
+        nonzero_r = abs_r > 0
+        if nonzero_r.any():
+            self.max_rel = max(self.max_rel, float((diff[nonzero_r] / abs_r[nonzero_r]).max()))
+        dmax = float(diff.max())
+        self.max_abs = max(self.max_abs, dmax)
+        self.sum_abs += float(diff.sum(dtype=np.float64))
+        if t.dtype == np.float32 and dmax + float(abs_r.max()) > 1e18:
+            # Squares of |x| > 1.8e19 overflow float32 (inf inputs drive activations to ~3e38): this
+            # slice's products go to float64, or identical outputs would get cosine NaN and fail.
+            tf, rf, diff = tf.astype(np.float64), rf.astype(np.float64), diff.astype(np.float64)
+        # Products in the working precision, sums in float64 (pairwise): not
+        # np.dot, whose BLAS threads thrash on a loaded 2-core CI machine and
+        # which would sum float32 in float32.
+        self.sum_sq += float(np.sum(diff * diff, dtype=np.float64))
+        self.tt += float(np.sum(tf * tf, dtype=np.float64))
+        self.rr += float(np.sum(rf * rf, dtype=np.float64))
+        self.tr += float(np.sum(tf * rf, dtype=np.float64))
+        zero_t = t == 0
+        self.zeros += int(np.count_nonzero(zero_t))
+        self.ref_zeros += int(np.count_nonzero(r == 0))
+        self.outside += int(np.count_nonzero(outside))
+        self.new_zeros += int(np.count_nonzero(zero_t & (r != 0) & outside))
+
+
+def _cosine_from_sums(tt: float, rr: float, tr: float) -> float:
+    if tt == 0.0 and rr == 0.0:
+        return 1.0
+    if tt == 0.0 or rr == 0.0:
+        return 0.0
+    if not (np.isfinite(tt) and np.isfinite(rr) and np.isfinite(tr)):
+        return float("nan")  # values near float64's limit: only from float64 inputs
+    return float(np.clip(tr / (np.sqrt(tt) * np.sqrt(rr)), -1.0, 1.0))
+
+
+def _snr_from_sums(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return _SNR_CAP_DB
+    if signal == 0.0:
+        return -_SNR_CAP_DB
+    return float(np.clip(10.0 * math.log10(signal / noise), -_SNR_CAP_DB, _SNR_CAP_DB))

@@ -162,7 +162,8 @@ class ModelTarget:
 def expand_model_args(args, base: Path) -> list[ModelTarget]:
     """Turn ``--mnn-model`` values (files, directories, globs) into model targets.
 
-    A directory means every ``*.mnn`` below it.  Anything that does not lead to
+    A directory means every ``*.mnn`` and ``*.onnx`` below it (ONNX models are
+    converted and tested per variant).  Anything that does not lead to
     a model becomes a target carrying its error, so it is reported instead of
     silently dropped.  Order is stable and duplicates are removed.
     """
@@ -188,11 +189,11 @@ def expand_model_args(args, base: Path) -> list[ModelTarget]:
                 m = Path(match)
                 add(m, _dir_error(m) if m.is_dir() else None)
             continue
-        if path.is_dir() and path.suffix != ".mnn":
-            found = sorted(p for p in path.rglob("*.mnn"))
+        if path.is_dir() and path.suffix not in (".mnn", ".onnx"):
+            found = sorted(p for suffix in ("*.mnn", "*.onnx") for p in path.rglob(suffix))
             if not found:
-                add(path, ModelError(path, "the directory contains no .mnn file",
-                                     "point --mnn-model at a .mnn file or a directory holding some"))
+                add(path, ModelError(path, "the directory contains no .mnn or .onnx file",
+                                     "point --mnn-model at a model file or a directory holding some"))
             for m in found:
                 add(m, _dir_error(m) if m.is_dir() else None)
             continue

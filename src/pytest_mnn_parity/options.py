@@ -18,6 +18,7 @@ from .inputs import parse_input_shapes
 from .limits import DEFAULT_MAX_INPUT_MB
 from .parity import LAYER_MODES
 from .reliability import ISOLATE_MODES
+from .variants import DEFAULT_VARIANTS, parse_converter_flags, parse_variants
 
 TOLERANCE_OPTIONS = {
     "atol": "absolute tolerance as a fraction of each output's largest |reference| value",
@@ -34,13 +35,18 @@ def add_options(parser: pytest.Parser) -> None:
         group.addoption(f"--mnn-{name}", dest=f"mnn_{name.replace('-', '_')}", help=help, **kwargs)
         parser.addini(f"mnn_{name.replace('-', '_')}", help, type=ini_type)
 
-    option("model", "an .mnn file, a directory (every *.mnn below it) or a glob; repeatable",
+    option("model", "an .mnn or .onnx file, a directory (every *.mnn and *.onnx below it) or a glob; repeatable",
            ini_type="args", action="append", default=None, metavar="PATH")
     option("backends", f"comma-separated backends to test (default: {','.join(DEFAULT_BACKENDS)})",
            metavar="LIST")
     option("precisions", f"comma-separated precisions (default: {','.join(PRECISIONS)})", metavar="LIST")
     option("reference", "what outputs are compared against: 'cpu' (default: the same model on CPU, high "
-           "precision, 1 thread) or another .mnn file with the same inputs and outputs", metavar="REF")
+           "precision, 1 thread; ONNX Runtime for an .onnx model), another .mnn file with the same inputs and "
+           "outputs, or an .onnx file run by ONNX Runtime", metavar="REF")
+    option("convert", f"conversion variants tested for each .onnx model: comma-separated from fp32, fp16, int8 "
+           f"(default {','.join(DEFAULT_VARIANTS)})", metavar="LIST")
+    parser.addini("mnn_convert_flags", "extra MNNConvert flags for every conversion variant of an .onnx model, "
+                  "e.g. --keepInputFormat", type="string")
     option("seed", "seed for the generated inputs (default 0)", metavar="INT")
     option("input-shape", "shape for an input, e.g. image=1x3x512x512 (needed for dynamic dimensions); repeatable",
            ini_type="linelist", action="append", default=None, metavar="NAME=SHAPE")
@@ -79,6 +85,8 @@ class Options:
     timeout: float | None = None
     max_input_mb: float = DEFAULT_MAX_INPUT_MB
     only: bool = False
+    convert: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    convert_flags: tuple[str, ...] = ()
     rootpath: Path = Path(".")
     invocation_dir: Path = Path(".")
 
@@ -146,7 +154,17 @@ class Options:
         max_input_mb = number("max_input_mb", float, DEFAULT_MAX_INPUT_MB)
         if not max_input_mb > 0:
             raise pytest.UsageError(f"{where('max_input_mb')}: expected a size in MiB > 0, got {max_input_mb:g}")
+        try:
+            convert = parse_variants(_as_list(get("convert") or list(DEFAULT_VARIANTS)))
+        except ValueError as exc:
+            raise pytest.UsageError(f"--mnn-convert: {exc}") from None
+        try:
+            convert_flags = parse_converter_flags(config.getini("mnn_convert_flags") or "")
+        except ValueError as exc:
+            raise pytest.UsageError(f"mnn_convert_flags: {exc}") from None
         return cls(
+            convert=convert,
+            convert_flags=convert_flags,
             models=[str(m) for m in _as_list(get("model") or [])],
             backends=listed("backends", DEFAULT_BACKENDS, canonical_backend),
             precisions=listed("precisions", PRECISIONS, canonical_precision),
@@ -166,10 +184,12 @@ class Options:
             invocation_dir=config.invocation_params.dir,
         )
 
-    def reproduce_command(self, model: str, backend: str, precision: str) -> str:
-        """A command that reruns exactly one configuration of one model."""
+    def reproduce_command(self, model: str, backend: str, precision: str, variant: str | None = None) -> str:
+        """A command that reruns exactly one configuration of one model (and conversion variant)."""
         parts = ["pytest", "--mnn-only", "--mnn-model", model, "--mnn-backends", backend,
                  "--mnn-precisions", precision, "--mnn-seed", str(self.seed)]
+        if variant is not None:
+            parts += ["--mnn-convert", variant]
         if self.threads != 4:
             parts += ["--mnn-threads", str(self.threads)]
         if self.reference:
@@ -193,6 +213,7 @@ class Options:
                 "seed": self.seed, "threads": self.threads, "layers": self.layers,
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
                 "isolate": self.isolate, "timeout": self.timeout, "max_input_mb": self.max_input_mb,
+                "convert": self.convert, "convert_flags": list(self.convert_flags),
                 "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli}}
 
 

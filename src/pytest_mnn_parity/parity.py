@@ -27,7 +27,9 @@ from .limits import DEFAULT_MAX_INPUT_MB, nonfinite_inputs
 from .model import ModelError
 from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig, RunOutput, error_name
 from .tolerances import Tolerance, resolve
+from .weights import WeightRisk, fp16_weight_risks
 from .trace import ActivationRisk, ReferenceTrace, RiskScanner, TraceResult, record_reference, trace_target
+from .variants import is_onnx
 from .verdict import Category, Verdict, judge_outputs
 
 
@@ -44,6 +46,10 @@ class ParitySettings:
     layers: str = "on-failure"
     # One input set larger than this (MiB) is refused before it is allocated.
     max_input_mb: float | None = DEFAULT_MAX_INPUT_MB
+    # ONNX models: where converted variants are cached (None: a temporary
+    # folder for this engine) and extra MNNConvert flags for every variant.
+    convert_cache: str | None = None
+    converter_flags: tuple[str, ...] = ()
 
 
 LAYER_MODES = ("off", "on-failure", "always")
@@ -67,6 +73,12 @@ class Reference:
     outputs_a: dict[str, np.ndarray]
     outputs_b: dict[str, np.ndarray]
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
+    weight_risks: list[WeightRisk] = field(default_factory=list)
+
+
+# A weight tensor is named only when this share of it would be lost: a few
+# rounding-noise entries (1e-17 in a DFT matrix) are not a risk.
+WEIGHT_RISK_MIN_FRACTION = 0.2
 
 
 @dataclass
@@ -86,6 +98,7 @@ class ParityResult:
     log: str = ""
     first_divergent_layer: dict[str, Any] | None = None
     variant: str | None = None
+    arithmetic: backends.Arithmetic | None = None
     trace: TraceResult | None = None
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
     # {input name: {"nan", "inf", "size", "sets"}} when an input set holds NaN/Inf (allowed, but reported).
@@ -94,6 +107,9 @@ class ParityResult:
     worker: dict[str, Any] | None = None
     # Set for crashed/timeout: how the worker ended (signal, exit code, stderr tail).
     fault: dict[str, Any] | None = None
+    weight_risks: list[WeightRisk] = field(default_factory=list)
+    # How the tested .mnn was made from an ONNX model ("" for a given .mnn).
+    conversion: str = ""
 
     @property
     def passed(self) -> bool:
@@ -119,6 +135,9 @@ class ParityEngine:
         self._fingerprints: dict[Path, str] = {}
         self._nonfinite: dict[Path, dict | None] = {}
         self._provided: set[Path] = set()
+        from .onnx_engine import OnnxSide  # noqa: PLC0415 - it uses this module's types
+
+        self.onnx = OnnxSide(self)
 
     # -- models -----------------------------------------------------------------
     def model(self, path: os.PathLike | str) -> LoadedModel:
@@ -138,6 +157,8 @@ class ParityEngine:
     def release(self, path: os.PathLike | str) -> None:
         """Free a model's interpreter and sessions (MNN frees sessions with the interpreter only)."""
         key = _key(path)
+        for converted in self.onnx.release(key):
+            self.release(converted)
         model = self._models.pop(key, None)
         if isinstance(model, LoadedModel):
             model.close()
@@ -215,6 +236,8 @@ class ParityEngine:
 
     def _compute_reference(self, model: LoadedModel) -> Reference:
         inputs_a, inputs_b = self.inputs(model)
+        if self.onnx.reference_path(model) is not None:
+            return self.onnx.reference(model, inputs_a, inputs_b)
         if self.settings.reference:
             ref_model = self.model(self.settings.reference)
             _check_same_interface(model, ref_model)
@@ -232,25 +255,48 @@ class ParityEngine:
             if empty:
                 raise ModelError(ref_model.path, f"the reference run produced empty outputs {empty}",
                                  _runtime_hint(run), run.log)
-        return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [])
+        weight_risks = []
+        if scanner is not None:
+            try:
+                weight_risks = _without_repeats(fp16_weight_risks(ref_model.path,
+                                                                  min_fraction=WEIGHT_RISK_MIN_FRACTION))
+            except ValueError:
+                pass  # MNN loaded the file, so a reader gap is ours: skip the scan, never fail the model
+        return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [], weight_risks)
 
     # -- the check --------------------------------------------------------------
     def check(self, model_path: os.PathLike | str, config: RunConfig,
               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-              reproduce: str = "") -> ParityResult:
+              reproduce: str = "", variant: str | None = None) -> ParityResult:
+        """Run ``config`` and judge it.  An ``.onnx`` model is converted first (``variant``:
+        ``fp32`` by default, see ``variants.VARIANTS``) and compared against ONNX Runtime."""
+        if variant is None and is_onnx(model_path):
+            variant = "fp32"
+        result = self._check(model_path, config, tolerance_layers, reproduce, variant)
+        result.variant = variant
+        return result
+
+    def _check(self, model_path: os.PathLike | str, config: RunConfig,
+               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]], reproduce: str,
+               variant: str | None) -> ParityResult:
         model_label = str(model_path)
         status = backends.discover([config.backend])[config.backend]
         if not status.available:
             return ParityResult(model_label, config, Category.BACKEND_UNAVAILABLE, status.reason,
                                 forward_type=status.forward_type)
+        conversion = ""
         try:
+            if is_onnx(model_path):
+                model_path, conversion = self.onnx.converted(model_path, variant)
             model = self.model(model_path)
             reference = self.reference(model)
         except ReferenceRunError as exc:
             return self._check_without_reference(model, config, exc, reproduce)
         except ModelError as exc:
             return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log)
-        tol = resolve(config.backend, config.precision, *tolerance_layers)
+        arithmetic = backends.probe_arithmetic(config.backend, config.precision)
+        tol = resolve(config.backend, config.precision, *tolerance_layers, arithmetic=arithmetic.kind,
+                      variant=variant)
         inputs_a, inputs_b = self.inputs(model)
         input_set = "provided" if _key(model.path) in self._provided else f"seeded:{self.settings.seed}"
         try:
@@ -260,7 +306,9 @@ class ParityEngine:
                                 reference=reference.description, input_set=input_set, log=exc.log)
         result = ParityResult(model_label, config, Category.OK, "", backends.forward_name(forward), forward, tol,
                               reference=reference.description, input_set=input_set, log=session_log,
-                              fp16_risks=list(reference.fp16_risks), inputs_nonfinite=self.inputs_nonfinite(model))
+                              fp16_risks=list(reference.fp16_risks), weight_risks=list(reference.weight_risks),
+                              arithmetic=arithmetic, variant=variant, conversion=conversion,
+                              inputs_nonfinite=self.inputs_nonfinite(model))
         if model.falls_back(config):
             result.category = Category.BACKEND_FALLBACK
             result.message = (f"{config.backend} was available at discovery but this session runs on "
@@ -290,6 +338,9 @@ class ParityEngine:
 
     def _trace(self, result: ParityResult, model: LoadedModel, config: RunConfig, tol: Tolerance,
                inputs: Mapping[str, np.ndarray]) -> None:
+        if self.onnx.reference_path(model) is not None:
+            self.onnx.localise(result, model, config, tol, inputs)
+            return
         reference = self._reference_trace(model, inputs)
         result.trace = trace_target(reference, model, config, inputs, tol)
         first = result.trace.first_divergent
@@ -320,6 +371,12 @@ class ParityEngine:
             result.verdict = Verdict(Category.RUNTIME_ERROR)
             result.message = failure_message(result, model, error=_runtime_error_text(run), reproduce=reproduce)
         return result
+
+
+def _without_repeats(risks: list[WeightRisk]) -> list[WeightRisk]:
+    """A tensor that flushes entirely is also below fp16's normal range: say it once."""
+    flushed = {(r.op_name, r.role) for r in risks if r.kind == "flush" and r.count == r.total}
+    return [r for r in risks if not (r.kind == "subnormal" and (r.op_name, r.role) in flushed)]
 
 
 @functools.lru_cache(maxsize=1024)

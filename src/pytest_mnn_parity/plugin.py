@@ -14,7 +14,11 @@ from .parity import ParityEngine, ParityResult, ParitySettings
 from .reliability import Isolation
 from .runner import RunConfig
 from .report import RECORD_FIELDS, build_report, matrix_lines, record
+from .variants import is_onnx
 from .verdict import Category
+
+# Fixtures and markers for users' own tests live in a plugin module of their own.
+pytest_plugins = ["pytest_mnn_parity.user_fixtures"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -33,9 +37,11 @@ def pytest_configure(config: pytest.Config) -> None:
         _check_writable(options.report)
     # xdist workers send their records to the controller, which writes the report.
     run.writes_report = not hasattr(config, "workerinput")
+    if getattr(config, "cache", None) is not None:  # absent with -p no:cacheprovider: a temporary folder then
+        run.engine.settings.convert_cache = str(config.cache.mkdir("mnn-parity-convert"))
     xdist_controller = run.writes_report and bool(getattr(config.option, "numprocesses", None))
     if run.active and not xdist_controller:
-        run.isolation.start()
+        run.isolation.start()  # after the settings are final: workers get a copy
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -79,7 +85,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         terminalreporter.write_sep("=", "MNN parity")
         for line in lines:
             terminalreporter.write_line(line)
-    if run.options.report is not None and run.active:
+    if run.options.report is not None and (run.active or run.records()):
         terminalreporter.write_line(f"MNN parity report: {run.options.report}")
 
 
@@ -96,7 +102,8 @@ class ParityRun:
         self.options = options
         self.engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
                                                   reference=options.reference, threads=options.threads,
-                                                  layers=options.layers, max_input_mb=options.max_input_mb))
+                                                  layers=options.layers, converter_flags=options.convert_flags,
+                                                  max_input_mb=options.max_input_mb))
         self.isolation = Isolation(self.engine, options.isolate, options.timeout, options.backends)
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
@@ -127,9 +134,10 @@ class ParityRun:
         return items
 
     def cases(self, model_path) -> list[Case]:
-        """Every item to generate for one model, in a stable order."""
-        return [Case(RunConfig(backend, precision, self.options.threads))
-                for backend in self.options.backends for precision in self.options.precisions]
+        """Every item to generate for one model, in a stable order; an ONNX model once per conversion variant."""
+        variants = self.options.convert if is_onnx(model_path) else [None]
+        return [Case(RunConfig(backend, precision, self.options.threads), variant=variant)
+                for variant in variants for backend in self.options.backends for precision in self.options.precisions]
 
     def backend_status(self, backend: str):
         return self.isolation.backend_status(backend)
@@ -144,8 +152,10 @@ class ParityRun:
         config = item.run_config
         model = node_id_path(item.model_path, item.config.rootpath)
         layers = [("ini", self.options.tolerance_ini), ("command line", self.options.tolerance_cli)]
-        result = self.isolation.check(item.model_path, config, layers,
-                                      reproduce=self.options.reproduce_command(model, config.backend, config.precision))
+        variant = item.case.variant
+        result = self.isolation.check(item.model_path, config, layers, variant=variant,
+                                      reproduce=self.options.reproduce_command(model, config.backend, config.precision,
+                                                                               variant))
         result.model = model
         for name, value in _junit_properties(result):
             item.user_properties.append((name, value))
@@ -167,7 +177,7 @@ class ParityRun:
             return None
         if report.when == "setup" and report.skipped and item.result is None:
             result = ParityResult(node_id_path(item.model_path, item.config.rootpath), item.run_config,
-                                  Category.BACKEND_UNAVAILABLE, _skip_reason(report))
+                                  Category.BACKEND_UNAVAILABLE, _skip_reason(report), variant=item.case.variant)
             return record(item.nodeid, result, "skipped")
         if item.result is None:
             return None
@@ -190,7 +200,7 @@ class ParityRun:
 
     def _report_writer(self) -> IncrementalReport | None:
         """The report file, rewritten as items finish so a killed run still leaves one (durable_report.py)."""
-        if self.options.report is None or not self.active or not self.writes_report:
+        if self.options.report is None or not self.writes_report or not (self.active or self._records):
             return None
         if self._report is None:
             self._report = IncrementalReport(self.options.report, self._report_header)
@@ -226,6 +236,8 @@ def _junit_properties(result: ParityResult):
     yield "mnn_backend_used", str(result.backend_used)
     if result.tolerance is not None:
         yield "mnn_tier", result.tolerance.tier
+    if result.variant is not None:
+        yield "mnn_variant", result.variant
     if result.verdict is not None:
         for v in result.verdict.outputs:
             if v.metrics is not None:

@@ -79,13 +79,13 @@ class Isolation:
 
     def check(self, model_path: os.PathLike | str, config: RunConfig,
               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-              reproduce: str = "") -> ParityResult:
+              reproduce: str = "", variant: str | None = None) -> ParityResult:
         if self.isolates(config.backend):
-            return self.isolated.check(model_path, config, tolerance_layers, reproduce)
+            return self.isolated.check(model_path, config, tolerance_layers, reproduce, variant=variant)
         if self.timeout is None:
-            return self.engine.check(model_path, config, tolerance_layers, reproduce)
+            return self.engine.check(model_path, config, tolerance_layers, reproduce, variant=variant)
         started = time.perf_counter()
-        result = self.engine.check(model_path, config, tolerance_layers, reproduce)
+        result = self.engine.check(model_path, config, tolerance_layers, reproduce, variant=variant)
         elapsed = time.perf_counter() - started
         if elapsed > self.timeout and result.category is not Category.BACKEND_UNAVAILABLE:
             late_timeout(result, elapsed, self.timeout, reproduce)

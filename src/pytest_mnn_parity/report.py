@@ -16,10 +16,10 @@ from typing import Any, Iterable
 
 SCHEMA = "pytest-mnn-parity/1"
 
-RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "variant",
+RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "arithmetic", "variant",
                  "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
-                 "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "rc", "seconds",
-                 "inputs_nonfinite", "worker", "fault")
+                 "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
+                 "seconds", "inputs_nonfinite", "worker", "fault")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -32,6 +32,8 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "forward_type": result.forward_type,
         "precision": result.config.precision,
         "threads": result.config.threads,
+        "arithmetic": None if result.arithmetic is None else {
+            "kind": result.arithmetic.kind, "probe_errors": result.arithmetic.errors, "note": result.arithmetic.note},
         "variant": result.variant,
         "input_set": result.input_set,
         "outcome": outcome,
@@ -44,6 +46,7 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "layer_trace": result.trace.summary() if result.trace is not None else None,
         "layers": [layer.as_dict(with_inputs=False) for layer in result.trace.layers] if result.trace else None,
         "fp16_risks": [risk.as_dict() for risk in result.fp16_risks],
+        "fp16_weight_risks": [risk.as_dict() for risk in result.weight_risks],
         "rc": result.rc,
         "seconds": result.seconds,
         "inputs_nonfinite": getattr(result, "inputs_nonfinite", None),
@@ -127,8 +130,8 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     if ran:
         configs = list(OrderedDict.fromkeys(_column(r) for r in ran))
-        models = list(OrderedDict.fromkeys(r["model"] for r in ran))
-        cells = {(r["model"], _column(r)): _cell(r) for r in ran}
+        models = list(OrderedDict.fromkeys(_row(r) for r in ran))
+        cells = {(_row(r), _column(r)): _cell(r) for r in ran}
         header = ["model"] + configs
         rows = [header] + [[m] + [cells.get((m, c), "-") for c in configs] for m in models]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -144,6 +147,14 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
             reason = reason[len(prefix):]
         lines.append(f"skipped {', '.join(backends)} ({len(cfgs)} configs): {reason}")
     return lines
+
+
+def _row(rec: dict[str, Any]) -> str:
+    # A user's own test (docs/fixtures.md) gets a row of its own, next to its
+    # model's generated items; so does each conversion variant of an ONNX model.
+    if rec.get("test"):
+        return rec["test"]
+    return f"{rec['model']} [{rec['variant']}]" if rec.get("variant") else rec["model"]
 
 
 def _column(rec: dict[str, Any]) -> str:
@@ -167,11 +178,12 @@ def risk_lines(records: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     seen: set[str] = set()
     for rec in records:
-        risks = rec.get("fp16_risks") or []
+        risks = [f"{r['layer']} {r['kind']} (max |x| {float(r['max_abs']):.3g})" for r in rec.get("fp16_risks") or []]
+        risks += [f"{r['op']} {r['role']} {r['kind']} under --fp16 ({r['count']}/{r['total']})"
+                  for r in rec.get("fp16_weight_risks") or []]
         if not risks or rec["model"] in seen:
             continue
         seen.add(rec["model"])
-        lines.append(f"fp16 risk in {rec['model']}: " + "; ".join(
-            f"{r['layer']} {r['kind']} (max |x| {float(r['max_abs']):.3g})" for r in risks[:3])
-            + (f"; +{len(risks) - 3} more" if len(risks) > 3 else ""))
+        lines.append(f"fp16 risk in {rec['model']}: " + "; ".join(risks[:3])
+                     + (f"; +{len(risks) - 3} more" if len(risks) > 3 else ""))
     return lines

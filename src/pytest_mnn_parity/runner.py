@@ -165,8 +165,12 @@ class LoadedModel:
             return cached
         start = time.perf_counter()
         with capture_native_output() as out:
+            runtime = shared_runtime(config)
             try:
-                handle = self.interpreter.createSession(config.session_config())
+                if runtime is None:
+                    handle = self.interpreter.createSession(config.session_config())
+                else:
+                    handle = self.interpreter.createSession(config.session_config(), runtime)
             except Exception as exc:  # pymnn raises a bare Exception; corrupt models get here (fuzzing)
                 error: Exception | None = exc
             else:
@@ -233,6 +237,25 @@ class LoadedModel:
     def close(self) -> None:
         self._sessions.clear()
         self.interpreter = None
+
+
+_RUNTIMES: dict[RunConfig, Any] = {}
+
+
+def shared_runtime(config: RunConfig) -> Any:
+    """One MNN runtime per GPU configuration, shared by every model's sessions.
+
+    Each session otherwise creates its own GPU runtime; on the lent H100, MNN's
+    Vulkan backend stopped creating devices after about ten models' worth of
+    sessions (``Invalide device for support vulkan``) and fell back to the CPU.
+    CPU sessions keep their own runtime, as MNN's default.
+    """
+    if config.backend == "CPU":
+        return None
+    if config not in _RUNTIMES:
+        # createRuntime returns (runtime, status); createSession takes the runtime alone.
+        _RUNTIMES[config] = mnn().Interpreter.createRuntime((config.session_config(),))[0]
+    return _RUNTIMES[config]
 
 
 class OpObserver:

@@ -12,6 +12,7 @@ while the target runs, so neither run's intermediates are ever all in memory.
 from __future__ import annotations
 
 import shutil
+import zlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,9 @@ import numpy as np
 from .metrics import OutputMetrics, compare
 from .runner import LoadedModel, OpObserver, RunConfig, to_numpy
 from .tolerances import Tolerance
+from .weights import FP16_MAX, FP16_MIN_NORMAL
 from .verdict import fails_tolerance, has_new_non_finite, is_constant_output, is_zero_output
 
-FP16_MAX = 65504.0
-FP16_MIN_NORMAL = 2.0 ** -14
-FP16_MIN_SUBNORMAL = 2.0 ** -24
 METHOD = "MNN session per-op callbacks; ops matched by name and occurrence"
 
 
@@ -194,6 +193,7 @@ class ReferenceTrace(OpObserver):
         self.order: list[tuple[str, str, int]] = []
         self.risks: list[ActivationRisk] = []
         self.files: dict[tuple[str, str, int], Path] = {}
+        self._by_content: dict[tuple, Path] = {}
         self._seen: dict[str, int] = {}
 
     def before(self, tensors, name: str, op_type: str) -> None:
@@ -211,8 +211,13 @@ class ReferenceTrace(OpObserver):
             self.risks.extend(activation_risk(name, op_type, array))
 
     def _save(self, key: str, kind: str, index: int, array: np.ndarray) -> None:
-        path = self.folder / f"{len(self.files)}.npy"
-        np.save(path, array)
+        # An op's input is usually an earlier op's output: store its bytes once.
+        content = fingerprint_array(array)
+        path = self._by_content.get(content)
+        if path is None:
+            path = self.folder / f"{len(self._by_content)}.npy"
+            np.save(path, array)
+            self._by_content[content] = path
         self.files[(key, kind, index)] = path
 
     def load(self, key: str, kind: str, index: int) -> np.ndarray | None:
@@ -235,6 +240,9 @@ class _TargetComparer(OpObserver):
         self.unmatched: list[str] = []
         self._seen: dict[str, int] = {}
         self._inputs: list[TensorJudgement] = []
+        # (target content, reference file) -> judgement of an earlier op's output,
+        # reused when a later op reads that same tensor as an input.
+        self._judged: dict[tuple, TensorJudgement] = {}
 
     def before(self, tensors, name: str, op_type: str) -> None:
         occurrence = self._seen.get(name, 0)
@@ -253,8 +261,17 @@ class _TargetComparer(OpObserver):
         self.layers.append(layer)
 
     def _judge(self, key: str, kind: str, index: int, tensor) -> TensorJudgement:
-        ref = self.reference.load(key, kind, index)
         target = to_numpy(tensor)
+        ref_path = self.reference.files.get((key, kind, index))
+        memo = (fingerprint_array(target), ref_path)
+        if memo in self._judged:
+            earlier = self._judged[memo]
+            return TensorJudgement(index, earlier.metrics, earlier.failed, list(earlier.health), earlier.note)
+        judgement = self._compare(index, target, self.reference.load(key, kind, index))
+        self._judged[memo] = judgement
+        return judgement
+
+    def _compare(self, index: int, target: np.ndarray, ref: np.ndarray | None) -> TensorJudgement:
         if ref is None:
             return TensorJudgement(index, None, False, note="no reference tensor")
         if ref.shape != target.shape:
@@ -270,6 +287,12 @@ class _TargetComparer(OpObserver):
         failed = fails_tolerance(m, self.tol)
         health = _health(target, ref, m, self.tol) if failed else []
         return TensorJudgement(index, m, failed, health)
+
+
+def fingerprint_array(array: np.ndarray) -> tuple:
+    """Identity of a tensor's content: shape, dtype and a CRC of its bytes (one fast pass)."""
+    data = np.ascontiguousarray(array)
+    return data.shape, data.dtype.str, zlib.crc32(memoryview(data).cast("B"))
 
 
 def _health(target: np.ndarray, ref: np.ndarray, m: OutputMetrics, tol: Tolerance) -> list[str]:

@@ -68,6 +68,16 @@ class WeightRisk:
     kind: str
     worst: float
 
+    def describe(self) -> str:
+        what = {"flush": "flush to 0 under --fp16", "subnormal": "fall below fp16's normal range",
+                "overflow": "exceed 65504 and would be clamped under --fp16"}.get(self.kind, self.kind)
+        return (f"{self.op_name} ({self.op_type} {self.role}): {self.count} of {self.total} values would {what} "
+                f"(worst |w| {self.worst:.3g})")
+
+    def as_dict(self) -> dict:
+        return {"op": self.op_name, "type": self.op_type, "role": self.role, "kind": self.kind,
+                "count": self.count, "total": self.total, "worst": self.worst}
+
 
 class _Reader:
     """Bounds-checked FlatBuffers access: any bad offset becomes a ValueError, never a crash."""
@@ -115,10 +125,6 @@ class _Reader:
     def tables(self, table: int, fid: int) -> list[int]:
         start, count = self.vector(table, fid, 4)
         return [self.deref(start + 4 * i) for i in range(count)]
-
-    def strings(self, table: int, fid: int) -> list[str]:
-        start, count = self.vector(table, fid, 4)
-        return [self.text(self.deref(start + 4 * i)) for i in range(count)]
 
     def text(self, pos: int) -> str:
         count = self.unpack("<I", pos)
@@ -178,8 +184,8 @@ def iter_weights(path) -> Iterator[WeightTensor]:
             r.fail("its subgraphs reference more ops than the file can hold")
     # Data we do not need, read anyway so that truncation past the weights is caught.
     r.string(net, _NET_BIZCODE)
-    r.strings(net, _NET_OUTPUTNAME)
-    r.strings(net, _NET_TENSORNAME)
+    for pos in r.tables(net, _NET_OUTPUTNAME) + r.tables(net, _NET_TENSORNAME):
+        r.text(pos)
     for op in ops:
         op_type = r.scalar(op, _OP_TYPE, "<i", 0)
         param_type = r.scalar(op, _OP_MAIN_TYPE, "<B", 0)

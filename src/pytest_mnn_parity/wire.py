@@ -14,12 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from .backends import Arithmetic
 from .parity import ParityResult, ParitySettings
 from .runner import RunConfig
 from .tolerances import Tolerance
 from .trace import ActivationRisk, LayerRecord, TensorJudgement, TraceResult
 from .metrics import OutputMetrics
 from .verdict import Category, OutputVerdict, Verdict
+from .weights import WeightRisk
 
 
 def dumps(message: dict[str, Any]) -> bytes:
@@ -52,8 +54,11 @@ def settings_to_wire(settings: ParitySettings) -> dict[str, Any]:
 def settings_from_wire(data: dict[str, Any]) -> ParitySettings:
     data = dict(data)
     data["input_shapes"] = {name: tuple(dims) for name, dims in data.get("input_shapes", {}).items()}
-    known = {f.name for f in dataclasses.fields(ParitySettings)}
-    return ParitySettings(**{k: v for k, v in data.items() if k in known})
+    fields = {f.name: f for f in dataclasses.fields(ParitySettings)}
+    for name, f in fields.items():  # JSON has no tuples: restore the tuple-valued settings
+        if isinstance(f.default, tuple) and isinstance(data.get(name), list):
+            data[name] = tuple(data[name])
+    return ParitySettings(**{k: v for k, v in data.items() if k in fields})
 
 
 def config_to_wire(config: RunConfig) -> dict[str, Any]:
@@ -67,7 +72,12 @@ def config_from_wire(data: dict[str, Any]) -> RunConfig:
 # -- results --------------------------------------------------------------------------
 
 def result_to_wire(result: ParityResult) -> dict[str, Any]:
-    return dataclasses.asdict(result)
+    data = dataclasses.asdict(result)
+    if result.trace is not None and type(result.trace).__name__ == "OnnxTraceResult":
+        # A trace localised against ONNX (onnx_trace.py): its subclass carries the blamed node.
+        data["trace"]["kind"] = "onnx"
+        data["trace"]["blamed_index"] = None if result.trace.blamed is None else result.trace.blamed.index
+    return data
 
 
 def result_from_wire(data: dict[str, Any]) -> ParityResult:
@@ -83,6 +93,10 @@ def result_from_wire(data: dict[str, Any]) -> ParityResult:
     if data.get("trace") is not None:
         data["trace"] = _trace(data["trace"])
     data["fp16_risks"] = [ActivationRisk(**risk) for risk in data.get("fp16_risks") or []]
+    if "weight_risks" in data:
+        data["weight_risks"] = [WeightRisk(**risk) for risk in data["weight_risks"] or []]
+    if data.get("arithmetic") is not None:
+        data["arithmetic"] = Arithmetic(**data["arithmetic"])
     known = {f.name for f in dataclasses.fields(ParityResult)}
     return ParityResult(**{k: v for k, v in data.items() if k in known})
 
@@ -108,8 +122,20 @@ def _judgement(data: dict[str, Any]) -> TensorJudgement:
 
 
 def _trace(data: dict[str, Any]) -> TraceResult:
-    layers = [LayerRecord(layer["index"], layer["name"], layer["type"], layer["occurrence"],
-                          [_judgement(t) for t in layer.get("outputs", [])],
-                          [_judgement(t) for t in layer.get("inputs", [])]) for layer in data.get("layers", [])]
-    return TraceResult(layers, list(data.get("unmatched_target", [])), list(data.get("unmatched_reference", [])),
-                       data.get("method", TraceResult.__dataclass_fields__["method"].default))
+    onnx = data.get("kind") == "onnx"
+    if onnx:
+        from .onnx_trace import OnnxLayerRecord, OnnxTraceResult  # noqa: PLC0415 - only for ONNX models
+
+    layers = []
+    for layer in data.get("layers", []):
+        args = (layer["index"], layer["name"], layer["type"], layer["occurrence"],
+                [_judgement(t) for t in layer.get("outputs", [])], [_judgement(t) for t in layer.get("inputs", [])])
+        layers.append(OnnxLayerRecord(*args, tensor=layer.get("tensor", ""), node_index=layer.get("node_index", -1))
+                      if onnx else LayerRecord(*args))
+    common = (layers, list(data.get("unmatched_target", [])), list(data.get("unmatched_reference", [])),
+              data.get("method", TraceResult.__dataclass_fields__["method"].default))
+    if not onnx:
+        return TraceResult(*common)
+    blamed = next((layer for layer in layers if layer.index == data.get("blamed_index")), None)
+    return OnnxTraceResult(*common, blamed=blamed, candidates=data.get("candidates", 0), probes=data.get("probes", 0),
+                           notes=list(data.get("notes", [])))

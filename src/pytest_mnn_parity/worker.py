@@ -70,7 +70,8 @@ def main() -> int:
                 crash_log.write(f"[mnn-parity worker {os.getpid()}] configuration #{done}: {config.id} of "
                                 f"{request['model']}\n")
                 layers = [(source, values) for source, values in request.get("tolerance_layers", [])]
-                result = engine.check(request["model"], config, layers, reproduce=request.get("reproduce", ""))
+                result = engine.check(request["model"], config, layers, reproduce=request.get("reproduce", ""),
+                                      variant=request.get("variant"))
                 reply = {"ok": True, "result": wire.result_to_wire(result)}
             elif op == "release":
                 engine.release(request["model"])

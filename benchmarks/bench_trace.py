@@ -1,0 +1,118 @@
+"""Cost of the per-layer trace on a LaMa-like graph at 512x512: time and peak memory.
+
+Targets (issue "per-layer trace"): tracing a configuration takes at most 2x a plain
+inference of the same configuration, and peak RSS stays within the RSS of plain
+inference + 3 x the largest intermediate tensor.  Each measurement runs in a fresh
+subprocess so peak RSS (VmHWM) is its own.
+
+    python benchmarks/bench_trace.py [--size 512] [--runs 3] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHILD = r'''
+import json, sys, time
+from pathlib import Path
+mode, path, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+from pytest_mnn_parity import ParityEngine, RunConfig
+from pytest_mnn_parity.runner import REFERENCE_CONFIG, LoadedModel
+from pytest_mnn_parity.trace import record_reference, trace_target
+from pytest_mnn_parity.tolerances import resolve
+target = RunConfig("CPU", "normal", 4)
+model = LoadedModel(path)
+inputs, _ = ParityEngine().inputs(model)
+out = {}
+def best(f):
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter(); f(); times.append(time.perf_counter() - t0)
+    return min(times)
+if mode in ("plain", "plain_pair"):
+    model.run(target, inputs)
+    out["target_s"] = best(lambda: model.run(target, inputs))
+    if mode == "plain_pair":
+        model.run(REFERENCE_CONFIG, inputs)
+        out["reference_s"] = best(lambda: model.run(REFERENCE_CONFIG, inputs))
+else:
+    model.run(target, inputs)
+    t0 = time.perf_counter(); ref, _ = record_reference(model, REFERENCE_CONFIG, inputs)
+    out["record_reference_s"] = time.perf_counter() - t0
+    tol = resolve("CPU", "normal")
+    out["trace_target_s"] = best(lambda: trace_target(ref, model, target, inputs, tol))
+    sizes = [p.stat().st_size for p in set(ref.files.values())]
+    out["largest_intermediate_mb"] = max(sizes) / 2**20
+    out["all_intermediates_mb"] = sum(sizes) / 2**20
+    out["layers"] = len(ref.order)
+    ref.close()
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM"):
+        out["peak_rss_mb"] = int(line.split()[1]) / 1024
+print(json.dumps(out))
+'''
+
+
+def build(size: int, folder: Path) -> Path:
+    spec = importlib.util.spec_from_file_location("build_fixtures", REPO / "fixtures" / "build_fixtures.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    import onnx
+
+    from pytest_mnn_parity.convert import convert_onnx
+
+    onnx_path = folder / f"lama_like_{size}.onnx"
+    onnx.save(builder.lama_like(size), str(onnx_path))
+    return convert_onnx(onnx_path, folder / f"lama_like_{size}.mnn").target
+
+
+def child(mode: str, path: Path, runs: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(path), str(runs)], capture_output=True, text=True,
+                          check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build(args.size, Path(tmp))
+        plain = child("plain", path, args.runs)
+        pair = child("plain_pair", path, args.runs)
+        traced = child("trace", path, args.runs)
+    largest = traced["largest_intermediate_mb"]
+    result = {
+        "size": args.size, "layers": traced["layers"],
+        "plain_inference_s": plain["target_s"], "traced_inference_s": traced["trace_target_s"],
+        "time_ratio": traced["trace_target_s"] / plain["target_s"],
+        "reference_plain_s": pair["reference_s"], "record_reference_s": traced["record_reference_s"],
+        "plain_rss_mb": plain["peak_rss_mb"], "plain_pair_rss_mb": pair["peak_rss_mb"],
+        "trace_rss_mb": traced["peak_rss_mb"], "largest_intermediate_mb": largest,
+        "all_intermediates_mb": traced["all_intermediates_mb"],
+        "rss_budget_mb": pair["peak_rss_mb"] + 3 * largest,
+    }
+    print(f"LaMa-like {args.size}x{args.size}, {result['layers']} layers, intermediates "
+          f"{result['all_intermediates_mb']:.0f} MB in all, largest {largest:.1f} MB")
+    print(f"time:   plain target run {plain['target_s'] * 1e3:.0f} ms, traced {traced['trace_target_s'] * 1e3:.0f} ms "
+          f"-> {result['time_ratio']:.2f}x (goal <= 2x); recording the reference once: "
+          f"{traced['record_reference_s'] * 1e3:.0f} ms vs {pair['reference_s'] * 1e3:.0f} ms plain")
+    print(f"memory: plain {plain['peak_rss_mb']:.0f} MB, plain with the reference session {pair['peak_rss_mb']:.0f} MB, "
+          f"traced {traced['peak_rss_mb']:.0f} MB; budget plain-with-reference + 3 x largest = "
+          f"{result['rss_budget_mb']:.0f} MB")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

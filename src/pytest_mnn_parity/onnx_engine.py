@@ -1,0 +1,172 @@
+"""The engine's ONNX side: converting variants, ONNX Runtime as reference, localising against ONNX.
+
+``ParityEngine`` owns one ``OnnxSide``; everything ONNX-specific lives here so
+the engine's own flow stays the same for ``.mnn`` and ``.onnx`` models.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from .convert import ConversionError
+from .inputs import fingerprint
+from .model import ModelError
+from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig
+from .tolerances import Tolerance
+from .trace import RiskScanner
+from .variants import ConversionCache, is_onnx
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .parity import ParityEngine, ParityResult, Reference
+
+
+class OnnxSide:
+    def __init__(self, engine: "ParityEngine"):
+        self.engine = engine
+        self._cache: ConversionCache | None = None
+        self._conversions: dict[tuple[Path, str], tuple[Path, str] | ModelError] = {}
+        self._sources: dict[Path, tuple[Path, str]] = {}  # converted .mnn -> (ONNX source, variant)
+        self._runtimes: dict[Path, object] = {}
+        self._outputs: dict[tuple, tuple[dict, dict]] = {}
+        self._risks: dict[tuple, list] = {}
+
+    @property
+    def cache(self) -> ConversionCache:
+        if self._cache is None:
+            settings = self.engine.settings
+            self._cache = ConversionCache(settings.convert_cache, settings.converter_flags)
+        return self._cache
+
+    # -- conversion -------------------------------------------------------------
+    def converted(self, source, variant: str) -> tuple[Path, str]:
+        """The ``.mnn`` of ``source`` converted as ``variant`` and a line saying how; ``ModelError`` if it fails."""
+        from .parity import _key  # noqa: PLC0415
+
+        key = (_key(source), variant)
+        cached = self._conversions.get(key)
+        if cached is None:
+            flags = self.cache.flags(variant)
+            described = " ".join(flags) or "no flags"
+            try:
+                target = self.cache.convert(source, variant)
+            except ConversionError as exc:
+                cached = ModelError(source, f"MNN cannot convert it (variant {variant}: MNNConvert {described}): "
+                                            f"{exc.reason}", exc.hint, exc.log)
+            else:
+                cached = (target, f"{source}, variant {variant} (MNNConvert {described}), cached as {target}")
+                self._sources[_key(target)] = (Path(source), variant)
+            self._conversions[key] = cached
+        if isinstance(cached, ModelError):
+            raise cached
+        return cached
+
+    def release(self, key: Path) -> list[Path]:
+        """Forget an ONNX source; returns its converted models for the engine to release."""
+        self._runtimes.pop(key, None)
+        for memo in (self._outputs, self._risks):
+            for k in [k for k in memo if k[0] == key]:
+                memo.pop(k)
+        released = []
+        for conv_key in [k for k in self._conversions if k[0] == key]:
+            done = self._conversions.pop(conv_key)
+            if not isinstance(done, ModelError):
+                released.append(done[0])
+        return released
+
+    # -- reference --------------------------------------------------------------
+    def reference_path(self, model: LoadedModel) -> Path | None:
+        """The ONNX file whose ORT outputs are the reference of ``model``, if any."""
+        from .parity import _key  # noqa: PLC0415
+
+        given = self.engine.settings.reference
+        if given:
+            return Path(given) if is_onnx(given) else None
+        source = self._sources.get(_key(model.path))
+        return source[0] if source else None
+
+    def runtime(self, path: Path):
+        from .onnx_reference import OnnxRuntimeModel  # noqa: PLC0415
+        from .parity import _key  # noqa: PLC0415
+
+        key = _key(path)
+        cached = self._runtimes.get(key)
+        if cached is None:
+            if not Path(path).is_file():
+                cached = ModelError(path, "no such file (named as the ONNX reference)",
+                                    "check the path given to --mnn-reference")
+            else:
+                try:
+                    cached = OnnxRuntimeModel(path)
+                except ModelError as exc:
+                    cached = exc
+            self._runtimes[key] = cached
+        if isinstance(cached, ModelError):
+            raise cached
+        return cached
+
+    def reference(self, model: LoadedModel, inputs_a, inputs_b) -> "Reference":
+        from .parity import Reference, _key  # noqa: PLC0415
+
+        path = self.reference_path(model)
+        runtime = self.runtime(path)
+        runtime.check_interface(model)
+        # Every variant of one ONNX model gets the same inputs: ORT runs once for all.
+        key = (_key(path), fingerprint(inputs_a), fingerprint(inputs_b))
+        if key not in self._outputs:
+            self._outputs[key] = (runtime.run(inputs_a), runtime.run(inputs_b))
+        outputs_a, outputs_b = self._outputs[key]
+        risks = self._risk_scan(model, inputs_a, key) if self.engine.settings.layers != "off" else []
+        return Reference(runtime.description, dict(outputs_a), dict(outputs_b), risks)
+
+    def _risk_scan(self, model: LoadedModel, inputs, key: tuple) -> list:
+        """fp16 risks from fp32 activations: ORT exposes none, so one MNN run of the fp32
+        conversion (the model itself for a given .mnn) on the reference configuration."""
+        from .parity import _key  # noqa: PLC0415
+
+        if key not in self._risks:
+            source = self._sources.get(_key(model.path))
+            scanned = model
+            if source is not None and source[1] != "fp32":
+                try:
+                    scanned = self.engine.model(self.converted(source[0], "fp32")[0])
+                except ModelError:
+                    scanned = model
+            scanner = RiskScanner()
+            scanned.run(REFERENCE_CONFIG, inputs, observer=scanner)
+            self._risks[key] = scanner.risks
+        return list(self._risks[key])
+
+    # -- localisation -----------------------------------------------------------
+    def localise(self, result: "ParityResult", model: LoadedModel, config: RunConfig, tol: Tolerance,
+                 inputs: Mapping[str, np.ndarray]) -> None:
+        """Fill ``result.trace`` and ``first_divergent_layer`` with the ONNX node to blame."""
+        from . import onnx_trace  # noqa: PLC0415
+        from .parity import _key  # noqa: PLC0415
+
+        if result.passed or result.verdict is None:
+            return  # every probe costs a conversion: only failures are localised against ONNX
+        failing = next((v.name for v in result.verdict.outputs if not v.passed), None)
+        if failing is None:
+            return
+        onnx_path = self.reference_path(model)
+        source = self._sources.get(_key(model.path))
+        if source is not None and not self.engine.settings.reference:
+            flags, note = self.cache.flags(source[1]), None
+        else:
+            flags = self.cache.extra_flags
+            note = (f"{model.path} was not converted by this run: probes convert {onnx_path} without variant "
+                    f"flags; if the failure is not reproduced, test the ONNX file itself with --mnn-model "
+                    f"{onnx_path} --mnn-convert <variant>")
+        try:
+            trace = onnx_trace.localise(onnx_path, flags, self.cache, config, inputs, tol,
+                                        self.engine.settings.input_shapes, failing)
+        except ImportError as exc:
+            trace = onnx_trace.OnnxTraceResult([], [], [], onnx_trace.METHOD,
+                                               notes=[f"localisation needs the onnx package ({exc})"])
+        if note:
+            trace.notes.insert(0, note)
+        result.trace = trace
+        if trace.first_divergent is not None:
+            result.first_divergent_layer = trace.first_divergent.as_dict()
