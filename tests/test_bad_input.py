@@ -133,6 +133,17 @@ def test_names_that_are_not_utf8_are_handled(tmp_path):
     assert "<op name not valid UTF-8>" in [layer.name for layer in traced.trace.layers]
 
 
+def test_metrics_of_extreme_values_do_not_raise():
+    """Found by fuzzing: a corrupt weight made a layer's error energy overflow, and log10(0) raised."""
+    from pytest_mnn_parity.metrics import compare
+
+    with np.errstate(all="ignore"):
+        m = compare(np.array([1e200, 1.0]), np.array([1e-170, 1.0]), atol=1e-3, rtol=1e-3)
+    assert m.snr_db == -200.0 and m.outside_fraction == 0.5
+    big = np.full(8, 3e38, np.float32)  # identical and finite, but their squares overflow float32
+    assert compare(big, big.copy(), atol=5e-4, rtol=1e-3).cosine == 1.0
+
+
 def test_huge_shapes_are_refused_before_anything_is_allocated():
     engine = ParityEngine(ParitySettings(input_shapes={"image": (1, 3, 100000, 100000)}))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -92,7 +92,10 @@ def snr_db(target: np.ndarray, reference: np.ndarray) -> float:
         return _SNR_CAP_DB
     if signal == 0.0:
         return -_SNR_CAP_DB
-    return float(np.clip(10.0 * math.log10(signal / noise), -_SNR_CAP_DB, _SNR_CAP_DB))
+    ratio = signal / noise
+    if not 0.0 < ratio < math.inf:  # under- or overflowed (found by fuzzing: log10(0) raised)
+        return float("nan") if math.isnan(ratio) else (-_SNR_CAP_DB if ratio == 0.0 else _SNR_CAP_DB)
+    return float(np.clip(10.0 * math.log10(ratio), -_SNR_CAP_DB, _SNR_CAP_DB))
 
 
 # Elements per slice: float64 temporaries of a slice stay in cache-sized
@@ -243,4 +246,7 @@ def _snr_from_sums(signal: float, noise: float) -> float:
         return _SNR_CAP_DB
     if signal == 0.0:
         return -_SNR_CAP_DB
-    return float(np.clip(10.0 * math.log10(signal / noise), -_SNR_CAP_DB, _SNR_CAP_DB))
+    ratio = signal / noise
+    if not 0.0 < ratio < math.inf:  # under- or overflowed (found by fuzzing: log10(0) raised)
+        return float("nan") if math.isnan(ratio) else (-_SNR_CAP_DB if ratio == 0.0 else _SNR_CAP_DB)
+    return float(np.clip(10.0 * math.log10(ratio), -_SNR_CAP_DB, _SNR_CAP_DB))
