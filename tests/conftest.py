@@ -57,6 +57,19 @@ def results_by_nodeid(report: dict) -> dict[str, dict]:
     return {r["nodeid"]: r for r in report["results"]}
 
 
+def plugin_env(**extra: str) -> dict[str, str]:
+    """Environment for a child Python that must import this checkout's plugin whatever its working directory
+    (a relative PYTHONPATH=src would point elsewhere)."""
+    import os
+
+    import pytest_mnn_parity
+
+    env = dict(os.environ, **extra)
+    root = str(Path(pytest_mnn_parity.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
 def gpu_backends_present() -> list[str]:
     """GPU backends this MNN build really has (none with the registry's wheel)."""
     from pytest_mnn_parity import backends

@@ -72,6 +72,9 @@ class BackendStatus:
     forward_type: int | None
     reason: str
     log: str = ""
+    # Set when probing killed or hung an isolated worker (isolation.py): the
+    # backend's items then fail as crashed/timeout instead of being skipped.
+    fault: dict | None = None
 
 
 @functools.lru_cache(maxsize=1)

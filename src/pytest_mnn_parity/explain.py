@@ -40,6 +40,11 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
                  ", ".join(f"{s.name} {'x'.join(map(str, model.shapes[s.name]))} {s.dtype}" for s in model.info.inputs))
     if getattr(result, "input_detail", ""):
         lines.append("input set: " + result.input_detail)
+    if getattr(result, "inputs_nonfinite", None):
+        from .limits import describe_nonfinite
+
+        lines.append("           not finite (allowed; NaN/Inf outputs may follow from it): "
+                     + describe_nonfinite(result.inputs_nonfinite))
     if error:
         lines.append("error:     " + error)
     if result.stream:

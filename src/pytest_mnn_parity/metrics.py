@@ -92,7 +92,10 @@ def snr_db(target: np.ndarray, reference: np.ndarray) -> float:
         return _SNR_CAP_DB
     if signal == 0.0:
         return -_SNR_CAP_DB
-    return float(np.clip(10.0 * math.log10(signal / noise), -_SNR_CAP_DB, _SNR_CAP_DB))
+    ratio = signal / noise
+    if not 0.0 < ratio < math.inf:  # under- or overflowed (found by fuzzing: log10(0) raised)
+        return float("nan") if math.isnan(ratio) else (-_SNR_CAP_DB if ratio == 0.0 else _SNR_CAP_DB)
+    return float(np.clip(10.0 * math.log10(ratio), -_SNR_CAP_DB, _SNR_CAP_DB))
 
 
 # Elements per slice: float64 temporaries of a slice stay in cache-sized
@@ -207,8 +210,13 @@ class _Accumulator:
         nonzero_r = abs_r > 0
         if nonzero_r.any():
             self.max_rel = max(self.max_rel, float((diff[nonzero_r] / abs_r[nonzero_r]).max()))
-        self.max_abs = max(self.max_abs, float(diff.max()))
+        dmax = float(diff.max())
+        self.max_abs = max(self.max_abs, dmax)
         self.sum_abs += float(diff.sum(dtype=np.float64))
+        if t.dtype == np.float32 and dmax + float(abs_r.max()) > 1e18:
+            # Squares of |x| > 1.8e19 overflow float32 (inf inputs drive activations to ~3e38): this
+            # slice's products go to float64, or identical outputs would get cosine NaN and fail.
+            tf, rf, diff = tf.astype(np.float64), rf.astype(np.float64), diff.astype(np.float64)
         # Products in the working precision, sums in float64 (pairwise): not
         # np.dot, whose BLAS threads thrash on a loaded 2-core CI machine and
         # which would sum float32 in float32.
@@ -238,4 +246,7 @@ def _snr_from_sums(signal: float, noise: float) -> float:
         return _SNR_CAP_DB
     if signal == 0.0:
         return -_SNR_CAP_DB
-    return float(np.clip(10.0 * math.log10(signal / noise), -_SNR_CAP_DB, _SNR_CAP_DB))
+    ratio = signal / noise
+    if not 0.0 < ratio < math.inf:  # under- or overflowed (found by fuzzing: log10(0) raised)
+        return float("nan") if math.isnan(ratio) else (-_SNR_CAP_DB if ratio == 0.0 else _SNR_CAP_DB)
+    return float(np.clip(10.0 * math.log10(ratio), -_SNR_CAP_DB, _SNR_CAP_DB))

@@ -17,7 +17,9 @@ from .artifacts import ARTIFACT_MODES
 from .backends import DEFAULT_BACKENDS, PRECISIONS, canonical_backend, canonical_precision
 from .inputs import parse_input_shapes
 from .apis import API_MODES, parse_api
+from .limits import DEFAULT_MAX_INPUT_MB
 from .parity import LAYER_MODES
+from .reliability import ISOLATE_MODES
 from .stream import StreamSpec, parse_stream
 from .variants import DEFAULT_VARIANTS, parse_converter_flags, parse_variants
 
@@ -76,6 +78,13 @@ def add_options(parser: pytest.Parser) -> None:
     option("stream", "streaming model: feed state outputs back into inputs step by step, e.g. "
            "\"h_out->h;steps=8\" (model=GLOB; limits it to some models); repeatable",
            ini_type="linelist", action="append", default=None, metavar="SPEC")
+    option("isolate", "run configurations in worker processes so a crash or hang fails one item: always (the "
+           "default when the option is given without a value), never, or auto (the default: every backend but "
+           "the CPU, and every backend when --mnn-timeout is set)", nargs="?", const="always", metavar="MODE")
+    option("timeout", "seconds one configuration may take; an isolated worker is killed then (default: none, "
+           "600 for isolated configurations; 0: none)", metavar="SECONDS")
+    option("max-input-mb", f"refuse models whose inputs need more than this many MiB per input set, before "
+           f"allocating them (default {DEFAULT_MAX_INPUT_MB:g})", metavar="MB")
     group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
                     help="run only the generated parity items: do not collect test files")
 
@@ -93,6 +102,9 @@ class Options:
     tolerance_cli: dict[str, float] = field(default_factory=dict)
     report: Path | None = None
     layers: str = "on-failure"
+    isolate: str = "auto"
+    timeout: float | None = None
+    max_input_mb: float = DEFAULT_MAX_INPUT_MB
     only: bool = False
     input_sets: list[str] = field(default_factory=list)
     hypothesis: int = 0
@@ -117,13 +129,19 @@ class Options:
                 return ini if ini not in ("", [], None) else None
             return value
 
+        def where(name: str) -> str:
+            """The option, or the ini key and its file when the value came from there."""
+            if config.getoption(f"mnn_{name}") in (None, []) and config.inipath is not None:
+                return f"mnn_{name} in {config.inipath}"
+            return f"--mnn-{name.replace('_', '-')}"
+
         def listed(name: str, default, canon) -> list[str]:
             raw = get(name)
             items = default if raw is None else [p for chunk in _as_list(raw) for p in chunk.split(",")]
             try:
                 return list(dict.fromkeys(canon(p) for p in items if p.strip()))
             except ValueError as exc:
-                raise pytest.UsageError(f"--mnn-{name}: {exc}") from None
+                raise pytest.UsageError(f"{where(name)}: {exc}") from None
 
         def number(name: str, kind, default):
             raw = get(name)
@@ -132,15 +150,21 @@ class Options:
             try:
                 return kind(raw)
             except ValueError:
-                raise pytest.UsageError(f"--mnn-{name.replace('_', '-')}: expected a number, got {raw!r}") from None
+                raise pytest.UsageError(f"{where(name)}: expected a number, got {raw!r}") from None
 
         try:
             shapes = parse_input_shapes(_as_list(get("input_shape") or []))
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
         tol_cli = {k: number(k, float, None) for k in TOLERANCE_OPTIONS if config.getoption(f"mnn_{k}") is not None}
-        tol_ini = {k: float(config.getini(f"mnn_{k}")) for k in TOLERANCE_OPTIONS
-                   if config.getini(f"mnn_{k}") not in ("", None)}
+        tol_ini = {}
+        for k in TOLERANCE_OPTIONS:
+            if config.getini(f"mnn_{k}") not in ("", None):
+                try:
+                    tol_ini[k] = float(config.getini(f"mnn_{k}"))
+                except ValueError:
+                    raise pytest.UsageError(f"mnn_{k} in {config.inipath}: expected a number, got "
+                                            f"{config.getini(f'mnn_{k}')!r}") from None
         reference = get("reference")
         if reference is not None and str(reference).strip().lower() in ("", "cpu"):
             reference = None
@@ -155,6 +179,15 @@ class Options:
         if hypothesis < 0:
             raise pytest.UsageError("--mnn-hypothesis must be 0 (off) or a number of examples")
         hypothesis_dir = get("hypothesis_dir")
+        isolate = str(get("isolate") or "auto").strip().lower()
+        if isolate not in ISOLATE_MODES:
+            raise pytest.UsageError(f"{where('isolate')}: expected one of {', '.join(ISOLATE_MODES)}, got {isolate!r}")
+        timeout = number("timeout", float, None)
+        if timeout is not None and not timeout >= 0:
+            raise pytest.UsageError(f"{where('timeout')}: expected seconds >= 0 (0: no timeout), got {timeout:g}")
+        max_input_mb = number("max_input_mb", float, DEFAULT_MAX_INPUT_MB)
+        if not max_input_mb > 0:
+            raise pytest.UsageError(f"{where('max_input_mb')}: expected a size in MiB > 0, got {max_input_mb:g}")
         try:
             convert = parse_variants(_as_list(get("convert") or list(DEFAULT_VARIANTS)))
         except ValueError as exc:
@@ -194,6 +227,9 @@ class Options:
             tolerance_cli=tol_cli,
             report=Path(report) if report else None,
             layers=layers,
+            isolate=isolate,
+            timeout=timeout or None,
+            max_input_mb=max_input_mb,
             only=bool(config.getoption("mnn_only")),
             # Absolute, so every xdist worker writes into the same folder whatever its cwd.
             artifacts=(config.invocation_params.dir / str(artifacts)).resolve() if artifacts else None,
@@ -225,6 +261,12 @@ class Options:
             parts += ["--mnn-layers", self.layers]
         for name, dims in self.input_shapes.items():
             parts += ["--mnn-input-shape", f"{name}={'x'.join(map(str, dims))}"]
+        if self.isolate != "auto":
+            parts += [f"--mnn-isolate={self.isolate}"]
+        if self.timeout is not None:
+            parts += ["--mnn-timeout", f"{self.timeout:g}"]
+        if self.max_input_mb != DEFAULT_MAX_INPUT_MB:
+            parts += ["--mnn-max-input-mb", f"{self.max_input_mb:g}"]
         for name, value in self.tolerance_cli.items():
             parts += [f"--mnn-{name.replace('_', '-')}", f"{value:g}"]
         if input_set is not None:
@@ -241,6 +283,7 @@ class Options:
                 "streams": [spec.text() for spec in self.streams],
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
                 "input_sets": self.input_sets or None, "hypothesis": self.hypothesis,
+                "isolate": self.isolate, "timeout": self.timeout, "max_input_mb": self.max_input_mb,
                 "convert": self.convert, "convert_flags": list(self.convert_flags),
                 "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli},
                 "artifacts": (None if self.artifacts is None

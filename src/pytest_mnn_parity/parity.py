@@ -24,6 +24,7 @@ from . import backends
 from .explain import failure_message
 from .input_sets import InputSet
 from .inputs import fingerprint, generate_inputs
+from .limits import DEFAULT_MAX_INPUT_MB, nonfinite_inputs
 from .model import ModelError
 from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig, RunOutput, error_name
 from .tolerances import Tolerance, resolve
@@ -44,6 +45,8 @@ class ParitySettings:
     # Per-layer tracing: "off", "on-failure" (trace a configuration whose
     # outputs are wrong) or "always".
     layers: str = "on-failure"
+    # One input set larger than this (MiB) is refused before it is allocated.
+    max_input_mb: float | None = DEFAULT_MAX_INPUT_MB
     # ONNX models: where converted variants are cached (None: a temporary
     # folder for this engine) and extra MNNConvert flags for every variant.
     convert_cache: str | None = None
@@ -111,6 +114,12 @@ class ParityResult:
     arithmetic: backends.Arithmetic | None = None
     trace: TraceResult | None = None
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
+    # {input name: {"nan", "inf", "size", "sets"}} when an input set holds NaN/Inf (allowed, but reported).
+    inputs_nonfinite: dict[str, Any] | None = None
+    # Set when the check ran in an isolated worker (isolation.py): {"pid", "index"}.
+    worker: dict[str, Any] | None = None
+    # Set for crashed/timeout: how the worker ended (signal, exit code, stderr tail).
+    fault: dict[str, Any] | None = None
     weight_risks: list[WeightRisk] = field(default_factory=list)
     # How the tested .mnn was made from an ONNX model ("" for a given .mnn).
     conversion: str = ""
@@ -156,6 +165,8 @@ class ParityEngine:
         self._fingerprints: dict[Path, str] = {}
         # Per-model input shapes (from a sidecar) and where each came from.
         self._model_shapes: dict[Path, tuple[dict[str, tuple[int, ...]], str]] = {}
+        self._nonfinite: dict[Path, dict | None] = {}
+        self._provided: set[Path] = set()
         from .onnx_engine import OnnxSide  # noqa: PLC0415 - it uses this module's types
         from .apis import ApiSide  # noqa: PLC0415
         from .stream import StreamSide  # noqa: PLC0415
@@ -178,7 +189,8 @@ class ParityEngine:
         if cached is None:
             try:
                 shapes, sources = self._shapes_for(key)
-                cached = LoadedModel(Path(path), shapes, shape_sources=sources)
+                cached = LoadedModel(Path(path), shapes, shape_sources=sources,
+                                     max_input_mb=self.settings.max_input_mb)
             except ModelError as exc:
                 cached = exc
             self._models[key] = cached
@@ -201,6 +213,8 @@ class ParityEngine:
                     value.close()
         self.apis.release(key)
         self.streams.release(key)
+        self._nonfinite.pop(key, None)
+        self._provided.discard(key)
 
     def set_input_shapes(self, path: os.PathLike | str, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
         """Shapes for one model (a sidecar's [shapes]); ``--mnn-input-shape`` still wins per input."""
@@ -241,6 +255,40 @@ class ParityEngine:
                 self._inputs[key] = (generate_inputs(model.info.inputs, model.shapes, seed),
                                      generate_inputs(model.info.inputs, model.shapes, seed + 1))
         return self._inputs[key]
+
+    def provide_inputs(self, model_path: os.PathLike | str, inputs_a: Mapping[str, np.ndarray],
+                       inputs_b: Mapping[str, np.ndarray] | None = None) -> None:
+        """Use these arrays instead of generated inputs for this model (B defaults to the generated set B).
+
+        Every model input must be given, at the model's resolved shape; NaN/Inf
+        are allowed and reported in each result's ``inputs_nonfinite``.
+        """
+        model = self.model(model_path)
+        generated_a, generated_b = self.inputs(model)
+        given = []
+        for arrays in (inputs_a, inputs_b if inputs_b is not None else generated_b):
+            missing = sorted(set(generated_a) - set(arrays))
+            if missing:
+                raise ValueError(f"{model.path}: no array for input(s) {missing}")
+            converted = {}
+            for name, ref in generated_a.items():
+                array = np.asarray(arrays[name], dtype=ref.dtype)
+                if array.shape != ref.shape:
+                    raise ValueError(f"{model.path}: input {name!r} has shape {array.shape}, the model needs "
+                                     f"{ref.shape}")
+                converted[name] = array
+            given.append(converted)
+        key = _key(model.path)
+        self._inputs[key] = (given[0], given[1])
+        self._provided.add(key)
+        for cache in (self._fingerprints, self._nonfinite, self._references):
+            cache.pop(key, None)
+
+    def inputs_nonfinite(self, model: LoadedModel) -> dict[str, Any] | None:
+        key = _key(model.path)
+        if key not in self._nonfinite:
+            self._nonfinite[key] = nonfinite_inputs(*self.inputs(model))
+        return self._nonfinite[key]
 
     def _fingerprint(self, model: LoadedModel, input_set: InputSet | None = None) -> str:
         key = _set_key(model.path, input_set)
@@ -354,13 +402,21 @@ class ParityEngine:
         output_tolerances = {k: self.tolerance(config, v, variant) for k, v in (output_tolerances or {}).items()}
         layer_tolerances = {k: self.tolerance(config, v, variant) for k, v in (layer_tolerances or {}).items()}
         inputs_a, inputs_b = self.inputs(model, input_set)
-        set_label = input_set.name if input_set is not None else f"seeded:{self.settings.seed}"
-        forward, session_log = model.session_backend(config)
+        if input_set is not None:
+            set_label = input_set.name
+        else:
+            set_label = "provided" if _key(model.path) in self._provided else f"seeded:{self.settings.seed}"
+        try:
+            forward, session_log = model.session_backend(config)
+        except ModelError as exc:  # the reference's session worked, this configuration's did not
+            return ParityResult(model_label, config, Category.RUNTIME_ERROR, str(exc), tolerance=tol,
+                                reference=reference.description, input_set=set_label, log=exc.log)
         result = ParityResult(model_label, config, Category.OK, "", _backend_name(forward), forward, tol,
                               reference=reference.description, input_set=set_label, log=session_log,
                               fp16_risks=list(reference.fp16_risks), weight_risks=list(reference.weight_risks),
                               arithmetic=arithmetic, variant=variant, conversion=conversion,
-                              input_detail=input_set.describe() if input_set is not None else "", **api_fields)
+                              input_detail=input_set.describe() if input_set is not None else "",
+                              inputs_nonfinite=nonfinite_inputs(inputs_a, inputs_b), **api_fields)
         if choice.api == "module":
             result.backend_note = model.backend_note(config)
         if model.falls_back(config):

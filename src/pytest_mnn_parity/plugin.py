@@ -11,12 +11,14 @@ from .input_items import SidecarSupport, xfail_outcome
 from . import scaleout
 from .artifacts import ArtifactWriter
 from .htmlreport import write_html
+from .durable_report import IncrementalReport, report_path_problem
 from .items import PARITY_RUN, Case, ModelErrorItem, ModelFile, ParityItem, node_id_path
 from .model import ModelError, check_model_path, expand_model_args
 from .options import Options, add_options
 from .parity import ParityEngine, ParityResult, ParitySettings
+from .reliability import Isolation
 from .runner import RunConfig
-from .report import RECORD_FIELDS, build_report, json_safe, matrix_lines, record, write_json_atomically
+from .report import RECORD_FIELDS, build_report, json_safe, matrix_lines, record
 from .variants import is_onnx
 from .verdict import Category
 
@@ -38,6 +40,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(run, "mnn-parity-run")
     if options.report is not None:
         _check_writable(options.report)
+    # xdist workers send their records to the controller, which writes the report.
+    run.writes_report = not hasattr(config, "workerinput")
     if getattr(config, "cache", None) is not None:  # absent with -p no:cacheprovider: a temporary folder then
         run.engine.settings.convert_cache = str(config.cache.mkdir("mnn-parity-convert"))
     scaleout.register_marker(config)
@@ -48,6 +52,15 @@ def pytest_configure(config: pytest.Config) -> None:
         from .html_extras import HtmlExtras
 
         config.pluginmanager.register(HtmlExtras(options.artifacts), "mnn-parity-html-extras")
+    xdist_controller = run.writes_report and bool(getattr(config.option, "numprocesses", None))
+    if run.active and not xdist_controller:
+        run.isolation.start()  # after the settings are final: workers get a copy
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run = config.stash.get(PARITY_RUN, None)
+    if run is not None:
+        run.isolation.close()
 
 
 def pytest_ignore_collect(collection_path, config: pytest.Config):
@@ -108,11 +121,15 @@ class ParityRun:
         self.engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
                                                   reference=options.reference, threads=options.threads,
                                                   layers=options.layers, converter_flags=options.convert_flags,
-                                                  output_sink=self.writer, api=options.api, streams=options.streams))
+                                                  output_sink=self.writer, api=options.api, streams=options.streams,
+                                                  max_input_mb=options.max_input_mb))
+        self.isolation = Isolation(self.engine, options.isolate, options.timeout, options.backends)
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
         self.inputs = SidecarSupport(self)
+        self.writes_report = True
+        self._report: IncrementalReport | None = None
 
     # -- collection -------------------------------------------------------------
     def collect(self, session: pytest.Session) -> list[pytest.Item]:
@@ -150,10 +167,12 @@ class ParityRun:
                 for backend in self.options.backends for precision in self.options.precisions]
 
     def backend_status(self, backend: str):
-        return backend_discovery.discover([backend])[backend]
+        return self.isolation.backend_status(backend)
 
     def plan(self, items: list[pytest.Item]) -> None:
         self._remaining = Counter(item.model_path for item in items if isinstance(item, ParityItem))
+        self.isolation.expect_models(len({item.model_path for item in items if isinstance(item, ParityItem)
+                                          and self.isolation.isolates(item.run_config.backend)}))
 
     # -- running ----------------------------------------------------------------
     def check(self, item: ParityItem) -> ParityResult:
@@ -163,10 +182,18 @@ class ParityRun:
         variant = item.case.variant
         if self.writer is not None:
             self.writer.label = scaleout.stable_nodeid(item)
-        result = checks if isinstance(checks, ParityResult) else self.engine.check(
-            item.model_path, config, variant=variant, api=item.case.api, reproduce=self.options.reproduce_command(
-                model, config.backend, config.precision, variant, input_set=item.case.input_set, api=item.case.api),
-            **checks)
+        reproduce = self.options.reproduce_command(model, config.backend, config.precision, variant,
+                                                   input_set=item.case.input_set, api=item.case.api)
+        if isinstance(checks, ParityResult):
+            result = checks
+        elif _wire_safe(checks, item.case.api, self.engine.settings):
+            result = self.isolation.check(item.model_path, config, checks.get("tolerance_layers", ()),
+                                          variant=variant, reproduce=reproduce)
+        else:
+            # Named input sets, the Module API axis, streams and pictures are not
+            # carried to isolated workers yet: such items run in this process.
+            result = self.engine.check(item.model_path, config, variant=variant, api=item.case.api,
+                                       reproduce=reproduce, **checks)
         result.model = model
         for name, value in _junit_properties(result):
             item.user_properties.append((name, value))
@@ -176,7 +203,7 @@ class ParityRun:
         if isinstance(item, ParityItem):
             self._remaining[item.model_path] -= 1
             if self._remaining[item.model_path] <= 0:
-                self.engine.release(item.model_path)
+                self.isolation.release(item.model_path)
 
     # -- reporting --------------------------------------------------------------
     def record_for(self, item: pytest.Item, report: pytest.TestReport) -> dict[str, Any] | None:
@@ -203,14 +230,30 @@ class ParityRun:
         data = getattr(report, "mnn_parity", None)
         if data is not None:
             self._records.append(data)
+            writer = self._report_writer()
+            if writer is not None:
+                writer.add(data)
 
     def records(self) -> list[dict[str, Any]]:
         return list(self._records)
 
+    def _report_writer(self) -> IncrementalReport | None:
+        """The report file, rewritten as items finish so a killed run still leaves one (durable_report.py)."""
+        if self.options.report is None or not self.writes_report or not (self.active or self._records):
+            return None
+        if self._report is None:
+            self._report = IncrementalReport(self.options.report, self._report_header)
+        return self._report
+
+    def _report_header(self) -> dict[str, Any]:
+        statuses = {name: {"available": s.available, "forward_type": s.forward_type, "reason": s.reason}
+                    for name, s in ((n, self.backend_status(n)) for n in self.options.backends)}
+        return build_report([], mnn_version=_mnn_version(), settings=self.options.settings_dict(), backends=statuses)
+
     def write_report(self) -> None:
-        if self.options.report is None or not (self.active or self._records):
-            return
-        write_json_atomically(self.options.report, self.report_data())
+        writer = self._report_writer()
+        if writer is not None:
+            writer.flush()
 
     def report_data(self) -> dict[str, Any]:
         statuses = {name: {"available": s.available, "forward_type": s.forward_type, "reason": s.reason}
@@ -261,11 +304,26 @@ def _mnn_version() -> str:
     return mnn_version()
 
 
+def _wire_safe(checks: dict[str, Any], api: str | None, settings) -> bool:
+    """Can an isolated worker run this item?  Its protocol carries the model, the
+    configuration, tolerance layers and the variant; not yet named input sets,
+    per-output/per-layer tolerances, the API axis, streams or picture sinks."""
+    extra = {k: v for k, v in checks.items() if k != "tolerance_layers" and v}
+    return not extra and api is None and settings.output_sink is None and not settings.streams
+
+
 def _check_writable(path, flag: str = "--mnn-report") -> None:
+    """At start-up, before any model runs: can the file (or, for --mnn-artifacts, the folder) be written?"""
     import os
     from pathlib import Path
 
-    parent = Path(path).resolve().parent
+    if flag != "--mnn-artifacts":
+        problem = report_path_problem(path)
+        if problem is not None:
+            what = "the report there" if flag == "--mnn-report" else "there"
+            raise pytest.UsageError(f"{flag} {path}: cannot write {what}: {problem}")
+        return
+    parent = Path(path).resolve()
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK):

@@ -20,7 +20,7 @@ RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "
                  "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
                  "seconds", "search", "artifacts", "api", "api_reason", "api_axis", "backend_note", "cross_api",
-                 "stream")
+                 "stream", "inputs_nonfinite", "worker", "fault")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -58,6 +58,9 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "backend_note": result.backend_note,
         "cross_api": result.cross_api,
         "stream": result.stream,
+        "inputs_nonfinite": getattr(result, "inputs_nonfinite", None),
+        "worker": getattr(result, "worker", None),
+        "fault": getattr(result, "fault", None),
     }
 
 

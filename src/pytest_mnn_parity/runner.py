@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .backends import canonical_backend, canonical_precision, forward_name, runs_as, session_forward_type
+from .limits import check_input_budget
 from .mnn_import import mnn
 from .model import LAYOUTS, ModelError, ModelInfo, TensorSpec, file_sha256, halide_type, open_interpreter, tensor_dtype
 from .native_output import capture_native_output
@@ -104,6 +105,9 @@ class LoadedModel:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     # Where a shape came from, per input, when not --mnn-input-shape (e.g. a sidecar's [shapes]).
     shape_sources: Mapping[str, str] = field(default_factory=dict)
+    # Refuse inputs above this many MiB per input set before allocating them
+    # (``limits.check_input_budget``); None: no limit.
+    max_input_mb: float | None = None
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -111,6 +115,8 @@ class LoadedModel:
         self._sessions: dict[RunConfig, _Session] = {}
         self.info = self._describe()
         self.shapes = self._resolve_shapes()
+        if self.max_input_mb is not None:
+            check_input_budget(self.path, self.info.inputs, self.shapes, self.max_input_mb)
         # The session that described the model was created before the shapes
         # were known; it is the reference session, so it must be resized too.
         self._resize(self._sessions[REFERENCE_CONFIG].handle)
@@ -119,10 +125,17 @@ class LoadedModel:
     def _describe(self) -> ModelInfo:
         session = self._session(REFERENCE_CONFIG, resize=False).handle
         specs = []
-        for name, tensor in self.interpreter.getSessionInputAll(session).items():
-            specs.append(TensorSpec(name, tuple(int(d) for d in tensor.getShape()), tensor_dtype(tensor),
-                                    LAYOUTS.get(int(tensor.getDimensionType()), "NCHW")))
-        outputs = tuple(self.interpreter.getSessionOutputAll(session).keys())
+        try:
+            for name, tensor in self.interpreter.getSessionInputAll(session).items():
+                specs.append(TensorSpec(name, tuple(int(d) for d in tensor.getShape()), tensor_dtype(tensor),
+                                        LAYOUTS.get(int(tensor.getDimensionType()), "NCHW")))
+            outputs = tuple(self.interpreter.getSessionOutputAll(session).keys())
+        except (UnicodeDecodeError, SystemError) as exc:  # found by fuzzing: pymnn decodes names as UTF-8
+            cause = exc if isinstance(exc, UnicodeDecodeError) else (exc.__cause__ or exc.__context__)
+            if not isinstance(cause, UnicodeDecodeError):
+                raise
+            raise ModelError(self.path, f"an input or output name is not valid UTF-8 ({cause.reason} at byte "
+                                        f"{cause.start}): the file is corrupt", "re-convert the model") from None
         return ModelInfo(self.path, file_sha256(self.path), tuple(specs), outputs)
 
     def _resolve_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -156,12 +169,21 @@ class LoadedModel:
         start = time.perf_counter()
         with capture_native_output() as out:
             runtime = shared_runtime(config)
-            if runtime is None:
-                handle = self.interpreter.createSession(config.session_config())
+            try:
+                if runtime is None:
+                    handle = self.interpreter.createSession(config.session_config())
+                else:
+                    handle = self.interpreter.createSession(config.session_config(), runtime)
+            except Exception as exc:  # pymnn raises a bare Exception; corrupt models get here (fuzzing)
+                error: Exception | None = exc
             else:
-                handle = self.interpreter.createSession(config.session_config(), runtime)
-            if resize:
-                self._resize(handle)
+                error = None
+                if resize:
+                    self._resize(handle)
+        if error is not None:
+            raise ModelError(self.path, f"MNN could not create a session for {config.describe()} ({error})",
+                             "the file is corrupt, or uses an operator or shape this MNN cannot run on that "
+                             "configuration; re-convert it", out.text)
         forward = session_forward_type(self.interpreter, handle)
         created = _Session(handle, forward, out.text, time.perf_counter() - start)
         self._sessions[config] = created
@@ -274,10 +296,24 @@ class _CallbackGuard:
     def _call(self, method, tensors, info) -> bool:
         if self.error is None:
             try:
-                method(tensors, info.getName(), info.getType())
+                method(tensors, *_op_name_and_type(info))
             except BaseException as exc:  # noqa: BLE001 - re-raised after the run
                 self.error = exc
         return True
+
+
+def _op_name_and_type(info) -> tuple[str, str]:
+    # pymnn decodes op names as UTF-8 and raises on a corrupt one (found by
+    # fuzzing); the same placeholder in both runs keeps ops paired by occurrence.
+    try:
+        name = info.getName()
+    except UnicodeDecodeError:
+        name = "<op name not valid UTF-8>"
+    try:
+        op_type = info.getType()
+    except UnicodeDecodeError:
+        op_type = "<type not valid UTF-8>"
+    return name, op_type
 
 
 def to_numpy(tensor: Any, copy: bool = True) -> np.ndarray:

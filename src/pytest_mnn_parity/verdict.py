@@ -23,6 +23,10 @@ class Category(str, Enum):
     MODEL_ERROR = "model_error"
     BACKEND_UNAVAILABLE = "backend_unavailable"
     BACKEND_FALLBACK = "backend_fallback"
+    # The configuration's isolated worker died (by a signal, or exited) or was
+    # killed after --mnn-timeout: see isolation.py.
+    CRASHED = "crashed"
+    TIMEOUT = "timeout"
     RUNTIME_ERROR = "runtime_error"
     SHAPE_MISMATCH = "shape_mismatch"
     NON_FINITE = "non_finite"
@@ -40,9 +44,10 @@ class Category(str, Enum):
 
 # Most severe / most specific first.
 CATEGORY_ORDER = [
-    Category.MODEL_ERROR, Category.BACKEND_UNAVAILABLE, Category.BACKEND_FALLBACK, Category.RUNTIME_ERROR,
-    Category.SHAPE_MISMATCH, Category.NON_FINITE, Category.ZERO_OUTPUT, Category.PARTIAL_ZERO,
-    Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH, Category.API_MISMATCH, Category.OK,
+    Category.MODEL_ERROR, Category.BACKEND_UNAVAILABLE, Category.BACKEND_FALLBACK, Category.CRASHED,
+    Category.TIMEOUT, Category.RUNTIME_ERROR, Category.SHAPE_MISMATCH, Category.NON_FINITE, Category.ZERO_OUTPUT,
+    Category.PARTIAL_ZERO, Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH, Category.API_MISMATCH,
+    Category.OK,
 ]
 
 
