@@ -1,17 +1,20 @@
 """Two MNN releases from the package registry, each in its own virtual environment: a bundle saved by
 one is compared by the other, in both directions, on the fixture models.
 
-The environments are cached under pytest's cache directory (``.pytest_cache/d/mnn-parity-venvs``), so
-only the first run pays for the installs (about half a minute). Without the package registry the test
-skips with the reason.
+Each environment gets the package's own dependencies (pyproject.toml) with MNN pinned, and this
+checkout's plugin. They are cached under pytest's cache directory (``.pytest_cache/d/mnn-parity-venvs``,
+keyed by the dependency list), so only the first run pays for the installs (about half a minute).
+Without the package registry the test skips with the reason.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,17 +31,28 @@ _OFFLINE = ("No matching distribution found", "Could not find a version", "NewCo
             "Failed to establish a new connection", "ProxyError", "Name or service not known")
 
 
+def requirements(version: str) -> list[str]:
+    """The package's own dependencies (pyproject.toml), with MNN pinned to ``version``."""
+    text = (REPO / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies\s*=\s*\[(.*?)\]", text, re.S | re.M).group(1)
+    deps = re.findall(r'"([^"]+)"', block)
+    assert any(re.match(r"(?i)mnn\b", d) for d in deps), deps
+    return [f"mnn=={version}" if re.match(r"(?i)mnn\b", d) else d for d in deps]
+
+
 def _venv(root: Path, version: str) -> tuple[Path | None, str]:
-    """(python of a venv with mnn==version, numpy and pytest; or None and why it could not be made)."""
-    folder = root / f"mnn-{version}-py{sys.version_info.major}{sys.version_info.minor}"
+    """(python of a venv with the package's dependencies and mnn==version; or None and pip's output)."""
+    reqs = requirements(version)
+    tag = zlib.crc32(" ".join(reqs).encode())  # another dependency list, another environment
+    folder = root / f"mnn-{version}-py{sys.version_info.major}{sys.version_info.minor}-{tag:08x}"
     python = folder / ("Scripts" if os.name == "nt" else "bin") / "python"
     ready = folder / "ready"
     if ready.is_file() and python.exists():
         return python, ""
     shutil.rmtree(folder, ignore_errors=True)  # half-made by an interrupted run
     subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, capture_output=True)
-    proc = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                           f"mnn=={version}", "numpy", "pytest"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", *reqs],
+                          capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         return None, proc.stdout + proc.stderr
     ready.write_text(version)
@@ -56,7 +70,7 @@ def pythons(request, tmp_path_factory) -> dict[str, Path]:
             tail = log.strip().splitlines()[-1] if log.strip() else "no output"
             if any(sign in log for sign in _OFFLINE):
                 pytest.skip(f"package registry unreachable: cannot install mnn=={version} ({tail})")
-            pytest.fail(f"pip could not install mnn=={version} numpy pytest:\n{log[-3000:]}")
+            pytest.fail(f"pip could not install {' '.join(requirements(version))}:\n{log[-3000:]}")
     return {version: python for version, (python, _) in made.items()}
 
 
