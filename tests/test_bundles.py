@@ -109,6 +109,18 @@ def test_named_input_sets_and_onnx_conversions_round_trip(pytester, models):
         assert rec["outputs"] and all(o["max_abs"] == 0.0 for o in rec["outputs"].values()), rec["nodeid"]
 
 
+def test_a_control_flow_model_on_the_module_api_saves_compares_and_has_a_golden(pytester, models):
+    """The session API cannot run it; with a bundle as reference the API is still chosen by a real run."""
+    models("control_flow/if_branch.mnn")
+    base = [*CPU, "--mnn-precisions", "high", "--mnn-model", "if_branch.mnn", "--mnn-golden", "G"]
+    pytester.runpytest(*base, "--mnn-save-outputs", "B", "--mnn-update-golden").assert_outcomes(passed=2)
+    (entry,) = [e for e in read_entries(pytester.path / "B") if e["kind"] == "config"]
+    assert entry["category"] == "ok" and list(entry["outputs"]) == ["out"]
+    again = pytester.runpytest(*base, "--mnn-reference", "B::same")
+    again.assert_outcomes(passed=2)
+    again.stdout.fnmatch_lines(["if_branch.mnn*PASS (module) max|d| 0*PASS max|d| 0"])
+
+
 def test_a_selected_configuration_the_bundle_lacks_lists_what_it_has(pytester, models):
     models("multi_io.mnn")
     pytester.runpytest(*CPU, "--mnn-precisions", "high", "--mnn-model", "multi_io.mnn",

@@ -252,8 +252,8 @@ def check_golden(engine: ParityEngine, model_path: os.PathLike | str, root: os.P
 
 def _golden_outputs(engine: ParityEngine, model) -> tuple[dict[str, np.ndarray], str]:
     """The model itself on the reference configuration, input set A (reusing the reference run when it is that)."""
-    if engine.settings.reference is None and engine.onnx.reference_path(model) is None:
-        return engine.reference(model).outputs_a, ""
+    if (engine.settings.reference is None or engine.bundle is not None) and engine.onnx.reference_path(model) is None:
+        return engine.live_reference(model).outputs_a, ""
     run = model.run(REFERENCE_CONFIG, engine.inputs(model)[0])
     if not run.ok:
         raise ModelError(model.path, f"cannot compute its golden outputs: runSession returned {run.rc} on "

@@ -261,7 +261,7 @@ class ParityEngine:
     def reference_model(self, model: LoadedModel) -> LoadedModel:
         """The model the reference runs: ``model`` itself, or ``--mnn-reference`` with the same input shapes
         (on the same MNN API as ``model``)."""
-        if not self.settings.reference:
+        if not self.settings.reference or self.bundle is not None:
             return model
         own = self._model_shapes.get(_key(model.path))
         if own is not None and _key(self.settings.reference) not in self._model_shapes:
@@ -330,6 +330,10 @@ class ParityEngine:
         """The reference outputs; ``config`` matters only for a bundle read as ``DIR::same``."""
         if self.bundle is not None:
             return self.bundle.reference(self, model, config, input_set)
+        return self.live_reference(model, input_set)
+
+    def live_reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
+        """The reference computed here (never a bundle's): cached per model and input set."""
         key = _set_key(model.path, input_set)
         if _api(model) != "session":  # each API is compared against its own reference
             key = (key if isinstance(key, tuple) else (key,)) + (_api(model),)
@@ -348,7 +352,7 @@ class ParityEngine:
         inputs_a, inputs_b = self.inputs(model, input_set)
         if self.onnx.reference_path(model) is not None:
             return self.onnx.reference(model, inputs_a, inputs_b)
-        if self.settings.reference:
+        if self.settings.reference and self.bundle is None:  # a bundle's live reference is the model itself
             ref_model = self.reference_model(model)
             _check_same_interface(model, ref_model)
             description = f"{ref_model.path} on {REFERENCE_CONFIG.describe()}"
