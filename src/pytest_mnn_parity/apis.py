@@ -115,7 +115,7 @@ class ApiSide:
         from .parity import EmptyReferenceOutputs, ReferenceRunError, _mnn_said
 
         try:
-            self.engine.reference(self.engine.model(path))
+            self.engine.live_reference(self.engine.model(path))  # a run here, even with a bundle as reference
         except (ReferenceRunError, EmptyReferenceOutputs) as exc:
             return f"{exc.reason}; MNN said: {_mnn_said(exc.log)}"
         except ModelError:

@@ -50,6 +50,7 @@ class ModelFile(pytest.File):
             return
         for case in run.cases(self.path):
             yield ParityItem.from_parent(self, name=f"parity[{case.id}]", case=case)
+        yield from run.regression.items(self)
 
 
 class ParityItem(pytest.Item):

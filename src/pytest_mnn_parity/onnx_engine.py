@@ -80,6 +80,11 @@ class OnnxSide:
         source = self._sources.get(key)
         return source[0] if source else None
 
+    def variant_of(self, key: Path) -> str | None:
+        """The conversion variant a converted model (by its cache key) was made as; None for any other model."""
+        source = self._sources.get(key)
+        return source[1] if source else None
+
     # -- reference --------------------------------------------------------------
     def reference_path(self, model: LoadedModel) -> Path | None:
         """The ONNX file whose ORT outputs are the reference of ``model``, if any."""

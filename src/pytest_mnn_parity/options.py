@@ -45,7 +45,8 @@ def add_options(parser: pytest.Parser) -> None:
     option("precisions", f"comma-separated precisions (default: {','.join(PRECISIONS)})", metavar="LIST")
     option("reference", "what outputs are compared against: 'cpu' (default: the same model on CPU, high "
            "precision, 1 thread; ONNX Runtime for an .onnx model), another .mnn file with the same inputs and "
-           "outputs, or an .onnx file run by ONNX Runtime", metavar="REF")
+           "outputs, an .onnx file run by ONNX Runtime, or an output bundle directory: DIR (its reference "
+           "outputs), DIR::BACKEND-precision or DIR::same", metavar="REF")
     option("convert", f"conversion variants tested for each .onnx model: comma-separated from fp32, fp16, int8 "
            f"(default {','.join(DEFAULT_VARIANTS)})", metavar="LIST")
     parser.addini("mnn_convert_flags", "extra MNNConvert flags for every conversion variant of an .onnx model, "
@@ -85,6 +86,11 @@ def add_options(parser: pytest.Parser) -> None:
            "600 for isolated configurations; 0: none)", metavar="SECONDS")
     option("max-input-mb", f"refuse models whose inputs need more than this many MiB per input set, before "
            f"allocating them (default {DEFAULT_MAX_INPUT_MB:g})", metavar="MB")
+    option("save-outputs", "write an output bundle (outputs + manifest per model x configuration) into this "
+           "directory, to compare against with --mnn-reference DIR elsewhere", metavar="DIR")
+    option("golden", "check each model's CPU/high outputs against the goldens in this directory", metavar="DIR")
+    group.addoption("--mnn-update-golden", action="store_true", dest="mnn_update_golden", default=False,
+                    help="(re)write the goldens in --mnn-golden DIR instead of checking them")
     group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
                     help="run only the generated parity items: do not collect test files")
 
@@ -117,6 +123,9 @@ class Options:
     html: Path | None = None
     api: str = "auto"
     streams: tuple[StreamSpec, ...] = ()
+    save_outputs: Path | None = None
+    golden: Path | None = None
+    update_golden: bool = False
     rootpath: Path = Path(".")
     invocation_dir: Path = Path(".")
 
@@ -207,9 +216,17 @@ class Options:
             streams = tuple(parse_stream(text) for text in _as_list(get("stream") or []) if text.strip())
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
+        save_outputs, golden = get("save_outputs"), get("golden")
+        update_golden = bool(config.getoption("mnn_update_golden"))
+        if update_golden and not golden:
+            raise pytest.UsageError("--mnn-update-golden needs --mnn-golden DIR: the directory to write the goldens to")
+        _check_reference(reference, save_outputs)
         return cls(
             api=api,
             streams=streams,
+            save_outputs=Path(save_outputs) if save_outputs else None,
+            golden=Path(golden) if golden else None,
+            update_golden=update_golden,
             input_sets=[p.strip() for chunk in _as_list(get("input_sets")) for p in chunk.split(",") if p.strip()],
             hypothesis=hypothesis,
             hypothesis_dir=Path(hypothesis_dir) if hypothesis_dir else _cache_dir(config) / "d" / "mnn-parity",
@@ -285,6 +302,8 @@ class Options:
                 "input_sets": self.input_sets or None, "hypothesis": self.hypothesis,
                 "isolate": self.isolate, "timeout": self.timeout, "max_input_mb": self.max_input_mb,
                 "convert": self.convert, "convert_flags": list(self.convert_flags),
+                "save_outputs": str(self.save_outputs) if self.save_outputs else None,
+                "golden": str(self.golden) if self.golden else None, "update_golden": self.update_golden,
                 "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli},
                 "artifacts": (None if self.artifacts is None
                               else {"dir": str(self.artifacts), "when": self.artifacts_when}),
@@ -297,6 +316,20 @@ def _shown_path(path: Path, base: Path) -> str:
         return path.relative_to(base.resolve()).as_posix()
     except ValueError:
         return str(path)
+
+
+def _check_reference(reference, save_outputs) -> None:
+    """A bundle named by --mnn-reference must exist and be readable before anything runs."""
+    from .bundle import BundleError
+    from .bundle_reference import parse_reference
+
+    try:
+        spec = parse_reference(reference)
+    except BundleError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if spec is not None and save_outputs and Path(save_outputs).resolve() == spec.folder.resolve():
+        raise pytest.UsageError(f"--mnn-save-outputs {save_outputs} is the bundle --mnn-reference reads: "
+                                f"save into another directory")
 
 
 def _cache_dir(config: pytest.Config) -> Path:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import backends
+from .bundle_reference import looser_tier, open_bundle_reference
 from .explain import failure_message
 from .input_sets import InputSet
 from .inputs import fingerprint, generate_inputs
@@ -59,6 +60,9 @@ class ParitySettings:
     api: str = "auto"
     # Streaming declarations (stream.StreamSpec): state outputs fed back into inputs, step by step.
     streams: tuple = ()
+    # Keep each result's outputs (``ParityResult.computed``) for the caller to save
+    # (--mnn-save-outputs); the plugin writes and drops them right after the check.
+    keep_outputs: bool = False
 
 
 LAYER_MODES = ("off", "on-failure", "always")
@@ -87,6 +91,22 @@ class Reference:
     outputs_b: dict[str, np.ndarray]
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
     weight_risks: list[WeightRisk] = field(default_factory=list)
+    # What --mnn-reference named, for the matrix ("" = what the settings say: cpu, a path, onnxruntime).
+    label: str = ""
+    # A bundle entry computed at reduced precision needs that looser tier (see bundle_reference).
+    arithmetic: str | None = None
+    # A bundle entry's saved per-layer trace (``bundle.BundleTrace``), if any.
+    trace: Any = None
+
+
+@dataclass
+class Computed:
+    """What a check computed, for ``--mnn-save-outputs``: the model that ran, its input set, its outputs."""
+
+    model: LoadedModel
+    input_set: InputSet | None
+    outputs_a: dict[str, np.ndarray]
+    outputs_b: dict[str, np.ndarray]
 
 
 # A weight tensor is named only when this share of it would be lost: a few
@@ -140,6 +160,10 @@ class ParityResult:
     cross_api: dict[str, Any] | None = None
     # Streaming models: every step's judgement and the first failing step (stream.stream_record).
     stream: dict[str, Any] | None = None
+    # Which reference, as given: "cpu", a path, "onnxruntime", "bundle DIR::SELECTOR", "golden".
+    reference_label: str = ""
+    # The outputs behind the verdict, with ``ParitySettings.keep_outputs`` only.
+    computed: Computed | None = field(default=None, repr=False)
 
     @property
     def passed(self) -> bool:
@@ -174,6 +198,8 @@ class ParityEngine:
         self.onnx = OnnxSide(self)
         self.apis = ApiSide(self)
         self.streams = StreamSide(self)
+        # A bundle directory as --mnn-reference: its saved outputs replace the reference run.
+        self.bundle = open_bundle_reference(self.settings.reference)
 
     # -- models -----------------------------------------------------------------
     def model(self, path: os.PathLike | str, api: str = "session") -> LoadedModel:
@@ -215,6 +241,8 @@ class ParityEngine:
         self.streams.release(key)
         self._nonfinite.pop(key, None)
         self._provided.discard(key)
+        if self.bundle is not None:
+            self.bundle.release(key)
 
     def set_input_shapes(self, path: os.PathLike | str, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
         """Shapes for one model (a sidecar's [shapes]); ``--mnn-input-shape`` still wins per input."""
@@ -233,7 +261,7 @@ class ParityEngine:
     def reference_model(self, model: LoadedModel) -> LoadedModel:
         """The model the reference runs: ``model`` itself, or ``--mnn-reference`` with the same input shapes
         (on the same MNN API as ``model``)."""
-        if not self.settings.reference:
+        if not self.settings.reference or self.bundle is not None:
             return model
         own = self._model_shapes.get(_key(model.path))
         if own is not None and _key(self.settings.reference) not in self._model_shapes:
@@ -297,7 +325,15 @@ class ParityEngine:
         return self._fingerprints[key]
 
     # -- reference --------------------------------------------------------------
-    def reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
+    def reference(self, model: LoadedModel, input_set: InputSet | None = None,
+                  config: RunConfig | None = None) -> Reference:
+        """The reference outputs; ``config`` matters only for a bundle read as ``DIR::same``."""
+        if self.bundle is not None:
+            return self.bundle.reference(self, model, config, input_set)
+        return self.live_reference(model, input_set)
+
+    def live_reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
+        """The reference computed here (never a bundle's): cached per model and input set."""
         key = _set_key(model.path, input_set)
         if _api(model) != "session":  # each API is compared against its own reference
             key = (key if isinstance(key, tuple) else (key,)) + (_api(model),)
@@ -316,7 +352,7 @@ class ParityEngine:
         inputs_a, inputs_b = self.inputs(model, input_set)
         if self.onnx.reference_path(model) is not None:
             return self.onnx.reference(model, inputs_a, inputs_b)
-        if self.settings.reference:
+        if self.settings.reference and self.bundle is None:  # a bundle's live reference is the model itself
             ref_model = self.reference_model(model)
             _check_same_interface(model, ref_model)
             description = f"{ref_model.path} on {REFERENCE_CONFIG.describe()}"
@@ -347,11 +383,13 @@ class ParityEngine:
 
     # -- the check --------------------------------------------------------------
     def tolerance(self, config: RunConfig, layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-                  variant: str | None = None) -> Tolerance:
+                  variant: str | None = None, reference_arithmetic: str | None = None) -> Tolerance:
         """The tolerance ``config`` is judged by, with ``layers`` of overrides: the one place a tier is chosen
-        (from the arithmetic measured for ``config`` and the conversion ``variant``)."""
+        (from the arithmetic measured for ``config``, the conversion ``variant``, and the arithmetic of a
+        saved reference computed at reduced precision)."""
         arithmetic = backends.probe_arithmetic(config.backend, config.precision)
-        return resolve(config.backend, config.precision, *layers, arithmetic=arithmetic.kind, variant=variant)
+        kind = looser_tier(arithmetic.kind, config.backend, config.precision, reference_arithmetic)
+        return resolve(config.backend, config.precision, *layers, arithmetic=kind, variant=variant)
 
     def check(self, model_path: os.PathLike | str, config: RunConfig,
               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
@@ -392,15 +430,16 @@ class ParityEngine:
             choice = self.apis.resolve(model_path, api)
             api_fields = {"api": choice.api, "api_reason": choice.reason, "api_axis": choice.axis}
             model = self.model(model_path, choice.api)
-            reference = self.reference(model, input_set)
+            reference = self.reference(model, input_set, config)
         except (ReferenceRunError, EmptyReferenceOutputs) as exc:
             return self._check_without_reference(model, config, exc, reproduce, input_set, api_fields)
         except ModelError as exc:
             return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log, **api_fields)
         arithmetic = backends.probe_arithmetic(config.backend, config.precision)
-        tol = self.tolerance(config, tolerance_layers, variant)
-        output_tolerances = {k: self.tolerance(config, v, variant) for k, v in (output_tolerances or {}).items()}
-        layer_tolerances = {k: self.tolerance(config, v, variant) for k, v in (layer_tolerances or {}).items()}
+        ref_arith = reference.arithmetic
+        tol = self.tolerance(config, tolerance_layers, variant, ref_arith)
+        output_tolerances = {k: self.tolerance(config, v, variant, ref_arith) for k, v in (output_tolerances or {}).items()}
+        layer_tolerances = {k: self.tolerance(config, v, variant, ref_arith) for k, v in (layer_tolerances or {}).items()}
         inputs_a, inputs_b = self.inputs(model, input_set)
         if input_set is not None:
             set_label = input_set.name
@@ -416,7 +455,9 @@ class ParityEngine:
                               fp16_risks=list(reference.fp16_risks), weight_risks=list(reference.weight_risks),
                               arithmetic=arithmetic, variant=variant, conversion=conversion,
                               input_detail=input_set.describe() if input_set is not None else "",
-                              inputs_nonfinite=nonfinite_inputs(inputs_a, inputs_b), **api_fields)
+                              inputs_nonfinite=nonfinite_inputs(inputs_a, inputs_b), **api_fields,
+                              reference_label=reference.label or self.settings.reference or (
+                                  "onnxruntime" if self.onnx.reference_path(model) is not None else "cpu"))
         if choice.api == "module":
             result.backend_note = model.backend_note(config)
         if model.falls_back(config):
@@ -447,6 +488,8 @@ class ParityEngine:
         result.category = result.verdict.category
         if choice.api == "module" and self.settings.api == "both":
             self.apis.cross_check(result, model_path, config, tol, inputs_a, run_a.outputs)
+        if self.settings.keep_outputs:
+            result.computed = Computed(model, input_set, run_a.outputs, run_b.outputs)
         if input_set is None:
             result.input_set = f"{set_label} ({self._fingerprint(model)})"
         else:
@@ -477,7 +520,13 @@ class ParityEngine:
         if self.onnx.reference_path(model) is not None:
             self.onnx.localise(result, model, config, tol, inputs)
             return
-        reference = self._reference_trace(model, inputs, input_set)
+        if self.bundle is not None:
+            reference = self.reference(model, input_set, config).trace
+            if reference is None:
+                result.reference += "; no per-layer trace in the bundle to localise with (save with --mnn-layers always)"
+                return
+        else:
+            reference = self._reference_trace(model, inputs, input_set)
         result.trace = trace_target(reference, model, config, inputs, tol, layer_tolerances)
         first = result.trace.first_divergent
         if first is not None:

@@ -17,6 +17,7 @@ from .model import ModelError, check_model_path, expand_model_args
 from .options import Options, add_options
 from .parity import ParityEngine, ParityResult, ParitySettings
 from .reliability import Isolation
+from .regression import Regression
 from .runner import RunConfig
 from .report import RECORD_FIELDS, build_report, json_safe, matrix_lines, record
 from .variants import is_onnx
@@ -42,6 +43,7 @@ def pytest_configure(config: pytest.Config) -> None:
         _check_writable(options.report)
     # xdist workers send their records to the controller, which writes the report.
     run.writes_report = not hasattr(config, "workerinput")
+    run.regression.configure(config)
     if getattr(config, "cache", None) is not None:  # absent with -p no:cacheprovider: a temporary folder then
         run.engine.settings.convert_cache = str(config.cache.mkdir("mnn-parity-convert"))
     scaleout.register_marker(config)
@@ -94,7 +96,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     run = config.stash[PARITY_RUN]
-    lines = matrix_lines(run.records())
+    lines = matrix_lines(run.records()) + run.regression.summary_lines(run.records())
     if lines:
         terminalreporter.write_sep("=", "MNN parity")
         for line in lines:
@@ -110,6 +112,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         return  # xdist worker: the controller writes the report
     session.config.stash[PARITY_RUN].write_report()
     session.config.stash[PARITY_RUN].write_html()
+    session.config.stash[PARITY_RUN].regression.finish()
 
 
 class ParityRun:
@@ -122,7 +125,8 @@ class ParityRun:
                                                   reference=options.reference, threads=options.threads,
                                                   layers=options.layers, converter_flags=options.convert_flags,
                                                   output_sink=self.writer, api=options.api, streams=options.streams,
-                                                  max_input_mb=options.max_input_mb))
+                                                  max_input_mb=options.max_input_mb,
+                                                  keep_outputs=options.save_outputs is not None))
         self.isolation = Isolation(self.engine, options.isolate, options.timeout, options.backends)
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
@@ -130,6 +134,7 @@ class ParityRun:
         self.inputs = SidecarSupport(self)
         self.writes_report = True
         self._report: IncrementalReport | None = None
+        self.regression = Regression(options, self.engine)
 
     # -- collection -------------------------------------------------------------
     def collect(self, session: pytest.Session) -> list[pytest.Item]:
@@ -195,6 +200,7 @@ class ParityRun:
             result = self.engine.check(item.model_path, config, variant=variant, api=item.case.api,
                                        reproduce=reproduce, **checks)
         result.model = model
+        self.regression.after_check(item, result)
         for name, value in _junit_properties(result):
             item.user_properties.append((name, value))
         return result
@@ -307,9 +313,11 @@ def _mnn_version() -> str:
 def _wire_safe(checks: dict[str, Any], api: str | None, settings) -> bool:
     """Can an isolated worker run this item?  Its protocol carries the model, the
     configuration, tolerance layers and the variant; not yet named input sets,
-    per-output/per-layer tolerances, the API axis, streams or picture sinks."""
+    per-output/per-layer tolerances, the API axis, streams, picture sinks or the
+    outputs a bundle saves (--mnn-save-outputs)."""
     extra = {k: v for k, v in checks.items() if k != "tolerance_layers" and v}
-    return not extra and api is None and settings.output_sink is None and not settings.streams
+    return (not extra and api is None and settings.output_sink is None and not settings.streams
+            and not settings.keep_outputs)
 
 
 def _check_writable(path, flag: str = "--mnn-report") -> None:

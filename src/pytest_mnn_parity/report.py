@@ -17,7 +17,7 @@ from typing import Any, Iterable
 SCHEMA = "pytest-mnn-parity/1"
 
 RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "arithmetic", "variant",
-                 "input_set", "outcome", "category", "message", "reference", "tolerance", "outputs",
+                 "input_set", "outcome", "category", "message", "reference", "reference_label", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
                  "seconds", "search", "artifacts", "api", "api_reason", "api_axis", "backend_note", "cross_api",
                  "stream", "inputs_nonfinite", "worker", "fault")
@@ -41,6 +41,7 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "category": result.category.value,
         "message": result.message,
         "reference": result.reference,
+        "reference_label": getattr(result, "reference_label", ""),
         "tolerance": result.tolerance.as_dict() if result.tolerance else None,
         "outputs": result.outputs_dict(),
         "first_divergent_layer": result.first_divergent_layer,
@@ -145,6 +146,7 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
         rows = [header] + [[m] + [cells.get((m, c), "-") for c in configs] for m in models]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.extend(reference_lines(ran))
     lines.extend(risk_lines(records))
     reasons = OrderedDict()
     for r in skipped:
@@ -172,6 +174,8 @@ def _row(rec: dict[str, Any]) -> str:
 
 
 def _column(rec: dict[str, Any]) -> str:
+    if rec.get("reference_label") == GOLDEN:
+        return GOLDEN
     # A model that never loaded has no configuration: it gets a column of its own.
     if not rec.get("backend"):
         return "load"
@@ -189,6 +193,31 @@ def _cell(rec: dict[str, Any]) -> str:
     # Say where auto chose the Module API, so a column never hides which API ran.
     api = "(module)" if rec.get("api") == "module" and not rec.get("api_axis") else ""
     return " ".join(part for part in (status, api, detail, metric) if part)
+
+
+GOLDEN = "golden"
+
+
+def reference_lines(records: list[dict[str, Any]]) -> list[str]:
+    """What each row's configurations were compared with: one line when every row agrees."""
+    per_row: OrderedDict[str, OrderedDict[str, set]] = OrderedDict()
+    for r in records:
+        label = r.get("reference_label")
+        if label and label != GOLDEN:
+            per_row.setdefault(_row(r), OrderedDict()).setdefault(label, set()).add(r.get("reference") or "")
+
+    def describe(labels: OrderedDict) -> str:
+        parts = []
+        for label, descriptions in labels.items():
+            only = next(iter(descriptions)) if len(descriptions) == 1 else ""
+            only = only.removeprefix(label.partition("::")[0] + " ")  # "bundle DIR" is in the label already
+            parts.append(f"{label} ({only})" if only and only != label else label)
+        return "; ".join(parts)
+
+    texts = OrderedDict((row, describe(labels)) for row, labels in per_row.items())
+    if len(set(texts.values())) == 1 and len(texts) > 1:
+        return [f"reference (every row): {next(iter(texts.values()))}"]
+    return [f"reference of {row}: {text}" for row, text in texts.items()]
 
 
 def risk_lines(records: list[dict[str, Any]]) -> list[str]:

@@ -37,6 +37,8 @@ class Category(str, Enum):
     MISMATCH = "mismatch"
     # --mnn-api both: the Module API's outputs disagree with the session API's.
     API_MISMATCH = "api_mismatch"
+    # --mnn-golden: no usable golden (missing, unreadable, or made from other inputs).
+    NO_GOLDEN = "no_golden"
 
     def __str__(self) -> str:
         return self.value
@@ -44,7 +46,7 @@ class Category(str, Enum):
 
 # Most severe / most specific first.
 CATEGORY_ORDER = [
-    Category.MODEL_ERROR, Category.BACKEND_UNAVAILABLE, Category.BACKEND_FALLBACK, Category.CRASHED,
+    Category.MODEL_ERROR, Category.NO_GOLDEN, Category.BACKEND_UNAVAILABLE, Category.BACKEND_FALLBACK, Category.CRASHED,
     Category.TIMEOUT, Category.RUNTIME_ERROR, Category.SHAPE_MISMATCH, Category.NON_FINITE, Category.ZERO_OUTPUT,
     Category.PARTIAL_ZERO, Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH, Category.API_MISMATCH,
     Category.OK,
