@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from .model import ModelError
+from .model import ModelError, remembered
 from .module_runner import API_MODULE, API_SESSION, ModuleModel
 from .verdict import Category, judge_outputs
 
@@ -70,17 +70,12 @@ class ApiSide:
         from .parity import _key
 
         key = _key(path)
-        cached = self._modules.get(key)
-        if cached is None:
-            try:
-                shapes, sources = self.engine._shapes_for(key)  # --mnn-input-shape and a sidecar's [shapes]
-                cached = ModuleModel(path, shapes, shape_sources=sources)
-            except ModelError as exc:
-                cached = exc
-            self._modules[key] = cached
-        if isinstance(cached, ModelError):
-            raise cached
-        return cached
+
+        def load() -> ModuleModel:
+            shapes, sources = self.engine._shapes_for(key)  # --mnn-input-shape and a sidecar's [shapes]
+            return ModuleModel(path, shapes, shape_sources=sources)
+
+        return remembered(self._modules, key, load)
 
     def resolve(self, path: os.PathLike | str, api: str | None) -> ApiChoice:
         """The API an item runs on: an explicit one, or the auto choice (also for ``both`` without an axis)."""

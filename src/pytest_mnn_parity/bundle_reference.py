@@ -21,6 +21,7 @@ from .backends import canonical_backend, canonical_precision
 from .bundle import (BUNDLE_FILE, REFERENCE, SAME, BundleError, BundleMismatch, BundleTrace, describe_entry,
                      is_bundle, load_outputs, read_entries)
 from .inputs import fingerprint
+from .model import remembered
 from .tolerances import TIERS, tier_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,18 +96,14 @@ class BundleReference:
                   input_set: "InputSet | None" = None) -> "Reference":
         set_name = input_set.name if input_set is not None else None
         key = (Path(os.path.realpath(model.path)), self.selector_for(config), set_name)
-        cached = self._cache.get(key)
-        if cached is None:
+
+        def load() -> "Reference":
             try:
-                cached = self._load(engine, model, key[1], input_set)
+                return self._load(engine, model, key[1], input_set)
             except BundleError as exc:  # a damaged file: name it, as for any model error
-                cached = BundleMismatch(model.path, str(exc), "re-save the bundle")
-            except BundleMismatch as exc:
-                cached = exc
-            self._cache[key] = cached
-        if isinstance(cached, Exception):
-            raise cached
-        return cached
+                raise BundleMismatch(model.path, str(exc), "re-save the bundle") from None
+
+        return remembered(self._cache, key, load, errors=(BundleMismatch,))
 
     def release(self, path: os.PathLike | str) -> None:
         real = Path(os.path.realpath(path))

@@ -9,7 +9,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -31,6 +31,23 @@ class ModelError(Exception):
         if log.strip():
             text += "\n  MNN said: " + " | ".join(line.strip() for line in log.splitlines() if line.strip())[:600]
         super().__init__(text)
+
+
+def remembered(cache: dict, key: Any, build: Callable[[], Any], errors: tuple = (ModelError,)) -> Any:
+    """``cache[key]``, built once; a build that raised one of ``errors`` is remembered and raised again.
+
+    A model that cannot be loaded (converted, referenced...) fails every item
+    that needs it with the same message, without trying again each time.
+    """
+    if key not in cache:
+        try:
+            cache[key] = build()
+        except errors as exc:
+            cache[key] = exc
+    cached = cache[key]
+    if isinstance(cached, BaseException):
+        raise cached
+    return cached
 
 
 def tensor_dtype(tensor: Any) -> np.dtype | None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from .convert import ConversionError
 from .inputs import fingerprint
-from .model import ModelError
+from .model import ModelError, remembered
 from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig
 from .tolerances import Tolerance
 from .trace import RiskScanner
@@ -45,22 +45,18 @@ class OnnxSide:
         from .parity import _key  # noqa: PLC0415
 
         key = (_key(source), variant)
-        cached = self._conversions.get(key)
-        if cached is None:
-            flags = self.cache.flags(variant)
-            described = " ".join(flags) or "no flags"
+
+        def convert() -> tuple[Path, str]:
+            described = " ".join(self.cache.flags(variant)) or "no flags"
             try:
                 target = self.cache.convert(source, variant)
             except ConversionError as exc:
-                cached = ModelError(source, f"MNN cannot convert it (variant {variant}: MNNConvert {described}): "
-                                            f"{exc.reason}", exc.hint, exc.log)
-            else:
-                cached = (target, f"{source}, variant {variant} (MNNConvert {described}), cached as {target}")
-                self._sources[_key(target)] = (Path(source), variant)
-            self._conversions[key] = cached
-        if isinstance(cached, ModelError):
-            raise cached
-        return cached
+                raise ModelError(source, f"MNN cannot convert it (variant {variant}: MNNConvert {described}): "
+                                         f"{exc.reason}", exc.hint, exc.log) from None
+            self._sources[_key(target)] = (Path(source), variant)
+            return target, f"{source}, variant {variant} (MNNConvert {described}), cached as {target}"
+
+        return remembered(self._conversions, key, convert)
 
     def release(self, key: Path) -> list[Path]:
         """Forget an ONNX source; returns its converted models for the engine to release."""
@@ -101,20 +97,14 @@ class OnnxSide:
         from .parity import _key  # noqa: PLC0415
 
         key = _key(path)
-        cached = self._runtimes.get(key)
-        if cached is None:
+
+        def load() -> OnnxRuntimeModel:
             if not Path(path).is_file():
-                cached = ModelError(path, "no such file (named as the ONNX reference)",
-                                    "check the path given to --mnn-reference")
-            else:
-                try:
-                    cached = OnnxRuntimeModel(path)
-                except ModelError as exc:
-                    cached = exc
-            self._runtimes[key] = cached
-        if isinstance(cached, ModelError):
-            raise cached
-        return cached
+                raise ModelError(path, "no such file (named as the ONNX reference)",
+                                 "check the path given to --mnn-reference")
+            return OnnxRuntimeModel(path)
+
+        return remembered(self._runtimes, key, load)
 
     def reference(self, model: LoadedModel, inputs_a, inputs_b) -> "Reference":
         from .parity import Reference, _key  # noqa: PLC0415

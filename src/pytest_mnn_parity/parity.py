@@ -26,7 +26,7 @@ from .explain import failure_message
 from .input_sets import InputSet
 from .inputs import fingerprint, generate_inputs
 from .limits import DEFAULT_MAX_INPUT_MB, nonfinite_inputs
-from .model import ModelError
+from .model import ModelError, remembered
 from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig, RunOutput, error_name
 from .tolerances import Tolerance, resolve
 from .weights import WeightRisk, fp16_weight_risks
@@ -211,18 +211,12 @@ class ParityEngine:
         if api == "module":
             return self.apis.module(path)
         key = _key(path)
-        cached = self._models.get(key)
-        if cached is None:
-            try:
-                shapes, sources = self._shapes_for(key)
-                cached = LoadedModel(Path(path), shapes, shape_sources=sources,
-                                     max_input_mb=self.settings.max_input_mb)
-            except ModelError as exc:
-                cached = exc
-            self._models[key] = cached
-        if isinstance(cached, ModelError):
-            raise cached
-        return cached
+
+        def load() -> LoadedModel:
+            shapes, sources = self._shapes_for(key)
+            return LoadedModel(Path(path), shapes, shape_sources=sources, max_input_mb=self.settings.max_input_mb)
+
+        return remembered(self._models, key, load)
 
     def release(self, path: os.PathLike | str) -> None:
         """Free a model's interpreter and sessions (MNN frees sessions with the interpreter only)."""
@@ -337,16 +331,7 @@ class ParityEngine:
         key = _set_key(model.path, input_set)
         if _api(model) != "session":  # each API is compared against its own reference
             key = (key if isinstance(key, tuple) else (key,)) + (_api(model),)
-        cached = self._references.get(key)
-        if cached is None:
-            try:
-                cached = self._compute_reference(model, input_set)
-            except ModelError as exc:
-                cached = exc
-            self._references[key] = cached
-        if isinstance(cached, ModelError):
-            raise cached
-        return cached
+        return remembered(self._references, key, lambda: self._compute_reference(model, input_set))
 
     def _compute_reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
         inputs_a, inputs_b = self.inputs(model, input_set)

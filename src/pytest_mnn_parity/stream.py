@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from .inputs import generate_inputs
-from .model import ModelError
+from .model import ModelError, remembered
 from .runner import REFERENCE_CONFIG, RunConfig, RunOutput
 from .tolerances import Tolerance
 from .verdict import Verdict, judge_outputs
@@ -296,22 +296,18 @@ class StreamSide:
 
     def reference(self, model, spec: StreamSpec) -> StreamRun:
         key = (Path(model.path).resolve(), model.api if hasattr(model, "api") else "session", spec)
-        if key not in self._references:
-            try:
-                ref_path = self.engine.settings.reference
-                ref_model = self.engine.model(ref_path, getattr(model, "api", "session")) if ref_path else model
-                check_declaration(ref_model, spec)
-                run = run_stream(ref_model, REFERENCE_CONFIG, spec, self._step_inputs(model, spec))
-                if run.failed is not None:
-                    raise ModelError(ref_model.path, f"the reference stream failed at step {len(run.steps)}: "
-                                                     f"{_failure(run.failed)}", "see MNN's log", run.log)
-                self._references[key] = run
-            except ModelError as exc:
-                self._references[key] = exc
-        cached = self._references[key]
-        if isinstance(cached, ModelError):
-            raise cached
-        return cached
+
+        def run_reference() -> StreamRun:
+            ref_path = self.engine.settings.reference
+            ref_model = self.engine.model(ref_path, getattr(model, "api", "session")) if ref_path else model
+            check_declaration(ref_model, spec)
+            run = run_stream(ref_model, REFERENCE_CONFIG, spec, self._step_inputs(model, spec))
+            if run.failed is not None:
+                raise ModelError(ref_model.path, f"the reference stream failed at step {len(run.steps)}: "
+                                                 f"{_failure(run.failed)}", "see MNN's log", run.log)
+            return run
+
+        return remembered(self._references, key, run_reference)
 
     def check(self, result: "ParityResult", model, config: RunConfig, tol: Tolerance, spec: StreamSpec,
               reproduce: str) -> "ParityResult":
