@@ -7,6 +7,9 @@ configuration, two inferences each, inputs copied in and outputs copied out ever
 creates its sessions the way a plain user would, without a shared runtime.
 
     python benchmarks/bench_gpu.py [--rounds 3] [--json PATH]
+
+The engine is measured twice: in-process (--mnn-isolate never) and as the plugin runs by default
+(--mnn-isolate auto: GPU configurations in a worker process, whose start-up is counted).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import numpy as np
 from pytest_mnn_parity import ParityEngine, RunConfig, backends
 from pytest_mnn_parity.mnn_import import mnn, mnn_version
 from pytest_mnn_parity.native_output import capture_native_output
+from pytest_mnn_parity.reliability import Isolation
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "fixtures" / "demo" / "lama_like.mnn"
@@ -53,6 +57,17 @@ def engine_matrix(all_configs) -> None:
     engine.release(DEMO)
 
 
+def isolated_matrix(all_configs) -> None:
+    """What the plugin does by default (--mnn-isolate auto): CPU in-process, every other backend in a worker
+    process (started, importing MNN, building its own GPU runtimes), closed at the end as the plugin does."""
+    isolation = Isolation(ParityEngine(), "auto", None, backends.DEFAULT_BACKENDS)
+    isolation.start()
+    for config in all_configs:
+        isolation.check(DEMO, config)
+    isolation.release(DEMO)
+    isolation.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -70,27 +85,33 @@ def main() -> int:
     model = probe.model(DEMO)
     inputs_a, inputs_b = probe.inputs(model)
     probe.release(DEMO)
-    raw_times, engine_times = [], []
-    for _ in range(args.rounds):  # interleaved so drift hits both alike
+    raw_times, engine_times, isolated_times = [], [], []
+    for _ in range(args.rounds):  # interleaved so drift hits all alike
         t0 = time.perf_counter()
         raw_matrix(available, inputs_a, inputs_b)
         raw_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         engine_matrix(all_configs)
         engine_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        isolated_matrix(all_configs)
+        isolated_times.append(time.perf_counter() - t0)
     raw, eng = statistics.median(raw_times), statistics.median(engine_times)
+    iso = statistics.median(isolated_times)
     result = {
         "mnn_version": mnn_version(), "model": str(DEMO.relative_to(REPO)), "rounds": args.rounds,
         "available_configs": [c.id for c in available], "arithmetic": arithmetic,
         "discovery_s_cold": discovery_s, "arithmetic_probes_s_cold": arithmetic_s,
         "raw_s": raw_times, "engine_s": engine_times, "raw_median_s": raw, "engine_median_s": eng,
         "engine_over_raw": eng / raw,
+        "isolated_s": isolated_times, "isolated_median_s": iso, "isolated_over_raw": iso / raw,
     }
     print(f"MNN {result['mnn_version']}: {len(available)} available configs of {len(all_configs)}")
     print(f"discovery (cold) {discovery_s:.3f} s, arithmetic probes (cold) {arithmetic_s:.3f} s")
     print(f"raw matrix    median {raw:.3f} s  {['%.3f' % t for t in raw_times]}")
     print(f"engine matrix median {eng:.3f} s  {['%.3f' % t for t in engine_times]}")
-    print(f"engine / raw  {eng / raw:.2f}x")
+    print(f"isolated (plugin default, GPU in workers) median {iso:.3f} s  {['%.3f' % t for t in isolated_times]}")
+    print(f"engine / raw  {eng / raw:.2f}x   isolated / raw  {iso / raw:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -6,14 +6,22 @@ with the GPU build (see docs/gpu.md) they all run.
 """
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import numpy as np
 import pytest
 
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig, backends
+from pytest_mnn_parity.isolation import IsolatedEngine
+from pytest_mnn_parity.report import record
 from pytest_mnn_parity.runner import LoadedModel
 from pytest_mnn_parity.verdict import Category
+from pytest_mnn_parity.worker import FAULT_INJECTION_ENV
 
-from conftest import COLLAPSE, DEMO, FIXTURES
+from conftest import COLLAPSE, DEMO, FIXTURES, read_report, results_by_nodeid
 
 pytestmark = pytest.mark.gpu
 GPU_BACKENDS = ["OPENCL", "VULKAN", "CUDA"]
@@ -114,3 +122,171 @@ def test_fp16_conversion_collapse_fails_the_same_way_on_every_backend(backend):
         result = engine.check(COLLAPSE / f"{name}.fp16.mnn", RunConfig(backend, "high"))
         assert result.category is category, result.message
         assert result.first_divergent_layer["name"] == "tiny_conv"
+
+
+# -- crash and hang isolation on real GPU backends ----------------------------------------------------------------
+# The default (--mnn-isolate auto) runs every GPU configuration in a worker process.  These tests put real faults
+# into workers that hold live GPU contexts (CUDA context, Vulkan device, OpenCL queue) and check three things the
+# CPU tests cannot: the fault costs one item, the stack says where in the GPU work it struck, and the GPU still
+# serves the next, fresh worker (a killed process must not leave the device unusable).
+
+def _isolated_engine(**kwargs):
+    return IsolatedEngine(ParitySettings(), prespawn=False, **kwargs)
+
+
+def _assert_ran_on(result, backend):
+    assert result.category not in (Category.CRASHED, Category.TIMEOUT, Category.BACKEND_FALLBACK), result.message
+    assert result.backend_used == backend and result.forward_type == backends.FORWARD_TYPES[backend]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_isolated_gpu_verdicts_are_the_in_process_verdicts(backend):
+    """Same verdicts through the worker protocol as in-process; GPU numbers may differ in the last bits between
+    processes (OpenCL tunes its kernels per process), so metrics are compared within the tolerance."""
+    require(backend)
+    cases = [(DEMO, "high", None), (DEMO, "low", None), (FIXTURES / "risk" / "overflow_activation.mnn", "low", None),
+             (COLLAPSE / "zero.fp16.mnn", "high", str(COLLAPSE / "zero.mnn"))]
+    for path, precision, reference in cases:
+        settings = ParitySettings(reference=reference)
+        engine = IsolatedEngine(settings, prespawn=False)
+        try:
+            isolated = engine.check(path, RunConfig(backend, precision))
+        finally:
+            engine.close()
+        local = ParityEngine(settings).check(path, RunConfig(backend, precision))
+        a, b = record("n", isolated, "x"), record("n", local, "x")
+        assert isolated.worker is not None and local.worker is None
+        for key in ("category", "backend_used", "forward_type", "arithmetic", "tolerance"):
+            assert a.get(key) == b.get(key), (path.name, precision, key, a.get(key), b.get(key))
+        layer_a, layer_b = (r["first_divergent_layer"] or {} for r in (a, b))
+        assert [layer_a.get(k) for k in ("index", "name", "type")] == [layer_b.get(k) for k in ("index", "name", "type")]
+        assert a["outputs"].keys() == b["outputs"].keys()
+        for name, out in a["outputs"].items():
+            x, y = out.get("max_abs"), b["outputs"][name].get("max_abs")
+            if isinstance(x, float) and isinstance(y, float) and np.isfinite(x) and np.isfinite(y):
+                bound = isolated.tolerance.atol * max(1.0, out.get("ref_scale") or 1.0)
+                assert abs(x - y) <= bound, (path.name, precision, name, x, y)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_sigsegv_in_a_gpu_worker_fails_one_item_and_the_next_worker_runs_on_the_gpu(pytester, models, monkeypatch,
+                                                                                     backend):
+    """Plugin end to end, default isolation: a real SIGSEGV in the worker right before the GPU session run of
+    BACKEND-normal (the worker already holds that backend's context from BACKEND-high)."""
+    require(backend)
+    models("demo/lama_like.mnn")
+    monkeypatch.setenv(FAULT_INJECTION_ENV, f"SIGSEGV:{backend}-normal")
+    result = pytester.runpytest("--mnn-only", "--mnn-backends", backend, "--mnn-precisions", "high,normal,low",
+                                "--mnn-model", "lama_like.mnn", "--mnn-report", "r.json")
+    text = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, text
+    assert f"crashed on {backend}-normal: the isolated worker (pid " in text
+    assert "died (SIGSEGV, Segmentation fault)" in text and "Fatal Python error: Segmentation fault" in text
+    by_id = results_by_nodeid(read_report(pytester.path / "r.json"))
+    high, crashed, low = (by_id[f"lama_like.mnn::parity[{backend}-{p}]"] for p in ("high", "normal", "low"))
+    assert (crashed["category"], crashed["fault"]["signal"]) == ("crashed", "SIGSEGV")
+    for ran in (high, low):
+        assert ran["category"] not in ("crashed", "timeout", "backend_fallback"), ran["message"]
+        assert ran["backend_used"] == backend and ran["worker"] is not None
+    assert high["worker"]["pid"] == crashed["worker"]["pid"] != low["worker"]["pid"]
+
+
+def _wait_for(engine, model, text: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        worker = engine._workers.get(model.resolve())
+        if worker is not None and text in worker.stderr_tail():
+            return worker
+        time.sleep(0.001)
+    raise AssertionError(f"the worker never logged {text!r}")
+
+
+def _warm_worker_and_time_gpu_work(engine, backend) -> float:
+    """Configuration #1 loads the model and computes the CPU reference in the worker; #2 then is GPU work only
+    (a runtime and session for a new precision, kernel tuning, inferences): its duration, seen from here, says
+    how soon a signal must come to strike inside such work in configuration #3."""
+    _assert_ran_on(engine.check(DEMO, RunConfig(backend, "high")), backend)
+    started = time.monotonic()
+    _assert_ran_on(engine.check(DEMO, RunConfig(backend, "normal")), backend)
+    seconds = time.monotonic() - started
+    print(f"{backend}: a configuration's GPU work took {seconds * 1e3:.1f} ms in a warm worker")
+    if seconds < 0.05:
+        pytest.skip(f"{backend}: a configuration's GPU work takes {seconds * 1e3:.1f} ms here, too short to "
+                    "interrupt at a chosen point")
+    return seconds
+
+
+def _stack_lines(message: str) -> list[str]:
+    """faulthandler's frames, as the failure message quotes them from the worker's stderr."""
+    return [line.strip() for line in message.splitlines() if line.strip().startswith('File "')]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_a_real_sigsegv_during_gpu_work_is_one_crashed_result_and_the_gpu_serves_a_fresh_worker(backend):
+    """The signal comes from outside (this test), a third into configuration #3's GPU work."""
+    require(backend)
+    engine = _isolated_engine()
+    try:
+        delay = _warm_worker_and_time_gpu_work(engine, backend) / 3
+        sent: list[int] = []
+
+        def kill():
+            worker = _wait_for(engine, DEMO, "configuration #3")
+            time.sleep(delay)
+            os.kill(worker.pid, signal.SIGSEGV)
+            sent.append(worker.pid)
+
+        killer = threading.Thread(target=kill)
+        killer.start()
+        crashed = engine.check(DEMO, RunConfig(backend, "low"), reproduce="pytest again")
+        killer.join()
+        assert sent and crashed.category is Category.CRASHED, crashed.message
+        assert crashed.fault["signal"] == "SIGSEGV" and crashed.fault["pid"] == sent[0]
+        assert "Fatal Python error: Segmentation fault" in crashed.message and "reproduce: pytest again" in crashed.message
+        stack = _stack_lines(crashed.message)
+        print(f"{backend}: SIGSEGV struck in", stack)
+        assert any("runner.py" in line or "backends.py" in line for line in stack), crashed.message
+        fresh = engine.check(DEMO, RunConfig(backend, "low"))
+        _assert_ran_on(fresh, backend)
+        assert fresh.worker["pid"] != sent[0] and fresh.worker["index"] == 1
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_a_gpu_configuration_past_its_timeout_is_killed_and_the_gpu_serves_a_fresh_worker(backend):
+    """A real timeout, a third of the way into configuration #3's GPU work: the worker's stack is dumped
+    (SIGUSR1) and it is killed (SIGKILL) while it holds the device."""
+    require(backend)
+    engine = _isolated_engine()
+    try:
+        engine.timeout = _warm_worker_and_time_gpu_work(engine, backend) / 3
+        timed_out = engine.check(DEMO, RunConfig(backend, "low"))
+        assert timed_out.category is Category.TIMEOUT, timed_out.message
+        assert timed_out.fault["signal"] == "SIGKILL"
+        stack = _stack_lines(timed_out.message)
+        print(f"{backend}: timed out in", stack)
+        assert any("runner.py" in line or "backends.py" in line for line in stack), timed_out.message
+        engine.timeout = None
+        fresh = engine.check(DEMO, RunConfig(backend, "low"))
+        _assert_ran_on(fresh, backend)
+        assert fresh.worker["pid"] != timed_out.fault["pid"]
+    finally:
+        engine.close()
+
+
+def test_many_isolated_models_never_fall_back_from_vulkan(pytester, models):
+    """Isolated workers build their own runtimes (one worker per model), so the shared-runtime fix does not
+    cross models there: check that Vulkan still never falls back over many models under isolation."""
+    require("VULKAN")
+    names = sorted(p.name for p in COLLAPSE.glob("*.mnn"))
+    models(*[f"collapse/{n}" for n in names], "demo/lama_like.mnn", "deep/deep_fp32.mnn", "multi_io.mnn")
+    result = pytester.runpytest("--mnn-only", "--mnn-backends", "VULKAN", "--mnn-precisions", "high,low",
+                                "--mnn-isolate", "always", "--mnn-model", ".", "--mnn-report", "r.json")
+    report = read_report(pytester.path / "r.json")
+    results = [r for r in report["results"] if "::parity[" in r["nodeid"]]
+    assert len(results) >= 2 * 15, result.stdout.str()
+    for r in results:
+        assert r["category"] not in ("backend_fallback", "crashed", "timeout"), r["message"]
+        assert r["backend_used"] == "VULKAN" and r["worker"] is not None
+    assert len({r["worker"]["pid"] for r in results}) >= 15  # one worker per model

@@ -19,6 +19,7 @@ broken GPU driver usually crashes first.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import signal
 import time
@@ -80,7 +81,8 @@ class IsolatedEngine:
         if spare is not None and spare is not worker:
             spare.close(kill=True)
         self._taken += 1
-        more = self.expected_models is None or self._taken < self.expected_models
+        # A run-scoped worker serves every model: a spare is only wanted after a crash, so none waits.
+        more = self.worker_per_model and (self.expected_models is None or self._taken < self.expected_models)
         if self.prespawn and more and self._cores >= SPARE_MIN_CORES:
             self._spare = Worker(self.settings)
         return worker
@@ -121,7 +123,8 @@ class IsolatedEngine:
         request = {"op": "check", "model": os.fspath(model_path), "config": wire.config_to_wire(config),
                    "tolerance_layers": [[source, dict(values) if values else None]
                                         for source, values in tolerance_layers],
-                   "reproduce": reproduce, "variant": variant, "backend_status": _status_dict(status)}
+                   "reproduce": reproduce, "variant": variant, "backend_status": _status_dict(status),
+                   "arithmetic": _known_arithmetic()}
         started = time.monotonic()
         try:
             worker.checks += 1
@@ -142,6 +145,8 @@ class IsolatedEngine:
             raise WorkerError(f"the isolated worker (pid {worker.pid}) raised:\n{reply.get('error')}")
         result = wire.result_from_wire(reply["result"])
         result.worker = {"pid": worker.pid, "index": worker.checks}
+        if result.arithmetic is not None:  # measured once per run, not once per worker (seconds on a GPU)
+            backends._ARITH_CACHE.setdefault((config.backend, config.precision), result.arithmetic)
         return result
 
     def release(self, model_path: os.PathLike | str) -> None:
@@ -302,6 +307,12 @@ def _tail_lines(fault: Mapping[str, Any]) -> list[str]:
         return []
     return (["", "worker stderr (last lines; the Python stack is faulthandler's):"]
             + ["  " + line for line in tail.splitlines()])
+
+
+def _known_arithmetic() -> list[list[Any]]:
+    """What this process knows of each configuration's arithmetic, for a worker to reuse instead of probing."""
+    return [[backend, precision, dataclasses.asdict(arith)]
+            for (backend, precision), arith in backends._ARITH_CACHE.items()]
 
 
 def _status_dict(status: backends.BackendStatus) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from .inputs import parse_input_shapes
 from .apis import API_MODES, parse_api
 from .limits import DEFAULT_MAX_INPUT_MB
 from .parity import LAYER_MODES
-from .reliability import ISOLATE_MODES
+from .reliability import ISOLATE_MODES, WORKER_SCOPES
 from .stream import StreamSpec, parse_stream
 from .variants import DEFAULT_VARIANTS, parse_converter_flags, parse_variants
 
@@ -82,6 +82,9 @@ def add_options(parser: pytest.Parser) -> None:
     option("isolate", "run configurations in worker processes so a crash or hang fails one item: always (the "
            "default when the option is given without a value), never, or auto (the default: every backend but "
            "the CPU, and every backend when --mnn-timeout is set)", nargs="?", const="always", metavar="MODE")
+    option("worker-scope", "what one isolated worker process serves: model (the default: a fresh process per "
+           "model, as an app that loads one model would run) or run (one worker for every model until it crashes "
+           "or times out: GPU runtimes are set up once, not per model)", metavar="SCOPE")
     option("timeout", "seconds one configuration may take; an isolated worker is killed then (default: none, "
            "600 for isolated configurations; 0: none)", metavar="SECONDS")
     option("max-input-mb", f"refuse models whose inputs need more than this many MiB per input set, before "
@@ -109,6 +112,7 @@ class Options:
     report: Path | None = None
     layers: str = "on-failure"
     isolate: str = "auto"
+    worker_scope: str = "model"
     timeout: float | None = None
     max_input_mb: float = DEFAULT_MAX_INPUT_MB
     only: bool = False
@@ -191,6 +195,10 @@ class Options:
         isolate = str(get("isolate") or "auto").strip().lower()
         if isolate not in ISOLATE_MODES:
             raise pytest.UsageError(f"{where('isolate')}: expected one of {', '.join(ISOLATE_MODES)}, got {isolate!r}")
+        worker_scope = str(get("worker_scope") or "model").strip().lower()
+        if worker_scope not in WORKER_SCOPES:
+            raise pytest.UsageError(f"{where('worker_scope')}: expected one of {', '.join(WORKER_SCOPES)}, "
+                                    f"got {worker_scope!r}")
         timeout = number("timeout", float, None)
         if timeout is not None and not timeout >= 0:
             raise pytest.UsageError(f"{where('timeout')}: expected seconds >= 0 (0: no timeout), got {timeout:g}")
@@ -245,6 +253,7 @@ class Options:
             report=Path(report) if report else None,
             layers=layers,
             isolate=isolate,
+            worker_scope=worker_scope,
             timeout=timeout or None,
             max_input_mb=max_input_mb,
             only=bool(config.getoption("mnn_only")),
@@ -300,7 +309,7 @@ class Options:
                 "streams": [spec.text() for spec in self.streams],
                 "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
                 "input_sets": self.input_sets or None, "hypothesis": self.hypothesis,
-                "isolate": self.isolate, "timeout": self.timeout, "max_input_mb": self.max_input_mb,
+                "isolate": self.isolate, "worker_scope": self.worker_scope, "timeout": self.timeout, "max_input_mb": self.max_input_mb,
                 "convert": self.convert, "convert_flags": list(self.convert_flags),
                 "save_outputs": str(self.save_outputs) if self.save_outputs else None,
                 "golden": str(self.golden) if self.golden else None, "update_golden": self.update_golden,

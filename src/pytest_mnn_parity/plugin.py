@@ -127,7 +127,8 @@ class ParityRun:
                                                   output_sink=self.writer, api=options.api, streams=options.streams,
                                                   max_input_mb=options.max_input_mb,
                                                   keep_outputs=options.save_outputs is not None))
-        self.isolation = Isolation(self.engine, options.isolate, options.timeout, options.backends)
+        self.isolation = Isolation(self.engine, options.isolate, options.timeout, options.backends,
+                                   options.worker_scope)
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)

@@ -28,6 +28,8 @@ from .runner import RunConfig
 from .verdict import Category
 
 ISOLATE_MODES = ("auto", "always", "never")
+# --mnn-worker-scope: "model" gives every model a fresh worker process, "run" keeps one for all models.
+WORKER_SCOPES = ("model", "run")
 # Isolated configurations without --mnn-timeout still get this bound, so a hung
 # GPU driver cannot stall CI until its job limit.
 DEFAULT_ISOLATED_TIMEOUT = 600.0
@@ -44,10 +46,12 @@ def isolated_backends(mode: str, names: Sequence[str], timeout: float | None) ->
 class Isolation:
     """Sends each configuration to the in-process engine or to the isolated one."""
 
-    def __init__(self, engine: ParityEngine, mode: str, timeout: float | None, names: Sequence[str]):
+    def __init__(self, engine: ParityEngine, mode: str, timeout: float | None, names: Sequence[str],
+                 worker_scope: str = "model"):
         self.engine = engine
         self.mode = mode
         self.timeout = timeout
+        self.worker_scope = worker_scope
         self.isolated_set = isolated_backends(mode, [backends.canonical_backend(n) for n in names], timeout)
         self._isolated: IsolatedEngine | None = None
 
@@ -55,7 +59,8 @@ class Isolation:
     def isolated(self) -> IsolatedEngine:
         if self._isolated is None:
             timeout = self.timeout if self.timeout is not None else DEFAULT_ISOLATED_TIMEOUT
-            self._isolated = IsolatedEngine(self.engine.settings, timeout=timeout)
+            self._isolated = IsolatedEngine(self.engine.settings, timeout=timeout,
+                                            worker_per_model=self.worker_scope == "model")
         return self._isolated
 
     def start(self) -> None:

@@ -65,6 +65,7 @@ def main() -> int:
         try:
             if op == "check":
                 _seed_backend(backends, request.get("backend_status"))
+                _seed_arithmetic(backends, request.get("arithmetic"))
                 config = wire.config_from_wire(request["config"])
                 done += 1
                 crash_log.write(f"[mnn-parity worker {os.getpid()}] configuration #{done}: {config.id} of "
@@ -101,6 +102,12 @@ def _seed_backend(backends, status) -> None:
     """Use the parent's discovery result instead of probing again (GPU probes take seconds)."""
     if status and status["name"] not in backends._CACHE:
         backends._CACHE[status["name"]] = backends.BackendStatus(**status)
+
+
+def _seed_arithmetic(backends, known) -> None:
+    """Reuse the arithmetic an earlier worker measured: each probe creates GPU sessions (seconds per worker)."""
+    for backend, precision, arith in known or ():
+        backends._ARITH_CACHE.setdefault((backend, precision), backends.Arithmetic(**arith))
 
 
 def _die_with_parent() -> None:

@@ -1,0 +1,70 @@
+"""What isolated workers reuse from the parent instead of measuring again in every worker."""
+from __future__ import annotations
+
+import pytest
+
+from pytest_mnn_parity import backends
+from pytest_mnn_parity.isolation import IsolatedEngine
+from pytest_mnn_parity.parity import ParitySettings
+from pytest_mnn_parity.runner import RunConfig
+from pytest_mnn_parity.verdict import Category
+from pytest_mnn_parity.worker import FAULT_INJECTION_ENV
+
+from conftest import COLLAPSE, DEMO, read_report, results_by_nodeid
+
+
+def test_a_configurations_arithmetic_is_measured_once_per_run_not_once_per_worker(monkeypatch):
+    """Each arithmetic probe creates sessions on the backend (seconds per GPU configuration, per process).
+    A worker reuses what the parent knows; what a worker measured is remembered by the parent."""
+    cache: dict = {}
+    monkeypatch.setattr(backends, "_ARITH_CACHE", cache)
+    engine = IsolatedEngine(ParitySettings(), prespawn=False)
+    try:
+        first = engine.check(DEMO, RunConfig("CPU", "low"))
+        assert first.category is Category.OK and first.worker is not None
+        measured = cache[("CPU", "low")]
+        assert measured == first.arithmetic and measured.kind == "fp32"
+        # A marker the worker could not have measured itself shows that the next worker reused it.
+        cache[("CPU", "low")] = backends.Arithmetic("fp32", dict(measured.errors), "MARKER: known to the parent")
+        second = engine.check(COLLAPSE / "healthy.mnn", RunConfig("CPU", "low"))
+        assert second.worker["pid"] != first.worker["pid"]
+        assert second.arithmetic.note == "MARKER: known to the parent"
+    finally:
+        engine.close()
+
+
+def test_worker_scope_run_keeps_one_worker_for_every_model_and_model_gives_each_its_own(pytester, models):
+    models("collapse/healthy.mnn", "demo/lama_like.mnn")
+    pids = {}
+    for scope in ("model", "run"):
+        args = ["--mnn-only", "--mnn-backends", "CPU", "--mnn-precisions", "high,low", "--mnn-isolate", "always",
+                "--mnn-model", "healthy.mnn", "--mnn-model", "lama_like.mnn", "--mnn-report", f"{scope}.json"]
+        if scope == "run":
+            args += ["--mnn-worker-scope", "run"]
+        pytester.runpytest(*args).assert_outcomes(passed=4)
+        report = read_report(pytester.path / f"{scope}.json")
+        assert report["settings"]["worker_scope"] == scope
+        pids[scope] = {r["nodeid"].split("::")[0]: r["worker"]["pid"] for r in report["results"]}
+    assert pids["model"]["healthy.mnn"] != pids["model"]["lama_like.mnn"]
+    assert pids["run"]["healthy.mnn"] == pids["run"]["lama_like.mnn"]
+
+
+def test_a_crash_in_a_run_scoped_worker_costs_one_item_and_the_next_model_gets_a_fresh_worker(pytester, models,
+                                                                                              monkeypatch):
+    models("collapse/healthy.mnn", "demo/lama_like.mnn")
+    monkeypatch.setenv(FAULT_INJECTION_ENV, "SIGSEGV:CPU-low")
+    result = pytester.runpytest("--mnn-only", "--mnn-backends", "CPU", "--mnn-precisions", "high,low",
+                                "--mnn-isolate", "always", "--mnn-worker-scope", "run", "--mnn-model", "healthy.mnn",
+                                "--mnn-model", "lama_like.mnn", "--mnn-report", "r.json")
+    result.assert_outcomes(passed=2, failed=2)  # CPU-low crashes in each model; CPU-high passes in each
+    by_id = results_by_nodeid(read_report(pytester.path / "r.json"))
+    first, crash = by_id["healthy.mnn::parity[CPU-high]"], by_id["healthy.mnn::parity[CPU-low]"]
+    after = by_id["lama_like.mnn::parity[CPU-high]"]
+    assert crash["category"] == "crashed" and crash["worker"]["pid"] == first["worker"]["pid"]
+    assert after["category"] == "ok" and after["worker"]["pid"] != crash["worker"]["pid"]
+
+
+def test_a_bad_worker_scope_is_a_usage_error(pytester):
+    result = pytester.runpytest("--mnn-only", "--mnn-model", "x.mnn", "--mnn-worker-scope", "session")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--mnn-worker-scope*expected one of model, run, got 'session'*"])
