@@ -26,8 +26,8 @@ from conftest import COLLAPSE, DEMO, FIXTURES
 # graph with DFT convolutions, a deep conv stack, an activation beyond fp16, an LSTM.
 PAIRS = [(COLLAPSE / f"{name}.fp16.mnn", COLLAPSE / f"{name}.mnn")
          for name in ("zero", "partial_zero", "non_finite", "constant", "stale", "mismatch")]
-PAIRS += [(DEMO, DEMO), (FIXTURES / "deep" / "deep_fp32.mnn",) * 2, (FIXTURES / "risk" / "overflow_activation.mnn",) * 2,
-          (FIXTURES / "control_flow" / "lstm_origin.mnn",) * 2]
+PAIRS += [(DEMO, DEMO), (FIXTURES / "deep" / "deep_fp32.mnn",) * 2,
+          (FIXTURES / "risk" / "overflow_activation.mnn",) * 2, (FIXTURES / "control_flow" / "lstm_origin.mnn",) * 2]
 CONFIGS = [RunConfig("CPU", p) for p in ("normal", "high", "low", "Low_BF16")]
 
 
@@ -51,7 +51,8 @@ def _close_traces():
 
 
 def _same_results(fast, full) -> None:
-    assert [(l.name, l.type, l.occurrence) for l in fast.layers] == [(l.name, l.type, l.occurrence) for l in full.layers]
+    names = [[(layer.name, layer.type, layer.occurrence) for layer in t.layers] for t in (fast, full)]
+    assert names[0] == names[1]
     assert [l.failed for l in fast.layers] == [l.failed for l in full.layers]
     assert [l.inputs_ok for l in fast.layers] == [l.inputs_ok for l in full.layers]
     assert [l.health for l in fast.layers] == [l.health for l in full.layers]

@@ -9,7 +9,6 @@ uninitialised or stale memory, so they must never be compared or risk-scanned.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig
 from pytest_mnn_parity.runner import REFERENCE_CONFIG, LoadedModel
