@@ -31,6 +31,9 @@ PAIRS += [(DEMO, DEMO), (FIXTURES / "deep" / "deep_fp32.mnn",) * 2,
 CONFIGS = [RunConfig("CPU", p) for p in ("normal", "high", "low", "Low_BF16")]
 
 
+_OPENED = []
+
+
 @functools.lru_cache(maxsize=None)
 def _setup(pair: int):
     target_path, ref_path = PAIRS[pair]
@@ -38,16 +41,16 @@ def _setup(pair: int):
     reference = target if ref_path == target_path else LoadedModel(ref_path)
     inputs = ParityEngine().inputs(target)[0]
     trace, _ = record_reference(reference, REFERENCE_CONFIG, inputs)
+    _OPENED.append(trace)
     return target, trace, inputs
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _close_traces():
     yield
-    for pair in range(len(PAIRS)):
-        if _setup.cache_info().currsize:
-            _setup(pair)[1].close()
     _setup.cache_clear()
+    while _OPENED:
+        _OPENED.pop().close()
 
 
 def _same_results(fast, full) -> None:

@@ -58,8 +58,7 @@ class TargetComparer(OpObserver):
         if self.refine is not None:
             if key in self.refine:
                 self.tol = self.layer_tolerances.get(name, self.model_tol)
-                self.fast, full = False, [self._judge_output(key, i, t) for i, t in enumerate(tensors)]
-                self.refined[key] = full
+                self.refined[key] = [self._judge_output(key, i, t) for i, t in enumerate(tensors)]
             return
         if key not in self.known:
             self.unmatched.append(key)
