@@ -88,6 +88,10 @@ def trace_lines(result: "ParityResult") -> list[str]:
     unmatched = len(trace.unmatched_target) + len(trace.unmatched_reference)
     lines = [f"layers:    {trace.compared} compared ({trace.method}); {unmatched} without a counterpart"]
     lines.extend(f"note:      {note}" for note in getattr(trace, "notes", ()))
+    hidden = getattr(trace, "not_observable", None)
+    if hidden:
+        lines.append(f"not observable: {', '.join(sorted(hidden))} (MNN's loop op hands these over unwritten; "
+                     "not judged, not blamed, not risk-scanned)")
     if first is None:
         why = "see the notes above" if getattr(trace, "notes", None) else "every traced layer is within tolerance"
         lines.append(f"first divergent layer: none - {why}")

@@ -216,6 +216,10 @@ class LoadedModel:
         """
         session = self._session(config)
         m = mnn()
+        bind = getattr(observer, "bind", None)
+        if bind is not None:
+            # An observer that must run this session again afterwards (trace's probe of loop ops) learns how.
+            bind(self, config, inputs)
         with capture_native_output() as out:
             for spec in self.info.inputs:
                 array = np.ascontiguousarray(inputs[spec.name], dtype=spec.dtype)

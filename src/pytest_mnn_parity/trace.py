@@ -20,11 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import OutputMetrics, compare
+from .metrics import OutputMetrics
+from .observability import LOOP_TYPES, unwritten
+from .quickcompare import QuickMetrics, RefStats, ref_stats
 from .runner import LoadedModel, OpObserver, RunConfig, to_numpy
+from .tensor_ids import HostCopies, Producers, describe
 from .tolerances import Tolerance
 from .weights import FP16_MAX, FP16_MIN_NORMAL
-from .verdict import fails_tolerance, has_new_non_finite, is_constant_output, is_zero_output
+from .verdict import has_new_non_finite, is_constant_output, is_zero_output
 
 METHOD = "MNN session per-op callbacks; ops matched by name and occurrence"
 
@@ -38,11 +41,19 @@ class TensorJudgement:
     failed: bool
     health: list[str] = field(default_factory=list)
     note: str = ""
+    # A passing tensor proven by the quick pass (``quickcompare``): exact max_abs, a cosine bound.
+    quick: QuickMetrics | None = None
+
+    @property
+    def observable(self) -> bool:
+        return not self.note.startswith("not observable")
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"index": self.index, "failed": self.failed, "health": self.health}
         if self.note:
             data["note"] = self.note
+        if self.metrics is None and self.quick is not None:
+            data.update(self.quick.as_dict())
         if self.metrics is not None:
             m = self.metrics
             data.update(shape=list(m.shape), max_abs=m.max_abs, max_rel=m.max_rel, cosine=m.cosine,
@@ -73,6 +84,11 @@ class LayerRecord:
     def health(self) -> list[str]:
         return sorted({h for o in self.outputs for h in o.health})
 
+    @property
+    def not_observable(self) -> bool:
+        """Every output is a tensor MNN hands over unwritten (``observability``): nothing to judge."""
+        return bool(self.outputs) and not any(o.observable for o in self.outputs)
+
     def worst_cosine(self) -> float:
         values = [o.metrics.cosine for o in self.outputs if o.metrics is not None]
         values = [v for v in values if v == v]  # NaN (non-finite) sorts as worst below
@@ -85,6 +101,12 @@ class LayerRecord:
         if self.outputs and self.outputs[0].metrics is not None:
             m = self.outputs[0].metrics
             data.update(max_abs=m.max_abs, cosine=m.cosine, outside_fraction=m.outside_fraction)
+        elif self.outputs and self.outputs[0].quick is not None:
+            q = self.outputs[0].quick
+            data.update(max_abs=q.max_abs, cosine_min=q.cosine_min, outside_fraction=0.0)
+        unobservable = [o.index for o in self.outputs if not o.observable]
+        if unobservable:
+            data["not_observable"] = unobservable
         if with_inputs:
             data["inputs"] = [i.as_dict() for i in self.inputs]
         return data
@@ -117,6 +139,8 @@ class TraceResult:
     unmatched_target: list[str]
     unmatched_reference: list[str]
     method: str = METHOD
+    # "op#occurrence out|in index" -> why its tensor cannot be judged (``observability``).
+    not_observable: dict[str, str] = field(default_factory=dict)
 
     @property
     def compared(self) -> int:
@@ -137,7 +161,7 @@ class TraceResult:
     def summary(self) -> dict[str, Any]:
         flip = self.first_health_flip
         return {"method": self.method, "compared": self.compared, "unmatched_target": self.unmatched_target,
-                "unmatched_reference": self.unmatched_reference,
+                "unmatched_reference": self.unmatched_reference, "not_observable": self.not_observable,
                 "first_health_flip": None if flip is None else {"name": flip.name, "type": flip.type,
                                                                 "health": flip.health}}
 
@@ -173,16 +197,62 @@ class RiskScanner(OpObserver):
     """Collects fp16 risks of every op's output during an ordinary reference run.
 
     It keeps only statistics, never tensors, so it rides along the reference
-    run that happens anyway instead of costing a run of its own.
+    run that happens anyway instead of costing a run of its own.  Risks from
+    loop ops' outputs wait until ``observability`` has said which of those the
+    op really writes (one more run, only for models with loop ops).
     """
 
     def __init__(self):
-        self.risks: list[ActivationRisk] = []
+        self._risks: list[ActivationRisk] = []
+        self._pending: list[tuple[tuple[str, str, int], ActivationRisk]] = []
+        self._loops = _LoopHandles()
+        self._run: tuple | None = None
+        self._settled: list[ActivationRisk] | None = None
+
+    def bind(self, model, config, inputs) -> None:
+        self._run = (model, config, inputs)
+
+    def before(self, tensors, name: str, op_type: str) -> None:
+        self._loops.before(name)
 
     def after(self, tensors, name: str, op_type: str) -> None:
-        for tensor in tensors:
+        key = self._loops.after(tensors, name, op_type)
+        for i, tensor in enumerate(tensors):
             # A view is enough: the statistics are taken before the callback returns.
-            self.risks.extend(activation_risk(name, op_type, to_numpy(tensor, copy=False)))
+            found = activation_risk(name, op_type, to_numpy(tensor, copy=False))
+            if op_type in LOOP_TYPES:
+                self._pending.extend(((key, "out", i), r) for r in found)
+            else:
+                self._risks.extend(found)
+
+    @property
+    def risks(self) -> list[ActivationRisk]:
+        if self._settled is None:
+            hidden = {}
+            if self._pending and self._run is not None:
+                hidden = unwritten(*self._run, self._loops.handles)
+            self._settled = self._risks + [r for k, r in self._pending if k not in hidden]
+        return self._settled
+
+
+class _LoopHandles:
+    """Occurrence counting, plus the output tensors of loop ops kept for the observability probe."""
+
+    def __init__(self):
+        self.handles: dict[str, list[Any]] = {}
+        self._seen: dict[str, int] = {}
+
+    def before(self, name: str) -> str:
+        occurrence = self._seen.get(name, 0)
+        self._seen[name] = occurrence + 1
+        return _key(name, occurrence)
+
+    def after(self, tensors, name: str, op_type: str) -> str:
+        key = _key(name, self._seen.get(name, 1) - 1)
+        if op_type in LOOP_TYPES:
+            # Session tensors live as long as the session: the probe reuses them in its own run.
+            self.handles[key] = list(tensors)
+        return key
 
 
 class ReferenceTrace(OpObserver):
@@ -193,32 +263,72 @@ class ReferenceTrace(OpObserver):
         self.order: list[tuple[str, str, int]] = []
         self.risks: list[ActivationRisk] = []
         self.files: dict[tuple[str, str, int], Path] = {}
+        # Per file: what the quick pass needs of it (scale, sum of squares, finiteness).
+        self.stats: dict[Path, RefStats | None] = {}
+        # (op key, "in"/"out", index) -> why that tensor cannot be judged (``observability``).
+        self.unobservable: dict[tuple[str, str, int], str] = {}
         self._by_content: dict[tuple, Path] = {}
-        self._seen: dict[str, int] = {}
+        self._loops = _LoopHandles()
+        self._producers = Producers()
+        self._hosts = HostCopies()
+        self._risk_keys: list[tuple[str, int]] = []
+        self._sources: dict[tuple[str, str, int], tuple[str, str, int]] = {}
 
     def before(self, tensors, name: str, op_type: str) -> None:
-        occurrence = self._seen.get(name, 0)
-        self._seen[name] = occurrence + 1
+        key = self._loops.before(name)
         for i, tensor in enumerate(tensors):
-            self._save(_key(name, occurrence), "in", i, to_numpy(tensor))
+            info = describe(tensor, True)
+            source = self._producers.find(info)
+            if source is not None and source in self.files:
+                # An earlier op's output, unchanged: the same file, nothing copied.
+                self.files[(key, "in", i)] = self.files[source]
+                self._sources[(key, "in", i)] = source
+                continue
+            self._save((key, "in", i), to_numpy(tensor))
 
     def after(self, tensors, name: str, op_type: str) -> None:
-        occurrence = self._seen.get(name, 1) - 1
+        key = self._loops.after(tensors, name, op_type)
+        occurrence = int(key.rsplit("#", 1)[1])
         self.order.append((name, op_type, occurrence))
         for i, tensor in enumerate(tensors):
-            array = to_numpy(tensor)
-            self._save(_key(name, occurrence), "out", i, array)
-            self.risks.extend(activation_risk(name, op_type, array))
+            info = describe(tensor, True)
+            array = self._hosts.view(tensor, info)
+            path = self._save((key, "out", i), array)
+            if path not in self.stats:
+                self.stats[path] = ref_stats(array)
+            self._producers.wrote(info, (key, "out", i))
+            for risk in activation_risk(name, op_type, array):
+                self.risks.append(risk)
+                self._risk_keys.append((key, i))
 
-    def _save(self, key: str, kind: str, index: int, array: np.ndarray) -> None:
-        # An op's input is usually an earlier op's output: store its bytes once.
+    def release_buffers(self) -> None:
+        self._hosts = HostCopies()
+
+    def settle(self, model: LoadedModel, config: RunConfig, inputs) -> None:
+        """Drop what loop ops hand over without writing it: files, and the fp16 risks read from it."""
+        if not self._loops.handles:
+            return
+        hidden = dict(unwritten(model, config, inputs, self._loops.handles))
+        hidden.update({k: hidden[s] for k, s in self._sources.items() if s in hidden})
+        if not hidden:
+            return
+        self.unobservable = hidden
+        for k in hidden:
+            self.files.pop(k, None)
+        kept = [(r, rk) for r, rk in zip(self.risks, self._risk_keys) if (rk[0], "out", rk[1]) not in hidden]
+        self.risks = [r for r, _ in kept]
+        self._risk_keys = [rk for _, rk in kept]
+
+    def _save(self, key: tuple[str, str, int], array: np.ndarray) -> Path:
+        # Tensors equal to an earlier one (layout-only rasters, graph inputs read twice): bytes stored once.
         content = fingerprint_array(array)
         path = self._by_content.get(content)
         if path is None:
             path = self.folder / f"{len(self._by_content)}.npy"
             np.save(path, array)
             self._by_content[content] = path
-        self.files[(key, kind, index)] = path
+        self.files[key] = path
+        return path
 
     def load(self, key: str, kind: str, index: int) -> np.ndarray | None:
         path = self.files.get((key, kind, index))
@@ -229,68 +339,6 @@ class ReferenceTrace(OpObserver):
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-class _TargetComparer(OpObserver):
-    def __init__(self, reference: ReferenceTrace, tol: Tolerance, layer_tolerances=None):
-        self.reference = reference
-        self.known = reference.keys()
-        self.tol = self.model_tol = tol
-        # Per-layer overrides by op name; an op's inputs are judged with the op's tolerance.
-        self.layer_tolerances = layer_tolerances or {}
-        self.layers: list[LayerRecord] = []
-        self.unmatched: list[str] = []
-        self._seen: dict[str, int] = {}
-        self._inputs: list[TensorJudgement] = []
-        # (target content, reference file) -> judgement of an earlier op's output,
-        # reused when a later op reads that same tensor as an input.
-        self._judged: dict[tuple, TensorJudgement] = {}
-
-    def before(self, tensors, name: str, op_type: str) -> None:
-        occurrence = self._seen.get(name, 0)
-        self._seen[name] = occurrence + 1
-        key = _key(name, occurrence)
-        self.tol = self.layer_tolerances.get(name, self.model_tol)
-        self._inputs = [self._judge(key, "in", i, t) for i, t in enumerate(tensors)] if key in self.known else []
-
-    def after(self, tensors, name: str, op_type: str) -> None:
-        occurrence = self._seen.get(name, 1) - 1
-        key = _key(name, occurrence)
-        if key not in self.known:
-            self.unmatched.append(key)
-            return
-        self.tol = self.layer_tolerances.get(name, self.model_tol)
-        layer = LayerRecord(len(self.layers), name, op_type, occurrence, inputs=self._inputs)
-        layer.outputs = [self._judge(key, "out", i, t) for i, t in enumerate(tensors)]
-        self.layers.append(layer)
-
-    def _judge(self, key: str, kind: str, index: int, tensor) -> TensorJudgement:
-        target = to_numpy(tensor)
-        ref_path = self.reference.files.get((key, kind, index))
-        memo = (fingerprint_array(target), ref_path)
-        if memo in self._judged:
-            earlier = self._judged[memo]
-            return TensorJudgement(index, earlier.metrics, earlier.failed, list(earlier.health), earlier.note)
-        judgement = self._compare(index, target, self.reference.load(key, kind, index))
-        self._judged[memo] = judgement
-        return judgement
-
-    def _compare(self, index: int, target: np.ndarray, ref: np.ndarray | None) -> TensorJudgement:
-        if ref is None:
-            return TensorJudgement(index, None, False, note="no reference tensor")
-        if ref.shape != target.shape:
-            # Layout-private shapes (packed or padded tensors) differ per backend:
-            # compare by element count in logical order only when sizes agree.
-            if ref.size != target.size:
-                return TensorJudgement(index, None, False, note=f"shape {target.shape} vs reference {ref.shape}")
-            target = target.reshape(ref.shape)
-        if target.size == 0:
-            return TensorJudgement(index, None, False, note="empty")
-        ref = np.asarray(ref)
-        m = compare(target, ref, atol=self.tol.atol, rtol=self.tol.rtol)
-        failed = fails_tolerance(m, self.tol)
-        health = _health(target, ref, m, self.tol) if failed else []
-        return TensorJudgement(index, m, failed, health)
 
 
 def fingerprint_array(array: np.ndarray) -> tuple:
@@ -315,33 +363,57 @@ def _health(target: np.ndarray, ref: np.ndarray, m: OutputMetrics, tol: Toleranc
 def record_reference(model: LoadedModel, config: RunConfig, inputs) -> tuple[ReferenceTrace, Any]:
     trace = ReferenceTrace()
     run = model.run(config, inputs, observer=trace)
+    trace.release_buffers()
+    trace.settle(model, config, inputs)
     return trace, run
 
 
 def trace_target(reference: ReferenceTrace, model: LoadedModel, config: RunConfig, inputs,
-                 tol: Tolerance, layer_tolerances=None) -> TraceResult:
-    comparer = _TargetComparer(reference, tol, layer_tolerances)
+                 tol: Tolerance, layer_tolerances=None, *, fast: bool = True) -> TraceResult:
+    """Judge every op of ``config``'s run against ``reference``.
+
+    ``fast`` (the default) proves most passing tensors with ``quickcompare``;
+    the layers a failure message shows, and every output of a failing layer,
+    get full metrics from one more run of the target, so verdicts, the table
+    and the ranking are those of ``fast=False``.
+    """
+    from .layer_compare import TargetComparer, refine  # noqa: PLC0415 - it builds on this module's records
+
+    identity = config.backend == "CPU" or model.falls_back(config)
+    comparer = TargetComparer(reference, tol, layer_tolerances, fast=fast, identity=identity)
     model.run(config, inputs, observer=comparer)
     seen = {_key(layer.name, layer.occurrence) for layer in comparer.layers}
     missing = [_key(n, o) for n, _, o in reference.order if _key(n, o) not in seen]
-    return TraceResult(comparer.layers, comparer.unmatched, missing)
+    hidden = {f"{k} {kind} {i}": why for (k, kind, i), why in comparer.unobservable.items()}
+    result = TraceResult(comparer.layers, comparer.unmatched, missing, not_observable=hidden)
+    if fast:
+        refine(result, reference, model, config, inputs, tol, layer_tolerances, identity)
+    return result
 
 
-def layer_table(trace: TraceResult, neighbours: int = 2, worst: int = 3) -> list[str]:
-    """The divergent layer with its neighbours, then the worst layers elsewhere."""
+def _table_rows(trace: TraceResult, neighbours: int = 2, worst: int = 3):
     first = trace.first_divergent
     chosen: list[LayerRecord] = []
     if first is not None:
         lo, hi = max(0, first.index - neighbours), min(len(trace.layers), first.index + neighbours + 1)
         chosen.extend(trace.layers[lo:hi])
-    ranked = sorted((layer for layer in trace.layers if layer not in chosen), key=lambda layer: layer.worst_cosine())
-    chosen_worst = [layer for layer in ranked[:worst] if layer.failed]
+    # Failing layers only: a passing layer ranked among the worst used to take a row and show nothing.
+    ranked = sorted((layer for layer in trace.layers if layer not in chosen and layer.failed),
+                    key=lambda layer: layer.worst_cosine())
+    return chosen, ranked[:worst], first
+
+
+def layer_table(trace: TraceResult, neighbours: int = 2, worst: int = 3) -> list[str]:
+    """The divergent layer with its neighbours, then the worst failing layers elsewhere."""
+    chosen, chosen_worst, first = _table_rows(trace, neighbours, worst)
     rows = [("#", "layer", "type", "max_abs", "cosine", "outside", "health", "")]
     for layer in chosen + chosen_worst:
         m = layer.outputs[0].metrics if layer.outputs and layer.outputs[0].metrics is not None else None
         mark = "<- first divergent" if layer is first else ("(worst)" if layer in chosen_worst else "")
+        health = ",".join(layer.health) or ("FAIL" if layer.failed else "ok")
+        if layer.not_observable:
+            health = "not observable"
         rows.append((str(layer.index), layer.name, layer.type, f"{m.max_abs:.4g}" if m else "-",
-                     f"{m.cosine:.6f}" if m else "-", f"{m.outside_fraction:.1%}" if m else "-",
-                     ",".join(layer.health) or ("FAIL" if layer.failed else "ok"), mark))
+                     f"{m.cosine:.6f}" if m else "-", f"{m.outside_fraction:.1%}" if m else "-", health, mark))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

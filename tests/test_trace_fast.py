@@ -1,0 +1,126 @@
+"""The quick first pass of the per-layer trace gives the verdicts of the full comparison, on real models.
+
+``trace_target(fast=True)`` proves most passing tensors with one float32 pass
+(``quickcompare``) and skips copying inputs that are earlier outputs; every
+result the user sees must be what ``fast=False`` (full metrics everywhere,
+every tensor copied) gives.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from pytest_mnn_parity import ParityEngine, RunConfig
+from pytest_mnn_parity.quickcompare import quick_pass, ref_stats
+from pytest_mnn_parity.runner import REFERENCE_CONFIG, LoadedModel
+from pytest_mnn_parity.tolerances import TIERS, resolve
+from pytest_mnn_parity.trace import layer_table, record_reference, trace_target
+
+from conftest import COLLAPSE, DEMO, FIXTURES
+
+# (target model, reference model): fp16 collapses blamed on one layer, a healthy
+# graph with DFT convolutions, a deep conv stack, an activation beyond fp16, an LSTM.
+PAIRS = [(COLLAPSE / f"{name}.fp16.mnn", COLLAPSE / f"{name}.mnn")
+         for name in ("zero", "partial_zero", "non_finite", "constant", "stale", "mismatch")]
+PAIRS += [(DEMO, DEMO), (FIXTURES / "deep" / "deep_fp32.mnn",) * 2,
+          (FIXTURES / "risk" / "overflow_activation.mnn",) * 2, (FIXTURES / "control_flow" / "lstm_origin.mnn",) * 2]
+CONFIGS = [RunConfig("CPU", p) for p in ("normal", "high", "low", "Low_BF16")]
+
+
+_OPENED = []
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(pair: int):
+    target_path, ref_path = PAIRS[pair]
+    target = LoadedModel(target_path)
+    reference = target if ref_path == target_path else LoadedModel(ref_path)
+    inputs = ParityEngine().inputs(target)[0]
+    trace, _ = record_reference(reference, REFERENCE_CONFIG, inputs)
+    _OPENED.append(trace)
+    return target, trace, inputs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_traces():
+    yield
+    _setup.cache_clear()
+    while _OPENED:
+        _OPENED.pop().close()
+
+
+def _same_results(fast, full) -> None:
+    names = [[(layer.name, layer.type, layer.occurrence) for layer in t.layers] for t in (fast, full)]
+    assert names[0] == names[1]
+    assert [l.failed for l in fast.layers] == [l.failed for l in full.layers]
+    assert [l.inputs_ok for l in fast.layers] == [l.inputs_ok for l in full.layers]
+    assert [l.health for l in fast.layers] == [l.health for l in full.layers]
+    assert [i.failed for l in fast.layers for i in l.inputs] == [i.failed for l in full.layers for i in l.inputs]
+    assert fast.summary() == full.summary()
+    assert (fast.first_divergent and fast.first_divergent.name) == (full.first_divergent and full.first_divergent.name)
+    assert layer_table(fast) == layer_table(full)  # the rows shown, their metrics and marks
+    for a, b in zip(fast.layers, full.layers):
+        for x, y in zip(a.outputs, b.outputs):
+            assert x.note == y.note
+            if x.metrics is not None:  # fully compared in the fast path too: the very same numbers
+                assert x.metrics == y.metrics or _nan_equal(x.metrics, y.metrics)
+            elif x.quick is not None:  # proven to pass: exact max_abs, a true lower bound on the cosine
+                assert not y.failed and y.metrics.outside_fraction == 0.0
+                assert x.quick.max_abs == y.metrics.max_abs and x.quick.ref_scale == y.metrics.ref_scale
+                assert y.metrics.cosine >= x.quick.cosine_min
+            else:
+                assert y.metrics is None
+
+
+def _nan_equal(a, b) -> bool:
+    return all(x == y or (x != x and y != y) for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b)))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pair=st.integers(0, len(PAIRS) - 1), config=st.sampled_from(CONFIGS),
+       tier=st.sampled_from(sorted(TIERS)), atol_scale=st.sampled_from([1.0, 1e-2, 1e-4, 1e-6]),
+       min_cosine=st.sampled_from([None, 0.999999, 0.9999999]))
+def test_fast_trace_gives_the_full_comparisons_results(pair, config, tier, atol_scale, min_cosine):
+    """Over fixture x configuration x tolerance (tight ones put layers right at the boundary)."""
+    target, trace, inputs = _setup(pair)
+    tol = TIERS[tier]
+    tol = dataclasses.replace(tol, atol=tol.atol * atol_scale, min_cosine=min_cosine or tol.min_cosine)
+    fast = trace_target(trace, target, config, inputs, tol)
+    full = trace_target(trace, target, config, inputs, tol, fast=False)
+    _same_results(fast, full)
+
+
+def test_fast_path_is_taken_and_failures_are_still_found():
+    """Not vacuous: healthy layers go through the quick pass, the collapsed one is fully compared and blamed."""
+    target, trace, inputs = _setup(0)
+    tol = resolve("CPU", "high")
+    fast = trace_target(trace, target, RunConfig("CPU", "high"), inputs, tol)
+    assert fast.first_divergent.name == "tiny_conv" and fast.first_divergent.outputs[0].metrics is not None
+    demo, demo_trace, demo_inputs = _setup(PAIRS.index((DEMO, DEMO)))
+    passing = trace_target(demo_trace, demo, RunConfig("CPU", "low"), demo_inputs, resolve("CPU", "low"))
+    quick = [o for layer in passing.layers for o in layer.outputs if o.quick is not None]
+    assert len(quick) >= 0.8 * len(passing.layers) and not any(layer.failed for layer in passing.layers)
+
+
+@given(st.integers(1, 3000), st.floats(1e-9, 1e3), st.floats(0, 1e-2), st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_quick_pass_never_accepts_what_compare_fails(size, scale, noise, seed):
+    """The proof behind the quick pass, on random tensors: accepted implies compare passes, max_abs exact."""
+    from pytest_mnn_parity.metrics import compare
+    from pytest_mnn_parity.verdict import fails_tolerance
+
+    rng = np.random.default_rng(seed)
+    ref = (rng.standard_normal(size) * scale).astype(np.float32)
+    target = (ref + rng.standard_normal(size).astype(np.float32) * np.float32(noise * scale)).astype(np.float32)
+    tol = TIERS["fp32"]
+    quick = quick_pass(target, ref, ref_stats(ref), tol)
+    m = compare(target, ref, atol=tol.atol, rtol=tol.rtol)
+    if quick is not None:
+        assert not fails_tolerance(m, tol) and m.outside_fraction == 0.0
+        assert quick.max_abs == m.max_abs and m.cosine >= quick.cosine_min
+    if noise == 0:
+        assert quick is not None  # identical tensors always take the quick path
