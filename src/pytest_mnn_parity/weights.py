@@ -262,8 +262,12 @@ def classify_fp16(op_name: str, op_type: str, role: str, values: np.ndarray,
     outliers (e.g. 1e-17 rounding noise in a DFT matrix) can be tolerated."""
     a = np.abs(np.asarray(values, dtype=np.float32).ravel())
     total = a.size
-    nonzero = a > 0  # NaN compares False everywhere: neither a flush nor an overflow
     risks = []
+    # Most tensors hold nothing below fp16's normal range but zeros, and nothing above its
+    # max: then every mask below is empty.  Two counts and a max decide that.
+    if not (a > FP16_MAX).any() and np.count_nonzero(a < FP16_MIN_NORMAL) == np.count_nonzero(a == 0):
+        return risks
+    nonzero = a > 0  # NaN compares False everywhere: neither a flush nor an overflow
 
     def add(kind: str, mask: np.ndarray, worst) -> None:
         count = int(mask.sum())
