@@ -50,3 +50,23 @@ def test_relative_error_and_zero_counts_match_their_definitions(target, referenc
     assert m.max_rel == (float("inf") if new_nonfinite else float(ratios.max()) if ratios.size else 0.0)
     assert m.ref_zero_fraction == int(np.count_nonzero(r == 0)) / n
     assert m.zero_fraction == int(np.count_nonzero(t == 0)) / n
+
+
+def test_nonfinite_inputs_are_reported_for_every_configuration_and_rescanned_when_replaced():
+    from pytest_mnn_parity.parity import ParityEngine
+    from pytest_mnn_parity.runner import RunConfig
+
+    from conftest import FIXTURES
+
+    healthy = FIXTURES / "collapse" / "healthy.mnn"
+    engine = ParityEngine()
+    low, high = RunConfig("CPU", "low"), RunConfig("CPU", "high")
+    assert engine.check(healthy, low).inputs_nonfinite is None
+    a, b = (dict(s) for s in engine.inputs(engine.model(healthy)))
+    a["image"] = a["image"].copy()
+    a["image"][0, 0, 0, :2] = np.nan
+    engine.provide_inputs(healthy, a, b)  # new arrays: scanned again, not the cached "all finite"
+    first, second = engine.check(healthy, low), engine.check(healthy, high)
+    expected = {"image": {"nan": 2, "inf": 0, "size": a["image"].size, "sets": "A"}}
+    assert first.inputs_nonfinite == second.inputs_nonfinite == expected
+    assert first.inputs_nonfinite is not second.inputs_nonfinite  # each result owns its report
