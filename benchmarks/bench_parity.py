@@ -476,6 +476,7 @@ def attribute(model: str, rounds: int, inner: int) -> dict:
         wrapped(parity, "generate_inputs", "inputs.generate_inputs"),
         wrapped(parity, "fingerprint", "inputs.fingerprint"),
         wrapped(parity, "judge_outputs", "verdict.judge_outputs (metrics)"),
+        wrapped(parity, "fp16_weight_risks", "weights.fp16_weight_risks (scan)"),
         wrapped(pathlib.Path, "resolve", "pathlib.Path.resolve"),
     ]
     # src/ is being edited: a name that moved is skipped (and reported), not an error.

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pytest_mnn_parity.input_sets import InputSet, SidecarError, Where, mirror, parse_source
+from pytest_mnn_parity.input_sets import InputSet, Where, mirror, parse_source
 from pytest_mnn_parity.inputs import generate_inputs
 from pytest_mnn_parity.parity import ParityEngine, ParitySettings
 from pytest_mnn_parity.runner import LoadedModel, RunConfig

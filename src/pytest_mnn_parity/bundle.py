@@ -22,7 +22,7 @@ import re
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 

@@ -144,8 +144,8 @@ class BundleReference:
                 raise BundleMismatch(
                     model.path, f"model hash mismatch: bundle {folder} holds outputs of {e['model']} with sha256 "
                                 f"{e[field][:16]}, this file has sha256 {sha[:16]}: they are different models",
-                    f"compare the model file the bundle was saved from, or save a new bundle from this one "
-                    f"(--mnn-save-outputs)")
+                    "compare the model file the bundle was saved from, or save a new bundle from this one "
+                    "(--mnn-save-outputs)")
             held = sorted({f"{e['model']} (sha256 {e['model_sha256'][:12]})" for e in self.entries}) or ["nothing"]
             which = f" for input set {set_name!r}" if set_name else ""
             raise BundleMismatch(model.path, f"bundle {folder} holds no outputs of this model{which} (sha256 "

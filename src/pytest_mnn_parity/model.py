@@ -50,6 +50,9 @@ def remembered(cache: dict, key: Any, build: Callable[[], Any], errors: tuple = 
     return cached
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 def tensor_dtype(tensor: Any) -> np.dtype | None:
     """The numpy dtype of an MNN tensor, or None for types pymnn cannot express.
 
@@ -60,6 +63,8 @@ def tensor_dtype(tensor: Any) -> np.dtype | None:
     """
     m = mnn()
     capsule = tensor.getDataType()
+    if capsule is m.Halide_Type_Float:  # nearly every tensor; called per op in risk scans
+        return _FLOAT32
     for constant, dtype in ((m.Halide_Type_Float, np.float32), (m.Halide_Type_Int, np.int32),
                             (m.Halide_Type_Uint8, np.uint8), (m.Halide_Type_Int64, np.int64),
                             (m.Halide_Type_Double, np.float64)):

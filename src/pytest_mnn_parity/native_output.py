@@ -55,14 +55,14 @@ def capture_native_output() -> Iterator[CapturedOutput]:
                 pass
         if _SINK is None:
             _SINK = tempfile.TemporaryFile(mode="w+b")
-        sink = _SINK
-        sink.seek(0)
-        sink.truncate()
+        # Raw fd calls, never the file object's buffered seek/truncate/read: those cost
+        # more than the fd swap itself, once per MNN call.  The sink is emptied after use.
+        sink = _SINK.fileno()
         saved = [os.dup(1), os.dup(2)]
         _DEPTH = 1
         try:
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
+            os.dup2(sink, 1)
+            os.dup2(sink, 2)
             try:
                 yield captured
             finally:
@@ -74,10 +74,12 @@ def capture_native_output() -> Iterator[CapturedOutput]:
             for fd in saved:
                 os.close(fd)
             # The fds shared the sink's offset; read from the start regardless.
-            os.lseek(sink.fileno(), 0, os.SEEK_SET)
-            sink.seek(0)
-            captured.text = sink.read().decode("utf-8", errors="replace")
-            captured.lines = [line for line in captured.text.splitlines() if line.strip()]
+            size = os.fstat(sink).st_size
+            if size:
+                captured.text = os.pread(sink, size, 0).decode("utf-8", errors="replace")
+                captured.lines = [line for line in captured.text.splitlines() if line.strip()]
+                os.ftruncate(sink, 0)
+            os.lseek(sink, 0, os.SEEK_SET)
 
 
 def _flush_c_stdio() -> None:

@@ -190,6 +190,8 @@ class ParityEngine:
         # Per-model input shapes (from a sidecar) and where each came from.
         self._model_shapes: dict[Path, tuple[dict[str, tuple[int, ...]], str]] = {}
         self._nonfinite: dict[Path, dict | None] = {}
+        # The last input-set pair a check scanned for NaN/Inf, and what it found (see _nonfinite_of).
+        self._last_nonfinite: tuple | None = None
         self._provided: set[Path] = set()
         from .onnx_engine import OnnxSide  # noqa: PLC0415 - it uses this module's types
         from .apis import ApiSide  # noqa: PLC0415
@@ -234,6 +236,7 @@ class ParityEngine:
         self.apis.release(key)
         self.streams.release(key)
         self._nonfinite.pop(key, None)
+        self._last_nonfinite = None  # it may hold this model's inputs
         self._provided.discard(key)
         if self.bundle is not None:
             self.bundle.release(key)
@@ -311,6 +314,16 @@ class ParityEngine:
         if key not in self._nonfinite:
             self._nonfinite[key] = nonfinite_inputs(*self.inputs(model))
         return self._nonfinite[key]
+
+    def _nonfinite_of(self, inputs_a: Mapping[str, np.ndarray], inputs_b: Mapping[str, np.ndarray]
+                      ) -> dict[str, Any] | None:
+        """``nonfinite_inputs`` once per input-set pair rather than once per configuration: the pair is
+        the cached one from ``inputs`` (identity is the key, so replaced inputs are scanned again)."""
+        last = self._last_nonfinite
+        if last is None or last[0] is not inputs_a or last[1] is not inputs_b:
+            last = self._last_nonfinite = (inputs_a, inputs_b, nonfinite_inputs(inputs_a, inputs_b))
+        found = last[2]
+        return None if found is None else {name: dict(entry) for name, entry in found.items()}
 
     def _fingerprint(self, model: LoadedModel, input_set: InputSet | None = None) -> str:
         key = _set_key(model.path, input_set)
@@ -440,7 +453,7 @@ class ParityEngine:
                               fp16_risks=list(reference.fp16_risks), weight_risks=list(reference.weight_risks),
                               arithmetic=arithmetic, variant=variant, conversion=conversion,
                               input_detail=input_set.describe() if input_set is not None else "",
-                              inputs_nonfinite=nonfinite_inputs(inputs_a, inputs_b), **api_fields,
+                              inputs_nonfinite=self._nonfinite_of(inputs_a, inputs_b), **api_fields,
                               reference_label=reference.label or self.settings.reference or (
                                   "onnxruntime" if self.onnx.reference_path(model) is not None else "cpu"))
         if choice.api == "module":

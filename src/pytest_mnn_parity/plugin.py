@@ -12,7 +12,7 @@ from . import scaleout
 from .artifacts import ArtifactWriter
 from .htmlreport import write_html
 from .durable_report import IncrementalReport, report_path_problem
-from .items import PARITY_RUN, Case, ModelErrorItem, ModelFile, ParityItem, node_id_path
+from .items import PARITY_RUN, Case, ModelErrorItem, ModelFile, ModelLoadFailure, ParityItem, node_id_path
 from .model import ModelError, check_model_path, expand_model_args
 from .options import Options, add_options
 from .parity import ParityEngine, ParityResult, ParitySettings
@@ -83,6 +83,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
     report = yield
+    if call.excinfo is not None and isinstance(call.excinfo.value, ModelLoadFailure):
+        # Setup errors bypass repr_failure: pytest's own rendering would put the exception's
+        # Python class path in the summary line. The message alone, as for a failing call.
+        report.longrepr = str(call.excinfo.value)
     data = item.config.stash[PARITY_RUN].record_for(item, report)
     if data is not None:
         data["nodeid"] = scaleout.stable_nodeid(item)

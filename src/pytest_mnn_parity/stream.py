@@ -286,7 +286,9 @@ class StreamSide:
         self._declared[Path(path).resolve()] = spec
 
     def spec_for(self, path) -> StreamSpec | None:
-        return spec_for(self.engine.settings.streams, path) or self._declared.get(Path(path).resolve())
+        # Called for every check: resolving the path (a syscall per part) only when a sidecar declared a stream.
+        declared = self._declared.get(Path(path).resolve()) if self._declared else None
+        return spec_for(self.engine.settings.streams, path) or declared
 
     def _step_inputs(self, model, spec: StreamSpec) -> list[dict[str, np.ndarray]]:
         key = (Path(model.path).resolve(), spec)

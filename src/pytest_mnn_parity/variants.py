@@ -67,6 +67,9 @@ def parse_converter_flags(text: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def is_onnx(path: os.PathLike | str) -> bool:
+    # Asked for every check: a path without ".onnx" anywhere is answered without building a Path.
+    if ".onnx" not in os.fspath(path).lower():
+        return False
     return Path(path).suffix.lower() == ".onnx"
 
 

@@ -81,6 +81,7 @@ class WeightRisk:
 
 # Compiled once: parsing a model calls unpack thousands of times.
 _STRUCTS: dict[str, struct.Struct] = {}
+_U32, _I32, _U16 = (struct.Struct(f).unpack_from for f in ("<I", "<i", "<H"))
 
 
 class _Reader:
@@ -88,26 +89,39 @@ class _Reader:
 
     def __init__(self, data: bytes, name: str):
         self.data, self.name = data, name
+        self.size = len(data)
 
     def fail(self, why: str):
         raise ValueError(f"{self.name}: not a valid .mnn file: {why}")
 
+    def outside(self, pos: int):
+        self.fail(f"offset {pos} is outside the file ({self.size} bytes)")
+
     def unpack(self, fmt: str, pos: int):
         compiled = _STRUCTS.get(fmt) or _STRUCTS.setdefault(fmt, struct.Struct(fmt))
-        if pos < 0 or pos + compiled.size > len(self.data):
-            self.fail(f"offset {pos} is outside the file ({len(self.data)} bytes)")
+        if pos < 0 or pos + compiled.size > self.size:
+            self.outside(pos)
         return compiled.unpack_from(self.data, pos)[0]
 
+    # deref and field run thousands of times per model (they were most of the engine's
+    # per-model scan cost on small models): same checks as ``unpack``, without its lookups.
     def deref(self, pos: int) -> int:
-        return pos + self.unpack("<I", pos)
+        if pos < 0 or pos + 4 > self.size:
+            self.outside(pos)
+        return pos + _U32(self.data, pos)[0]
 
     def field(self, table: int, fid: int) -> int | None:
-        vtable = table - self.unpack("<i", table)
-        size = self.unpack("<H", vtable)
-        if size < 4 or size % 2 or vtable + size > len(self.data):
+        data, n = self.data, self.size
+        if table < 0 or table + 4 > n:
+            self.outside(table)
+        vtable = table - _I32(data, table)[0]
+        if vtable < 0 or vtable + 2 > n:
+            self.outside(vtable)
+        size = _U16(data, vtable)[0]
+        if size < 4 or size % 2 or vtable + size > n:
             self.fail(f"bad vtable at {vtable} for the table at {table}")
         slot = 4 + 2 * fid
-        off = self.unpack("<H", vtable + slot) if slot < size else 0
+        off = _U16(data, vtable + slot)[0] if slot < size else 0  # inside the checked vtable
         return table + off if off else None
 
     def scalar(self, table: int, fid: int, fmt: str, default):
@@ -132,7 +146,9 @@ class _Reader:
         return [self.deref(start + 4 * i) for i in range(count)]
 
     def text(self, pos: int) -> str:
-        count = self.unpack("<I", pos)
+        if pos < 0 or pos + 4 > self.size:
+            self.outside(pos)
+        count = _U32(self.data, pos)[0]
         if pos + 4 + count > len(self.data):
             self.fail(f"string at {pos} runs past the end of the file")
         return self.data[pos + 4:pos + 4 + count].decode("utf-8", "replace")
@@ -246,8 +262,12 @@ def classify_fp16(op_name: str, op_type: str, role: str, values: np.ndarray,
     outliers (e.g. 1e-17 rounding noise in a DFT matrix) can be tolerated."""
     a = np.abs(np.asarray(values, dtype=np.float32).ravel())
     total = a.size
-    nonzero = a > 0  # NaN compares False everywhere: neither a flush nor an overflow
     risks = []
+    # Most tensors hold nothing below fp16's normal range but zeros, and nothing above its
+    # max: then every mask below is empty.  Two counts and a max decide that.
+    if not (a > FP16_MAX).any() and np.count_nonzero(a < FP16_MIN_NORMAL) == np.count_nonzero(a == 0):
+        return risks
+    nonzero = a > 0  # NaN compares False everywhere: neither a flush nor an overflow
 
     def add(kind: str, mask: np.ndarray, worst) -> None:
         count = int(mask.sum())
