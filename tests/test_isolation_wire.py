@@ -13,6 +13,8 @@ import signal
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pytest_mnn_parity import wire
 from pytest_mnn_parity.artifacts import ArtifactWriter
@@ -21,11 +23,13 @@ from pytest_mnn_parity.isolation import IsolatedEngine
 from pytest_mnn_parity.parity import ParitySettings
 from pytest_mnn_parity.sidecar import find_sidecar
 from pytest_mnn_parity.stream import parse_stream
-from pytest_mnn_parity.wire_check import InputSetFiles, input_set_from_wire
+from pytest_mnn_parity.wire_check import (InputSetFiles, input_set_from_wire, per_name_from_wire, per_name_to_wire,
+                                          stream_from_wire, stream_to_wire)
 from pytest_mnn_parity.worker import FAULT_INJECTION_ENV
 
 from conftest import FIXTURES, plugin_env, read_report, results_by_nodeid
 from test_reports import parse_html
+from test_stream import specs
 
 CPU = ("--mnn-only", "--mnn-backends", "CPU")
 SIDECAR = """
@@ -207,3 +211,20 @@ def test_an_input_set_crosses_with_the_error_found_when_its_sidecar_was_read(tmp
     assert good_back.describe() == good.describe()
     assert type(broken_back.error) is type(broken.error) and str(broken_back.error) == str(broken.error)
     assert broken_back.error.fix == broken.error.fix and "no such image" in str(broken_back.error)
+
+
+_VALUES = st.none() | st.dictionaries(st.sampled_from(["atol", "rtol", "min_cosine", "max_outside_fraction"]),
+                                      st.floats(0, 1), min_size=1)
+
+
+@given(specs(), st.text(min_size=1, max_size=20),
+       st.dictionaries(st.text(min_size=1, max_size=8), st.lists(st.tuples(st.text(max_size=20), _VALUES),
+                                                                  max_size=4), max_size=3))
+def test_streams_and_tolerance_layers_survive_the_json_line(spec, origin, layers):
+    from dataclasses import replace
+
+    spec = replace(spec, origin=origin)
+    back = stream_from_wire(wire.loads(wire.dumps(stream_to_wire(spec))))
+    assert back == spec and back.origin == origin
+    assert per_name_from_wire(wire.loads(wire.dumps(per_name_to_wire(layers)))) == {
+        name: [(source, values or None) for source, values in value] for name, value in layers.items()}

@@ -8,6 +8,7 @@ per model, ``MODEL::golden``.
 """
 from __future__ import annotations
 
+import os
 import shlex
 from typing import TYPE_CHECKING, Any
 
@@ -85,7 +86,8 @@ class Regression:
         """What an isolated worker needs to save ``item``'s outputs as ``after_check`` would (None: no bundle)."""
         if self.writer is None:
             return None
-        return {"folder": str(self.writer.folder), "layers": self.options.layers, "label": label,
+        # Absolute: the worker's working directory is this process's at the worker's start, not necessarily now.
+        return {"folder": os.path.abspath(self.writer.folder), "layers": self.options.layers, "label": label,
                 "case_id": item.case.id, "set_name": item.case.input_set}
 
     # -- terminal --------------------------------------------------------------------
