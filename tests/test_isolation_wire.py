@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,11 +25,11 @@ from pytest_mnn_parity.isolation import IsolatedEngine
 from pytest_mnn_parity.parity import ParitySettings
 from pytest_mnn_parity.sidecar import find_sidecar
 from pytest_mnn_parity.stream import parse_stream
-from pytest_mnn_parity.wire_check import (InputSetFiles, input_set_from_wire, per_name_from_wire, per_name_to_wire,
-                                          stream_from_wire, stream_to_wire)
+from pytest_mnn_parity.wire_check import (PickleFiles, from_wire, per_name_from_wire, per_name_to_wire, stream_from_wire,
+                                          stream_to_wire)
 from pytest_mnn_parity.worker import FAULT_INJECTION_ENV
 
-from conftest import FIXTURES, plugin_env, read_report, results_by_nodeid
+from conftest import COLLAPSE, FIXTURES, plugin_env, read_report, results_by_nodeid
 from test_reports import parse_html
 from test_stream import specs
 
@@ -55,6 +57,12 @@ def _lama_with_sidecar(pytester, models):
     models("inputs/lama_like.mnn", "inputs/photo1.png", "inputs/mask1.png")
     (pytester.path / "lama_like.mnn.toml").write_text(SIDECAR)
     return ["--mnn-precisions", "high,low", "--mnn-model", "lama_like.mnn"]
+
+
+def _sidecar_for_another_model(pytester, models):
+    models("demo/lama_like.mnn")
+    (pytester.path / "lama_like.mnn.toml").write_text("[tolerance.outputs.nope]\natol = 0.1\n")
+    return ["--mnn-precisions", "high", "--mnn-model", "lama_like.mnn"]
 
 
 def _api_both(pytester, models):
@@ -101,6 +109,8 @@ def _assert_same(isolated: list[dict], local: list[dict]) -> None:
      lambda recs: recs["lama_like.mnn::parity[photo1-CPU-low]"]["first_divergent_layer"]["name"] == "enc_conv"
      and recs["lama_like.mnn::parity[photo1-CPU-low]"]["outputs"]["inpainted"]["tolerance"]["atol"] == 1e-9
      and "no such image" in recs["lama_like.mnn::parity[broken-CPU-high]"]["message"]),
+    (_sidecar_for_another_model, {"errors": 1},
+     lambda recs: "has no output 'nope'" in recs["lama_like.mnn::parity[CPU-high]"]["message"]),
     (_api_both, {"passed": 2},
      lambda recs: recs["lama_like.mnn::parity[module-CPU-high]"]["cross_api"]["compared"]
      and recs["lama_like.mnn::parity[module-CPU-high]"]["api"] == "module"),
@@ -109,7 +119,7 @@ def _assert_same(isolated: list[dict], local: list[dict]) -> None:
      == "sidecar rnn_step.fp16.mnn.toml [stream]"),
     (_option_stream, {"passed": 1},
      lambda recs: recs["rnn_step.mnn::parity[CPU-low]"]["stream"]["steps_run"] == 4),
-], ids=["input-sets-and-tolerances", "api-both", "sidecar-stream", "option-stream"])
+], ids=["input-sets-and-tolerances", "sidecar-model-mismatch", "api-both", "sidecar-stream", "option-stream"])
 def test_isolated_items_give_the_in_process_results(pytester, models, monkeypatch, setup, outcomes, check):
     args = setup(pytester, models)
     fresh = setup is _api_both
@@ -182,6 +192,30 @@ def test_a_crash_in_a_named_input_set_fails_that_item_with_its_label_and_the_run
         by_id["lama_like.mnn::parity[photo1-CPU-low]"]["worker"]["pid"]
 
 
+def test_a_model_that_crashes_mnn_is_one_crashed_item_also_with_a_sidecar(tmp_path):
+    """A real crasher: a bit flip of healthy.mnn that MNN 3.6.1 segfaults on while creating a session
+    (test_bad_input.KNOWN_CRASHERS).  With a sidecar beside it, the pytest process used to load it to check
+    the sidecar, and died; now the worker checks the sidecar.  In a child pytest: a crash here is the bug."""
+    healthy = (COLLAPSE / "healthy.mnn").read_bytes()
+    flipped = bytearray(healthy)
+    flipped[350] ^= 1 << 4
+    (tmp_path / "flip.mnn").write_bytes(bytes(flipped))
+    (tmp_path / "good.mnn").write_bytes(healthy)
+    for name in ("flip", "good"):
+        (tmp_path / f"{name}.mnn.toml").write_text('[input_sets.g]\nimage = { generator = "uniform" }\n')
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *CPU, "--mnn-precisions", "high",
+                           "--mnn-model", "flip.mnn", "--mnn-model", "good.mnn", "--mnn-isolate", "always",
+                           "--mnn-report", "r.json"], cwd=tmp_path, env=plugin_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == pytest.ExitCode.TESTS_FAILED, (proc.stdout + proc.stderr)[-3000:]
+    by_model = {r["model"]: r for r in read_report(tmp_path / "r.json")["results"]}
+    assert (by_model["good.mnn"]["category"], by_model["good.mnn"]["input_set"]) == ("ok", "g")
+    flip = by_model["flip.mnn"]
+    assert flip["category"] in ("crashed", "model_error", "runtime_error"), flip  # crashed on MNN 3.6.1
+    if flip["category"] == "crashed":
+        assert flip["input_set"] == "g" and flip["fault"]["signal"] in ("SIGSEGV", "SIGFPE", "SIGBUS")
+
+
 def test_settings_cross_whole_and_a_sink_no_worker_can_call_is_refused():
     writer = ArtifactWriter("pics", "always")
     streams = (parse_stream("model=rnn*.mnn;h_out->h;steps=3"),)
@@ -200,12 +234,12 @@ def test_an_input_set_crosses_with_the_error_found_when_its_sidecar_was_read(tmp
         shutil.copyfile(FIXTURES / "inputs" / name, tmp_path / name)
     (tmp_path / "lama_like.mnn.toml").write_text(SIDECAR)
     good, broken = find_sidecar(tmp_path / "lama_like.mnn", tmp_path).input_sets
-    files = InputSetFiles()
+    files = PickleFiles()
     try:
         sent = [files.to_wire(s) for s in (good, broken, good)]
         assert sent[0] == sent[2] and len({s["file"] for s in sent}) == 2  # each set written once
         cache: dict = {}
-        good_back, broken_back = (input_set_from_wire(s, cache) for s in sent[:2])
+        good_back, broken_back = (from_wire(s, cache) for s in sent[:2])
     finally:
         files.close()
     assert good_back.describe() == good.describe()

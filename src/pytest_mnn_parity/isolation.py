@@ -66,7 +66,7 @@ class IsolatedEngine:
         self.settings = settings or ParitySettings()
         wire.settings_to_wire(self.settings)  # a setting no worker can take fails here, not in the first check
         self.declarations = declarations
-        self._files = wire_check.InputSetFiles()
+        self._files = wire_check.PickleFiles()
         self.timeout = timeout
         self.worker_per_model = worker_per_model
         self.prespawn = prespawn
@@ -122,8 +122,11 @@ class IsolatedEngine:
               reproduce: str = "", variant: str | None = None, input_set: InputSet | None = None,
               output_tolerances: Mapping[str, Sequence] | None = None,
               layer_tolerances: Mapping[str, Sequence] | None = None, api: str | None = None,
-              bundle: Mapping[str, Any] | None = None) -> ParityResult:
+              bundle: Mapping[str, Any] | None = None, sidecar: Any = None) -> ParityResult:
         """``ParityEngine.check`` in a worker, with every argument it takes (see ``wire_check``).
+
+        ``sidecar`` (``sidecar.Sidecar``): checked against the model in the worker first; a mismatch is
+        the ``model_error`` the plugin gives in-process.
 
         ``bundle`` (with ``settings.keep_outputs``): {"folder", "layers", "label", "case_id", "set_name"};
         the worker saves the outputs there itself (``bundle_saver``).  Results never carry ``computed``.
@@ -146,7 +149,8 @@ class IsolatedEngine:
                    "output_tolerances": wire_check.per_name_to_wire(output_tolerances),
                    "layer_tolerances": wire_check.per_name_to_wire(layer_tolerances), "api": api,
                    "declarations": declared, "artifact_label": getattr(self.settings.output_sink, "label", None),
-                   "bundle": dict(bundle) if bundle and self.settings.keep_outputs else None}
+                   "bundle": dict(bundle) if bundle and self.settings.keep_outputs else None,
+                   "sidecar": self._files.to_wire(sidecar)}
         started = time.monotonic()
         try:
             worker.checks += 1

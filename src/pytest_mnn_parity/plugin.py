@@ -184,7 +184,8 @@ class ParityRun:
     def check(self, item: ParityItem) -> ParityResult:
         config = item.run_config
         model = node_id_path(item.model_path, item.config.rootpath)
-        checks = self.inputs.prepare(item)  # tolerance layers, input set; or a bad sidecar's error
+        # Tolerance layers, input set; or a bad sidecar's error (checked by the worker for an isolated item).
+        checks = self.inputs.prepare(item, in_worker=self.isolation.isolates(config.backend))
         variant = item.case.variant
         if self.writer is not None:
             self.writer.label = scaleout.stable_nodeid(item)

@@ -8,7 +8,9 @@ judged exactly as it would be in-process:
   arrays never travel on the JSON lines.  The worker reads each file once.
   Pickling, not the sidecar's path, because a set is more than its file (one
   built from arrays has none) and the worker must see the very set the parent
-  validated, its recorded error included;
+  read, its recorded error included;
+* the model's sidecar, the same way, for the worker to check against the model
+  (``sidecar_problem``): the parent must not load a model it isolates;
 * per-output and per-layer tolerance layers, and the API, as JSON;
 * what the parent's engine was told about the model alone (``declarations``):
   a sidecar's ``[shapes]`` and ``[stream]``;
@@ -29,8 +31,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .model import ModelError
 from .parity import ParityEngine, ParitySettings, _key
 from .stream import StreamSpec, spec_for, stream_input_label
+from .variants import is_onnx
 
 Layers = Sequence[tuple[str, Mapping[str, Any] | None]]
 
@@ -106,26 +110,29 @@ def _rebuild_exception(cls, args, state):
     return exc
 
 
-class InputSetFiles:
-    """The parent's side: each input set pickled once into a private temporary folder."""
+class PickleFiles:
+    """The parent's side: each object (an input set, a sidecar) pickled once into a private temporary folder."""
 
     def __init__(self):
         self._folder: Path | None = None
-        self._written: dict[int, tuple[Any, str]] = {}  # id -> (the set, kept alive so the id stays its own; file)
+        self._written: dict[int, tuple[Any, str]] = {}  # id -> (the object, kept alive so the id stays its own; file)
 
-    def to_wire(self, input_set) -> dict[str, str] | None:
-        if input_set is None:
-            return None
-        known = self._written.get(id(input_set))
+    def file_of(self, obj) -> str:
+        known = self._written.get(id(obj))
         if known is None:
             if self._folder is None:
                 self._folder = Path(tempfile.mkdtemp(prefix="mnn-parity-wire-"))
-            path = self._folder / f"input-set-{len(self._written)}.pickle"
+            path = self._folder / f"{type(obj).__name__.lower()}-{len(self._written)}.pickle"
             buffer = io.BytesIO()
-            _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(input_set)
+            _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
             path.write_bytes(buffer.getvalue())
-            known = self._written[id(input_set)] = (input_set, str(path))
-        return {"name": input_set.name, "file": known[1]}
+            known = self._written[id(obj)] = (obj, str(path))
+        return known[1]
+
+    def to_wire(self, obj) -> dict[str, str] | None:
+        if obj is None:
+            return None
+        return {"name": getattr(obj, "name", ""), "file": self.file_of(obj)}
 
     def close(self) -> None:
         self._written.clear()
@@ -134,14 +141,28 @@ class InputSetFiles:
             self._folder = None
 
 
-def input_set_from_wire(data: Mapping[str, str] | None, cache: dict[str, Any]):
-    """The worker's side: the set the parent wrote (read once per file)."""
+def from_wire(data: Mapping[str, str] | None, cache: dict[str, Any]):
+    """The worker's side: the object the parent wrote (read once per file)."""
     if data is None:
         return None
     if data["file"] not in cache:
         with open(data["file"], "rb") as f:
             cache[data["file"]] = pickle.load(f)  # noqa: S301 - our own parent's file, in its private folder
     return cache[data["file"]]
+
+
+def sidecar_problem(engine: ParityEngine, model_path: str, variant: str | None, sidecar) -> ModelError | None:
+    """In the worker, what ``input_items.SidecarSupport`` checks in-process: the sidecar against the model."""
+    try:
+        path = engine.onnx.converted(model_path, variant or "fp32")[0] if is_onnx(model_path) else model_path
+        model = engine.model(path)
+    except ModelError:
+        return None  # the check itself says why the model cannot load
+    try:
+        sidecar.check_model(model)
+    except ModelError as exc:
+        return exc
+    return None
 
 
 # -- labels of a result without an answer ----------------------------------------------

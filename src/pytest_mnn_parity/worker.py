@@ -57,7 +57,7 @@ def main() -> int:
     _install_fault_injection(crash_log, proto)
     proto.write(wire.dumps({"ready": True, "pid": os.getpid()}))
     done = 0
-    input_sets: dict = {}  # the parent's input-set files, read once each
+    input_sets: dict = {}  # the parent's pickled input sets and sidecars, read once each
     savers: dict = {}  # one bundle_saver.BundleSaver per bundle folder: each reference is saved once per worker
     for line in stdin:
         request = wire.loads(line)
@@ -97,14 +97,21 @@ def _check(engine, config, request: dict, input_sets: dict, savers: dict):
     """``engine.check`` with everything the request carries (``wire_check``); saves the outputs if asked."""
     from . import wire_check as wc  # noqa: PLC0415
 
+    from .parity import ParityResult  # noqa: PLC0415
+    from .verdict import Category  # noqa: PLC0415
+
     model = request["model"]
     wc.apply_declarations(engine, model, request.get("declarations"))
+    sidecar = wc.from_wire(request.get("sidecar"), input_sets)
+    problem = None if sidecar is None else wc.sidecar_problem(engine, model, request.get("variant"), sidecar)
+    if problem is not None:
+        return ParityResult(model, config, Category.MODEL_ERROR, str(problem), log=problem.log)
     sink = engine.settings.output_sink
     if sink is not None:
         sink.label = request.get("artifact_label")
     result = engine.check(model, config, wc.layers_from_wire(request.get("tolerance_layers")),
                           reproduce=request.get("reproduce", ""), variant=request.get("variant"),
-                          input_set=wc.input_set_from_wire(request.get("input_set"), input_sets),
+                          input_set=wc.from_wire(request.get("input_set"), input_sets),
                           output_tolerances=wc.per_name_from_wire(request.get("output_tolerances")),
                           layer_tolerances=wc.per_name_from_wire(request.get("layer_tolerances")),
                           api=request.get("api"))
