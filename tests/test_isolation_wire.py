@@ -59,6 +59,11 @@ def _lama_with_sidecar(pytester, models):
     return ["--mnn-precisions", "high,low", "--mnn-model", "lama_like.mnn"]
 
 
+def _lama_with_sidecar_one_worker(pytester, models):
+    models("multi_io.mnn")  # a second model in the same worker, after the one with a sidecar
+    return _lama_with_sidecar(pytester, models) + ["--mnn-model", "multi_io.mnn", "--mnn-worker-scope", "run"]
+
+
 def _sidecar_for_another_model(pytester, models):
     models("demo/lama_like.mnn")
     (pytester.path / "lama_like.mnn.toml").write_text("[tolerance.outputs.nope]\natol = 0.1\n")
@@ -109,6 +114,8 @@ def _assert_same(isolated: list[dict], local: list[dict]) -> None:
      lambda recs: recs["lama_like.mnn::parity[photo1-CPU-low]"]["first_divergent_layer"]["name"] == "enc_conv"
      and recs["lama_like.mnn::parity[photo1-CPU-low]"]["outputs"]["inpainted"]["tolerance"]["atol"] == 1e-9
      and "no such image" in recs["lama_like.mnn::parity[broken-CPU-high]"]["message"]),
+    (_lama_with_sidecar_one_worker, {"passed": 2, "failed": 2, "errors": 2},
+     lambda recs: len({r["worker"]["pid"] for r in recs.values()}) == 1),
     (_sidecar_for_another_model, {"errors": 1},
      lambda recs: "has no output 'nope'" in recs["lama_like.mnn::parity[CPU-high]"]["message"]),
     (_api_both, {"passed": 2},
@@ -119,7 +126,7 @@ def _assert_same(isolated: list[dict], local: list[dict]) -> None:
      == "sidecar rnn_step.fp16.mnn.toml [stream]"),
     (_option_stream, {"passed": 1},
      lambda recs: recs["rnn_step.mnn::parity[CPU-low]"]["stream"]["steps_run"] == 4),
-], ids=["input-sets-and-tolerances", "sidecar-model-mismatch", "api-both", "sidecar-stream", "option-stream"])
+], ids=["input-sets-and-tolerances", "one-worker-for-the-run", "sidecar-model-mismatch", "api-both", "sidecar-stream", "option-stream"])
 def test_isolated_items_give_the_in_process_results(pytester, models, monkeypatch, setup, outcomes, check):
     args = setup(pytester, models)
     fresh = setup is _api_both
