@@ -109,15 +109,16 @@ def test_named_input_sets_and_onnx_conversions_round_trip(pytester, models):
         assert rec["outputs"] and all(o["max_abs"] == 0.0 for o in rec["outputs"].values()), rec["nodeid"]
 
 
-def test_saving_keeps_configurations_in_process_even_when_isolation_is_asked_for(pytester, models):
-    """Isolated workers do not carry outputs back: saving must not lose the configurations they would run."""
+def test_isolated_workers_save_their_configurations_themselves(pytester, models):
+    """The outputs live in the worker, which writes them into the bundle: no configuration is lost, none runs
+    unprotected (test_isolation_wire.py compares the bundle with an in-process one)."""
     models("multi_io.mnn")
     result = pytester.runpytest(*CPU, "--mnn-precisions", "high,low", "--mnn-model", "multi_io.mnn",
                                 "--mnn-isolate", "always", "--mnn-save-outputs", "B", "--mnn-report", "r.json")
     result.assert_outcomes(passed=2)
     assert {(e["kind"], e["config"]["id"]) for e in read_entries(pytester.path / "B")} == {
         ("reference", "CPU-high"), ("config", "CPU-high"), ("config", "CPU-low")}
-    assert all(r.get("worker") is None for r in read_report(pytester.path / "r.json")["results"])
+    assert all(r["worker"]["pid"] > 0 for r in read_report(pytester.path / "r.json")["results"])
 
 
 def test_a_control_flow_model_on_the_module_api_saves_compares_and_has_a_golden(pytester, models):

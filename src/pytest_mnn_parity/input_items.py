@@ -91,8 +91,12 @@ class SidecarSupport:
         return extra
 
     # -- running ----------------------------------------------------------------
-    def prepare(self, item: ParityItem) -> dict[str, Any] | ParityResult:
-        """engine.check's keyword arguments for ``item``, or the MODEL_ERROR result of a bad sidecar."""
+    def prepare(self, item: ParityItem, in_worker: bool = False) -> dict[str, Any] | ParityResult:
+        """engine.check's keyword arguments for ``item``, or the MODEL_ERROR result of a bad sidecar.
+
+        ``in_worker``: the item runs in an isolated worker, which checks the sidecar against the model
+        (``sidecar`` in the keywords): loading a model here could crash this process, which is what
+        isolation exists to prevent (a corrupt file does crash MNN while it creates a session)."""
         config = item.run_config
         sidecar = self.sidecar(item.model_path)
         input_set = sidecar.input_set(item.case.input_set) if sidecar and item.case.input_set else None
@@ -101,10 +105,13 @@ class SidecarSupport:
         kwargs: dict[str, Any] = {"tolerance_layers": layers, "input_set": input_set}
         if sidecar is None:
             return kwargs
-        try:
-            self._validate(item, sidecar)
-        except ModelError as exc:
-            return ParityResult(self._label(item), config, Category.MODEL_ERROR, str(exc), log=exc.log)
+        if in_worker:
+            kwargs["sidecar"] = sidecar
+        else:
+            try:
+                self._validate(item, sidecar)
+            except ModelError as exc:
+                return ParityResult(self._label(item), config, Category.MODEL_ERROR, str(exc), log=exc.log)
         # The command line stays last: it overrides every tier, the sidecar's included.
         kwargs["output_tolerances"] = {name: [*layers[:-1], sidecar.output_layer(name), cli]
                                        for name in sidecar.output_tolerances}

@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import backends, wire
-from .parity import ParityResult, ParitySettings, _key
+from . import backends, wire, wire_check
+from .input_sets import InputSet
+from .parity import ParityEngine, ParityResult, ParitySettings, _key
 from .runner import RunConfig
 from .tolerances import resolve
 from .verdict import Category
@@ -54,11 +55,18 @@ class IsolatedEngine:
     the running checks (MNN's CPU threads spin while they wait, and suffer from
     any competition), so it is started when needed.  ``expected_models``, when
     known (the plugin sets it), stops the spare once no model is left to use it.
+
+    ``declarations``: an in-process engine whose per-model declarations (a
+    sidecar's ``[shapes]`` and ``[stream]``, see ``wire_check.declarations``)
+    the workers get with each check of that model.
     """
 
     def __init__(self, settings: ParitySettings | None = None, *, timeout: float | None = None,
-                 worker_per_model: bool = True, prespawn: bool = True):
+                 worker_per_model: bool = True, prespawn: bool = True, declarations: ParityEngine | None = None):
         self.settings = settings or ParitySettings()
+        wire.settings_to_wire(self.settings)  # a setting no worker can take fails here, not in the first check
+        self.declarations = declarations
+        self._files = wire_check.PickleFiles()
         self.timeout = timeout
         self.worker_per_model = worker_per_model
         self.prespawn = prespawn
@@ -111,20 +119,38 @@ class IsolatedEngine:
     # -- engine interface -------------------------------------------------------
     def check(self, model_path: os.PathLike | str, config: RunConfig,
               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-              reproduce: str = "", variant: str | None = None) -> ParityResult:
+              reproduce: str = "", variant: str | None = None, input_set: InputSet | None = None,
+              output_tolerances: Mapping[str, Sequence] | None = None,
+              layer_tolerances: Mapping[str, Sequence] | None = None, api: str | None = None,
+              bundle: Mapping[str, Any] | None = None, sidecar: Any = None) -> ParityResult:
+        """``ParityEngine.check`` in a worker, with every argument it takes (see ``wire_check``).
+
+        ``sidecar`` (``sidecar.Sidecar``): checked against the model in the worker first; a mismatch is
+        the ``model_error`` the plugin gives in-process.
+
+        ``bundle`` (with ``settings.keep_outputs``): {"folder", "layers", "label", "case_id", "set_name"};
+        the worker saves the outputs there itself (``bundle_saver``).  Results never carry ``computed``.
+        """
+        declared = wire_check.declarations(self.declarations, model_path)
+        labels = wire_check.fault_labels(self.settings, model_path, input_set, api, declared)
         status = self.backend_status(config.backend)
         if status.fault:
-            return self._fault_result(model_path, config, tolerance_layers, reproduce, status.fault, variant)
+            return self._fault_result(model_path, config, tolerance_layers, reproduce, status.fault, variant, labels)
         if not status.available:
             return ParityResult(str(model_path), config, Category.BACKEND_UNAVAILABLE, status.reason,
                                 forward_type=status.forward_type, variant=variant)
         key = _key(model_path)
         worker = self._worker_for(key)
         request = {"op": "check", "model": os.fspath(model_path), "config": wire.config_to_wire(config),
-                   "tolerance_layers": [[source, dict(values) if values else None]
-                                        for source, values in tolerance_layers],
+                   "tolerance_layers": wire_check.layers_to_wire(tolerance_layers),
                    "reproduce": reproduce, "variant": variant, "backend_status": _status_dict(status),
-                   "arithmetic": _known_arithmetic()}
+                   "arithmetic": _known_arithmetic(),
+                   "input_set": self._files.to_wire(input_set),
+                   "output_tolerances": wire_check.per_name_to_wire(output_tolerances),
+                   "layer_tolerances": wire_check.per_name_to_wire(layer_tolerances), "api": api,
+                   "declarations": declared, "artifact_label": getattr(self.settings.output_sink, "label", None),
+                   "bundle": dict(bundle) if bundle and self.settings.keep_outputs else None,
+                   "sidecar": self._files.to_wire(sidecar)}
         started = time.monotonic()
         try:
             worker.checks += 1
@@ -135,12 +161,12 @@ class IsolatedEngine:
             returncode = worker.kill(dump_stack=True)
             fault = self._fault(worker, "timeout", returncode, time.monotonic() - started)
             self._forget(key, worker)
-            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault, variant)
+            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault, variant, labels)
         except WorkerDied as died:
             fault = self._fault(worker, "crashed", died.returncode, time.monotonic() - started)
             fault["detail"] = died.detail
             self._forget(key, worker)
-            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault, variant)
+            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault, variant, labels)
         if not reply.get("ok"):
             raise WorkerError(f"the isolated worker (pid {worker.pid}) raised:\n{reply.get('error')}")
         result = wire.result_from_wire(reply["result"])
@@ -178,6 +204,7 @@ class IsolatedEngine:
             spare.close(kill=True)  # probably still importing: nothing to finish
         for worker in workers:
             worker.close()
+        self._files.close()
         atexit.unregister(self.close)
 
     def _reap_retired(self) -> None:
@@ -245,12 +272,13 @@ class IsolatedEngine:
                 "stderr_tail": worker.stderr_tail()}
 
     def _fault_result(self, model_path, config: RunConfig, tolerance_layers, reproduce: str,
-                      fault: dict[str, Any], variant: str | None = None) -> ParityResult:
+                      fault: dict[str, Any], variant: str | None = None,
+                      labels: Mapping[str, Any] | None = None) -> ParityResult:
         category = Category.TIMEOUT if fault["kind"] == "timeout" else Category.CRASHED
+        labels = dict(labels or {"input_set": f"seeded:{self.settings.seed}"})
         result = ParityResult(str(model_path), config, category, "", tolerance=resolve(
-            config.backend, config.precision, *tolerance_layers), input_set=f"seeded:{self.settings.seed}",
-            seconds=fault["seconds"], log=fault["stderr_tail"], fault=fault,
-            worker={"pid": fault["pid"], "index": fault["index"]}, variant=variant)
+            config.backend, config.precision, *tolerance_layers), seconds=fault["seconds"], log=fault["stderr_tail"],
+            fault=fault, worker={"pid": fault["pid"], "index": fault["index"]}, variant=variant, **labels)
         result.message = fault_message(result, model_path, reproduce)
         return result
 
@@ -294,6 +322,7 @@ def fault_message(result: ParityResult, model_path, reproduce: str) -> str:
              f"model:     {model_path}",
              f"ran on:    requested {config.backend}, precision {config.precision}, {config.threads} thread(s); "
              f"{order}",
+             f"inputs:    {result.input_set}" + (f" ({result.api} API)" if result.api else ""),
              "next:      this model's remaining configurations run in a fresh worker; other models are unaffected"]
     lines += _tail_lines(fault)
     if reproduce:

@@ -188,7 +188,8 @@ class ParityRun:
     def check(self, item: ParityItem) -> ParityResult:
         config = item.run_config
         model = node_id_path(item.model_path, item.config.rootpath)
-        checks = self.inputs.prepare(item)  # tolerance layers, input set; or a bad sidecar's error
+        # Tolerance layers, input set; or a bad sidecar's error (checked by the worker for an isolated item).
+        checks = self.inputs.prepare(item, in_worker=self.isolation.isolates(config.backend))
         variant = item.case.variant
         if self.writer is not None:
             self.writer.label = scaleout.stable_nodeid(item)
@@ -196,14 +197,11 @@ class ParityRun:
                                                    input_set=item.case.input_set, api=item.case.api)
         if isinstance(checks, ParityResult):
             result = checks
-        elif _wire_safe(checks, item.case.api, self.engine.settings):
-            result = self.isolation.check(item.model_path, config, checks.get("tolerance_layers", ()),
-                                          variant=variant, reproduce=reproduce)
         else:
-            # Named input sets, the Module API axis, streams and pictures are not
-            # carried to isolated workers yet: such items run in this process.
-            result = self.engine.check(item.model_path, config, variant=variant, api=item.case.api,
-                                       reproduce=reproduce, **checks)
+            # Isolated or not, by the same arguments: the worker protocol carries all of them (wire_check).
+            result = self.isolation.check(item.model_path, config, variant=variant, api=item.case.api,
+                                          reproduce=reproduce, bundle=self.regression.bundle_spec(item, model),
+                                          **checks)
         result.model = model
         self.regression.after_check(item, result)
         for name, value in _junit_properties(result):
@@ -313,16 +311,6 @@ def _mnn_version() -> str:
     from .mnn_import import mnn_version
 
     return mnn_version()
-
-
-def _wire_safe(checks: dict[str, Any], api: str | None, settings) -> bool:
-    """Can an isolated worker run this item?  Its protocol carries the model, the
-    configuration, tolerance layers and the variant; not yet named input sets,
-    per-output/per-layer tolerances, the API axis, streams, picture sinks or the
-    outputs a bundle saves (--mnn-save-outputs)."""
-    extra = {k: v for k, v in checks.items() if k != "tolerance_layers" and v}
-    return (not extra and api is None and settings.output_sink is None and not settings.streams
-            and not settings.keep_outputs)
 
 
 def _check_writable(path, flag: str = "--mnn-report") -> None:

@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import os
 import shlex
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import __version__
-from . import backends
-from .bundle_reference import model_identity
-from .bundle import REFERENCE, SCHEMA, BundleError, BundleWriter, entry_id, machine_info, now
+from .bundle import BundleError, BundleWriter
+from .bundle_saver import BundleSaver
 from .golden import LABEL as GOLDEN_LABEL, check_golden
-from .inputs import fingerprint
 from .items import PARITY_RUN, Case, ModelLoadFailure, ParityItem, node_id_path
-from .mnn_import import mnn_version
-from .model import file_sha256
-from .parity import ParityEngine, ParityResult, Reference
-from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig
-from .trace import record_reference
+from .parity import ParityEngine, ParityResult
+from .runner import REFERENCE_CONFIG
 from .verdict import Category
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,6 +40,7 @@ class Regression:
         self.options = options
         self.engine = engine
         self.writer = BundleWriter(options.save_outputs) if options.save_outputs else None
+        self.saver = None if self.writer is None else BundleSaver(engine, self.writer, options.layers)
         self.index: dict[str, Any] | None = None
         self._references_saved: set[str] = set()
 
@@ -79,83 +73,22 @@ class Regression:
 
     # -- bundles ---------------------------------------------------------------------
     def after_check(self, item: ParityItem, result: ParityResult) -> None:
-        """Write this item's outputs into the bundle now, then let go of them."""
+        """Write this item's outputs into the bundle now, then let go of them.
+
+        An isolated worker saves its items' outputs itself (``bundle_spec``): their results carry none."""
         computed, result.computed = result.computed, None
-        if self.writer is None or computed is None:
+        if self.saver is None or computed is None:
             return
-        model, input_set = computed.model, computed.input_set
-        variant = item.case.variant
-        key = f"{os.path.realpath(model.path)}|{variant}|{item.case.input_set}"
-        if key not in self._references_saved and self.engine.bundle is None:
-            # A reference read from another bundle is not saved again: it was not computed here.
-            self._references_saved.add(key)
-            self._save_reference(model, result.model, variant, input_set)
-        config = item.run_config
-        manifest = self._manifest(model, result.model, variant, config, input_set, kind="config", case_id=item.case.id,
-                                  description=f"{result.model} on {config.describe()}",
-                                  backend_used=result.backend_used, forward_type=result.forward_type,
-                                  arithmetic=result.arithmetic, category=result.category.value,
-                                  compared_with=result.reference,
-                                  reference=self.engine.reference(model, input_set, config))
-        trace = None
-        if self.options.layers == "always":
-            trace, _ = record_reference(model, config, self.engine.inputs(model, input_set)[0])
-        try:
-            self.writer.save_entry(manifest, computed.outputs_a, computed.outputs_b, trace=trace)
-        finally:
-            if trace is not None:
-                trace.close()
+        self.saver.save(result, computed, variant=item.case.variant, config=item.run_config, case_id=item.case.id,
+                        set_name=item.case.input_set)
 
-    def _save_reference(self, model: LoadedModel, label: str, variant: str | None, input_set) -> None:
-        engine = self.engine
-        reference = engine.reference(model, input_set)
-        onnx = engine.onnx.reference_path(model)
-        trace = None
-        if onnx is not None:  # ONNX Runtime on the source model
-            described, backend, forward, arithmetic = f"{onnx} on ONNX Runtime", "onnxruntime", None, None
-            ref_sha = file_sha256(Path(onnx))
-        else:
-            ref_model = engine.reference_model(model)
-            forward, _ = ref_model.session_backend(REFERENCE_CONFIG)
-            described = f"{engine.settings.reference or label} on {REFERENCE_CONFIG.describe()}"
-            backend, arithmetic = backends.forward_name(forward), backends.probe_arithmetic("CPU", "high")
-            ref_sha = ref_model.info.sha256
-            if self.options.layers == "always":
-                # The engine traced the reference while checking (layers "always"): reuse its recording.
-                trace = engine._reference_trace(model, engine.inputs(model, input_set)[0], input_set)
-        case_id = f"{input_set.name}-{REFERENCE}" if input_set is not None else REFERENCE
-        manifest = self._manifest(model, label, variant, REFERENCE_CONFIG, input_set, kind=REFERENCE, case_id=case_id,
-                                  description=described, backend_used=backend, forward_type=forward,
-                                  arithmetic=arithmetic, category=None, compared_with=None, reference=reference)
-        manifest["reference_model_sha256"] = ref_sha
-        self.writer.save_entry(manifest, reference.outputs_a, reference.outputs_b, trace=trace)
-
-    def _manifest(self, model: LoadedModel, label: str, variant: str | None, config: RunConfig, input_set, *,
-                  kind: str, case_id: str, description: str, backend_used, forward_type, arithmetic, category,
-                  compared_with, reference: Reference) -> dict[str, Any]:
-        inputs_a, inputs_b = self.engine.inputs(model, input_set)
-        seed = self.engine.settings.seed
-        named = input_set is not None  # a named set's B is its A mirrored, not seed + 1
-        field, sha, _, _ = model_identity(self.engine, model)
-        return {
-            "schema": SCHEMA, "id": entry_id(label, variant, case_id), "kind": kind, "created": now(),
-            "model": label, "model_sha256": model.info.sha256, "variant": variant,
-            "source_sha256": sha if field == "source_sha256" else None,
-            "input_set": input_set.name if named else None,
-            "config": {"id": config.id, "backend": config.backend, "precision": config.precision,
-                       "threads": config.threads},
-            "description": description, "backend_used": backend_used, "forward_type": forward_type,
-            "arithmetic": None if arithmetic is None else {"kind": arithmetic.kind, "probe_errors": arithmetic.errors},
-            "category": category, "compared_with": compared_with,
-            "seed": seed,
-            "input_sets": {"A": {"seed": seed, "fingerprint": fingerprint(inputs_a)},
-                           "B": {"seed": None if named else seed + 1, "fingerprint": fingerprint(inputs_b)}},
-            "inputs": {s.name: {"shape": list(model.shapes[s.name]), "dtype": str(s.dtype), "layout": s.layout}
-                       for s in model.info.inputs},
-            "fp16_risks": [r.as_dict() for r in reference.fp16_risks],
-            "fp16_weight_risks": [r.as_dict() for r in reference.weight_risks],
-            "mnn_version": mnn_version(), "machine": machine_info(), "tool": f"pytest-mnn-parity {__version__}",
-        }
+    def bundle_spec(self, item: ParityItem, label: str) -> dict[str, Any] | None:
+        """What an isolated worker needs to save ``item``'s outputs as ``after_check`` would (None: no bundle)."""
+        if self.writer is None:
+            return None
+        # Absolute: the worker's working directory is this process's at the worker's start, not necessarily now.
+        return {"folder": os.path.abspath(self.writer.folder), "layers": self.options.layers, "label": label,
+                "case_id": item.case.id, "set_name": item.case.input_set}
 
     # -- terminal --------------------------------------------------------------------
     def summary_lines(self, records: list[dict[str, Any]]) -> list[str]:

@@ -60,7 +60,7 @@ class Isolation:
         if self._isolated is None:
             timeout = self.timeout if self.timeout is not None else DEFAULT_ISOLATED_TIMEOUT
             self._isolated = IsolatedEngine(self.engine.settings, timeout=timeout,
-                                            worker_per_model=self.worker_scope == "model")
+                                            worker_per_model=self.worker_scope == "model", declarations=self.engine)
         return self._isolated
 
     def start(self) -> None:
@@ -84,13 +84,18 @@ class Isolation:
 
     def check(self, model_path: os.PathLike | str, config: RunConfig,
               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-              reproduce: str = "", variant: str | None = None) -> ParityResult:
+              reproduce: str = "", variant: str | None = None, bundle: Mapping[str, Any] | None = None,
+              **checks: Any) -> ParityResult:
+        """``checks``: the rest of ``ParityEngine.check``'s keywords (input set, per-output and per-layer
+        tolerances, API).  ``bundle``: where an isolated worker saves the outputs (in-process, the caller
+        saves ``result.computed``)."""
         if self.isolates(config.backend):
-            return self.isolated.check(model_path, config, tolerance_layers, reproduce, variant=variant)
+            return self.isolated.check(model_path, config, tolerance_layers, reproduce, variant=variant,
+                                       bundle=bundle, **checks)
         if self.timeout is None:
-            return self.engine.check(model_path, config, tolerance_layers, reproduce, variant=variant)
+            return self.engine.check(model_path, config, tolerance_layers, reproduce, variant=variant, **checks)
         started = time.perf_counter()
-        result = self.engine.check(model_path, config, tolerance_layers, reproduce, variant=variant)
+        result = self.engine.check(model_path, config, tolerance_layers, reproduce, variant=variant, **checks)
         elapsed = time.perf_counter() - started
         if elapsed > self.timeout and result.category is not Category.BACKEND_UNAVAILABLE:
             late_timeout(result, elapsed, self.timeout, reproduce)

@@ -126,6 +126,11 @@ def parse_stream(text: str) -> StreamSpec:
         raise ValueError(f"--mnn-stream {text!r}: {exc}") from None
 
 
+def stream_input_label(spec: StreamSpec, seed: int) -> str:
+    """A stream item's ``input_set`` label (also given to an isolated one that crashed)."""
+    return f"stream of {spec.steps} steps from seeded:{seed} (step k: seed + k), state starting at zeros"
+
+
 def spec_for(specs, path: os.PathLike | str) -> StreamSpec | None:
     """The declaration for ``path``: one scoped to it by ``model=`` wins over an unscoped one."""
     scoped = [s for s in specs if s.model is not None and s.applies_to(path)]
@@ -326,8 +331,7 @@ class StreamSide:
             return result
         result.log += target.log
         result.seconds = target.seconds / max(1, len(target.steps) + (target.failed is not None))
-        result.input_set = (f"stream of {spec.steps} steps from seeded:{self.engine.settings.seed} "
-                            f"(step k: seed + k), state starting at zeros")
+        result.input_set = stream_input_label(spec, self.engine.settings.seed)
         judged = judge_stream(target.steps, reference.steps, tol)
         if target.failed is not None:
             failed_step = len(target.steps)

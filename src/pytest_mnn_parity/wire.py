@@ -22,6 +22,7 @@ from .trace import ActivationRisk, LayerRecord, TensorJudgement, TraceResult
 from .metrics import OutputMetrics
 from .verdict import Category, OutputVerdict, Verdict
 from .weights import WeightRisk
+from .wire_check import stream_from_wire, stream_to_wire
 
 
 def dumps(message: dict[str, Any]) -> bytes:
@@ -46,17 +47,33 @@ def _default(value: Any) -> Any:
 # -- settings -------------------------------------------------------------------------
 
 def settings_to_wire(settings: ParitySettings) -> dict[str, Any]:
-    # A picture sink (a live object) and stream declarations stay in the parent:
-    # items that need them run in-process (plugin._wire_safe).
-    settings = dataclasses.replace(settings, output_sink=None, streams=())
-    data = dataclasses.asdict(settings)
+    """Every setting; the picture writer as its folder and mode (the worker builds its own, writing to the
+    same folder), stream declarations as data.  Any other ``output_sink`` is a live object of the parent
+    that no worker can call: refused here, so an isolated engine never drops it silently."""
+    sink = settings.output_sink
+    data = dataclasses.asdict(dataclasses.replace(settings, output_sink=None, streams=()))
     data["input_shapes"] = {name: list(dims) for name, dims in settings.input_shapes.items()}
+    data["streams"] = [stream_to_wire(spec) for spec in settings.streams]
+    if sink is not None:
+        from .artifacts import ArtifactWriter  # noqa: PLC0415 - pictures import Pillow
+
+        if type(sink) is not ArtifactWriter:
+            raise ValueError(f"output_sink {sink!r} cannot run in an isolated worker (a live object of this "
+                             "process); only artifacts.ArtifactWriter crosses (the worker builds its own). Use "
+                             "ParityEngine (in-process) for this sink, or --mnn-isolate never")
+        data["output_sink"] = {"artifacts": str(sink.root), "when": sink.when}
     return data
 
 
 def settings_from_wire(data: dict[str, Any]) -> ParitySettings:
     data = dict(data)
     data["input_shapes"] = {name: tuple(dims) for name, dims in data.get("input_shapes", {}).items()}
+    data["streams"] = tuple(stream_from_wire(spec) for spec in data.get("streams") or ())
+    sink = data.get("output_sink")
+    if sink is not None:
+        from .artifacts import ArtifactWriter  # noqa: PLC0415
+
+        data["output_sink"] = ArtifactWriter(sink["artifacts"], sink["when"])
     fields = {f.name: f for f in dataclasses.fields(ParitySettings)}
     for name, f in fields.items():  # JSON has no tuples: restore the tuple-valued settings
         if isinstance(f.default, tuple) and isinstance(data.get(name), list):
@@ -75,6 +92,8 @@ def config_from_wire(data: dict[str, Any]) -> RunConfig:
 # -- results --------------------------------------------------------------------------
 
 def result_to_wire(result: ParityResult) -> dict[str, Any]:
+    if result.computed is not None:  # the arrays (and the loaded model) stay in the worker: bundle_saver saves them
+        result = dataclasses.replace(result, computed=None)
     data = dataclasses.asdict(result)
     if result.trace is not None and type(result.trace).__name__ == "OnnxTraceResult":
         # A trace localised against ONNX (onnx_trace.py): its subclass carries the blamed node.
@@ -87,10 +106,7 @@ def result_from_wire(data: dict[str, Any]) -> ParityResult:
     data = dict(data)
     data["config"] = config_from_wire(data["config"])
     data["category"] = Category(data["category"])
-    if data.get("tolerance") is not None:
-        tol = dict(data["tolerance"])
-        tol["sources"] = tuple(tol.get("sources", ()))
-        data["tolerance"] = Tolerance(**tol)
+    data["tolerance"] = _tolerance(data.get("tolerance"))
     if data.get("verdict") is not None:
         data["verdict"] = _verdict(data["verdict"])
     if data.get("trace") is not None:
@@ -113,9 +129,18 @@ def _metrics(data: dict[str, Any] | None) -> OutputMetrics | None:
     return OutputMetrics(**data)
 
 
+def _tolerance(data: dict[str, Any] | None) -> Tolerance | None:
+    if data is None:
+        return None
+    tol = dict(data)
+    tol["sources"] = tuple(tol.get("sources", ()))
+    return Tolerance(**tol)
+
+
 def _verdict(data: dict[str, Any]) -> Verdict:
     outputs = [OutputVerdict(o["name"], Category(o["category"]), _metrics(o.get("metrics")), o.get("detail", ""),
-                             _metrics(o.get("stale_metrics"))) for o in data.get("outputs", [])]
+                             _metrics(o.get("stale_metrics")), _tolerance(o.get("tolerance")))
+               for o in data.get("outputs", [])]
     return Verdict(Category(data["category"]), outputs, data.get("detail", ""))
 
 

@@ -57,6 +57,8 @@ def main() -> int:
     _install_fault_injection(crash_log, proto)
     proto.write(wire.dumps({"ready": True, "pid": os.getpid()}))
     done = 0
+    input_sets: dict = {}  # the parent's pickled input sets and sidecars, read once each
+    savers: dict = {}  # one bundle_saver.BundleSaver per bundle folder: each reference is saved once per worker
     for line in stdin:
         request = wire.loads(line)
         op = request.get("op")
@@ -70,9 +72,7 @@ def main() -> int:
                 done += 1
                 crash_log.write(f"[mnn-parity worker {os.getpid()}] configuration #{done}: {config.id} of "
                                 f"{request['model']}\n")
-                layers = [(source, values) for source, values in request.get("tolerance_layers", [])]
-                result = engine.check(request["model"], config, layers, reproduce=request.get("reproduce", ""),
-                                      variant=request.get("variant"))
+                result = _check(engine, config, request, input_sets, savers)
                 reply = {"ok": True, "result": wire.result_to_wire(result)}
             elif op == "release":
                 engine.release(request["model"])
@@ -91,6 +91,44 @@ def main() -> int:
     # Skip interpreter teardown: destroying MNN objects at exit is one more
     # chance to crash, and nothing is left to save.
     os._exit(0)
+
+
+def _check(engine, config, request: dict, input_sets: dict, savers: dict):
+    """``engine.check`` with everything the request carries (``wire_check``); saves the outputs if asked."""
+    from . import wire_check as wc  # noqa: PLC0415
+
+    from .parity import ParityResult  # noqa: PLC0415
+    from .verdict import Category  # noqa: PLC0415
+
+    model = request["model"]
+    wc.apply_declarations(engine, model, request.get("declarations"))
+    sidecar = wc.from_wire(request.get("sidecar"), input_sets)
+    problem = None if sidecar is None else wc.sidecar_problem(engine, model, request.get("variant"), sidecar)
+    if problem is not None:
+        return ParityResult(model, config, Category.MODEL_ERROR, str(problem), log=problem.log)
+    sink = engine.settings.output_sink
+    if sink is not None:
+        sink.label = request.get("artifact_label")
+    result = engine.check(model, config, wc.layers_from_wire(request.get("tolerance_layers")),
+                          reproduce=request.get("reproduce", ""), variant=request.get("variant"),
+                          input_set=wc.from_wire(request.get("input_set"), input_sets),
+                          output_tolerances=wc.per_name_from_wire(request.get("output_tolerances")),
+                          layer_tolerances=wc.per_name_from_wire(request.get("layer_tolerances")),
+                          api=request.get("api"))
+    computed, result.computed = result.computed, None
+    bundle = request.get("bundle")
+    if bundle and computed is not None:
+        from .bundle import BundleWriter  # noqa: PLC0415
+        from .bundle_saver import BundleSaver  # noqa: PLC0415
+
+        saver = savers.get(bundle["folder"])
+        if saver is None:
+            saver = savers[bundle["folder"]] = BundleSaver(engine, BundleWriter(bundle["folder"]), bundle["layers"])
+        shown, result.model = result.model, bundle["label"]  # the bundle names the model as the report does
+        saver.save(result, computed, variant=request.get("variant"), config=config, case_id=bundle["case_id"],
+                   set_name=bundle["set_name"])
+        result.model = shown
+    return result
 
 
 def _status_dict(status) -> dict:
