@@ -68,3 +68,28 @@ def test_a_bad_worker_scope_is_a_usage_error(pytester):
     result = pytester.runpytest("--mnn-only", "--mnn-model", "x.mnn", "--mnn-worker-scope", "session")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--mnn-worker-scope*expected one of model, run, got 'session'*"])
+
+
+def test_a_trace_with_quick_passed_and_unobservable_tensors_survives_the_worker_protocol():
+    """The per-layer trace proves passing tensors with a bound (``quick``) and lists the LSTM loop's unwritten
+    tensors as not observable: both must come back from a worker as they are in-process."""
+    from pytest_mnn_parity.parity import ParityEngine
+    from pytest_mnn_parity.report import record
+
+    from conftest import FIXTURES
+
+    settings = ParitySettings(layers="always")
+    model, config = FIXTURES / "control_flow" / "lstm_origin.mnn", RunConfig("CPU", "low")
+    engine = IsolatedEngine(settings, prespawn=False)
+    try:
+        isolated = engine.check(model, config)
+    finally:
+        engine.close()
+    local = ParityEngine(settings).check(model, config)
+    assert local.trace.not_observable and any(t.quick is not None for layer in local.trace.layers
+                                              for t in layer.outputs)
+    assert isolated.trace.not_observable == local.trace.not_observable
+    a, b = record("n", isolated, "passed"), record("n", local, "passed")
+    for key in set(a) | set(b):
+        if key not in ("seconds", "worker"):
+            assert a[key] == b[key], key

@@ -20,6 +20,7 @@ from .runner import RunConfig
 from .tolerances import Tolerance
 from .trace import ActivationRisk, LayerRecord, TensorJudgement, TraceResult
 from .metrics import OutputMetrics
+from .quickcompare import QuickMetrics
 from .verdict import Category, OutputVerdict, Verdict
 from .weights import WeightRisk
 from .wire_check import stream_from_wire, stream_to_wire
@@ -145,8 +146,11 @@ def _verdict(data: dict[str, Any]) -> Verdict:
 
 
 def _judgement(data: dict[str, Any]) -> TensorJudgement:
+    quick = data.get("quick")
+    if quick is not None:  # a tensor the trace's quick pass proved: its bound, not full metrics
+        quick = QuickMetrics(**dict(quick, shape=tuple(quick["shape"])))
     return TensorJudgement(data["index"], _metrics(data.get("metrics")), data["failed"], list(data.get("health", [])),
-                           data.get("note", ""))
+                           data.get("note", ""), quick)
 
 
 def _trace(data: dict[str, Any]) -> TraceResult:
@@ -163,7 +167,7 @@ def _trace(data: dict[str, Any]) -> TraceResult:
     common = (layers, list(data.get("unmatched_target", [])), list(data.get("unmatched_reference", [])),
               data.get("method", TraceResult.__dataclass_fields__["method"].default))
     if not onnx:
-        return TraceResult(*common)
+        return TraceResult(*common, not_observable=dict(data.get("not_observable") or {}))
     blamed = next((layer for layer in layers if layer.index == data.get("blamed_index")), None)
     return OnnxTraceResult(*common, blamed=blamed, candidates=data.get("candidates", 0), probes=data.get("probes", 0),
                            notes=list(data.get("notes", [])))
