@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import string
 
@@ -165,7 +166,7 @@ def test_xdist_workers_write_one_bundle_and_the_controller_merges_the_index(pyte
     pytest.importorskip("xdist")
     # The subprocess must import this checkout's plugin, as the in-process runs do (a relative
     # PYTHONPATH would not resolve from the pytester directory).
-    monkeypatch.setenv("PYTHONPATH", str(REPO / "src"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     models("demo/lama_like.mnn", "multi_io.mnn")
     args = [*CPU, "--mnn-model", "lama_like.mnn", "--mnn-model", "multi_io.mnn"]
     result = pytester.runpytest_subprocess(*args, "-n", "2", "--mnn-save-outputs", "B")

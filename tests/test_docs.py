@@ -137,6 +137,9 @@ def test_documented_example_project_runs_as_documented(doc, tmp_path):
         proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         out = proc.stdout + proc.stderr
         expected_rc = int(expect.group(1)) if expect else 0
+        if expect and expect.group(2) in gpu_backends_present():
+            # The docs show a CPU-only runner, where this backend is missing; here it is not.
+            expect, expected_rc = None, 0
         assert proc.returncode == expected_rc, f"{doc.name}: {text}\n{out[-3000:]}"
         if expect and expect.group(2):
             assert expect.group(2) in out, f"{doc.name}: {text}\n{out[-3000:]}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 from pathlib import PurePosixPath
@@ -92,7 +93,7 @@ def test_goldens_under_xdist_each_worker_writes_its_own_models(pytester, models,
     pytest.importorskip("xdist")
     # The subprocess must import this checkout's plugin, as the in-process runs do (a relative
     # PYTHONPATH would not resolve from the pytester directory).
-    monkeypatch.setenv("PYTHONPATH", str(REPO / "src"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     models("demo/lama_like.mnn", "multi_io.mnn", "deep/deep_fp32.mnn")
     args = [*BASE, "--mnn-model", "lama_like.mnn", "--mnn-model", "multi_io.mnn", "--mnn-model", "deep_fp32.mnn",
             "-n", "2"]

@@ -75,7 +75,7 @@ def test_a_full_run_with_conversion_and_isolation_opens_no_socket(tmp_path):
     log.unlink()
 
     run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_offline.py",
-                          "--mnn-model", "lama_like.mnn", "--mnn-backends", "CPU,OPENCL", "--mnn-isolate",
+                          "--mnn-model", "lama_like.mnn", "--mnn-backends", "CPU,METAL", "--mnn-isolate",
                           "--mnn-report", "r.json", "-rs"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     out = run.stdout + run.stderr

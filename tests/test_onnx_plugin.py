@@ -16,11 +16,11 @@ CPU_HIGH = ("--mnn-only", "--mnn-backends", "CPU", "--mnn-precisions", "high")
 
 def test_variant_ids_matrix_rows_and_report_field(pytester, models):
     models("onnx/collapse_healthy.onnx")
-    args = ["--mnn-only", "--mnn-backends", "CPU,OPENCL", "--mnn-precisions", "high,low", "--mnn-model",
+    args = ["--mnn-only", "--mnn-backends", "CPU,METAL", "--mnn-precisions", "high,low", "--mnn-model",
             "collapse_healthy.onnx"]
     ids = [line for line in pytester.runpytest(*args, "--collect-only", "-q").outlines if "::" in line]
-    assert ids[:4] == [f"collapse_healthy.onnx::parity[fp32-{c}]" for c in ("CPU-high", "CPU-low", "OPENCL-high",
-                                                                             "OPENCL-low")]
+    assert ids[:4] == [f"collapse_healthy.onnx::parity[fp32-{c}]" for c in ("CPU-high", "CPU-low", "METAL-high",
+                                                                             "METAL-low")]
     assert len(ids) == 8 and "collapse_healthy.onnx::parity[fp16-CPU-low]" in ids
     result = pytester.runpytest(*args, "--mnn-report", "r.json")
     result.assert_outcomes(passed=4, skipped=4)
@@ -33,7 +33,7 @@ def test_variant_ids_matrix_rows_and_report_field(pytester, models):
     rec = by_id["collapse_healthy.onnx::parity[fp16-CPU-high]"]
     assert rec["variant"] == "fp16" and rec["tolerance"]["tier"] == "fp16"
     assert rec["reference"].startswith("ONNX Runtime") and rec["outcome"] == "passed"
-    assert by_id["collapse_healthy.onnx::parity[fp16-OPENCL-low]"]["variant"] == "fp16"  # skipped ones too
+    assert by_id["collapse_healthy.onnx::parity[fp16-METAL-low]"]["variant"] == "fp16"  # skipped ones too
     assert list((pytester.path / ".pytest_cache" / "d" / "mnn-parity-convert").glob("*.mnn"))  # cached
     pytester.runpytest(*args, "-k", "fp16 and CPU").assert_outcomes(passed=2, deselected=6)
     int8 = pytester.runpytest(*args, "--mnn-convert", "int8", "--mnn-backends", "CPU", "--mnn-report", "i.json")

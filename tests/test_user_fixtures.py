@@ -13,7 +13,7 @@ import pytest_mnn_parity
 from conftest import read_report, results_by_nodeid
 
 SRC = Path(pytest_mnn_parity.__file__).resolve().parents[1]
-UNAVAILABLE_OPENCL = "OPENCL: not in this MNN build (session fell back to CPU)"
+UNAVAILABLE_METAL = "METAL: not in this MNN build (session fell back to CPU)"
 
 # A validation "image" and mask for the LaMa-like demo model, as a model repo would load them.
 LAMA_INPUTS = '''
@@ -38,7 +38,7 @@ def test_marker_drives_the_matrix_and_the_command_line_narrows_it(pytester, mode
 
         pytestmark = pytest.mark.mnn_parity(model="lama_like.mnn")
 
-        @pytest.mark.mnn_parity(backends=["CPU", "OPENCL"], precisions="high,low")
+        @pytest.mark.mnn_parity(backends=["CPU", "METAL"], precisions="high,low")
         def test_config(mnn_config):
             assert mnn_config.id == f"{mnn_config.backend}-{mnn_config.precision}"
 
@@ -52,18 +52,18 @@ def test_marker_drives_the_matrix_and_the_command_line_narrows_it(pytester, mode
     ''')
     ids = _ids(pytester.runpytest("--collect-only", "-q"))
     assert ids == ["test_matrix.py::test_config[CPU-high]", "test_matrix.py::test_config[CPU-low]",
-                   "test_matrix.py::test_config[OPENCL-high]", "test_matrix.py::test_config[OPENCL-low]",
+                   "test_matrix.py::test_config[METAL-high]", "test_matrix.py::test_config[METAL-low]",
                    "test_matrix.py::test_with_params[img1-CPU-low]", "test_matrix.py::test_with_params[img2-CPU-low]",
                    "test_matrix.py::test_plain"]
     result = pytester.runpytest("-rs", "--mnn-report", "r.json")
     result.assert_outcomes(passed=5, skipped=2)
     # Skipped with the very reason the generated items give, in the terminal and the report.
-    result.stdout.fnmatch_lines([f"SKIPPED ?2? test_matrix.py:*: {UNAVAILABLE_OPENCL}"])
+    result.stdout.fnmatch_lines([f"SKIPPED ?2? test_matrix.py:*: {UNAVAILABLE_METAL}"])
     by_id = results_by_nodeid(read_report(pytester.path / "r.json"))
     assert set(by_id) == set(ids) - {"test_matrix.py::test_plain"}
-    skipped = by_id["test_matrix.py::test_config[OPENCL-low]"]
+    skipped = by_id["test_matrix.py::test_config[METAL-low]"]
     assert (skipped["outcome"], skipped["category"], skipped["message"]) == (
-        "skipped", "backend_unavailable", UNAVAILABLE_OPENCL)
+        "skipped", "backend_unavailable", UNAVAILABLE_METAL)
     assert by_id["test_matrix.py::test_with_params[img2-CPU-low]"]["test"] == "test_matrix.py::test_with_params[img2]"
 
     narrowed = pytester.runpytest("--collect-only", "-q", "--mnn-backends", "CPU", "--mnn-precisions", "low,normal")
@@ -72,7 +72,7 @@ def test_marker_drives_the_matrix_and_the_command_line_narrows_it(pytester, mode
                                   "test_matrix.py::test_with_params[img2-CPU-low]"]
     nothing = pytester.runpytest("-rs", "--mnn-backends", "VULKAN", "-k", "test_config")
     nothing.assert_outcomes(skipped=1)
-    nothing.stdout.fnmatch_lines(["SKIPPED ?1? test_matrix.py:*: the mnn_parity marker asks for backends CPU,OPENCL "
+    nothing.stdout.fnmatch_lines(["SKIPPED ?1? test_matrix.py:*: the mnn_parity marker asks for backends CPU,METAL "
                                   "but --mnn-backends (or ini mnn_backends) allows only VULKAN: no configuration "
                                   "in common"])
 
@@ -217,7 +217,7 @@ def test_mnn_xfail_and_mnn_requires_backend(pytester, models):
         def test_strict(mnn_config):
             pass
 
-        @pytest.mark.mnn_requires_backend("OPENCL")
+        @pytest.mark.mnn_requires_backend("METAL")
         def test_needs_opencl():
             pass
 
@@ -227,7 +227,7 @@ def test_mnn_xfail_and_mnn_requires_backend(pytester, models):
     ''')
     result = pytester.runpytest("-rsx", "--strict-markers", "--mnn-report", "r.json")  # the markers are registered
     result.assert_outcomes(failed=3, xfailed=1, passed=1, skipped=1)
-    result.stdout.fnmatch_lines([f"SKIPPED ?1? test_marks.py:*: {UNAVAILABLE_OPENCL}",
+    result.stdout.fnmatch_lines([f"SKIPPED ?1? test_marks.py:*: {UNAVAILABLE_METAL}",
                                  "XFAIL test_marks.py::test_known_bad_on_low?CPU-low? - fp16 weights flush to zero*"])
     result.stdout.fnmatch_lines(["*test_marks.py::test_known_bad_on_low  FAIL zero_output*XFAILED zero_output*"])
     by_id = results_by_nodeid(read_report(pytester.path / "r.json"))
@@ -354,7 +354,7 @@ def test_xdist_two_workers_give_the_same_ids_and_one_merged_report(pytester, mod
         def test_zero(mnn_run, mnn_parity):
             mnn_parity(mnn_run(np.ones((1, 3, 8, 8), np.float32)))
     ''')
-    args = ["--mnn-backends", "CPU,OPENCL", "--mnn-model", "lama_like.mnn"]
+    args = ["--mnn-backends", "CPU,METAL", "--mnn-model", "lama_like.mnn"]
     single = pytester.runpytest(*args, "--mnn-report", "single.json")
     parallel = pytester.runpytest_subprocess(*args, "-n", "2", "--mnn-report", "parallel.json")
     for result in (single, parallel):

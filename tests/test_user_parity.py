@@ -118,8 +118,8 @@ def test_mnn_errors_are_raised_with_their_name(engine):
                        ) as info:
         mut.run(RunConfig("CPU", "high"), np.ones((1, 3, 8, 8), np.float32))
     assert info.value.rc == 3 and info.value.category.value == "runtime_error"
-    with pytest.raises(MnnRunError, match="OPENCL: not in this MNN build") as absent:
-        ModelUnderTest(engine, DEMO).run(RunConfig("OPENCL", "high"), lama_inputs())
+    with pytest.raises(MnnRunError, match="METAL: not in this MNN build") as absent:
+        ModelUnderTest(engine, DEMO).run(RunConfig("METAL", "high"), lama_inputs())
     assert absent.value.category.value == "backend_unavailable"
 
 
