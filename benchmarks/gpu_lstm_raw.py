@@ -28,7 +28,8 @@ def session(path, backend):
     s = it.createSession({"backend": backend, "precision": 1, "numThread": 4 if backend != "CPU" else 1})
     t = it.getSessionInput(s)
     t.copyFrom(MNN.Tensor(x.shape, MNN.Halide_Type_Float, x, MNN.Tensor_DimensionType_Caffe))
-    rc = it.runSession(s)
+    if int(it.runSession(s)) != 0:
+        raise RuntimeError(f"runSession failed on {backend}")
     res = {}
     for n, o in it.getSessionOutputAll(s).items():
         h = MNN.Tensor(o, o.getDimensionType()); o.copyToHostTensor(h); res[n] = np.array(h.getNumpyData(), copy=True)

@@ -107,12 +107,13 @@ class ApiSide:
         A model that does not load at all is left to the session path, whose
         errors already name the file and the fix.
         """
-        from .parity import EmptyReferenceOutputs, ReferenceRunError, _mnn_said
+        from .mnn_failures import mnn_said
+        from .results import EmptyReferenceOutputs, ReferenceRunError
 
         try:
             self.engine.live_reference(self.engine.model(path))  # a run here, even with a bundle as reference
         except (ReferenceRunError, EmptyReferenceOutputs) as exc:
-            return f"{exc.reason}; MNN said: {_mnn_said(exc.log)}"
+            return f"{exc.reason}; MNN said: {mnn_said(exc.log)}"
         except ModelError:
             return None
         return None
@@ -121,7 +122,7 @@ class ApiSide:
     def cross_check(self, result: "ParityResult", path: os.PathLike | str, config: "RunConfig", tol: "Tolerance",
                     inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         """Compare a module item's outputs (input set A) with the session API's on the same configuration."""
-        from .parity import _runtime_error_text
+        from .mnn_failures import runtime_error_text
 
         try:
             session = self.engine.model(path)
@@ -131,7 +132,7 @@ class ApiSide:
             return
         empty = [name for name, arr in run.outputs.items() if arr.size == 0]
         if not run.ok or empty:
-            why = _runtime_error_text(run).splitlines()[0] if not run.ok else f"empty outputs {empty}"
+            why = runtime_error_text(run).splitlines()[0] if not run.ok else f"empty outputs {empty}"
             result.cross_api = {"compared": False, "reason": f"the session API cannot run this model: {why}"}
             return
         verdict = judge_outputs(outputs, run.outputs, tol)

@@ -306,7 +306,7 @@ def fault_message(result: ParityResult, model_path, reproduce: str) -> str:
                  f"next:      every configuration of {fault['backend']} fails the same way; other backends are "
                  "unaffected. Exclude it with --mnn-backends, or MNN_PARITY_DISABLE_BACKENDS="
                  f"{fault['backend']} to skip it"]
-        return "\n".join(lines + _tail_lines(fault) + ([f"", f"reproduce: {reproduce}"] if reproduce else []))
+        return "\n".join(lines + _tail_lines(fault) + (["", f"reproduce: {reproduce}"] if reproduce else []))
     if result.category is Category.TIMEOUT:
         head = (f"timeout on {config.id}: the configuration did not finish within {fault['timeout']:g} s "
                 f"(--mnn-timeout); its isolated worker (pid {fault['pid']}) was killed")

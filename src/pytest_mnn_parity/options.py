@@ -18,7 +18,7 @@ from .backends import DEFAULT_BACKENDS, PRECISIONS, canonical_backend, canonical
 from .inputs import parse_input_shapes
 from .apis import API_MODES, parse_api
 from .limits import DEFAULT_MAX_INPUT_MB
-from .parity import LAYER_MODES
+from .results import LAYER_MODES
 from .reliability import ISOLATE_MODES, WORKER_SCOPES
 from .stream import StreamSpec, parse_stream
 from .variants import DEFAULT_VARIANTS, parse_converter_flags, parse_variants

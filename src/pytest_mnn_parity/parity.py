@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -25,158 +24,30 @@ from .bundle_reference import looser_tier, open_bundle_reference
 from .explain import failure_message
 from .input_sets import InputSet
 from .inputs import fingerprint, generate_inputs
-from .limits import DEFAULT_MAX_INPUT_MB, nonfinite_inputs
+from .limits import nonfinite_inputs
 from .model import ModelError, remembered
-from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig, RunOutput, error_name
+from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig
 from .tolerances import Tolerance, resolve
 from .weights import WeightRisk, fp16_weight_risks
-from .trace import ActivationRisk, ReferenceTrace, RiskScanner, TraceResult, record_reference, trace_target
+from .trace import ReferenceTrace, RiskScanner, record_reference, trace_target
 from .variants import is_onnx
 from .verdict import Category, Verdict, judge_outputs
+from .mnn_failures import last_lines, mnn_said, runtime_error_text, runtime_hint
+from .results import (LAYER_MODES, Computed, EmptyReferenceOutputs, ParityResult, ParitySettings, Reference,
+                      ReferenceRunError)
+
+# The engine's types live in results.py; they stay importable from here.
+__all__ = ["ParityEngine", "ParityResult", "ParitySettings", "Reference", "Computed", "ReferenceRunError",
+           "EmptyReferenceOutputs", "LAYER_MODES"]
 
 
-@dataclass
-class ParitySettings:
-    seed: int = 0
-    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    # None: the same model on CPU/high/1 thread.  A path: another .mnn with the
-    # same inputs and outputs, run on that same reference configuration.
-    reference: str | None = None
-    threads: int = 4
-    # Per-layer tracing: "off", "on-failure" (trace a configuration whose
-    # outputs are wrong) or "always".
-    layers: str = "on-failure"
-    # One input set larger than this (MiB) is refused before it is allocated.
-    max_input_mb: float | None = DEFAULT_MAX_INPUT_MB
-    # ONNX models: where converted variants are cached (None: a temporary
-    # folder for this engine) and extra MNNConvert flags for every variant.
-    convert_cache: str | None = None
-    converter_flags: tuple[str, ...] = ()
-    # Called with (result, targets, references, layer_arrays) for every
-    # configuration whose outputs were judged, while the arrays exist (e.g.
-    # artifacts.ArtifactWriter); results never keep arrays themselves.
-    output_sink: Callable[..., None] | None = None
-    # Which MNN API runs the models: "auto", "session", "module" or "both" (see apis.py).
-    api: str = "auto"
-    # Streaming declarations (stream.StreamSpec): state outputs fed back into inputs, step by step.
-    streams: tuple = ()
-    # Keep each result's outputs (``ParityResult.computed``) for the caller to save
-    # (--mnn-save-outputs); the plugin writes and drops them right after the check.
-    keep_outputs: bool = False
-
-
-LAYER_MODES = ("off", "on-failure", "always")
-# Categories where the outputs exist and can be traced layer by layer.
 _TRACEABLE = {Category.OK, Category.SHAPE_MISMATCH, Category.NON_FINITE, Category.ZERO_OUTPUT, Category.PARTIAL_ZERO,
               Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH}
-
-
-class ReferenceRunError(ModelError):
-    """The reference configuration itself could not run the model."""
-
-    def __init__(self, path: Path, run: RunOutput, session_log: str = ""):
-        self.run = run
-        super().__init__(path, f"the reference run failed: {_run_failure(run)}",
-                         _runtime_hint(run), session_log + run.log)
-
-
-class EmptyReferenceOutputs(ModelError):
-    """The reference run returned success but left outputs empty (shapes MNN could not compute)."""
-
-
-@dataclass
-class Reference:
-    description: str
-    outputs_a: dict[str, np.ndarray]
-    outputs_b: dict[str, np.ndarray]
-    fp16_risks: list[ActivationRisk] = field(default_factory=list)
-    weight_risks: list[WeightRisk] = field(default_factory=list)
-    # What --mnn-reference named, for the matrix ("" = what the settings say: cpu, a path, onnxruntime).
-    label: str = ""
-    # A bundle entry computed at reduced precision needs that looser tier (see bundle_reference).
-    arithmetic: str | None = None
-    # A bundle entry's saved per-layer trace (``bundle.BundleTrace``), if any.
-    trace: Any = None
-
-
-@dataclass
-class Computed:
-    """What a check computed, for ``--mnn-save-outputs``: the model that ran, its input set, its outputs."""
-
-    model: LoadedModel
-    input_set: InputSet | None
-    outputs_a: dict[str, np.ndarray]
-    outputs_b: dict[str, np.ndarray]
 
 
 # A weight tensor is named only when this share of it would be lost: a few
 # rounding-noise entries (1e-17 in a DFT matrix) are not a risk.
 WEIGHT_RISK_MIN_FRACTION = 0.2
-
-
-@dataclass
-class ParityResult:
-    model: str
-    config: RunConfig
-    category: Category
-    message: str
-    backend_used: str | None = None
-    forward_type: int | None = None
-    tolerance: Tolerance | None = None
-    verdict: Verdict | None = None
-    reference: str = ""
-    input_set: str = ""
-    rc: int | None = None
-    seconds: float = 0.0
-    log: str = ""
-    first_divergent_layer: dict[str, Any] | None = None
-    variant: str | None = None
-    arithmetic: backends.Arithmetic | None = None
-    trace: TraceResult | None = None
-    fp16_risks: list[ActivationRisk] = field(default_factory=list)
-    # {input name: {"nan", "inf", "size", "sets"}} when an input set holds NaN/Inf (allowed, but reported).
-    inputs_nonfinite: dict[str, Any] | None = None
-    # Set when the check ran in an isolated worker (isolation.py): {"pid", "index"}.
-    worker: dict[str, Any] | None = None
-    # Set for crashed/timeout: how the worker ended (signal, exit code, stderr tail).
-    fault: dict[str, Any] | None = None
-    weight_risks: list[WeightRisk] = field(default_factory=list)
-    # How the tested .mnn was made from an ONNX model ("" for a given .mnn).
-    conversion: str = ""
-    # Where a named input set's arrays came from (files, generators), for the message.
-    input_detail: str = ""
-    # A hypothesis search's summary (search items only), see ``search``.
-    search: dict[str, Any] | None = None
-    # What an output_sink wrote (artifacts.ArtifactWriter: picture paths); None without one.
-    artifacts: dict[str, Any] | None = None
-    # The MNN API that ran ("session" or "module") and why; see apis.py.
-    api: str | None = None
-    api_reason: str = ""
-    api_axis: bool = False
-    # What is known of the backend where it cannot be read back (Module API).
-    backend_note: str = ""
-    trace_note: str = ""
-    # --mnn-api both: a module item's outputs against the session API's.
-    cross_api: dict[str, Any] | None = None
-    # Streaming models: every step's judgement and the first failing step (stream.stream_record).
-    stream: dict[str, Any] | None = None
-    # Which reference, as given: "cpu", a path, "onnxruntime", "bundle DIR::SELECTOR", "golden".
-    reference_label: str = ""
-    # The outputs behind the verdict, with ``ParitySettings.keep_outputs`` only.
-    computed: Computed | None = field(default=None, repr=False)
-
-    @property
-    def passed(self) -> bool:
-        return self.category is Category.OK
-
-    @property
-    def skipped(self) -> bool:
-        return self.category is Category.BACKEND_UNAVAILABLE
-
-    def outputs_dict(self) -> dict[str, Any]:
-        if self.verdict is None:
-            return {}
-        return {v.name: v.as_dict() for v in self.verdict.outputs}
 
 
 class ParityEngine:
@@ -369,7 +240,7 @@ class ParityEngine:
             empty = [name for name, arr in run.outputs.items() if arr.size == 0]
             if empty:
                 raise EmptyReferenceOutputs(ref_model.path, f"the reference run produced empty outputs {empty}",
-                                            _runtime_hint(run), run.log)
+                                            runtime_hint(run), run.log)
         weight_risks = []
         if self.settings.layers != "off":
             try:
@@ -463,7 +334,7 @@ class ParityEngine:
             runner = "this module" if choice.api == "module" else "this session"
             result.message = (f"{config.backend} was available at discovery but {runner} runs on "
                               f"{backends.forward_name(forward)} (forward type {forward}): MNN fell back silently. "
-                              f"MNN said: {_last_lines(session_log)}")
+                              f"MNN said: {last_lines(session_log)}")
             return result
         # A stream feeds back its own state, so it runs the seeded inputs only.
         stream = self.streams.spec_for(model_path) if input_set is None else None
@@ -477,7 +348,7 @@ class ParityEngine:
         if failed_run is not None:
             result.category = Category.RUNTIME_ERROR
             result.verdict = Verdict(Category.RUNTIME_ERROR)
-            result.message = failure_message(result, model, error=_runtime_error_text(failed_run, result.log),
+            result.message = failure_message(result, model, error=runtime_error_text(failed_run, result.log),
                                              reproduce=reproduce)
             return result
         result.verdict = judge_outputs(run_a.outputs, reference.outputs_a, tol,
@@ -570,9 +441,9 @@ class ParityEngine:
         if not run.ok or empty:
             result.category = Category.RUNTIME_ERROR
             result.verdict = Verdict(Category.RUNTIME_ERROR)
-            error = (_runtime_error_text(run, result.log) if not run.ok else
-                     f"outputs {empty} came back empty (not judged).\n  MNN said: {_mnn_said(result.log)}\n"
-                     f"  hint: {_runtime_hint(run)}")
+            error = (runtime_error_text(run, result.log) if not run.ok else
+                     f"outputs {empty} came back empty (not judged).\n  MNN said: {mnn_said(result.log)}\n"
+                     f"  hint: {runtime_hint(run)}")
             result.message = failure_message(result, model, error=error, reproduce=reproduce)
         return result
 
@@ -624,37 +495,3 @@ def _fmt_io(io: Mapping[str, tuple]) -> str:
     return "{" + ", ".join(f"{k}: {'x'.join(map(str, s))} {d}" for k, (s, d) in sorted(io.items())) + "}"
 
 
-def _last_lines(log: str, n: int = 3) -> str:
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    return " | ".join(lines[-n:]) if lines else "(nothing)"
-
-
-def _runtime_hint(run: RunOutput) -> str:
-    if getattr(run, "failure", ""):  # the Module API already handles control flow
-        if run.rc == 3 or "Compute Shape Error" in run.log:
-            return "MNN could not compute the output shapes: check the input shapes (--mnn-input-shape)"
-        return "see MNN's log above"
-    if run.rc == 3 or "Compute Shape Error" in run.log or "not resized" in run.log:
-        return ("MNN could not compute the output shapes. A model with control flow (ONNX If/Loop, or an LSTM "
-                "converted to While) cannot run in a session: use the Module API (--mnn-api auto or module; "
-                "MNN.nn.load_module_from_file) or re-convert with --useOriginRNNImpl; a dynamic input needs "
-                "--mnn-input-shape")
-    return "see MNN's log above"
-
-
-def _run_failure(run: RunOutput) -> str:
-    """What failed, in the terms of the API that ran it."""
-    return getattr(run, "failure", "") or f"runSession returned {run.rc} ({error_name(run.rc)})"
-
-
-def _mnn_said(log: str, n: int = 4) -> str:
-    """MNN's error lines first (``Compute Shape Error for out`` is printed at resize, before the run)."""
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    errors = [line for line in lines if "rror" in line]
-    chosen = list(dict.fromkeys(errors[:2] + lines[-(n - min(2, len(errors))):])) if lines else []
-    return " | ".join(chosen) if chosen else "(nothing)"
-
-
-def _runtime_error_text(run: RunOutput, log: str = "") -> str:
-    return (f"{_run_failure(run)}; outputs were not read (MNN leaves stale data "
-            f"after a failed run).\n  MNN said: {_mnn_said(log or run.log)}\n  hint: {_runtime_hint(run)}")

@@ -26,7 +26,8 @@ import numpy as np
 from . import backends
 from .explain import failure_message
 from .inputs import fingerprint
-from .parity import ParityEngine, ParityResult, _check_same_interface, _last_lines, _runtime_error_text
+from .mnn_failures import last_lines, runtime_error_text
+from .parity import ParityEngine, ParityResult, _check_same_interface
 from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig
 from .tolerances import resolve
 from .trace import RiskScanner, record_reference, trace_target
@@ -157,11 +158,11 @@ class ModelUnderTest:
             forward, log = model.session_backend(config)
             raise MnnRunError(f"{self.label} on {config.id}: {config.backend} was available at discovery but this "
                               f"session runs on {backends.forward_name(forward)} (forward type {forward}): MNN fell "
-                              f"back silently. MNN said: {_last_lines(log)}",
+                              f"back silently. MNN said: {last_lines(log)}",
                               category=Category.BACKEND_FALLBACK, log=log)
         run = model.run(config, arrays)
         if not run.ok:
-            raise MnnRunError(f"{self.label} on {config.id}: {_runtime_error_text(run)}", rc=run.rc, log=run.log)
+            raise MnnRunError(f"{self.label} on {config.id}: {runtime_error_text(run)}", rc=run.rc, log=run.log)
         return MnnOutputs(run.outputs, inputs=arrays, config=config, forward_type=run.forward_type,
                           seconds=run.seconds, log=run.log)
 
@@ -188,7 +189,7 @@ class ModelUnderTest:
         run = ref.run(REFERENCE_CONFIG, arrays, observer=scanner)
         if not run.ok:
             raise MnnRunError(f"{ref.path}: the reference run ({REFERENCE_CONFIG.describe()}) failed: "
-                              f"{_runtime_error_text(run)}", rc=run.rc, log=run.log)
+                              f"{runtime_error_text(run)}", rc=run.rc, log=run.log)
         return MnnOutputs(run.outputs, inputs=arrays, config=REFERENCE_CONFIG, forward_type=run.forward_type,
                           seconds=run.seconds, log=run.log, fp16_risks=scanner.risks if scanner else ())
 
