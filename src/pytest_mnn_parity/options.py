@@ -165,6 +165,12 @@ class Options:
             except ValueError:
                 raise pytest.UsageError(f"{where(name)}: expected a number, got {raw!r}") from None
 
+        def choice(name: str, allowed, default: str) -> str:
+            value = str(get(name) or default).strip().lower()
+            if value not in allowed:
+                raise pytest.UsageError(f"{where(name)}: expected one of {', '.join(allowed)}, got {value!r}")
+            return value
+
         try:
             shapes = parse_input_shapes(_as_list(get("input_shape") or []))
         except ValueError as exc:
@@ -185,20 +191,13 @@ class Options:
         if threads < 1:
             raise pytest.UsageError("--mnn-threads must be at least 1")
         report = get("report")
-        layers = str(get("layers") or "on-failure").strip().lower()
-        if layers not in LAYER_MODES:
-            raise pytest.UsageError(f"--mnn-layers: expected one of {', '.join(LAYER_MODES)}, got {layers!r}")
+        layers = choice("layers", LAYER_MODES, "on-failure")
         hypothesis = number("hypothesis", int, 0)
         if hypothesis < 0:
             raise pytest.UsageError("--mnn-hypothesis must be 0 (off) or a number of examples")
         hypothesis_dir = get("hypothesis_dir")
-        isolate = str(get("isolate") or "auto").strip().lower()
-        if isolate not in ISOLATE_MODES:
-            raise pytest.UsageError(f"{where('isolate')}: expected one of {', '.join(ISOLATE_MODES)}, got {isolate!r}")
-        worker_scope = str(get("worker_scope") or "model").strip().lower()
-        if worker_scope not in WORKER_SCOPES:
-            raise pytest.UsageError(f"{where('worker_scope')}: expected one of {', '.join(WORKER_SCOPES)}, "
-                                    f"got {worker_scope!r}")
+        isolate = choice("isolate", ISOLATE_MODES, "auto")
+        worker_scope = choice("worker_scope", WORKER_SCOPES, "model")
         timeout = number("timeout", float, None)
         if timeout is not None and not timeout >= 0:
             raise pytest.UsageError(f"{where('timeout')}: expected seconds >= 0 (0: no timeout), got {timeout:g}")
