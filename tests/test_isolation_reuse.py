@@ -5,12 +5,13 @@ import pytest
 
 from pytest_mnn_parity import backends
 from pytest_mnn_parity.isolation import IsolatedEngine
-from pytest_mnn_parity.parity import ParitySettings
+from pytest_mnn_parity.parity import ParityEngine, ParitySettings
+from pytest_mnn_parity.report import record
 from pytest_mnn_parity.runner import RunConfig
 from pytest_mnn_parity.verdict import Category
 from pytest_mnn_parity.worker import FAULT_INJECTION_ENV
 
-from conftest import COLLAPSE, DEMO, read_report, results_by_nodeid
+from conftest import COLLAPSE, DEMO, FIXTURES, read_report, results_by_nodeid
 
 
 def test_a_configurations_arithmetic_is_measured_once_per_run_not_once_per_worker(monkeypatch):
@@ -73,11 +74,6 @@ def test_a_bad_worker_scope_is_a_usage_error(pytester):
 def test_a_trace_with_quick_passed_and_unobservable_tensors_survives_the_worker_protocol():
     """The per-layer trace proves passing tensors with a bound (``quick``) and lists the LSTM loop's unwritten
     tensors as not observable: both must come back from a worker as they are in-process."""
-    from pytest_mnn_parity.parity import ParityEngine
-    from pytest_mnn_parity.report import record
-
-    from conftest import FIXTURES
-
     settings = ParitySettings(layers="always")
     model, config = FIXTURES / "control_flow" / "lstm_origin.mnn", RunConfig("CPU", "low")
     engine = IsolatedEngine(settings, prespawn=False)

@@ -41,6 +41,7 @@ __all__ = ["ParityEngine", "ParityResult", "ParitySettings", "Reference", "Compu
            "EmptyReferenceOutputs", "LAYER_MODES"]
 
 
+# Categories where the outputs exist and can be traced layer by layer.
 _TRACEABLE = {Category.OK, Category.SHAPE_MISMATCH, Category.NON_FINITE, Category.ZERO_OUTPUT, Category.PARTIAL_ZERO,
               Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH}
 

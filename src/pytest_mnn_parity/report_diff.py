@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .report import SCHEMA, key_metric, write_json_atomically
 from .verdict import CATEGORY_ORDER, Category
 
-SCHEMA = "pytest-mnn-parity/1"
 DRIFT_FACTOR = 2.0
 DRIFT_FLOOR = 0.1
 # Exit status: what --fail-on counts as a failure of the comparison.
@@ -147,8 +147,9 @@ def compare_items(nodeid: str, b: Mapping[str, Any], h: Mapping[str, Any]) -> It
     drift = _drift(b, h)
     if drift:
         return change("drift", drift)
-    moved = [f"{what} {b.get(key)} -> {h.get(key)}" for what, key in (("backend", "backend_used"),)
-             if b.get(key) != h.get(key)]
+    moved = []
+    if b.get("backend_used") != h.get("backend_used"):
+        moved.append(f"backend {b.get('backend_used')} -> {h.get('backend_used')}")
     kind_b, kind_h = (_arith(r) for r in (b, h))
     if kind_b != kind_h:
         moved.append(f"arithmetic {kind_b} -> {kind_h}")
@@ -181,7 +182,8 @@ def _drift(b: Mapping[str, Any], h: Mapping[str, Any]) -> str:
 def _bound(rec: Mapping[str, Any], output: Mapping[str, Any]) -> float:
     """The absolute error an output may have: atol + rtol, both scaled to its reference (as tolerances.py)."""
     tol = rec.get("tolerance") or {}
-    scale = max(_num(output.get("ref_scale", 1.0)), 1.0) if math.isfinite(_num(output.get("ref_scale", 1.0))) else 1.0
+    scale = _num(output.get("ref_scale", 1.0))
+    scale = max(scale, 1.0) if math.isfinite(scale) else 1.0
     return (_num(tol.get("atol", 0.0)) + _num(tol.get("rtol", 0.0))) * scale
 
 
@@ -205,8 +207,6 @@ def _state(rec: Mapping[str, Any]) -> str:
 
 
 def _key_number(rec: Mapping[str, Any]) -> str:
-    from .report import key_metric
-
     try:
         return key_metric(dict(rec))
     except (KeyError, TypeError, ValueError):
@@ -248,8 +248,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print("\n".join(result.lines()))
     if args.json:
-        from .report import write_json_atomically
-
         write_json_atomically(args.json, result.as_dict())
     return 1 if result.failing(args.fail_on) else 0
 

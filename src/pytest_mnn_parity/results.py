@@ -55,7 +55,6 @@ class ParitySettings:
 
 
 LAYER_MODES = ("off", "on-failure", "always")
-# Categories where the outputs exist and can be traced layer by layer.
 
 
 class ReferenceRunError(ModelError):
