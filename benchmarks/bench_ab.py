@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     models = args.model or [bench_parity.DEMO, bench_parity.DEEP]
 
     import pytest_mnn_parity  # this tree (PYTHONPATH)
-    from pytest_mnn_parity.mnn_import import mnn
+    from pytest_mnn_parity.mnn.library import mnn
 
     load_as("base_mnn_parity", Path(args.base).resolve())
     MNN = mnn()

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from pytest_mnn_parity import ParityEngine, RunConfig, backends
-from pytest_mnn_parity.mnn_import import mnn, mnn_version
-from pytest_mnn_parity.native_output import capture_native_output
-from pytest_mnn_parity.reliability import Isolation
+from pytest_mnn_parity.mnn.library import mnn, mnn_version
+from pytest_mnn_parity.mnn.native_output import capture_native_output
+from pytest_mnn_parity.isolation.policy import Isolation
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "fixtures" / "demo" / "lama_like.mnn"

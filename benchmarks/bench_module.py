@@ -52,9 +52,9 @@ sys.path.insert(0, str(REPO / "src"))
 import numpy as np  # noqa: E402
 
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig  # noqa: E402
-from pytest_mnn_parity.mnn_import import mnn, mnn_version  # noqa: E402
-from pytest_mnn_parity.module_runner import runtime_manager  # noqa: E402
-from pytest_mnn_parity.native_output import capture_native_output  # noqa: E402
+from pytest_mnn_parity.mnn.library import mnn, mnn_version  # noqa: E402
+from pytest_mnn_parity.mnn.module_runner import runtime_manager  # noqa: E402
+from pytest_mnn_parity.mnn.native_output import capture_native_output  # noqa: E402
 
 MODELS = ["fixtures/demo/lama_like.mnn", "fixtures/deep/deep_fp32.mnn", "fixtures/control_flow/lstm_while.mnn",
           "fixtures/control_flow/if_branch.mnn"]
@@ -111,8 +111,8 @@ def raw_session_matrix(path: str) -> int:
 
 def forward_loops(path: str):
     """(raw forward loop, runner loop) on one preloaded module each, 20 inferences."""
-    from pytest_mnn_parity.inputs import generate_inputs
-    from pytest_mnn_parity.module_runner import ModuleModel
+    from pytest_mnn_parity.inputs.generate import generate_inputs
+    from pytest_mnn_parity.mnn.module_runner import ModuleModel
 
     config = RunConfig("CPU", "high", 4)
     model = ModuleModel(path)

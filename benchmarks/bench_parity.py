@@ -56,7 +56,7 @@ PRECISION_CODES = {"normal": 0, "high": 1, "low": 2, "Low_BF16": 3}  # pymnn ign
 def _capture_fn():
     """The plugin's fd-level capture, without importing the plugin's package (its __init__ loads the engine)."""
     import sys
-    module = sys.modules.get("pytest_mnn_parity.native_output")
+    module = sys.modules.get("pytest_mnn_parity.mnn.native_output")
     if module is None:
         module = sys.modules.get("_bench_native_output")
     if module is None:
@@ -227,9 +227,10 @@ def run_child(cmd, cwd) -> tuple[float, float, int]:
 # ---------------------------------------------------------------------------- in-process
 
 def engine_matrix(model: str):
-    from pytest_mnn_parity.backends import DEFAULT_BACKENDS, PRECISIONS
-    from pytest_mnn_parity.parity import ParityEngine, ParitySettings
-    from pytest_mnn_parity.runner import RunConfig
+    from pytest_mnn_parity.mnn.backends import DEFAULT_BACKENDS, PRECISIONS
+    from pytest_mnn_parity.engine.engine import ParityEngine
+    from pytest_mnn_parity.engine.results import ParitySettings
+    from pytest_mnn_parity.mnn.runner import RunConfig
 
     engine = ParityEngine(ParitySettings())
     results = [engine.check(model, RunConfig(b, p, 4)) for b in DEFAULT_BACKENDS for p in PRECISIONS]
@@ -252,7 +253,7 @@ def cold_discovery() -> float:
 
 
 def bench_in_process(model: str, rounds: int, inner: int, log) -> dict:
-    from pytest_mnn_parity.mnn_import import mnn
+    from pytest_mnn_parity.mnn.library import mnn
 
     MNN = mnn()
     raw_matrix = raw_ns()["raw_matrix"]
@@ -373,7 +374,7 @@ def profile_in_process(model: str, reps: int) -> dict:
     import cProfile
     import pstats
 
-    from pytest_mnn_parity.mnn_import import mnn
+    from pytest_mnn_parity.mnn.library import mnn
 
     MNN = mnn()
     raw_matrix = raw_ns()["raw_matrix"]
@@ -438,9 +439,11 @@ def attribute(model: str, rounds: int, inner: int) -> dict:
     import pathlib
     import types
 
-    from pytest_mnn_parity import model as model_mod
-    from pytest_mnn_parity import native_output, parity, runner
-    from pytest_mnn_parity.mnn_import import mnn
+    from pytest_mnn_parity.mnn import model as model_mod
+    from pytest_mnn_parity.mnn import native_output
+    from pytest_mnn_parity.engine import engine as parity
+    from pytest_mnn_parity.mnn import runner
+    from pytest_mnn_parity.mnn.library import mnn
 
     MNN = mnn()
     raw_matrix = raw_ns()["raw_matrix"]
@@ -629,7 +632,7 @@ def main(argv=None) -> int:
 
     # MNN's import, then the very first discovery of this process (probe model built, 7 sessions).
     t0 = time.perf_counter()
-    from pytest_mnn_parity.mnn_import import mnn, mnn_version
+    from pytest_mnn_parity.mnn.library import mnn, mnn_version
 
     mnn()
     import_s = time.perf_counter() - t0

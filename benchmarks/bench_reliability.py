@@ -66,7 +66,7 @@ def _plugin_args() -> list[str]:
     from importlib.metadata import entry_points
 
     installed = any(ep.value.startswith("pytest_mnn_parity") for ep in entry_points(group="pytest11"))
-    return [] if installed else ["-p", "pytest_mnn_parity.plugin"]
+    return [] if installed else ["-p", "pytest_mnn_parity.plugin.hooks"]
 
 
 def pytest_run(model: str, *extra: str) -> float:
@@ -97,10 +97,11 @@ def bench_e2e(model: str, rounds: int, log) -> dict:
 # ---------------------------------------------------------------------------- engine
 
 def bench_engine(model: str, rounds: int, log) -> dict:
-    from pytest_mnn_parity.backends import PRECISIONS, discover
-    from pytest_mnn_parity.isolation import IsolatedEngine
-    from pytest_mnn_parity.parity import ParityEngine, ParitySettings
-    from pytest_mnn_parity.runner import RunConfig
+    from pytest_mnn_parity.mnn.backends import PRECISIONS, discover
+    from pytest_mnn_parity.isolation.engine import IsolatedEngine
+    from pytest_mnn_parity.engine.engine import ParityEngine
+    from pytest_mnn_parity.engine.results import ParitySettings
+    from pytest_mnn_parity.mnn.runner import RunConfig
 
     configs = [RunConfig("CPU", p) for p in PRECISIONS]
     discover(["CPU"])
@@ -145,10 +146,12 @@ def bench_engine(model: str, rounds: int, log) -> dict:
 # ---------------------------------------------------------------------------- report
 
 def bench_report(records: int, rounds: int, log) -> dict:
-    from pytest_mnn_parity.durable_report import IncrementalReport
-    from pytest_mnn_parity.parity import ParityEngine, ParitySettings
-    from pytest_mnn_parity.report import build_report, record, write_json_atomically
-    from pytest_mnn_parity.runner import RunConfig
+    from pytest_mnn_parity.report.durable import IncrementalReport
+    from pytest_mnn_parity.engine.engine import ParityEngine
+    from pytest_mnn_parity.engine.results import ParitySettings
+    from pytest_mnn_parity.core.files import write_json as write_json_atomically
+    from pytest_mnn_parity.report.records import build_report, record
+    from pytest_mnn_parity.mnn.runner import RunConfig
 
     engine = ParityEngine(ParitySettings(reference=str(REPO / "fixtures/collapse/partial_zero.mnn"), layers="always"))
     real = record("x", engine.check(REPO / "fixtures/collapse/partial_zero.fp16.mnn", RunConfig("CPU", "low")), "failed")

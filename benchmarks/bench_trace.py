@@ -27,9 +27,10 @@ import json, statistics, sys, time
 from pathlib import Path
 mode, path, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 from pytest_mnn_parity import ParityEngine, RunConfig
-from pytest_mnn_parity.runner import REFERENCE_CONFIG, LoadedModel
-from pytest_mnn_parity.trace import record_reference, trace_target
-from pytest_mnn_parity.tolerances import resolve
+from pytest_mnn_parity.mnn.runner import REFERENCE_CONFIG, LoadedModel
+from pytest_mnn_parity.trace.record import record_reference
+from pytest_mnn_parity.trace.compare import trace_target
+from pytest_mnn_parity.core.tolerances import resolve
 target = RunConfig("CPU", "normal", 4)
 model = LoadedModel(path)
 inputs, _ = ParityEngine().inputs(model)
@@ -77,7 +78,7 @@ def build(size: int, folder: Path) -> Path:
     spec.loader.exec_module(builder)
     import onnx
 
-    from pytest_mnn_parity.convert import convert_onnx
+    from pytest_mnn_parity.onnx.convert import convert_onnx
 
     onnx_path = folder / f"lama_like_{size}.onnx"
     onnx.save(builder.lama_like(size), str(onnx_path))

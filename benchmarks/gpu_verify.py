@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pytest_mnn_parity.inputs import generate_inputs
-from pytest_mnn_parity.mnn_import import mnn
-from pytest_mnn_parity.native_output import capture_native_output
-from pytest_mnn_parity.runner import LoadedModel
+from pytest_mnn_parity.inputs.generate import generate_inputs
+from pytest_mnn_parity.mnn.library import mnn
+from pytest_mnn_parity.mnn.native_output import capture_native_output
+from pytest_mnn_parity.mnn.runner import LoadedModel
 
 CODES = {"normal": 0, "high": 1, "low": 2, "Low_BF16": 3}
 FORWARD = {"CPU": (0, 13), "OPENCL": (3,), "VULKAN": (7,), "CUDA": (2,)}

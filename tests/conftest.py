@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_mnn_parity.mnn_import import mnn
+from pytest_mnn_parity.mnn.library import mnn
 
 # pytester's in-process runs drop modules first imported inside them; pymnn's C
 # code looks MNN up in sys.modules, so MNN must be imported before any run.

@@ -24,9 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from pytest_mnn_parity.isolation import IsolatedEngine, WorkerError  # noqa: E402
-from pytest_mnn_parity.parity import ParitySettings  # noqa: E402
-from pytest_mnn_parity.runner import RunConfig  # noqa: E402
+from pytest_mnn_parity.isolation.engine import IsolatedEngine, WorkerError  # noqa: E402
+from pytest_mnn_parity.engine.results import ParitySettings  # noqa: E402
+from pytest_mnn_parity.mnn.runner import RunConfig  # noqa: E402
 
 SOURCES = ["fixtures/collapse/healthy.mnn", "fixtures/multi_io.mnn", "fixtures/demo/lama_like.mnn"]
 KINDS = ["truncate", "flip1", "flip8", "overwrite", "zero", "insert", "duplicate"]

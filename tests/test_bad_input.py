@@ -19,11 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_mnn_parity.isolation import IsolatedEngine
-from pytest_mnn_parity.parity import ParityEngine, ParitySettings
-from pytest_mnn_parity.report import record
-from pytest_mnn_parity.runner import RunConfig
-from pytest_mnn_parity.verdict import Category
+from pytest_mnn_parity.isolation.engine import IsolatedEngine
+from pytest_mnn_parity.engine.engine import ParityEngine
+from pytest_mnn_parity.engine.results import ParitySettings
+from pytest_mnn_parity.report.records import record
+from pytest_mnn_parity.mnn.runner import RunConfig
+from pytest_mnn_parity.core.verdict import Category
 
 from conftest import COLLAPSE, DEMO, FIXTURES, plugin_env, read_report
 
@@ -135,7 +136,7 @@ def test_names_that_are_not_utf8_are_handled(tmp_path):
 
 def test_metrics_of_extreme_values_do_not_raise():
     """Found by fuzzing: a corrupt weight made a layer's error energy overflow, and log10(0) raised."""
-    from pytest_mnn_parity.metrics import compare
+    from pytest_mnn_parity.core.metrics import compare
 
     with np.errstate(all="ignore"):
         m = compare(np.array([1e200, 1.0]), np.array([1e-170, 1.0]), atol=1e-3, rtol=1e-3)

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pytest_mnn_parity.bundle import BUNDLE_FILE, BundleWriter, entry_id, load_outputs, read_entries
-from pytest_mnn_parity.bundle_reference import looser_tier, parse_reference
-from pytest_mnn_parity.parity import ParityEngine, ParitySettings
-from pytest_mnn_parity.runner import RunConfig
+from pytest_mnn_parity.engine.bundle import BUNDLE_FILE, BundleWriter, entry_id, load_outputs, read_entries
+from pytest_mnn_parity.core.tolerances import looser_tier
+from pytest_mnn_parity.engine.bundle_reference import parse_reference
+from pytest_mnn_parity.engine.engine import ParityEngine
+from pytest_mnn_parity.engine.results import ParitySettings
+from pytest_mnn_parity.mnn.runner import RunConfig
 
 from conftest import FIXTURES, REPO, read_report, results_by_nodeid
 
@@ -229,7 +231,7 @@ def test_a_damaged_output_file_is_named(tmp_path):
     entry = next(e for e in read_entries(tmp_path / "b") if e["kind"] == "reference" and "multi_io" in e["model"])
     a, b = load_outputs(tmp_path / "b", entry)
     a["scores"] = a["scores"] + 1e-3
-    from pytest_mnn_parity.bundle import save_npz
+    from pytest_mnn_parity.engine.bundle import save_npz
 
     save_npz(tmp_path / "b" / "entries" / entry["outputs_file"],
              {f"A/{k}": v for k, v in a.items()} | {f"B/{k}": v for k, v in b.items()})
@@ -285,7 +287,7 @@ def test_entry_ids_are_file_names_and_distinct(labels, config):
        ref=st.sampled_from([None, "fp32", "fp16", "bf16"]),
        precision=st.sampled_from(["normal", "high", "low", "Low_BF16"]))
 def test_the_tier_against_a_bundle_is_never_tighter_than_either_side(kind, ref, precision):
-    from pytest_mnn_parity.tolerances import TIERS, tier_for
+    from pytest_mnn_parity.core.tolerances import TIERS, tier_for
 
     tier = looser_tier(kind, "CPU", precision, ref)
     if ref is None:

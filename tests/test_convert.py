@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_mnn_parity.convert import ConversionError, convert_onnx
-from pytest_mnn_parity.runner import LoadedModel
+from pytest_mnn_parity.onnx.convert import ConversionError, convert_onnx
+from pytest_mnn_parity.mnn.runner import LoadedModel
 
 from conftest import FIXTURES
 
@@ -51,7 +51,7 @@ def test_unsupported_ops_are_named_with_the_opset_and_a_hint(tmp_path):
 
 
 def test_isolated_conversion_turns_a_converter_crash_into_an_error(tmp_path):
-    from pytest_mnn_parity.mnn_import import mnn_version
+    from pytest_mnn_parity.mnn.library import mnn_version
 
     with pytest.raises(ConversionError) as info:
         convert_onnx(FIXTURES / "onnx" / "converter_crash.onnx", tmp_path / "crash.mnn", isolated=True)

@@ -77,7 +77,7 @@ def pythons(request, tmp_path_factory) -> dict[str, Path]:
 def _pytest(python: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     # Only this checkout's plugin, whatever else is installed: autoload off, the plugin named.
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
-    argv = [str(python), "-m", "pytest", "-p", "pytest_mnn_parity.plugin", "-p", "no:cacheprovider", "--mnn-only",
+    argv = [str(python), "-m", "pytest", "-p", "pytest_mnn_parity.plugin.hooks", "-p", "no:cacheprovider", "--mnn-only",
             "--mnn-backends", "CPU,METAL"]
     for model in MODELS:
         argv += ["--mnn-model", Path(model).name]

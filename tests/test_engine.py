@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 
 from pytest_mnn_parity import backends
-from pytest_mnn_parity.mnn_import import device_support_line
-from pytest_mnn_parity.model import ModelError
-from pytest_mnn_parity.tolerances import TIERS
-from pytest_mnn_parity.parity import ParityEngine, ParitySettings
-from pytest_mnn_parity.runner import REFERENCE_CONFIG, LoadedModel, RunConfig
-from pytest_mnn_parity.verdict import Category
+from pytest_mnn_parity.mnn.library import device_support_line
+from pytest_mnn_parity.mnn.model import ModelError
+from pytest_mnn_parity.core.tolerances import TIERS
+from pytest_mnn_parity.engine.engine import ParityEngine
+from pytest_mnn_parity.engine.results import ParitySettings
+from pytest_mnn_parity.mnn.runner import REFERENCE_CONFIG, LoadedModel, RunConfig
+from pytest_mnn_parity.core.verdict import Category
 
 from conftest import COLLAPSE, COLLAPSE_CATEGORIES, DEMO, FIXTURES
 

@@ -5,8 +5,8 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pytest_mnn_parity.metrics import compare
-from pytest_mnn_parity.weights import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, WeightRisk, classify_fp16
+from pytest_mnn_parity.core.metrics import compare
+from pytest_mnn_parity.mnn.weights import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, WeightRisk, classify_fp16
 
 # Values around every boundary the code tests: 0, fp16's subnormal and normal limits, its max.
 SPECIAL = st.sampled_from([0.0, -0.0, 1e-30, 3e-8, 1e-6, 7e-5, 0.5, -2.0, 6e4, 7e4, -1e9, float("nan"), float("inf")])
@@ -53,8 +53,8 @@ def test_relative_error_and_zero_counts_match_their_definitions(target, referenc
 
 
 def test_nonfinite_inputs_are_reported_for_every_configuration_and_rescanned_when_replaced():
-    from pytest_mnn_parity.parity import ParityEngine
-    from pytest_mnn_parity.runner import RunConfig
+    from pytest_mnn_parity.engine.engine import ParityEngine
+    from pytest_mnn_parity.mnn.runner import RunConfig
 
     from conftest import FIXTURES
 

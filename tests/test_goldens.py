@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pytest_mnn_parity.golden import GOLDEN_FILE, golden_folder, read_golden, summary, write_golden
+from pytest_mnn_parity.regression.golden import GOLDEN_FILE, golden_folder, read_golden, summary, write_golden
 
 from conftest import FIXTURES, REPO, read_report, results_by_nodeid
 
@@ -110,8 +110,8 @@ def test_goldens_under_xdist_each_worker_writes_its_own_models(pytester, models,
 
 
 def test_committed_goldens_match_this_mnn():
-    from pytest_mnn_parity.golden import check_golden
-    from pytest_mnn_parity.parity import ParityEngine
+    from pytest_mnn_parity.regression.golden import check_golden
+    from pytest_mnn_parity.engine.engine import ParityEngine
 
     engine = ParityEngine()
     for label in ("fixtures/demo/lama_like.mnn", "fixtures/multi_io.mnn"):

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig, backends
-from pytest_mnn_parity.isolation import IsolatedEngine
-from pytest_mnn_parity.report import record
-from pytest_mnn_parity.runner import LoadedModel
-from pytest_mnn_parity.verdict import Category
-from pytest_mnn_parity.worker import FAULT_INJECTION_ENV
+from pytest_mnn_parity.isolation.engine import IsolatedEngine
+from pytest_mnn_parity.report.records import record
+from pytest_mnn_parity.mnn.runner import LoadedModel
+from pytest_mnn_parity.core.verdict import Category
+from pytest_mnn_parity.isolation.worker import FAULT_INJECTION_ENV
 
 from conftest import COLLAPSE, DEMO, FIXTURES, read_report, results_by_nodeid
 

@@ -9,13 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pytest_mnn_parity.input_sets import InputSet, Where, mirror, parse_source
-from pytest_mnn_parity.inputs import generate_inputs
-from pytest_mnn_parity.parity import ParityEngine, ParitySettings
-from pytest_mnn_parity.runner import LoadedModel, RunConfig
-from pytest_mnn_parity.sidecar import find_sidecar
-from pytest_mnn_parity.sources import Target
-from pytest_mnn_parity.verdict import Category
+from pytest_mnn_parity.inputs.sets import InputSet, Where, mirror, parse_source
+from pytest_mnn_parity.inputs.generate import generate_inputs
+from pytest_mnn_parity.engine.engine import ParityEngine
+from pytest_mnn_parity.engine.results import ParitySettings
+from pytest_mnn_parity.mnn.runner import LoadedModel, RunConfig
+from pytest_mnn_parity.inputs.sidecar import find_sidecar
+from pytest_mnn_parity.inputs.sources import Target
+from pytest_mnn_parity.core.verdict import Category
 
 from conftest import COLLAPSE, DEMO, FIXTURES
 

@@ -9,13 +9,14 @@ import time
 import pytest
 
 from pytest_mnn_parity import backends
-from pytest_mnn_parity.isolation import IsolatedEngine
-from pytest_mnn_parity.parity import ParityEngine, ParitySettings
-from pytest_mnn_parity.reliability import Isolation, isolated_backends
-from pytest_mnn_parity.report import record
-from pytest_mnn_parity.runner import RunConfig
-from pytest_mnn_parity.verdict import CATEGORY_ORDER, Category
-from pytest_mnn_parity.worker import FAULT_INJECTION_ENV
+from pytest_mnn_parity.isolation.engine import IsolatedEngine
+from pytest_mnn_parity.engine.engine import ParityEngine
+from pytest_mnn_parity.engine.results import ParitySettings
+from pytest_mnn_parity.isolation.policy import Isolation, isolated_backends
+from pytest_mnn_parity.report.records import record
+from pytest_mnn_parity.mnn.runner import RunConfig
+from pytest_mnn_parity.core.verdict import CATEGORY_ORDER, Category
+from pytest_mnn_parity.isolation.worker import FAULT_INJECTION_ENV
 
 from conftest import COLLAPSE, DEMO, FIXTURES, read_report, results_by_nodeid
 

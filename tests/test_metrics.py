@@ -8,8 +8,8 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pytest_mnn_parity.metrics import compare, cosine_similarity, reference_scale, snr_db
-from pytest_mnn_parity.verdict import has_new_non_finite, is_constant_output, is_zero_output
+from pytest_mnn_parity.core.metrics import compare, cosine_similarity, reference_scale, snr_db
+from pytest_mnn_parity.core.verdict import has_new_non_finite, is_constant_output, is_zero_output
 
 finite32 = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
 shapes = hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=6)

@@ -7,12 +7,12 @@ import pytest
 from onnx import numpy_helper
 
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig, backends
-from pytest_mnn_parity.apis import NO_TRACE, TRACE_VIA_SESSION, parse_api
-from pytest_mnn_parity.model import ModelError
-from pytest_mnn_parity.module_runner import NO_BACKEND_READBACK, ModuleModel
-from pytest_mnn_parity.runner import LoadedModel
-from pytest_mnn_parity.verdict import Category, judge_output
-from pytest_mnn_parity.tolerances import TIERS
+from pytest_mnn_parity.engine.apis import NO_TRACE, TRACE_VIA_SESSION, parse_api
+from pytest_mnn_parity.mnn.model import ModelError
+from pytest_mnn_parity.mnn.module_runner import NO_BACKEND_READBACK, ModuleModel
+from pytest_mnn_parity.mnn.runner import LoadedModel
+from pytest_mnn_parity.core.verdict import Category, judge_output
+from pytest_mnn_parity.core.tolerances import TIERS
 
 from conftest import COLLAPSE, DEMO, FIXTURES
 

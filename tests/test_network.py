@@ -47,7 +47,7 @@ GUARD = textwrap.dedent('''
 
 CONVERT_TEST = textwrap.dedent('''
     from pytest_mnn_parity import ParityEngine, RunConfig
-    from pytest_mnn_parity.convert import convert_onnx
+    from pytest_mnn_parity.onnx.convert import convert_onnx
 
     def test_onnx_conversion_and_a_parity_check_of_the_result(tmp_path):
         converted = convert_onnx("multi_io.onnx", tmp_path / "multi_io.mnn")
@@ -84,6 +84,6 @@ def test_a_full_run_with_conversion_and_isolation_opens_no_socket(tmp_path):
     assert not log.exists(), log.read_text()
     loaded = (tmp_path / "net.log.loaded").read_text()
     assert " -m pytest " in loaded
-    assert "pytest_mnn_parity.worker" in loaded  # the isolated workers ran guarded too
+    assert "pytest_mnn_parity.isolation.worker" in loaded  # the isolated workers ran guarded too
     report = read_report(tmp_path / "r.json")
     assert {r["worker"] is not None for r in report["results"] if r["outcome"] == "passed"} == {True}

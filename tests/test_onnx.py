@@ -10,13 +10,14 @@ import pytest
 from pytest_mnn_parity import backends
 from onnx import TensorProto, helper, numpy_helper
 
-from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig, variants
-from pytest_mnn_parity.convert import convert_onnx
-from pytest_mnn_parity.mnn_import import mnn_version
-from pytest_mnn_parity.onnx_reference import OnnxRuntimeModel
-from pytest_mnn_parity.runner import REFERENCE_CONFIG, LoadedModel, OpObserver, to_numpy
-from pytest_mnn_parity.variants import ConversionCache
-from pytest_mnn_parity.verdict import Category
+from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig
+from pytest_mnn_parity.onnx import variants
+from pytest_mnn_parity.onnx.convert import convert_onnx
+from pytest_mnn_parity.mnn.library import mnn_version
+from pytest_mnn_parity.onnx.runtime import OnnxRuntimeModel
+from pytest_mnn_parity.mnn.runner import REFERENCE_CONFIG, LoadedModel, OpObserver, to_numpy
+from pytest_mnn_parity.onnx.variants import ConversionCache
+from pytest_mnn_parity.core.verdict import Category
 
 from conftest import COLLAPSE, FIXTURES
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pytest_mnn_parity.variants import ConversionCache
+from pytest_mnn_parity.onnx.variants import ConversionCache
 
 from conftest import read_report, results_by_nodeid
 

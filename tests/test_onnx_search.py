@@ -12,9 +12,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_mnn_parity.metrics import compare
-from pytest_mnn_parity.onnx_trace import MAX_PROBES, Graph, Node, evenly, search
-from pytest_mnn_parity.trace import TensorJudgement
+from pytest_mnn_parity.core.metrics import compare
+from pytest_mnn_parity.onnx.localise import MAX_PROBES, Graph, Node, evenly, search
+from pytest_mnn_parity.trace.record import TensorJudgement
 
 _METRICS = compare(np.ones(1), np.ones(1), atol=0, rtol=0)
 

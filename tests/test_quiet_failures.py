@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_mnn_parity.parity import ParityEngine, ParitySettings
-from pytest_mnn_parity.runner import RunConfig
+from pytest_mnn_parity.engine.engine import ParityEngine
+from pytest_mnn_parity.engine.results import ParitySettings
+from pytest_mnn_parity.mnn.runner import RunConfig
 
 from conftest import FIXTURES
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from hypothesis import given, strategies as st
 
-from pytest_mnn_parity.report_diff import (DRIFT_FACTOR, FAIL_ON, ReportError, compare_items, diff_reports,
+from pytest_mnn_parity.report.diff import (DRIFT_FACTOR, FAIL_ON, ReportError, compare_items, diff_reports,
                                            load_report, main)
 
 from conftest import COLLAPSE, plugin_env

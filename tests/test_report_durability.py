@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_mnn_parity.durable_report import IncrementalReport, report_path_problem
-from pytest_mnn_parity.report import build_report, write_json_atomically
+from pytest_mnn_parity.report.durable import IncrementalReport, report_path_problem
+from pytest_mnn_parity.core.files import write_json as write_json_atomically
+from pytest_mnn_parity.report.records import build_report
 
 from conftest import FIXTURES, plugin_env
 
@@ -88,7 +89,7 @@ def _workers_of(pid: int) -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"pytest_mnn_parity.worker" in cmdline:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"pytest_mnn_parity.isolation.worker" in cmdline:
                 found.append(int(entry.name))
     return found
 

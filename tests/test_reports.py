@@ -17,11 +17,12 @@ from PIL import Image
 
 from conftest import COLLAPSE, DEMO, FIXTURES
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig
-from pytest_mnn_parity.artifacts import ArtifactWriter, item_folder, safe_name
-from pytest_mnn_parity.htmlreport import render, result_id, write_html
-from pytest_mnn_parity.pictures import (_LUT, BOTH_ZERO, NEW_ZERO, NON_FINITE, error_heatmap, image_layout,
+from pytest_mnn_parity.report.artifacts import ArtifactWriter, item_folder, safe_name
+from pytest_mnn_parity.report.html import render, result_id, write_html
+from pytest_mnn_parity.report.pictures import (_LUT, BOTH_ZERO, NEW_ZERO, NON_FINITE, error_heatmap, image_layout,
                                         zero_nan_mask)
-from pytest_mnn_parity.report import build_report, json_safe, record
+from pytest_mnn_parity.core.files import json_safe
+from pytest_mnn_parity.report.records import build_report, record
 
 PARTIAL = "partial_zero.fp16.mnn"
 
@@ -328,7 +329,7 @@ def test_saved_json_renders_the_same_page_from_the_command_line(run, tmp_path):
     saved = tmp_path / "r.json"
     saved.write_text(json.dumps(run.data))
     out = tmp_path / "again.html"
-    proc = subprocess.run([sys.executable, "-m", "pytest_mnn_parity.htmlreport", str(saved), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "pytest_mnn_parity.report.html", str(saved), str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert out.read_text() == run.html.read_text()

@@ -9,13 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pytest_mnn_parity.input_sets import InputSet
-from pytest_mnn_parity.parity import ParityEngine, ParitySettings
-from pytest_mnn_parity.runner import RunConfig
-from pytest_mnn_parity.search import judge_inputs, replay_snippet, save, search
-from pytest_mnn_parity.sidecar import find_sidecar
-from pytest_mnn_parity.tolerances import resolve
-from pytest_mnn_parity.verdict import Category
+from pytest_mnn_parity.inputs.sets import InputSet
+from pytest_mnn_parity.engine.engine import ParityEngine
+from pytest_mnn_parity.engine.results import ParitySettings
+from pytest_mnn_parity.mnn.runner import RunConfig
+from pytest_mnn_parity.engine.search import judge_inputs, replay_snippet, save, search
+from pytest_mnn_parity.inputs.sidecar import find_sidecar
+from pytest_mnn_parity.core.tolerances import resolve
+from pytest_mnn_parity.core.verdict import Category
 
 from conftest import DEMO, FIXTURES
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pytest_mnn_parity.input_sets import SidecarError
-from pytest_mnn_parity.model import ModelError
-from pytest_mnn_parity.runner import LoadedModel
-from pytest_mnn_parity.sidecar import find_sidecar
+from pytest_mnn_parity.inputs.sets import SidecarError
+from pytest_mnn_parity.mnn.model import ModelError
+from pytest_mnn_parity.mnn.runner import LoadedModel
+from pytest_mnn_parity.inputs.sidecar import find_sidecar
 
 from conftest import DEMO, FIXTURES
 

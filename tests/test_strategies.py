@@ -8,10 +8,10 @@ from random import Random
 from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
 
-from pytest_mnn_parity.input_sets import InputSet, Where, parse_source
-from pytest_mnn_parity.runner import LoadedModel
-from pytest_mnn_parity.sources import Target
-from pytest_mnn_parity.strategies import float_arrays, int_arrays, masks, mnn_inputs, source_arrays, unit_images
+from pytest_mnn_parity.inputs.sets import InputSet, Where, parse_source
+from pytest_mnn_parity.mnn.runner import LoadedModel
+from pytest_mnn_parity.inputs.sources import Target
+from pytest_mnn_parity.inputs.strategies import float_arrays, int_arrays, masks, mnn_inputs, source_arrays, unit_images
 
 from conftest import DEMO, FIXTURES
 

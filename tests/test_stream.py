@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig
-from pytest_mnn_parity.stream import DEFAULT_STEPS, StreamSpec, parse_stream, spec_for
-from pytest_mnn_parity.verdict import Category
+from pytest_mnn_parity.inputs.stream_spec import DEFAULT_STEPS, StreamSpec, parse_stream, spec_for
+from pytest_mnn_parity.core.verdict import Category
 
 from conftest import FIXTURES, read_report
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from pytest_mnn_parity.tolerances import OVERRIDABLE, TIERS, resolve, tier_for
+from pytest_mnn_parity.core.tolerances import OVERRIDABLE, TIERS, resolve, tier_for
 
 
 @pytest.mark.parametrize(("backend", "precision", "tier"), [
@@ -67,7 +67,7 @@ def test_resolution_equals_last_writer_per_field(layers, backend, precision):
 @given(st.sampled_from(["CPU", "OPENCL", "VULKAN"]), st.sampled_from(["normal", "high", "low", "Low_BF16"]),
        st.sampled_from([None, "fp32", "fp16", "int8"]))
 def test_a_conversion_variant_never_tightens_the_tier(backend, precision, variant):
-    from pytest_mnn_parity.tolerances import TIER_ORDER, VARIANT_TIERS
+    from pytest_mnn_parity.core.tolerances import TIER_ORDER, VARIANT_TIERS
 
     plain = resolve(backend, precision)
     with_variant = resolve(backend, precision, variant=variant)

@@ -7,9 +7,9 @@ import pytest
 from onnx import numpy_helper
 
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig
-from pytest_mnn_parity.runner import REFERENCE_CONFIG, LoadedModel
-from pytest_mnn_parity.trace import activation_risk, record_reference
-from pytest_mnn_parity.verdict import Category
+from pytest_mnn_parity.mnn.runner import REFERENCE_CONFIG, LoadedModel
+from pytest_mnn_parity.trace.record import activation_risk, record_reference
+from pytest_mnn_parity.core.verdict import Category
 
 from conftest import COLLAPSE, DEMO, FIXTURES, read_report
 

@@ -15,10 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pytest_mnn_parity import ParityEngine, RunConfig
-from pytest_mnn_parity.quickcompare import quick_pass, ref_stats
-from pytest_mnn_parity.runner import REFERENCE_CONFIG, LoadedModel
-from pytest_mnn_parity.tolerances import TIERS, resolve
-from pytest_mnn_parity.trace import layer_table, record_reference, trace_target
+from pytest_mnn_parity.core.quickcompare import quick_pass, ref_stats
+from pytest_mnn_parity.mnn.runner import REFERENCE_CONFIG, LoadedModel
+from pytest_mnn_parity.core.tolerances import TIERS, resolve
+from pytest_mnn_parity.trace.record import record_reference
+from pytest_mnn_parity.trace.compare import layer_table, trace_target
 
 from conftest import COLLAPSE, DEMO, FIXTURES
 
@@ -110,8 +111,8 @@ def test_fast_path_is_taken_and_failures_are_still_found():
 @settings(max_examples=60, deadline=None)
 def test_quick_pass_never_accepts_what_compare_fails(size, scale, noise, seed):
     """The proof behind the quick pass, on random tensors: accepted implies compare passes, max_abs exact."""
-    from pytest_mnn_parity.metrics import compare
-    from pytest_mnn_parity.verdict import fails_tolerance
+    from pytest_mnn_parity.core.metrics import compare
+    from pytest_mnn_parity.core.verdict import fails_tolerance
 
     rng = np.random.default_rng(seed)
     ref = (rng.standard_normal(size) * scale).astype(np.float32)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig
-from pytest_mnn_parity.runner import REFERENCE_CONFIG, LoadedModel
-from pytest_mnn_parity.trace import RiskScanner, record_reference
+from pytest_mnn_parity.mnn.runner import REFERENCE_CONFIG, LoadedModel
+from pytest_mnn_parity.trace.record import RiskScanner, record_reference
 
 from conftest import FIXTURES, read_report
 from test_module_api import _lstm_reference

@@ -243,7 +243,7 @@ def test_bad_input_and_broken_models_fail_specifically_and_the_rest_still_runs(p
         import numpy as np
         import pytest
         from helpers import lama_inputs
-        from pytest_mnn_parity.user_parity import MnnInputError
+        from pytest_mnn_parity.engine.user_inputs import MnnInputError
 
         pytestmark = pytest.mark.mnn_parity(backends="CPU", precisions="high")
 

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from conftest import COLLAPSE, DEMO, FIXTURES
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig
-from pytest_mnn_parity.backends import DEFAULT_BACKENDS, PRECISIONS
-from pytest_mnn_parity.model import ModelError
-from pytest_mnn_parity.runner import REFERENCE_CONFIG, LoadedModel
-from pytest_mnn_parity.user_markers import MarkerError, matrix_row, parity_spec, select, xfail_specs
-from pytest_mnn_parity.user_parity import MnnInputError, MnnOutputs, MnnRunError, ModelUnderTest
+from pytest_mnn_parity.mnn.backends import DEFAULT_BACKENDS, PRECISIONS
+from pytest_mnn_parity.mnn.model import ModelError
+from pytest_mnn_parity.mnn.runner import REFERENCE_CONFIG, LoadedModel
+from pytest_mnn_parity.plugin.user_markers import MarkerError, matrix_row, parity_spec, select, xfail_specs
+from pytest_mnn_parity.engine.user_inputs import MnnInputError, MnnOutputs, MnnRunError, ModelUnderTest
 
 
 @pytest.fixture(scope="module")

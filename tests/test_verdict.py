@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pytest_mnn_parity.tolerances import TIERS
-from pytest_mnn_parity.verdict import CATEGORY_ORDER, Category, judge_output, judge_outputs, worst
+from pytest_mnn_parity.core.tolerances import TIERS
+from pytest_mnn_parity.core.verdict import CATEGORY_ORDER, Category, judge_output, judge_outputs, worst
 
 TOL = TIERS["fp32"]
 REF = np.linspace(0.1, 1.0, 64, dtype=np.float32).reshape(1, 4, 4, 4)

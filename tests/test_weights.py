@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pytest_mnn_parity.convert import convert_onnx
-from pytest_mnn_parity.weights import (FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, WeightRisk,
+from pytest_mnn_parity.onnx.convert import convert_onnx
+from pytest_mnn_parity.mnn.weights import (FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, WeightRisk,
                                        _Reader, classify_fp16, fp16_weight_risks, iter_weights)
 
 from conftest import COLLAPSE, DEMO, FIXTURES

@@ -1,0 +1,155 @@
+"""Which tolerance applies to a configuration, and why.
+
+Resolution order, later wins, field by field:
+
+1. **Built-in tier**, chosen by the arithmetic a probe measured for the
+   backend x precision (fp32, fp16 or bf16); when the probe cannot tell, by
+   the backend x precision table below.
+2. **ini / pyproject**: ``mnn_atol``, ``mnn_rtol``, ``mnn_min_cosine``,
+   ``mnn_max_outside_fraction`` in ``[tool.pytest.ini_options]``.
+3. **Marker** on a user's test: ``@pytest.mark.mnn_parity(atol=..., rtol=...)``,
+   then keyword arguments of the test's ``mnn_parity(outputs, atol=...)`` call.
+4. **Command line**: ``--mnn-atol``, ``--mnn-rtol``, ``--mnn-min-cosine``,
+   ``--mnn-max-outside-fraction``.
+
+An element passes when ``|target - ref| <= atol * scale + rtol * |ref|`` where
+``scale`` is the largest ``|ref|`` of that output (``metrics.reference_scale``).
+``atol`` is therefore a fraction of the output's own range: a [0, 1] image and
+logits in the hundreds are held to the same standard.  An output passes when
+at most ``max_outside_fraction`` of its elements fail and its cosine similarity
+to the reference is at least ``min_cosine``.
+
+=========  ==========================================  =======  =======  ==========
+tier       used for                                     atol     rtol     min_cosine
+=========  ==========================================  =======  =======  ==========
+fp32       measured fp32; else ``high``, CPU ``normal``  5e-4     1e-3     0.9999
+fp16       measured fp16; else CPU ``low``, GPU/NPU     2e-2     2e-2     0.999
+           ``normal`` and ``low``
+bf16       measured bf16; else CPU ``Low_BF16``         6e-2     6e-2     0.995
+int8       an ``int8`` conversion variant               5e-2     5e-2     0.995
+=========  ==========================================  =======  =======  ==========
+
+A conversion variant (an ONNX model converted by the plugin) raises the tier
+to at least its own: ``fp16`` weights use the fp16 tier even at ``high``,
+``int8`` weights the int8 tier; of the two tiers the looser (later in
+``TIER_ORDER``) is used.
+
+Why these numbers: fp32 kernels (Winograd convolutions, multi-threaded
+reductions) differ from a 1-thread reference by up to ~1e-4 of the output
+range on deep graphs; fp32 allows 5x that so it never false-fails, while a
+broken kernel is off by percent.  fp16 keeps 10-11 mantissa bits (~5e-4
+relative per rounding) and errors accumulate along a graph; bf16 keeps 8.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping
+
+CPU_BACKENDS = frozenset({"CPU"})
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    min_cosine: float
+    max_outside_fraction: float = 0.0
+    # An output is ``partial_zero`` when at least this fraction of its elements
+    # became exactly zero while the reference is not zero there.
+    partial_zero_fraction: float = 0.01
+    tier: str = "custom"
+    sources: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sources"] = list(self.sources)
+        return data
+
+    def describe(self) -> str:
+        origin = f" (overridden by {', '.join(self.sources)})" if self.sources else ""
+        return (f"tier {self.tier}{origin}: atol {self.atol:g} x ref scale, rtol {self.rtol:g}, "
+                f"min cosine {self.min_cosine:g}, max outside {self.max_outside_fraction:g}")
+
+
+TIERS: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=5e-4, rtol=1e-3, min_cosine=0.9999, tier="fp32"),
+    "fp16": Tolerance(atol=2e-2, rtol=2e-2, min_cosine=0.999, tier="fp16"),
+    "bf16": Tolerance(atol=6e-2, rtol=6e-2, min_cosine=0.995, tier="bf16"),
+    # 8-bit weights: a step of max|w|/127 per channel; on the 10-conv deep
+    # fixture the int8 build is 1.7e-2 of the output range from ONNX Runtime.
+    "int8": Tolerance(atol=5e-2, rtol=5e-2, min_cosine=0.995, tier="int8"),
+}
+# Loosest last: a variant's tier and a configuration's tier combine to the later one.
+TIER_ORDER = ("fp32", "fp16", "int8", "bf16")
+# The tier each conversion variant needs at least (see variants.VARIANTS).
+VARIANT_TIERS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}
+
+OVERRIDABLE = ("atol", "rtol", "min_cosine", "max_outside_fraction", "partial_zero_fraction")
+
+
+def tier_for(backend: str, precision: str) -> str:
+    """The built-in tier for a backend x precision (see the module table)."""
+    p = precision.lower()
+    if p == "low_bf16":
+        return "bf16" if backend.upper() in CPU_BACKENDS else "fp16"
+    if p == "high":
+        return "fp32"
+    if p == "normal":
+        # MNN's CPU computes ``normal`` in fp32; GPU backends may use fp16 storage.
+        return "fp32" if backend.upper() in CPU_BACKENDS else "fp16"
+    return "fp16"
+
+
+def variant_tier(tier: str, variant: str | None) -> str:
+    """``tier`` raised to what a conversion variant needs (the looser of the two)."""
+    floor = VARIANT_TIERS.get(variant or "", "fp32")
+    return max(tier, floor, key=TIER_ORDER.index)
+
+
+def resolve(backend: str, precision: str, *layers: tuple[str, Mapping[str, Any] | None],
+            arithmetic: str | None = None, variant: str | None = None) -> Tolerance:
+    """The tier for ``backend`` x ``precision`` (and conversion ``variant``) with ``layers`` of overrides.
+
+    ``arithmetic`` is what a probe measured the configuration to compute in
+    (``backends.probe_arithmetic``): when known it picks the tier, so an fp32
+    path (``low`` on an x86 CPU, anything on OpenCL without fp16) is held to
+    fp32 tolerances.  Each layer is ``(source_name, {field: value})``; ``None``
+    values are ignored so an option that was not given does not clobber a lower layer.
+    """
+    measured = arithmetic if arithmetic in ("fp32", "fp16", "bf16") else tier_for(backend, precision)
+    tol = TIERS[variant_tier(measured, variant)]
+    for source, overrides in layers:
+        if not overrides:
+            continue
+        given = {k: float(v) for k, v in overrides.items() if v is not None}
+        unknown = set(given) - set(OVERRIDABLE)
+        if unknown:
+            raise ValueError(f"{source}: unknown tolerance field(s) {sorted(unknown)}; known: {list(OVERRIDABLE)}")
+        for name, value in given.items():
+            _check_value(source, name, value)
+        if given:
+            tol = replace(tol, **given, sources=tol.sources + (source,))
+    return tol
+
+
+def _check_value(source: str, name: str, value: float) -> None:
+    if value != value or value < 0:  # NaN or negative
+        raise ValueError(f"{source}: {name} must be a non-negative number, got {value!r}")
+    if name in ("min_cosine", "max_outside_fraction", "partial_zero_fraction") and value > 1:
+        raise ValueError(f"{source}: {name} must be at most 1, got {value!r}")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(Tolerance)]
+
+
+# The tiers a saved reference can have been computed at, tightest first.
+_REFERENCE_TIERS = ("fp32", "fp16", "bf16")
+
+
+def looser_tier(kind: str, backend: str, precision: str, reference_tier: str | None) -> str:
+    """The looser of the target's tier and the reference's: both sides' rounding is in the difference."""
+    mine = kind if kind in TIERS else tier_for(backend, precision)
+    if reference_tier not in _REFERENCE_TIERS:
+        return kind
+    return max(mine, reference_tier, key=_REFERENCE_TIERS.index)

@@ -1,0 +1,472 @@
+"""The parity engine: run a model on a configuration and judge it against a reference.
+
+Usable without pytest::
+
+    from pytest_mnn_parity import ParityEngine, RunConfig
+    engine = ParityEngine()
+    result = engine.check("lama.mnn", RunConfig("CPU", "low"))
+    print(result.category, result.message)
+
+The engine caches what is expensive: loaded models (with their sessions) and
+reference outputs, once per model and input set.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..core.tolerances import Tolerance, looser_tier, resolve
+from ..core.verdict import Category, Verdict, judge_outputs
+from ..inputs.generate import fingerprint, generate_inputs
+from ..inputs.sets import InputSet
+from ..mnn import backends
+from ..mnn.failures import last_lines, mnn_said, runtime_error_text, runtime_hint
+from ..mnn.limits import nonfinite_inputs
+from ..mnn.model import ModelError, model_key, remembered
+from ..mnn.runner import REFERENCE_CONFIG, LoadedModel, RunConfig, check_same_interface
+from ..mnn.weights import WeightRisk, fp16_weight_risks
+from ..onnx.variants import is_onnx
+from ..trace.capture import capture_layers
+from ..trace.compare import trace_target
+from ..trace.record import ReferenceTrace, RiskScanner, record_reference
+from .bundle_reference import open_bundle_reference
+from .explain import failure_message
+from .results import (
+    Computed,
+    EmptyReferenceOutputs,
+    ParityResult,
+    ParitySettings,
+    Reference,
+    ReferenceRunError,
+)
+
+# Categories where the outputs exist and can be traced layer by layer.
+_TRACEABLE = {Category.OK, Category.SHAPE_MISMATCH, Category.NON_FINITE, Category.ZERO_OUTPUT, Category.PARTIAL_ZERO,
+              Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH}
+
+
+# A weight tensor is named only when this share of it would be lost: a few
+# rounding-noise entries (1e-17 in a DFT matrix) are not a risk.
+WEIGHT_RISK_MIN_FRACTION = 0.2
+
+
+class ParityEngine:
+    def __init__(self, settings: ParitySettings | None = None):
+        self.settings = settings or ParitySettings()
+        self._models: dict[Path, LoadedModel | ModelError] = {}
+        self._references: dict[Path, Reference | ModelError] = {}
+        self._inputs: dict[Path, tuple[dict, dict]] = {}
+        self._reference_traces: dict[Path, ReferenceTrace] = {}
+        self._fingerprints: dict[Path, str] = {}
+        # Per-model input shapes (from a sidecar) and where each came from.
+        self._model_shapes: dict[Path, tuple[dict[str, tuple[int, ...]], str]] = {}
+        self._nonfinite: dict[Path, dict | None] = {}
+        # The last input-set pair a check scanned for NaN/Inf, and what it found (see _nonfinite_of).
+        self._last_nonfinite: tuple | None = None
+        self._provided: set[Path] = set()
+        from .apis import ApiSide  # noqa: PLC0415
+        from .onnx_side import OnnxSide  # noqa: PLC0415 - it uses this module's types
+        from .stream import StreamSide  # noqa: PLC0415
+
+        self.onnx = OnnxSide(self)
+        self.apis = ApiSide(self)
+        self.streams = StreamSide(self)
+        # A bundle directory as --mnn-reference: its saved outputs replace the reference run.
+        self.bundle = open_bundle_reference(self.settings.reference)
+
+    # -- models -----------------------------------------------------------------
+    def model(self, path: os.PathLike | str, api: str = "session") -> LoadedModel:
+        """The loaded model, loading it once; a load failure is remembered and re-raised.
+
+        ``api="module"`` gives the model loaded through MNN's Module API instead
+        (``module_runner.ModuleModel``, same interface).
+        """
+        if api == "module":
+            return self.apis.module(path)
+        key = model_key(path)
+
+        def load() -> LoadedModel:
+            shapes, sources = self._shapes_for(key)
+            return LoadedModel(Path(path), shapes, shape_sources=sources, max_input_mb=self.settings.max_input_mb)
+
+        return remembered(self._models, key, load)
+
+    def release(self, path: os.PathLike | str) -> None:
+        """Free a model's interpreter and sessions (MNN frees sessions with the interpreter only)."""
+        key = model_key(path)
+        for converted in self.onnx.release(key):
+            self.release(converted)
+        model = self._models.pop(key, None)
+        if isinstance(model, LoadedModel):
+            model.close()
+        for cache in (self._inputs, self._fingerprints, self._references, self._reference_traces):
+            for cached in [k for k in cache if k == key or (isinstance(k, tuple) and k[0] == key)]:
+                value = cache.pop(cached)
+                if isinstance(value, ReferenceTrace):
+                    value.close()
+        self.apis.release(key)
+        self.streams.release(key)
+        self._nonfinite.pop(key, None)
+        self._last_nonfinite = None  # it may hold this model's inputs
+        self._provided.discard(key)
+        if self.bundle is not None:
+            self.bundle.release(key)
+
+    def set_input_shapes(self, path: os.PathLike | str, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+        """Shapes for one model (a sidecar's [shapes]); ``--mnn-input-shape`` still wins per input."""
+        key = model_key(path)
+        if self._model_shapes.get(key) != (dict(shapes), source):
+            self.release(path)
+            self._model_shapes[key] = (dict(shapes), source)
+
+    def _shapes_for(self, key: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+        converted_from = self.onnx.source_of(key)  # a conversion uses its ONNX model's shapes
+        own, source = self._model_shapes.get(key) or self._model_shapes.get(
+            model_key(converted_from) if converted_from is not None else key, ({}, ""))
+        shapes = {**own, **self.settings.input_shapes}
+        return shapes, {name: f"{source} {name}" for name in own if name not in self.settings.input_shapes}
+
+    def reference_model(self, model: LoadedModel) -> LoadedModel:
+        """The model the reference runs: ``model`` itself, or ``--mnn-reference`` with the same input shapes
+        (on the same MNN API as ``model``)."""
+        if not self.settings.reference or self.bundle is not None:
+            return model
+        own = self._model_shapes.get(model_key(model.path))
+        if own is not None and model_key(self.settings.reference) not in self._model_shapes:
+            self._model_shapes[model_key(self.settings.reference)] = own
+        return self.model(self.settings.reference, _api(model))
+
+    def inputs(self, model: LoadedModel, input_set: InputSet | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Input sets A (seed) and B (seed + 1): B exists to catch outputs that do not recompute.
+
+        A named ``input_set`` gives its own A, and B = A mirrored (see ``input_sets``).
+        """
+        key = _set_key(model.path, input_set)
+        if key not in self._inputs:
+            seed = self.settings.seed
+            if input_set is not None:
+                self._inputs[key] = input_set.build(model, seed)
+            else:
+                self._inputs[key] = (generate_inputs(model.info.inputs, model.shapes, seed),
+                                     generate_inputs(model.info.inputs, model.shapes, seed + 1))
+        return self._inputs[key]
+
+    def provide_inputs(self, model_path: os.PathLike | str, inputs_a: Mapping[str, np.ndarray],
+                       inputs_b: Mapping[str, np.ndarray] | None = None) -> None:
+        """Use these arrays instead of generated inputs for this model (B defaults to the generated set B).
+
+        Every model input must be given, at the model's resolved shape; NaN/Inf
+        are allowed and reported in each result's ``inputs_nonfinite``.
+        """
+        model = self.model(model_path)
+        generated_a, generated_b = self.inputs(model)
+        given = []
+        for arrays in (inputs_a, inputs_b if inputs_b is not None else generated_b):
+            missing = sorted(set(generated_a) - set(arrays))
+            if missing:
+                raise ValueError(f"{model.path}: no array for input(s) {missing}")
+            converted = {}
+            for name, ref in generated_a.items():
+                array = np.asarray(arrays[name], dtype=ref.dtype)
+                if array.shape != ref.shape:
+                    raise ValueError(f"{model.path}: input {name!r} has shape {array.shape}, the model needs "
+                                     f"{ref.shape}")
+                converted[name] = array
+            given.append(converted)
+        key = model_key(model.path)
+        self._inputs[key] = (given[0], given[1])
+        self._provided.add(key)
+        for cache in (self._fingerprints, self._nonfinite, self._references):
+            cache.pop(key, None)
+
+    def inputs_nonfinite(self, model: LoadedModel) -> dict[str, Any] | None:
+        key = model_key(model.path)
+        if key not in self._nonfinite:
+            self._nonfinite[key] = nonfinite_inputs(*self.inputs(model))
+        return self._nonfinite[key]
+
+    def _nonfinite_of(self, inputs_a: Mapping[str, np.ndarray], inputs_b: Mapping[str, np.ndarray]
+                      ) -> dict[str, Any] | None:
+        """``nonfinite_inputs`` once per input-set pair rather than once per configuration: the pair is
+        the cached one from ``inputs`` (identity is the key, so replaced inputs are scanned again)."""
+        last = self._last_nonfinite
+        if last is None or last[0] is not inputs_a or last[1] is not inputs_b:
+            last = self._last_nonfinite = (inputs_a, inputs_b, nonfinite_inputs(inputs_a, inputs_b))
+        found = last[2]
+        return None if found is None else {name: dict(entry) for name, entry in found.items()}
+
+    def _fingerprint(self, model: LoadedModel, input_set: InputSet | None = None) -> str:
+        key = _set_key(model.path, input_set)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = fingerprint(self.inputs(model, input_set)[0])
+        return self._fingerprints[key]
+
+    # -- reference --------------------------------------------------------------
+    def reference(self, model: LoadedModel, input_set: InputSet | None = None,
+                  config: RunConfig | None = None) -> Reference:
+        """The reference outputs; ``config`` matters only for a bundle read as ``DIR::same``."""
+        if self.bundle is not None:
+            return self.bundle.reference(self, model, config, input_set)
+        return self.live_reference(model, input_set)
+
+    def live_reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
+        """The reference computed here (never a bundle's): cached per model and input set."""
+        key = _set_key(model.path, input_set)
+        if _api(model) != "session":  # each API is compared against its own reference
+            key = (key if isinstance(key, tuple) else (key,)) + (_api(model),)
+        return remembered(self._references, key, lambda: self._compute_reference(model, input_set))
+
+    def _compute_reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
+        inputs_a, inputs_b = self.inputs(model, input_set)
+        if self.onnx.reference_path(model) is not None:
+            return self.onnx.reference(model, inputs_a, inputs_b)
+        if self.settings.reference and self.bundle is None:  # a bundle's live reference is the model itself
+            ref_model = self.reference_model(model)
+            check_same_interface(model, ref_model)
+            description = f"{ref_model.path} on {REFERENCE_CONFIG.describe()}"
+        else:
+            ref_model = model
+            description = f"same model on {REFERENCE_CONFIG.describe()}"
+        if _api(model) != "session":
+            description += f" ({_api(model)} API)"
+        # The activation scan needs per-op callbacks, which only sessions have.
+        scanner = RiskScanner() if self.settings.layers != "off" and _api(model) == "session" else None
+        run_a = ref_model.run(REFERENCE_CONFIG, inputs_a, observer=scanner)
+        run_b = ref_model.run(REFERENCE_CONFIG, inputs_b)
+        for run in (run_a, run_b):
+            if not run.ok:
+                raise ReferenceRunError(ref_model.path, run, ref_model.session_backend(REFERENCE_CONFIG)[1])
+            empty = [name for name, arr in run.outputs.items() if arr.size == 0]
+            if empty:
+                raise EmptyReferenceOutputs(ref_model.path, f"the reference run produced empty outputs {empty}",
+                                            runtime_hint(run), run.log)
+        weight_risks = []
+        if self.settings.layers != "off":
+            try:
+                weight_risks = _without_repeats(fp16_weight_risks(ref_model.path,
+                                                                  min_fraction=WEIGHT_RISK_MIN_FRACTION))
+            except ValueError:
+                pass  # MNN loaded the file, so a reader gap is ours: skip the scan, never fail the model
+        return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [], weight_risks)
+
+    # -- the check --------------------------------------------------------------
+    def tolerance(self, config: RunConfig, layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
+                  variant: str | None = None, reference_arithmetic: str | None = None) -> Tolerance:
+        """The tolerance ``config`` is judged by, with ``layers`` of overrides: the one place a tier is chosen
+        (from the arithmetic measured for ``config``, the conversion ``variant``, and the arithmetic of a
+        saved reference computed at reduced precision)."""
+        arithmetic = backends.probe_arithmetic(config.backend, config.precision)
+        kind = looser_tier(arithmetic.kind, config.backend, config.precision, reference_arithmetic)
+        return resolve(config.backend, config.precision, *layers, arithmetic=kind, variant=variant)
+
+    def check(self, model_path: os.PathLike | str, config: RunConfig,
+              tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
+              reproduce: str = "", variant: str | None = None, input_set: InputSet | None = None,
+              output_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None,
+              layer_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None,
+              api: str | None = None) -> ParityResult:
+        """Run ``config`` and judge it.  An ``.onnx`` model is converted first (``variant``:
+        ``fp32`` by default, see ``variants.VARIANTS``) and compared against ONNX Runtime.
+
+        ``input_set``: a named set (default: seeded generated inputs).
+        ``output_tolerances`` / ``layer_tolerances``: for some outputs / traced
+        ops, their own override layers (the whole list, as ``tolerance_layers``).
+        ``api``: "session", "module" or "auto" (default: ``settings.api``, see ``apis``).
+        """
+        if variant is None and is_onnx(model_path):
+            variant = "fp32"
+        result = self._check(model_path, config, tolerance_layers, reproduce, variant, input_set,
+                             output_tolerances, layer_tolerances, api)
+        result.variant = variant
+        return result
+
+    def _check(self, model_path: os.PathLike | str, config: RunConfig,
+               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]], reproduce: str,
+               variant: str | None, input_set: InputSet | None = None,
+               output_tolerances: Mapping[str, Sequence] | None = None,
+               layer_tolerances: Mapping[str, Sequence] | None = None, api: str | None = None) -> ParityResult:
+        model_label = str(model_path)
+        status = backends.discover([config.backend])[config.backend]
+        if not status.available:
+            return ParityResult(model_label, config, Category.BACKEND_UNAVAILABLE, status.reason,
+                                forward_type=status.forward_type)
+        conversion = ""
+        api_fields: dict[str, Any] = {}
+        try:
+            if is_onnx(model_path):
+                model_path, conversion = self.onnx.converted(model_path, variant)
+            choice = self.apis.resolve(model_path, api)
+            api_fields = {"api": choice.api, "api_reason": choice.reason, "api_axis": choice.axis}
+            model = self.model(model_path, choice.api)
+            reference = self.reference(model, input_set, config)
+        except (ReferenceRunError, EmptyReferenceOutputs) as exc:
+            return self._check_without_reference(model, config, exc, reproduce, input_set, api_fields)
+        except ModelError as exc:
+            return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log, **api_fields)
+        arithmetic = backends.probe_arithmetic(config.backend, config.precision)
+        ref_arith = reference.arithmetic
+        tol = self.tolerance(config, tolerance_layers, variant, ref_arith)
+        output_tolerances = {k: self.tolerance(config, v, variant, ref_arith) for k, v in (output_tolerances or {}).items()}
+        layer_tolerances = {k: self.tolerance(config, v, variant, ref_arith) for k, v in (layer_tolerances or {}).items()}
+        inputs_a, inputs_b = self.inputs(model, input_set)
+        if input_set is not None:
+            set_label = input_set.name
+        else:
+            set_label = "provided" if model_key(model.path) in self._provided else f"seeded:{self.settings.seed}"
+        try:
+            forward, session_log = model.session_backend(config)
+        except ModelError as exc:  # the reference's session worked, this configuration's did not
+            return ParityResult(model_label, config, Category.RUNTIME_ERROR, str(exc), tolerance=tol,
+                                reference=reference.description, input_set=set_label, log=exc.log)
+        result = ParityResult(model_label, config, Category.OK, "", _backend_name(forward), forward, tol,
+                              reference=reference.description, input_set=set_label, log=session_log,
+                              fp16_risks=list(reference.fp16_risks), weight_risks=list(reference.weight_risks),
+                              arithmetic=arithmetic, variant=variant, conversion=conversion,
+                              input_detail=input_set.describe() if input_set is not None else "",
+                              inputs_nonfinite=self._nonfinite_of(inputs_a, inputs_b), **api_fields,
+                              reference_label=reference.label or self.settings.reference or (
+                                  "onnxruntime" if self.onnx.reference_path(model) is not None else "cpu"))
+        if choice.api == "module":
+            result.backend_note = model.backend_note(config)
+        if model.falls_back(config):
+            result.category = Category.BACKEND_FALLBACK
+            runner = "this module" if choice.api == "module" else "this session"
+            result.message = (f"{config.backend} was available at discovery but {runner} runs on "
+                              f"{backends.forward_name(forward)} (forward type {forward}): MNN fell back silently. "
+                              f"MNN said: {last_lines(session_log)}")
+            return result
+        # A stream feeds back its own state, so it runs the seeded inputs only.
+        stream = self.streams.spec_for(model_path) if input_set is None else None
+        if stream is not None:
+            return self.streams.check(result, model, config, tol, stream, reproduce)
+        run_a = model.run(config, inputs_a)
+        run_b = model.run(config, inputs_b) if run_a.ok else run_a
+        result.rc, result.seconds = run_a.rc if not run_a.ok else run_b.rc, run_a.seconds
+        result.log += run_a.log + run_b.log
+        failed_run = run_a if not run_a.ok else (run_b if not run_b.ok else None)
+        if failed_run is not None:
+            result.category = Category.RUNTIME_ERROR
+            result.verdict = Verdict(Category.RUNTIME_ERROR)
+            result.message = failure_message(result, model, error=runtime_error_text(failed_run, result.log),
+                                             reproduce=reproduce)
+            return result
+        result.verdict = judge_outputs(run_a.outputs, reference.outputs_a, tol,
+                                       targets_b=run_b.outputs, references_b=reference.outputs_b,
+                                       output_tolerances=output_tolerances)
+        result.category = result.verdict.category
+        if choice.api == "module" and self.settings.api == "both":
+            self.apis.cross_check(result, model_path, config, tol, inputs_a, run_a.outputs)
+        if self.settings.keep_outputs:
+            result.computed = Computed(model, input_set, run_a.outputs, run_b.outputs)
+        if input_set is None:
+            result.input_set = f"{set_label} ({self._fingerprint(model)})"
+        else:
+            result.input_detail += f" (crc {self._fingerprint(model, input_set)})"
+        mode = self.settings.layers
+        if result.category in _TRACEABLE and (mode == "always" or (mode == "on-failure" and not result.passed)):
+            self._trace(result, model, config, tol, inputs_a, input_set, layer_tolerances)
+        if self.settings.output_sink is not None:
+            self._to_sink(result, model, config, run_a.outputs, reference.outputs_a, inputs_a, input_set)
+        if not result.passed:
+            result.message = failure_message(result, model, reproduce=reproduce)
+        return result
+
+    def _trace(self, result: ParityResult, model: LoadedModel, config: RunConfig, tol: Tolerance,
+               inputs: Mapping[str, np.ndarray], input_set: InputSet | None = None,
+               layer_tolerances: Mapping[str, Tolerance] | None = None) -> None:
+        if _api(model) == "module":
+            from .apis import NO_TRACE, TRACE_VIA_SESSION  # noqa: PLC0415
+
+            session = self.apis.session_for_trace(model.path)
+            if session is None:
+                result.trace_note = NO_TRACE
+                return
+            self._trace(result, session, config, tol, inputs, input_set, layer_tolerances)
+            if result.trace is not None:
+                result.trace.method = f"{TRACE_VIA_SESSION}: {result.trace.method}"
+            return
+        if self.onnx.reference_path(model) is not None:
+            self.onnx.localise(result, model, config, tol, inputs)
+            return
+        if self.bundle is not None:
+            reference = self.reference(model, input_set, config).trace
+            if reference is None:
+                result.reference += "; no per-layer trace in the bundle to localise with (save with --mnn-layers always)"
+                return
+        else:
+            reference = self._reference_trace(model, inputs, input_set)
+        result.trace = trace_target(reference, model, config, inputs, tol, layer_tolerances)
+        first = result.trace.first_divergent
+        if first is not None:
+            result.first_divergent_layer = first.as_dict()
+
+    def _to_sink(self, result: ParityResult, model: LoadedModel, config: RunConfig,
+                 targets: Mapping[str, np.ndarray], references: Mapping[str, np.ndarray],
+                 inputs: Mapping[str, np.ndarray], input_set: InputSet | None = None) -> None:
+        def layer_arrays():
+            # Only on demand: it costs one more traced run of the target.
+            if result.trace is None:
+                return []
+            return capture_layers(result.trace, model, config, inputs,
+                                  self._reference_trace(model, inputs, input_set))
+
+        self.settings.output_sink(result, targets, references, layer_arrays)
+
+    def _reference_trace(self, model: LoadedModel, inputs: Mapping[str, np.ndarray],
+                         input_set: InputSet | None = None) -> ReferenceTrace:
+        """The reference's per-op tensors for input set A, recorded once per model and input set."""
+        key = _set_key(model.path, input_set)
+        if key not in self._reference_traces:
+            ref_model = self.reference_model(model)
+            trace, _ = record_reference(ref_model, REFERENCE_CONFIG, inputs)
+            self._reference_traces[key] = trace
+        return self._reference_traces[key]
+
+
+    def _check_without_reference(self, model: LoadedModel, config: RunConfig, exc: ModelError,
+                                 reproduce: str, input_set: InputSet | None = None,
+                                 api_fields: Mapping[str, Any] | None = None) -> ParityResult:
+        """The reference cannot run the model: if the target cannot either, that is the finding."""
+        forward, session_log = model.session_backend(config)
+        run = model.run(config, self.inputs(model, input_set)[0])
+        set_label = input_set.name if input_set is not None else f"seeded:{self.settings.seed}"
+        result = ParityResult(str(model.path), config, Category.MODEL_ERROR, str(exc), _backend_name(forward),
+                              forward, resolve(config.backend, config.precision), rc=run.rc,
+                              reference="unavailable: " + exc.reason, input_set=set_label,
+                              log=session_log + exc.log + run.log, **(api_fields or {}))
+        empty = [name for name, arr in run.outputs.items() if arr.size == 0]
+        if not run.ok or empty:
+            result.category = Category.RUNTIME_ERROR
+            result.verdict = Verdict(Category.RUNTIME_ERROR)
+            error = (runtime_error_text(run, result.log) if not run.ok else
+                     f"outputs {empty} came back empty (not judged).\n  MNN said: {mnn_said(result.log)}\n"
+                     f"  hint: {runtime_hint(run)}")
+            result.message = failure_message(result, model, error=error, reproduce=reproduce)
+        return result
+
+
+def _api(model) -> str:
+    return getattr(model, "api", "session")
+
+
+def _backend_name(forward: int | None) -> str | None:
+    # None: the Module API, which cannot read back its backend (see module_runner).
+    return None if forward is None else backends.forward_name(forward)
+
+
+def _without_repeats(risks: list[WeightRisk]) -> list[WeightRisk]:
+    """A tensor that flushes entirely is also below fp16's normal range: say it once."""
+    flushed = {(r.op_name, r.role) for r in risks if r.kind == "flush" and r.count == r.total}
+    return [r for r in risks if not (r.kind == "subnormal" and (r.op_name, r.role) in flushed)]
+
+
+def _set_key(path: os.PathLike | str, input_set: InputSet | None) -> Any:
+    """Cache key of a model's input set: the model's key alone for the default seeded set."""
+    return model_key(path) if input_set is None else (model_key(path), input_set.name)
+
+
+

@@ -1,0 +1,167 @@
+"""The engine's ONNX side: converting variants, ONNX Runtime as reference, localising against ONNX.
+
+``ParityEngine`` owns one ``OnnxSide``; everything ONNX-specific lives here so
+the engine's own flow stays the same for ``.mnn`` and ``.onnx`` models.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from ..core.tolerances import Tolerance
+from ..inputs.generate import fingerprint
+from ..mnn.model import ModelError, model_key, remembered
+from ..mnn.runner import REFERENCE_CONFIG, LoadedModel, RunConfig
+from ..onnx.convert import ConversionError
+from ..onnx.variants import ConversionCache, is_onnx
+from ..trace.record import RiskScanner
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .results import ParityResult, Reference
+
+
+class OnnxSide:
+    def __init__(self, engine):
+        self.engine = engine
+        self._cache: ConversionCache | None = None
+        self._conversions: dict[tuple[Path, str], tuple[Path, str] | ModelError] = {}
+        self._sources: dict[Path, tuple[Path, str]] = {}  # converted .mnn -> (ONNX source, variant)
+        self._runtimes: dict[Path, object] = {}
+        self._outputs: dict[tuple, tuple[dict, dict]] = {}
+        self._risks: dict[tuple, list] = {}
+
+    @property
+    def cache(self) -> ConversionCache:
+        if self._cache is None:
+            settings = self.engine.settings
+            self._cache = ConversionCache(settings.convert_cache, settings.converter_flags)
+        return self._cache
+
+    # -- conversion -------------------------------------------------------------
+    def converted(self, source, variant: str) -> tuple[Path, str]:
+        """The ``.mnn`` of ``source`` converted as ``variant`` and a line saying how; ``ModelError`` if it fails."""
+
+        key = (model_key(source), variant)
+
+        def convert() -> tuple[Path, str]:
+            described = " ".join(self.cache.flags(variant)) or "no flags"
+            try:
+                target = self.cache.convert(source, variant)
+            except ConversionError as exc:
+                raise ModelError(source, f"MNN cannot convert it (variant {variant}: MNNConvert {described}): "
+                                         f"{exc.reason}", exc.hint, exc.log) from None
+            self._sources[model_key(target)] = (Path(source), variant)
+            return target, f"{source}, variant {variant} (MNNConvert {described}), cached as {target}"
+
+        return remembered(self._conversions, key, convert)
+
+    def release(self, key: Path) -> list[Path]:
+        """Forget an ONNX source; returns its converted models for the engine to release."""
+        self._runtimes.pop(key, None)
+        for memo in (self._outputs, self._risks):
+            for k in [k for k in memo if k[0] == key]:
+                memo.pop(k)
+        released = []
+        for conv_key in [k for k in self._conversions if k[0] == key]:
+            done = self._conversions.pop(conv_key)
+            if not isinstance(done, ModelError):
+                released.append(done[0])
+        return released
+
+    def source_of(self, key: Path) -> Path | None:
+        """The ONNX file a converted model (by its cache key) was made from; None for any other model."""
+        source = self._sources.get(key)
+        return source[0] if source else None
+
+    def variant_of(self, key: Path) -> str | None:
+        """The conversion variant a converted model (by its cache key) was made as; None for any other model."""
+        source = self._sources.get(key)
+        return source[1] if source else None
+
+    # -- reference --------------------------------------------------------------
+    def reference_path(self, model: LoadedModel) -> Path | None:
+        """The ONNX file whose ORT outputs are the reference of ``model``, if any."""
+
+        given = self.engine.settings.reference
+        if given:
+            return Path(given) if is_onnx(given) else None
+        source = self._sources.get(model_key(model.path))
+        return source[0] if source else None
+
+    def runtime(self, path: Path):
+        from ..onnx.runtime import OnnxRuntimeModel  # noqa: PLC0415
+
+        key = model_key(path)
+
+        def load() -> OnnxRuntimeModel:
+            if not Path(path).is_file():
+                raise ModelError(path, "no such file (named as the ONNX reference)",
+                                 "check the path given to --mnn-reference")
+            return OnnxRuntimeModel(path)
+
+        return remembered(self._runtimes, key, load)
+
+    def reference(self, model: LoadedModel, inputs_a, inputs_b) -> "Reference":
+        from .results import Reference
+
+        path = self.reference_path(model)
+        runtime = self.runtime(path)
+        runtime.check_interface(model)
+        # Every variant of one ONNX model gets the same inputs: ORT runs once for all.
+        key = (model_key(path), fingerprint(inputs_a), fingerprint(inputs_b))
+        if key not in self._outputs:
+            self._outputs[key] = (runtime.run(inputs_a), runtime.run(inputs_b))
+        outputs_a, outputs_b = self._outputs[key]
+        risks = self._risk_scan(model, inputs_a, key) if self.engine.settings.layers != "off" else []
+        return Reference(runtime.description, dict(outputs_a), dict(outputs_b), risks)
+
+    def _risk_scan(self, model: LoadedModel, inputs, key: tuple) -> list:
+        """fp16 risks from fp32 activations: ORT exposes none, so one MNN run of the fp32
+        conversion (the model itself for a given .mnn) on the reference configuration."""
+
+        if key not in self._risks:
+            source = self._sources.get(model_key(model.path))
+            scanned = model
+            if source is not None and source[1] != "fp32":
+                try:
+                    scanned = self.engine.model(self.converted(source[0], "fp32")[0])
+                except ModelError:
+                    scanned = model
+            scanner = RiskScanner()
+            scanned.run(REFERENCE_CONFIG, inputs, observer=scanner)
+            self._risks[key] = scanner.risks
+        return list(self._risks[key])
+
+    # -- localisation -----------------------------------------------------------
+    def localise(self, result: "ParityResult", model: LoadedModel, config: RunConfig, tol: Tolerance,
+                 inputs: Mapping[str, np.ndarray]) -> None:
+        """Fill ``result.trace`` and ``first_divergent_layer`` with the ONNX node to blame."""
+        from ..onnx import localise as onnx_trace  # noqa: PLC0415
+
+        if result.passed or result.verdict is None:
+            return  # every probe costs a conversion: only failures are localised against ONNX
+        failing = next((v.name for v in result.verdict.outputs if not v.passed), None)
+        if failing is None:
+            return
+        onnx_path = self.reference_path(model)
+        source = self._sources.get(model_key(model.path))
+        if source is not None and not self.engine.settings.reference:
+            flags, note = self.cache.flags(source[1]), None
+        else:
+            flags = self.cache.extra_flags
+            note = (f"{model.path} was not converted by this run: probes convert {onnx_path} without variant "
+                    f"flags; if the failure is not reproduced, test the ONNX file itself with --mnn-model "
+                    f"{onnx_path} --mnn-convert <variant>")
+        try:
+            trace = onnx_trace.localise(onnx_path, flags, self.cache, config, inputs, tol,
+                                        self.engine.settings.input_shapes, failing)
+        except ImportError as exc:
+            trace = onnx_trace.OnnxTraceResult([], [], [], onnx_trace.METHOD,
+                                               notes=[f"localisation needs the onnx package ({exc})"])
+        if note:
+            trace.notes.insert(0, note)
+        result.trace = trace
+        if trace.first_divergent is not None:
+            result.first_divergent_layer = trace.first_divergent.as_dict()

@@ -1,0 +1,1 @@
+"""What a model is fed: seeded inputs, real-data sources and named sets, sidecars, strategies, streams."""

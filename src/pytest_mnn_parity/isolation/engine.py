@@ -1,0 +1,352 @@
+"""Run configurations in worker processes, so a crash or a hang costs one item, not the run.
+
+``IsolatedEngine`` has the engine's interface (``check``, ``release``) and
+works without pytest.  Each model gets a worker process (``worker.py``) that
+stays alive across that model's configurations, so the model is loaded and its
+reference computed once, as in-process.  A spare worker is started ahead of
+need (on machines with cores to spare) so the next model does not wait for
+Python and MNN to import.  The process itself is ``worker_process.Worker``.
+
+* A worker that dies (by a signal or an exit) yields category ``crashed`` with
+  the signal's name and the tail of the worker's stderr (where ``faulthandler``
+  wrote the Python stack); the model's next configuration gets a fresh worker.
+* A configuration that runs longer than the timeout yields ``timeout``: the
+  worker is asked to dump its stack (SIGUSR1), then killed (SIGKILL).
+
+Backend probes of isolated backends run in a worker too: probing is where a
+broken GPU driver usually crashes first.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..core.tolerances import resolve
+from ..core.verdict import Category
+from ..engine.engine import ParityEngine
+from ..engine.results import ParityResult, ParitySettings
+from ..inputs.sets import InputSet
+from ..mnn import backends
+from ..mnn.model import model_key
+from ..mnn.runner import RunConfig
+from . import wire, wire_check
+from .process import Worker, WorkerDied, WorkerTimedOut
+
+PROBE_TIMEOUT = 60.0  # GPU session creation can take seconds (kernel compilation)
+SPARE_MIN_CORES = 4  # below this, a worker importing next to running checks costs more than it saves
+
+
+class WorkerError(RuntimeError):
+    """A Python exception inside the worker (not a crash): re-raised in the parent like an in-process one."""
+
+
+class IsolatedEngine:
+    """``ParityEngine.check`` in worker processes; one worker per model (``worker_per_model``).
+
+    ``timeout`` (seconds, per configuration) bounds each check, including, for
+    a model's first configuration in a fresh worker, loading the model and
+    computing its reference.  Worker start-up is not counted.
+
+    ``prespawn`` starts a worker at once, and (on machines with cores to spare)
+    the next one whenever one is taken, so a model rarely waits for Python and
+    MNN to import.  On fewer cores the next worker's import would compete with
+    the running checks (MNN's CPU threads spin while they wait, and suffer from
+    any competition), so it is started when needed.  ``expected_models``, when
+    known (the plugin sets it), stops the spare once no model is left to use it.
+
+    ``declarations``: an in-process engine whose per-model declarations (a
+    sidecar's ``[shapes]`` and ``[stream]``, see ``wire_check.declarations``)
+    the workers get with each check of that model.
+    """
+
+    def __init__(self, settings: ParitySettings | None = None, *, timeout: float | None = None,
+                 worker_per_model: bool = True, prespawn: bool = True, declarations: ParityEngine | None = None):
+        self.settings = settings or ParitySettings()
+        wire.settings_to_wire(self.settings)  # a setting no worker can take fails here, not in the first check
+        self.declarations = declarations
+        self._files = wire_check.PickleFiles()
+        self.timeout = timeout
+        self.worker_per_model = worker_per_model
+        self.prespawn = prespawn
+        self._workers: dict[Path, Worker] = {}
+        self._shared: Worker | None = None
+        self._spare: Worker | None = None
+        self._retired: list[Worker] = []
+        self._taken = 0
+        self.expected_models: int | None = None
+        self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self._closed = False
+        atexit.register(self.close)
+        if prespawn:
+            self._spare = Worker(self.settings)
+
+    # -- workers ----------------------------------------------------------------
+    def _take(self) -> Worker:
+        spare, self._spare = self._spare, None
+        worker = spare if spare is not None and spare.alive() else Worker(self.settings)
+        if spare is not None and spare is not worker:
+            spare.close(kill=True)
+        self._taken += 1
+        # A run-scoped worker serves every model: a spare is only wanted after a crash, so none waits.
+        more = self.worker_per_model and (self.expected_models is None or self._taken < self.expected_models)
+        if self.prespawn and more and self._cores >= SPARE_MIN_CORES:
+            self._spare = Worker(self.settings)
+        return worker
+
+    def _worker_for(self, key: Path) -> Worker:
+        if not self.worker_per_model:
+            if self._shared is None or not self._shared.alive():
+                self._shared = self._take()
+            return self._shared
+        worker = self._workers.get(key)
+        if worker is None or not worker.alive():
+            worker = self._workers[key] = self._take()
+        return worker
+
+    def _forget(self, key: Path, worker: Worker) -> None:
+        if self._workers.get(key) is worker:
+            del self._workers[key]
+        if self._shared is worker:
+            self._shared = None
+        worker.close()
+
+    def worker_pid(self, model_path: os.PathLike | str) -> int | None:
+        worker = self._shared if not self.worker_per_model else self._workers.get(model_key(model_path))
+        return worker.pid if worker is not None else None
+
+    # -- engine interface -------------------------------------------------------
+    def check(self, model_path: os.PathLike | str, config: RunConfig,
+              tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
+              reproduce: str = "", variant: str | None = None, input_set: InputSet | None = None,
+              output_tolerances: Mapping[str, Sequence] | None = None,
+              layer_tolerances: Mapping[str, Sequence] | None = None, api: str | None = None,
+              bundle: Mapping[str, Any] | None = None, sidecar: Any = None) -> ParityResult:
+        """``ParityEngine.check`` in a worker, with every argument it takes (see ``wire_check``).
+
+        ``sidecar`` (``sidecar.Sidecar``): checked against the model in the worker first; a mismatch is
+        the ``model_error`` the plugin gives in-process.
+
+        ``bundle`` (with ``settings.keep_outputs``): {"folder", "layers", "label", "case_id", "set_name"};
+        the worker saves the outputs there itself (``bundle_saver``).  Results never carry ``computed``.
+        """
+        declared = wire_check.declarations(self.declarations, model_path)
+        labels = wire_check.fault_labels(self.settings, model_path, input_set, api, declared)
+        status = self.backend_status(config.backend)
+        if status.fault:
+            return self._fault_result(model_path, config, tolerance_layers, reproduce, status.fault, variant, labels)
+        if not status.available:
+            return ParityResult(str(model_path), config, Category.BACKEND_UNAVAILABLE, status.reason,
+                                forward_type=status.forward_type, variant=variant)
+        key = model_key(model_path)
+        worker = self._worker_for(key)
+        request = {"op": "check", "model": os.fspath(model_path), "config": wire.config_to_wire(config),
+                   "tolerance_layers": wire_check.layers_to_wire(tolerance_layers),
+                   "reproduce": reproduce, "variant": variant, "backend_status": _status_dict(status),
+                   "arithmetic": _known_arithmetic(),
+                   "input_set": self._files.to_wire(input_set),
+                   "output_tolerances": wire_check.per_name_to_wire(output_tolerances),
+                   "layer_tolerances": wire_check.per_name_to_wire(layer_tolerances), "api": api,
+                   "declarations": declared, "artifact_label": getattr(self.settings.output_sink, "label", None),
+                   "bundle": dict(bundle) if bundle and self.settings.keep_outputs else None,
+                   "sidecar": self._files.to_wire(sidecar)}
+        started = time.monotonic()
+        try:
+            worker.checks += 1
+            worker.wait_ready()
+            started = time.monotonic()
+            reply = worker.request(request, self.timeout)
+        except WorkerTimedOut:
+            returncode = worker.kill(dump_stack=True)
+            fault = self._fault(worker, "timeout", returncode, time.monotonic() - started)
+            self._forget(key, worker)
+            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault, variant, labels)
+        except WorkerDied as died:
+            fault = self._fault(worker, "crashed", died.returncode, time.monotonic() - started)
+            fault["detail"] = died.detail
+            self._forget(key, worker)
+            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault, variant, labels)
+        if not reply.get("ok"):
+            raise WorkerError(f"the isolated worker (pid {worker.pid}) raised:\n{reply.get('error')}")
+        result = wire.result_from_wire(reply["result"])
+        result.worker = {"pid": worker.pid, "index": worker.checks}
+        if result.arithmetic is not None:  # measured once per run, not once per worker (seconds on a GPU)
+            backends._ARITH_CACHE.setdefault((config.backend, config.precision), result.arithmetic)
+        return result
+
+    def release(self, model_path: os.PathLike | str) -> None:
+        key = model_key(model_path)
+        if self.worker_per_model:
+            worker = self._workers.pop(key, None)
+            if worker is not None:
+                worker.retire()
+                self._retired.append(worker)
+            self._reap_retired()
+        elif self._shared is not None and self._shared.alive():
+            try:
+                self._shared.request({"op": "release", "model": os.fspath(model_path)}, self.timeout)
+            except (WorkerDied, WorkerTimedOut):
+                self._shared.kill()
+                self._shared.close()
+                self._shared = None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        workers = list(self._workers.values()) + [w for w in (self._shared,) if w is not None] + self._retired
+        spare = self._spare
+        self._workers.clear()
+        self._retired = []
+        self._shared = self._spare = None
+        if spare is not None:
+            spare.close(kill=True)  # probably still importing: nothing to finish
+        for worker in workers:
+            worker.close()
+        self._files.close()
+        atexit.unregister(self.close)
+
+    def _reap_retired(self) -> None:
+        still = []
+        for worker in self._retired:
+            if worker.alive():
+                still.append(worker)
+            else:
+                worker.close()
+        self._retired = still
+
+    # -- backends ---------------------------------------------------------------
+    def backend_status(self, name: str) -> backends.BackendStatus:
+        """Discovery of ``name`` in a worker, once per process (shared with in-process discovery)."""
+        name = backends.canonical_backend(name)
+        known = backends._CACHE.get(name)
+        if known is not None:
+            return known
+        if name in backends._forced_unavailable():
+            return backends.discover([name])[name]
+        status = self.probe(name)
+        backends._CACHE[name] = status
+        return status
+
+    def probe(self, name: str) -> backends.BackendStatus:
+        worker = self._spare if self._spare is not None and self._spare.alive() else None
+        if worker is None:
+            worker = self._spare = Worker(self.settings)
+        timeout = max(self.timeout or 0.0, PROBE_TIMEOUT)
+        started = time.monotonic()
+        try:
+            worker.wait_ready()
+            started = time.monotonic()
+            reply = worker.request({"op": "probe", "backend": name}, timeout)
+        except (WorkerTimedOut, WorkerDied) as exc:
+            if isinstance(exc, WorkerTimedOut):
+                kind, returncode = "timeout", worker.kill(dump_stack=True)
+                reason = f"{name}: its probe did not finish within {timeout:g} s; the isolated worker was killed"
+            else:
+                kind, returncode = "crashed", exc.returncode
+                reason = f"{name}: its probe crashed the isolated worker ({describe_exit(returncode)})"
+            fault = self._fault(worker, kind, returncode, time.monotonic() - started)
+            fault.update(backend=name, timeout=timeout)
+            self._drop_spare(worker)
+            return backends.BackendStatus(name, False, None, reason, fault["stderr_tail"], fault)
+        if not reply.get("ok"):
+            return backends.BackendStatus(name, False, None, f"{name}: probe failed: {reply.get('error')}")
+        return backends.BackendStatus(**reply["status"])
+
+    def _drop_spare(self, worker: Worker) -> None:
+        if self._spare is worker:
+            self._spare = None
+        worker.close()
+
+    # -- faults -----------------------------------------------------------------
+    def _fault(self, worker: Worker, kind: str, returncode: int | None, seconds: float) -> dict[str, Any]:
+        signame = None
+        if returncode is not None and returncode < 0:
+            try:
+                signame = signal.Signals(-returncode).name
+            except ValueError:
+                signame = f"signal {-returncode}"
+        return {"kind": kind, "pid": worker.pid, "index": worker.checks, "returncode": returncode,
+                "signal": signame, "seconds": round(seconds, 3), "timeout": self.timeout,
+                "stderr_tail": worker.stderr_tail()}
+
+    def _fault_result(self, model_path, config: RunConfig, tolerance_layers, reproduce: str,
+                      fault: dict[str, Any], variant: str | None = None,
+                      labels: Mapping[str, Any] | None = None) -> ParityResult:
+        category = Category.TIMEOUT if fault["kind"] == "timeout" else Category.CRASHED
+        labels = dict(labels or {"input_set": f"seeded:{self.settings.seed}"})
+        result = ParityResult(str(model_path), config, category, "", tolerance=resolve(
+            config.backend, config.precision, *tolerance_layers), seconds=fault["seconds"], log=fault["stderr_tail"],
+            fault=fault, worker={"pid": fault["pid"], "index": fault["index"]}, variant=variant, **labels)
+        result.message = fault_message(result, model_path, reproduce)
+        return result
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "it stopped answering and could not be killed"
+    if returncode < 0:
+        try:
+            sig = signal.Signals(-returncode)
+            return f"{sig.name}, {signal.strsignal(sig) or 'signal'}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def fault_message(result: ParityResult, model_path, reproduce: str) -> str:
+    fault, config = result.fault or {}, result.config
+    if fault.get("backend"):
+        what = ("did not finish within {:g} s; the worker was killed".format(fault["timeout"])
+                if result.category is Category.TIMEOUT else f"killed it ({describe_exit(fault['returncode'])})")
+        head = (f"{result.category.value} on {config.id}: probing backend {fault['backend']} in an isolated worker "
+                f"(pid {fault['pid']}) {what}")
+        lines = [head, f"model:     {model_path} (never loaded: the backend failed before any model ran on it)",
+                 f"next:      every configuration of {fault['backend']} fails the same way; other backends are "
+                 "unaffected. Exclude it with --mnn-backends, or MNN_PARITY_DISABLE_BACKENDS="
+                 f"{fault['backend']} to skip it"]
+        return "\n".join(lines + _tail_lines(fault) + (["", f"reproduce: {reproduce}"] if reproduce else []))
+    if result.category is Category.TIMEOUT:
+        head = (f"timeout on {config.id}: the configuration did not finish within {fault['timeout']:g} s "
+                f"(--mnn-timeout); its isolated worker (pid {fault['pid']}) was killed")
+    elif fault.get("detail"):
+        head = f"crashed on {config.id}: the isolated worker (pid {fault['pid']}) running this configuration: " \
+               f"{fault['detail']}"
+    else:
+        head = (f"crashed on {config.id}: the isolated worker (pid {fault['pid']}) running this configuration "
+                f"died ({describe_exit(fault['returncode'])}) after {fault['seconds']:.2f} s")
+    order = ("the first configuration in this worker, so it also loaded the model and computed the reference"
+             if fault["index"] == 1 else f"configuration #{fault['index']} in this worker")
+    lines = [head,
+             f"model:     {model_path}",
+             f"ran on:    requested {config.backend}, precision {config.precision}, {config.threads} thread(s); "
+             f"{order}",
+             f"inputs:    {result.input_set}" + (f" ({result.api} API)" if result.api else ""),
+             "next:      this model's remaining configurations run in a fresh worker; other models are unaffected"]
+    lines += _tail_lines(fault)
+    if reproduce:
+        lines += ["", f"reproduce: {reproduce}"]
+    return "\n".join(lines)
+
+
+def _tail_lines(fault: Mapping[str, Any]) -> list[str]:
+    tail = fault.get("stderr_tail") or ""
+    if not tail:
+        return []
+    return (["", "worker stderr (last lines; the Python stack is faulthandler's):"]
+            + ["  " + line for line in tail.splitlines()])
+
+
+def _known_arithmetic() -> list[list[Any]]:
+    """What this process knows of each configuration's arithmetic, for a worker to reuse instead of probing."""
+    return [[backend, precision, dataclasses.asdict(arith)]
+            for (backend, precision), arith in backends._ARITH_CACHE.items()]
+
+
+def _status_dict(status: backends.BackendStatus) -> dict[str, Any]:
+    return {"name": status.name, "available": status.available, "forward_type": status.forward_type,
+            "reason": status.reason, "log": status.log}

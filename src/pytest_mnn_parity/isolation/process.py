@@ -1,0 +1,176 @@
+"""One worker process (``worker.py``) seen from the parent: start it, talk to it, kill it.
+
+Requests and replies are JSON lines over pipes; a reply that does not come in
+time is ``WorkerTimedOut``, a worker that is gone (or answers garbage) is
+``WorkerDied``.  The worker's stderr goes to a file, whose tail (faulthandler's
+stack after a crash, or after SIGUSR1 before a kill) explains what happened.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..engine.results import ParitySettings
+from . import wire
+from .worker import PARENT_PID_ENV
+
+STARTUP_TIMEOUT = 120.0  # importing numpy and MNN; not part of any configuration's time
+STACK_DUMP_WAIT = 1.0
+TAIL_LINES = 25
+
+
+class WorkerDied(Exception):
+    def __init__(self, returncode: int | None, detail: str = ""):
+        self.returncode = returncode
+        self.detail = detail
+        super().__init__(detail or f"worker ended with {returncode}")
+
+
+class WorkerTimedOut(Exception):
+    pass
+
+
+class Worker:
+    """One ``python -m pytest_mnn_parity.isolation.worker`` process and its pipes."""
+
+    def __init__(self, settings: ParitySettings):
+        self.stderr = tempfile.TemporaryFile(prefix="mnn-parity-worker-", suffix=".stderr")
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env[PARENT_PID_ENV] = str(os.getpid())
+        self.proc = subprocess.Popen([sys.executable, "-m", "pytest_mnn_parity.isolation.worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, env=env)
+        self.pid = self.proc.pid
+        self.checks = 0
+        self.ready = False
+        self._buffer = b""
+        try:
+            self._send({"op": "init", "settings": wire.settings_to_wire(settings), "cwd": os.getcwd()})
+        except WorkerDied:
+            pass  # it died starting up: the first request reports it, with its stderr
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(self) -> None:
+        """Wait for the worker's imports (not part of any timeout); ``WorkerDied`` if it died starting."""
+        if not self.ready:
+            hello = self._receive(STARTUP_TIMEOUT)
+            self.ready = bool(hello.get("ready"))
+
+    def request(self, message: Mapping[str, Any], timeout: float | None) -> dict[str, Any]:
+        """Send one request and wait for its reply; ``WorkerDied`` / ``WorkerTimedOut`` otherwise."""
+        self.wait_ready()
+        self._send(message)
+        return self._receive(timeout)
+
+    def _send(self, message: Mapping[str, Any]) -> None:
+        try:
+            self.proc.stdin.write(wire.dumps(dict(message)))
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise WorkerDied(self._reap()) from None
+
+    def _receive(self, timeout: float | None) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise WorkerTimedOut()
+            ready, _, _ = select.select([fd], [], [], wait)
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise WorkerDied(self._reap())
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            return wire.loads(line)
+        except ValueError:  # not our JSON: something in the worker wrote over the channel
+            self.kill()
+            raise WorkerDied(self._reap(), f"it wrote an unreadable answer ({line[:80]!r}...) and was killed") \
+                from None
+
+    def _reap(self, wait: float = 10.0) -> int | None:
+        try:
+            return self.proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:  # alive but not answering: a closed pipe or a hang
+            self.proc.kill()
+            try:
+                return self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # stuck in the kernel (a GPU driver): leave it
+                return None
+
+    def kill(self, dump_stack: bool = False) -> int | None:
+        """Kill the worker; with ``dump_stack`` ask faulthandler for every thread's stack first."""
+        if self.alive() and dump_stack:
+            before = self._stderr_size()
+            os.kill(self.pid, signal.SIGUSR1)
+            end = time.monotonic() + STACK_DUMP_WAIT
+            last, stable_since = before, time.monotonic()
+            while time.monotonic() < end:
+                time.sleep(0.02)
+                size = self._stderr_size()
+                if size != last:
+                    last, stable_since = size, time.monotonic()
+                elif size > before and time.monotonic() - stable_since > 0.1:
+                    break
+        if self.alive():
+            self.proc.kill()
+        return self._reap(5)
+
+    def retire(self) -> None:
+        """Ask the worker to exit, without waiting for it (``close`` reaps it later)."""
+        if self.alive():
+            try:
+                self.proc.stdin.write(wire.dumps({"op": "exit"}))
+                self.proc.stdin.close()
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+
+    def close(self, kill: bool = False) -> None:
+        """End the worker (politely unless ``kill``) and free its pipes; never blocks for long."""
+        if kill and self.alive():
+            self.proc.kill()
+        self.retire()
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+        self.stderr.close()
+
+    def _stderr_size(self) -> int:
+        try:
+            return os.fstat(self.stderr.fileno()).st_size
+        except (OSError, ValueError):
+            return 0
+
+    def stderr_tail(self, lines: int = TAIL_LINES) -> str:
+        try:
+            size = self._stderr_size()
+            self.stderr.seek(max(0, size - 32768))
+            text = self.stderr.read().decode("utf-8", errors="replace")
+        except (OSError, ValueError):
+            return ""
+        # faulthandler's list of loaded extension modules says nothing about the fault.
+        kept = [line for line in text.splitlines() if line.strip() and not line.startswith("Extension modules:")]
+        return "\n".join(kept[-lines:])

@@ -1,0 +1,201 @@
+"""The isolated worker: ``python -m pytest_mnn_parity.isolation.worker``.
+
+It runs parity checks (and backend probes) for the parent (``isolation.py``)
+in a process of its own, so that a segfault in MNN or a GPU driver, or a hang,
+costs one configuration instead of the whole pytest run.
+
+Protocol: JSON lines.  The parent writes requests to stdin; the worker answers
+on a private copy of its original stdout.  fd 1 itself is pointed at stderr,
+because MNN's C++ code prints to fd 1 and must never corrupt the protocol.  The
+parent keeps stderr in a file: when the worker dies, its tail (with the Python
+stack that ``faulthandler`` writes on SIGSEGV/SIGFPE/SIGABRT/SIGBUS/SIGILL, and
+on SIGUSR1, which the parent sends before killing a worker that timed out) goes
+into the failure message.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import traceback
+
+# Test fault injection, inert unless this variable is set.  "SIGSEGV:CPU-low"
+# makes the worker send itself that signal right before each session run of
+# configuration CPU-low (of any model); "SIGSEGV:probe-OPENCL" right before
+# probing backend OPENCL; "GARBAGE:CPU-low" writes bytes that are not a reply
+# on the protocol channel instead; several are separated by commas.  The tests use it to
+# kill a worker by a real signal at a known point.
+FAULT_INJECTION_ENV = "MNN_PARITY_TEST_FAULT_INJECTION"
+# Set by the parent to its pid: the worker ends itself when the parent dies (Linux).
+PARENT_PID_ENV = "MNN_PARITY_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def main() -> int:
+    proto = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    # Kept on fds of their own: capture_native_output swaps fds 1 and 2 during
+    # every MNN call, and a crash happens precisely during those calls.
+    crash_log = os.fdopen(os.dup(2), "w", buffering=1)
+    faulthandler.enable(file=crash_log, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=crash_log, all_threads=True)
+    _die_with_parent()
+    stdin = sys.stdin.buffer
+
+    from ..engine.engine import ParityEngine  # noqa: PLC0415
+    from ..mnn import backends  # noqa: PLC0415 - after the fds are safe
+    from ..mnn.library import mnn  # noqa: PLC0415
+    from . import wire
+
+    mnn()  # import MNN (and pay for it) before saying ready
+    init = wire.loads(stdin.readline() or b'{"op": "exit"}')
+    if init.get("op") != "init":
+        return 2
+    os.chdir(init.get("cwd") or os.getcwd())
+    engine = ParityEngine(wire.settings_from_wire(init["settings"]))
+    _install_fault_injection(crash_log, proto)
+    proto.write(wire.dumps({"ready": True, "pid": os.getpid()}))
+    done = 0
+    input_sets: dict = {}  # the parent's pickled input sets and sidecars, read once each
+    savers: dict = {}  # one bundle_saver.BundleSaver per bundle folder: each reference is saved once per worker
+    for line in stdin:
+        request = wire.loads(line)
+        op = request.get("op")
+        if op == "exit":
+            break
+        try:
+            if op == "check":
+                _seed_backend(backends, request.get("backend_status"))
+                _seed_arithmetic(backends, request.get("arithmetic"))
+                config = wire.config_from_wire(request["config"])
+                done += 1
+                crash_log.write(f"[mnn-parity worker {os.getpid()}] configuration #{done}: {config.id} of "
+                                f"{request['model']}\n")
+                result = _check(engine, config, request, input_sets, savers)
+                reply = {"ok": True, "result": wire.result_to_wire(result)}
+            elif op == "release":
+                engine.release(request["model"])
+                reply = {"ok": True}
+            elif op == "probe":
+                crash_log.write(f"[mnn-parity worker {os.getpid()}] probing backend {request['backend']}\n")
+                status = backends.probe_backend(request["backend"])
+                backends._CACHE[status.name] = status
+                reply = {"ok": True, "status": _status_dict(status)}
+            else:
+                reply = {"ok": False, "error": f"unknown request {op!r}"}
+        except Exception:  # noqa: BLE001 - a Python error goes back to the parent as text
+            reply = {"ok": False, "error": traceback.format_exc()}
+        proto.write(wire.dumps(reply))
+    proto.flush()
+    # Skip interpreter teardown: destroying MNN objects at exit is one more
+    # chance to crash, and nothing is left to save.
+    os._exit(0)
+
+
+def _check(engine, config, request: dict, input_sets: dict, savers: dict):
+    """``engine.check`` with everything the request carries (``wire_check``); saves the outputs if asked."""
+    from ..core.verdict import Category  # noqa: PLC0415
+    from ..engine.results import ParityResult  # noqa: PLC0415
+    from . import wire_check as wc  # noqa: PLC0415
+
+    model = request["model"]
+    wc.apply_declarations(engine, model, request.get("declarations"))
+    sidecar = wc.from_wire(request.get("sidecar"), input_sets)
+    problem = None if sidecar is None else wc.sidecar_problem(engine, model, request.get("variant"), sidecar)
+    if problem is not None:
+        return ParityResult(model, config, Category.MODEL_ERROR, str(problem), log=problem.log)
+    sink = engine.settings.output_sink
+    if sink is not None:
+        sink.label = request.get("artifact_label")
+    result = engine.check(model, config, wc.layers_from_wire(request.get("tolerance_layers")),
+                          reproduce=request.get("reproduce", ""), variant=request.get("variant"),
+                          input_set=wc.from_wire(request.get("input_set"), input_sets),
+                          output_tolerances=wc.per_name_from_wire(request.get("output_tolerances")),
+                          layer_tolerances=wc.per_name_from_wire(request.get("layer_tolerances")),
+                          api=request.get("api"))
+    computed, result.computed = result.computed, None
+    bundle = request.get("bundle")
+    if bundle and computed is not None:
+        from ..engine.bundle import BundleWriter  # noqa: PLC0415
+        from ..regression.bundle_saver import BundleSaver  # noqa: PLC0415
+
+        saver = savers.get(bundle["folder"])
+        if saver is None:
+            saver = savers[bundle["folder"]] = BundleSaver(engine, BundleWriter(bundle["folder"]), bundle["layers"])
+        shown, result.model = result.model, bundle["label"]  # the bundle names the model as the report does
+        saver.save(result, computed, variant=request.get("variant"), config=config, case_id=bundle["case_id"],
+                   set_name=bundle["set_name"])
+        result.model = shown
+    return result
+
+
+def _status_dict(status) -> dict:
+    return {"name": status.name, "available": status.available, "forward_type": status.forward_type,
+            "reason": status.reason, "log": status.log}
+
+
+def _seed_backend(backends, status) -> None:
+    """Use the parent's discovery result instead of probing again (GPU probes take seconds)."""
+    if status and status["name"] not in backends._CACHE:
+        backends._CACHE[status["name"]] = backends.BackendStatus(**status)
+
+
+def _seed_arithmetic(backends, known) -> None:
+    """Reuse the arithmetic an earlier worker measured: each probe creates GPU sessions (seconds per worker)."""
+    for backend, precision, arith in known or ():
+        backends._ARITH_CACHE.setdefault((backend, precision), backends.Arithmetic(**arith))
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    expected = os.environ.get(PARENT_PID_ENV)
+    if expected and os.getppid() != int(expected):  # the parent died before prctl took effect
+        os._exit(3)
+
+
+def _install_fault_injection(log, proto) -> None:
+    specs = [part.strip() for part in os.environ.get(FAULT_INJECTION_ENV, "").split(",") if part.strip()]
+    if not specs:
+        return
+    from ..mnn import (
+        backends,  # noqa: PLC0415
+        runner,
+    )
+
+    faults = {}
+    for spec in specs:
+        signame, _, where = spec.partition(":")
+        faults[where] = (signame.upper(), None if signame.upper() == "GARBAGE" else getattr(signal, signame.upper()))
+
+    def inject(where: str, what: str) -> None:
+        if where in faults:
+            signame, signum = faults[where]
+            log.write(f"[mnn-parity worker {os.getpid()}] TEST FAULT INJECTION: {signame} before {what}\n")
+            if signum is None:  # GARBAGE: bytes on the protocol channel, as a stray native write would leave
+                proto.write(b"\xff\xfe not a protocol line\n")
+            else:
+                os.kill(os.getpid(), signum)
+
+    original_probe, original_run = backends.probe_backend, runner.LoadedModel.run
+
+    def probe(name):
+        inject(f"probe-{name.upper()}", f"probing {name}")
+        return original_probe(name)
+
+    def run(self, config, inputs, observer=None):
+        inject(config.id, f"running {config.id}")
+        return original_run(self, config, inputs, observer)
+
+    backends.probe_backend = probe
+    runner.LoadedModel.run = run
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Which MNN backends this process can really run, found by trying them.
+
+MNN never refuses a backend: a session asked for OPENCL on a build without
+OpenCL silently runs on the CPU.  So a backend counts as available only when a
+session created for it *reports* that forward type (``getSessionInfo(s, 2)``)
+and a tiny probe model computes the right answer on it (CUDA reports itself
+even when it has no usable device).  Discovery runs once per process.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .library import mnn
+from .native_output import capture_native_output
+
+# MNN's MNNForwardType.h
+FORWARD_TYPES: dict[str, int] = {
+    "CPU": 0, "METAL": 1, "CUDA": 2, "OPENCL": 3, "AUTO": 4, "NN": 5, "OPENGL": 6, "VULKAN": 7,
+    "USER_0": 8, "USER_1": 9, "USER_2": 10, "USER_3": 11,
+}
+FORWARD_CPU_EXTENSION = 13
+FORWARD_NAMES: dict[int, str] = {v: k for k, v in FORWARD_TYPES.items()} | {FORWARD_CPU_EXTENSION: "CPU"}
+
+DEFAULT_BACKENDS = ("CPU", "METAL", "OPENCL", "VULKAN", "CUDA", "OPENGL", "NN")
+PRECISIONS = ("normal", "high", "low", "Low_BF16")
+_SESSION_INFO_BACKENDS = 2
+
+
+def canonical_backend(name: str) -> str:
+    upper = name.strip().upper()
+    if upper not in FORWARD_TYPES:
+        raise ValueError(f"unknown MNN backend {name!r}; known: {', '.join(DEFAULT_BACKENDS)}, AUTO")
+    return upper
+
+
+def canonical_precision(name: str) -> str:
+    for known in PRECISIONS:
+        if name.strip().lower() == known.lower():
+            return known
+    raise ValueError(f"unknown MNN precision {name!r}; known: {', '.join(PRECISIONS)}")
+
+
+def forward_name(forward_type: int) -> str:
+    return FORWARD_NAMES.get(forward_type, f"forward type {forward_type}")
+
+
+def runs_as(requested: str, forward_type: int) -> bool:
+    """Did a session asked for ``requested`` run on that backend (not a fallback)?"""
+    if requested == "CPU":
+        return forward_type in (FORWARD_TYPES["CPU"], FORWARD_CPU_EXTENSION)
+    if requested == "AUTO":
+        return True
+    return forward_type == FORWARD_TYPES[requested]
+
+
+def session_forward_type(interpreter, session) -> int:
+    return int(interpreter.getSessionInfo(session, _SESSION_INFO_BACKENDS))
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    forward_type: int | None
+    reason: str
+    log: str = ""
+    # Set when probing killed or hung an isolated worker (isolation.py): the
+    # backend's items then fail as crashed/timeout instead of being skipped.
+    fault: dict | None = None
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_model() -> Path:
+    """A 4-element ``y = 2x + 1`` model built with MNN's own expression API.
+
+    Built at run time rather than shipped so discovery needs no data files.
+    """
+    expr = mnn().expr
+    folder = Path(tempfile.mkdtemp(prefix="mnn-parity-probe-"))
+    atexit.register(shutil.rmtree, folder, True)
+    path = folder / "probe.mnn"
+    with capture_native_output():
+        x = expr.placeholder([1, 4], expr.NCHW)
+        x.name = "x"
+        y = x * 2.0 + 1.0
+        y.name = "y"
+        expr.save([y], str(path))
+    return path
+
+
+def probe_backend(name: str) -> BackendStatus:
+    """Try ``name`` for real: create a session, check where it runs, run it."""
+    name = canonical_backend(name)
+    m = mnn()
+    x = np.array([[0.5, -1.0, 2.0, 3.25]], dtype=np.float32)
+    with capture_native_output() as out:
+        try:
+            interpreter = m.Interpreter(str(_probe_model()))
+            session = interpreter.createSession({"backend": name, "precision": "high", "numThread": 1})
+            forward = session_forward_type(interpreter, session)
+            rc, y = None, None
+            if runs_as(name, forward):
+                tensor = interpreter.getSessionInput(session)
+                tensor.copyFrom(m.Tensor((1, 4), m.Halide_Type_Float, x, m.Tensor_DimensionType_Caffe))
+                rc = int(interpreter.runSession(session))
+                result = interpreter.getSessionOutput(session)
+                host = m.Tensor((1, 4), m.Halide_Type_Float, np.zeros((1, 4), np.float32),
+                                m.Tensor_DimensionType_Caffe)
+                result.copyToHostTensor(host)
+                y = np.array(host.getNumpyData(), copy=True)
+        except Exception as exc:  # a backend that throws is as absent as one that is missing
+            return BackendStatus(name, False, None, f"{name}: session creation failed: {exc}", out.text)
+    if not runs_as(name, forward):
+        return BackendStatus(name, False, forward,
+                             f"{name}: not in this MNN build (session fell back to {forward_name(forward)})", out.text)
+    if rc != 0:
+        return BackendStatus(name, False, forward, f"{name}: reports itself but its probe run failed (code {rc})",
+                             out.text)
+    if y is None or not np.allclose(y, 2 * x + 1, rtol=1e-2, atol=1e-2):
+        return BackendStatus(name, False, forward,
+                             f"{name}: reports itself but computed {y} for 2x+1 of {x} (unusable device?)", out.text)
+    return BackendStatus(name, True, forward, f"{name}: available (forward type {forward})", out.text)
+
+
+_CACHE: dict[str, BackendStatus] = {}
+
+
+def discover(names) -> dict[str, BackendStatus]:
+    """Probe each backend once per process (GPU session creation can take seconds)."""
+    result = {}
+    for raw in names:
+        name = canonical_backend(raw)
+        if name not in _CACHE:
+            forced = _forced_unavailable()
+            if name in forced:
+                _CACHE[name] = BackendStatus(name, False, None, f"{name}: disabled by MNN_PARITY_DISABLE_BACKENDS")
+            else:
+                _CACHE[name] = probe_backend(name)
+        result[name] = _CACHE[name]
+    return result
+
+
+def _forced_unavailable() -> set[str]:
+    # An escape hatch for machines where probing a backend hangs the driver.
+    raw = os.environ.get("MNN_PARITY_DISABLE_BACKENDS", "")
+    return {part.strip().upper() for part in raw.split(",") if part.strip()}
+
+
+# -- what arithmetic a configuration really uses ----------------------------------
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """The float format a backend x precision was measured to compute in.
+
+    ``kind`` is ``fp32``, ``fp16``, ``bf16``, ``broken`` (a probe was off by
+    more than any float format explains) or ``unknown`` (no probe ran, or the
+    output equalled the input exactly, which no rounding explains either).
+    """
+
+    kind: str
+    errors: dict
+    note: str = ""
+
+    def describe(self) -> str:
+        errors = ", ".join(f"{k} {v:.3g}" for k, v in self.errors.items())
+        return f"{self.kind} (probe errors: {errors}){' - ' + self.note if self.note else ''}"
+
+
+# (x + 1024) - 1024 loses what the format cannot hold next to 1024: fp32 keeps
+# ~1e-4, fp16 rounds to 1 (error <= 0.5), bf16 to 8 (error < 1 for x < 1).
+_ARITH_X = np.array([[0.1, 0.2, 0.3, 0.45, 0.55, 0.7, 0.8, 0.95]], dtype=np.float32)
+_ARITH_CACHE: dict[tuple[str, str], Arithmetic] = {}
+_ARITH_INTERPRETERS: list = []  # kept alive: destroying interpreters exhausts Vulkan devices
+
+
+@functools.lru_cache(maxsize=1)
+def _arithmetic_models() -> dict[str, Path]:
+    expr = mnn().expr
+    folder = Path(tempfile.mkdtemp(prefix="mnn-parity-arith-"))
+    atexit.register(shutil.rmtree, folder, True)
+    paths = {}
+    with capture_native_output():
+        for kind in ("add", "matmul"):
+            x = expr.placeholder([1, 8], expr.NCHW)
+            x.name = "x"
+            if kind == "add":
+                y = (x + 1024.0) - 1024.0
+            else:
+                eye = expr.const(np.eye(8, dtype=np.float32).flatten().tolist(), [8, 8], expr.NCHW)
+                y = expr.matmul(x + 1024.0, eye) - 1024.0
+            y.name = "y"
+            paths[kind] = folder / f"{kind}.mnn"
+            expr.save([y], str(paths[kind]))
+    return paths
+
+
+def probe_arithmetic(backend: str, precision: str) -> Arithmetic:
+    """Measure (once per process) the float format ``backend`` x ``precision`` computes in."""
+    key = (canonical_backend(backend), canonical_precision(precision))
+    if key not in _ARITH_CACHE:
+        _ARITH_CACHE[key] = _measure_arithmetic(*key)
+    return _ARITH_CACHE[key]
+
+
+def _measure_arithmetic(backend: str, precision: str) -> Arithmetic:
+    m = mnn()
+    code = {"normal": 0, "high": 1, "low": 2, "Low_BF16": 3}[precision]
+    errors: dict[str, float] = {}
+    try:
+        with capture_native_output():
+            if not _ARITH_INTERPRETERS:
+                _ARITH_INTERPRETERS.extend((k, m.Interpreter(str(p))) for k, p in _arithmetic_models().items())
+            for kind, interpreter in _ARITH_INTERPRETERS:
+                # numThread 1: on GPU backends it means "no kernel tuning", which
+                # keeps probing fast; it does not change the arithmetic.
+                session = interpreter.createSession({"backend": backend, "precision": code, "numThread": 1})
+                if not runs_as(backend, session_forward_type(interpreter, session)):
+                    return Arithmetic("unknown", {}, "the probe session fell back to another backend")
+                interpreter.getSessionInput(session).copyFrom(
+                    m.Tensor((1, 8), m.Halide_Type_Float, _ARITH_X, m.Tensor_DimensionType_Caffe))
+                if int(interpreter.runSession(session)) != 0:
+                    return Arithmetic("unknown", {}, "the probe run failed")
+                out = interpreter.getSessionOutput(session)
+                host = m.Tensor(out, out.getDimensionType())
+                out.copyToHostTensor(host)
+                errors[kind] = float(np.max(np.abs(np.array(host.getNumpyData()) - _ARITH_X)))
+    except Exception as exc:  # a probe must never take discovery down
+        return Arithmetic("unknown", errors, f"probe failed: {exc}")
+    worst = max(errors.values())
+    if all(e == 0.0 for e in errors.values()):
+        return Arithmetic("unknown", errors, "output equals the input exactly: no rounding at all, the backend "
+                                             "may not have computed")
+    if not np.isfinite(worst) or worst > 4.0:
+        return Arithmetic("broken", errors, "a probe was off by more than any float format explains")
+    if worst <= 1e-3:
+        return Arithmetic("fp32", errors)
+    if worst <= 0.5 + 1e-6:
+        return Arithmetic("fp16", errors)
+    return Arithmetic("bf16", errors)

@@ -1,0 +1,1 @@
+"""ONNX models: the offline converter call, conversion variants, ONNX Runtime as reference, localisation."""

@@ -1,0 +1,136 @@
+"""The generated test items: one per model x backend x precision."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..core.verdict import Category
+from ..engine.results import ParityResult
+from ..mnn.model import ModelError
+from ..mnn.runner import RunConfig
+
+
+class ParityFailure(Exception):
+    """A configuration that gave the wrong answer; its text is the failure message."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One generated item: a configuration, optionally of a conversion variant and a named input set.
+
+    Later axes (API, variants, input sets) extend the id in front of the
+    configuration: ``parity[module-fp16-photo1-CPU-low]``.
+    """
+
+    config: RunConfig
+    variant: str | None = None
+    input_set: str | None = None
+    # "session" or "module" with --mnn-api both; None: the engine's choice (apis.py).
+    api: str | None = None
+
+    @property
+    def id(self) -> str:
+        return "-".join(part for part in (self.api, self.variant, self.input_set, self.config.id) if part)
+
+
+class ModelFile(pytest.File):
+    """A model named by ``--mnn-model``; its children are the matrix items."""
+
+    def collect(self):
+        run = self.config.stash[PARITY_RUN]
+        if self.error is not None:
+            yield ModelErrorItem.from_parent(self, name="load", error=self.error)
+            return
+        for case in run.cases(self.path):
+            yield ParityItem.from_parent(self, name=f"parity[{case.id}]", case=case)
+        yield from run.regression.items(self)
+
+
+class ParityItem(pytest.Item):
+    def __init__(self, *, case: Case, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.case = case
+        self.run_config = run_config = case.config
+        self.result: ParityResult | None = None
+        run = self.config.stash[PARITY_RUN]
+        status = run.backend_status(run_config.backend)
+        if not status.available and not getattr(status, "fault", None):
+            self.add_marker(pytest.mark.skip(reason=status.reason))
+        self.add_marker(pytest.mark.mnn_generated)
+
+    @property
+    def model_path(self) -> Path:
+        return self.parent.path
+
+    def setup(self) -> None:
+        run = self.config.stash[PARITY_RUN]
+        self.result = run.check(self)
+        if self.result.category is Category.MODEL_ERROR:
+            raise ModelLoadFailure(self.result.message)
+
+    def runtest(self) -> None:
+        assert self.result is not None
+        if self.result.skipped:
+            pytest.skip(self.result.message)
+        if not self.result.passed:
+            raise ParityFailure(self.result.message)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, (ParityFailure, ModelLoadFailure)):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        # Failure headers show this domain ("x.mnn::parity[CPU-low]"). pytest's -v
+        # line turns its dots into "::" (it expects dotted Python names), so -v
+        # shows "x::mnn::parity[...]"; the header is what reviewers read.
+        return self.model_path, 0, f"{self.parent.name}::{self.name}"
+
+
+class ModelLoadFailure(pytest.fail.Exception):
+    """The model cannot be tested at all (missing, corrupt, unconvertible, unrunnable reference).
+
+    A ``pytest.fail`` exception without traceback: pytest renders setup errors
+    with ``_repr_failure_py``, not ``repr_failure``, and shows only the message
+    for these instead of pytest's own call stack.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message, pytrace=False)
+
+
+class ModelErrorItem(pytest.Item):
+    """Stands for a ``--mnn-model`` argument that led to no loadable model."""
+
+    def __init__(self, *, error: ModelError, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.error = error
+
+    def setup(self) -> None:
+        raise ModelLoadFailure(str(self.error))
+
+    def runtest(self) -> None:  # pragma: no cover - setup always raises
+        raise ModelLoadFailure(str(self.error))
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, ModelLoadFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, 0, f"{self.parent.name}::{self.name}"
+
+
+def node_id_path(path: Path, rootpath: Path) -> str:
+    """The model's part of the node id: relative to rootdir where possible."""
+    try:
+        return path.resolve().relative_to(rootpath.resolve()).as_posix()
+    except ValueError:
+        return Path(os.path.relpath(path.resolve(), rootpath.resolve())).as_posix()
+
+
+PARITY_RUN = pytest.StashKey["ParityRun"]()

@@ -1,0 +1,362 @@
+"""Command-line options and ini keys, and the settings they resolve to.
+
+Every option has an ini key of the same name with ``mnn_`` instead of
+``--mnn-`` (e.g. ``mnn_backends`` in ``[tool.pytest.ini_options]``); the
+command line wins over the ini file.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..engine.apis import API_MODES, parse_api
+from ..engine.results import LAYER_MODES
+from ..inputs.generate import parse_input_shapes
+from ..inputs.stream_spec import StreamSpec, parse_stream
+from ..isolation.policy import ISOLATE_MODES, WORKER_SCOPES
+from ..mnn.backends import (
+    DEFAULT_BACKENDS,
+    PRECISIONS,
+    canonical_backend,
+    canonical_precision,
+)
+from ..mnn.limits import DEFAULT_MAX_INPUT_MB
+from ..onnx.variants import DEFAULT_VARIANTS, parse_converter_flags, parse_variants
+from ..report.artifacts import ARTIFACT_MODES
+
+TOLERANCE_OPTIONS = {
+    "atol": "absolute tolerance as a fraction of each output's largest |reference| value",
+    "rtol": "relative tolerance, per element",
+    "min_cosine": "minimum cosine similarity between target and reference",
+    "max_outside_fraction": "fraction of elements allowed outside tolerance (default 0)",
+}
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mnn-parity", "MNN backend parity (pytest-mnn-parity)")
+
+    def option(name: str, help: str, ini_type: str | None = None, **kwargs: Any) -> None:
+        group.addoption(f"--mnn-{name}", dest=f"mnn_{name.replace('-', '_')}", help=help, **kwargs)
+        parser.addini(f"mnn_{name.replace('-', '_')}", help, type=ini_type)
+
+    option("model", "an .mnn or .onnx file, a directory (every *.mnn and *.onnx below it) or a glob; repeatable",
+           ini_type="args", action="append", default=None, metavar="PATH")
+    option("backends", f"comma-separated backends to test (default: {','.join(DEFAULT_BACKENDS)})",
+           metavar="LIST")
+    option("precisions", f"comma-separated precisions (default: {','.join(PRECISIONS)})", metavar="LIST")
+    option("reference", "what outputs are compared against: 'cpu' (default: the same model on CPU, high "
+           "precision, 1 thread; ONNX Runtime for an .onnx model), another .mnn file with the same inputs and "
+           "outputs, an .onnx file run by ONNX Runtime, or an output bundle directory: DIR (its reference "
+           "outputs), DIR::BACKEND-precision or DIR::same", metavar="REF")
+    option("convert", f"conversion variants tested for each .onnx model: comma-separated from fp32, fp16, int8 "
+           f"(default {','.join(DEFAULT_VARIANTS)})", metavar="LIST")
+    parser.addini("mnn_convert_flags", "extra MNNConvert flags for every conversion variant of an .onnx model, "
+                  "e.g. --keepInputFormat", type="string")
+    option("seed", "seed for the generated inputs (default 0)", metavar="INT")
+    option("input-shape", "shape for an input, e.g. image=1x3x512x512 (needed for dynamic dimensions); repeatable",
+           ini_type="linelist", action="append", default=None, metavar="NAME=SHAPE")
+    option("threads", "CPU threads for the configurations under test (default 4; the reference uses 1)",
+           metavar="INT")
+    for name, help_text in TOLERANCE_OPTIONS.items():
+        option(name.replace("_", "-"), f"override every tier's {help_text}", metavar="FLOAT")
+    option("layers", "per-layer trace: off, on-failure (default: trace configurations whose outputs are wrong "
+           "and name the first divergent layer) or always", metavar="MODE")
+    option("report", "write the JSON report (schema pytest-mnn-parity/1) to this path", metavar="PATH")
+    option("input-sets", "comma-separated names of the sidecar input sets to run (default: all declared)",
+           metavar="LIST")
+    option("hypothesis", "also search, per configuration, up to N hypothesis examples for an input that breaks "
+           "parity (seeded by --hypothesis-seed, default --mnn-seed)", metavar="N")
+    option("hypothesis-dir", "where the search saves minimal failing inputs as .npz (default: "
+           ".pytest_cache/d/mnn-parity under the rootdir)", metavar="DIR")
+    option("artifacts", "write pictures (reference, target, error heatmap, zero/NaN mask, error histogram) of "
+           "failing outputs into this directory, one folder per item", metavar="DIR")
+    option("artifacts-when", "which outputs get pictures: on-failure (default: the failing outputs of failing "
+           "configurations) or always", metavar="MODE")
+    option("html", "write a self-contained HTML report (matrix, metrics, per-layer error curve, pictures) to this "
+           "path", metavar="PATH")
+    option("api", f"MNN API that runs the models: {', '.join(API_MODES)} (default auto: the session API where a "
+           "session can run the model, the Module API where it cannot; both: the API is a matrix axis and the two "
+           "are compared)", metavar="MODE")
+    option("stream", "streaming model: feed state outputs back into inputs step by step, e.g. "
+           "\"h_out->h;steps=8\" (model=GLOB; limits it to some models); repeatable",
+           ini_type="linelist", action="append", default=None, metavar="SPEC")
+    option("isolate", "run configurations in worker processes so a crash or hang fails one item: always (the "
+           "default when the option is given without a value), never, or auto (the default: every backend but "
+           "the CPU, and every backend when --mnn-timeout is set)", nargs="?", const="always", metavar="MODE")
+    option("worker-scope", "what one isolated worker process serves: model (the default: a fresh process per "
+           "model, as an app that loads one model would run) or run (one worker for every model until it crashes "
+           "or times out: GPU runtimes are set up once, not per model)", metavar="SCOPE")
+    option("timeout", "seconds one configuration may take; an isolated worker is killed then (default: none, "
+           "600 for isolated configurations; 0: none)", metavar="SECONDS")
+    option("max-input-mb", f"refuse models whose inputs need more than this many MiB per input set, before "
+           f"allocating them (default {DEFAULT_MAX_INPUT_MB:g})", metavar="MB")
+    option("save-outputs", "write an output bundle (outputs + manifest per model x configuration) into this "
+           "directory, to compare against with --mnn-reference DIR elsewhere", metavar="DIR")
+    option("golden", "check each model's CPU/high outputs against the goldens in this directory", metavar="DIR")
+    group.addoption("--mnn-update-golden", action="store_true", dest="mnn_update_golden", default=False,
+                    help="(re)write the goldens in --mnn-golden DIR instead of checking them")
+    group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
+                    help="run only the generated parity items: do not collect test files")
+
+
+@dataclass
+class Options:
+    models: list[str]
+    backends: list[str]
+    precisions: list[str]
+    reference: str | None
+    seed: int
+    input_shapes: dict[str, tuple[int, ...]]
+    threads: int
+    tolerance_ini: dict[str, float] = field(default_factory=dict)
+    tolerance_cli: dict[str, float] = field(default_factory=dict)
+    report: Path | None = None
+    layers: str = "on-failure"
+    isolate: str = "auto"
+    worker_scope: str = "model"
+    timeout: float | None = None
+    max_input_mb: float = DEFAULT_MAX_INPUT_MB
+    only: bool = False
+    input_sets: list[str] = field(default_factory=list)
+    hypothesis: int = 0
+    hypothesis_dir: Path | None = None
+    hypothesis_dir_given: bool = False
+    convert: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    convert_flags: tuple[str, ...] = ()
+    artifacts: Path | None = None
+    artifacts_when: str = "on-failure"
+    html: Path | None = None
+    api: str = "auto"
+    streams: tuple[StreamSpec, ...] = ()
+    save_outputs: Path | None = None
+    golden: Path | None = None
+    update_golden: bool = False
+    rootpath: Path = Path(".")
+    invocation_dir: Path = Path(".")
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> "Options":
+        def get(name: str):
+            value = config.getoption(f"mnn_{name}")
+            if value is None or value == []:
+                ini = config.getini(f"mnn_{name}")
+                return ini if ini not in ("", [], None) else None
+            return value
+
+        def where(name: str) -> str:
+            """The option, or the ini key and its file when the value came from there."""
+            if config.getoption(f"mnn_{name}") in (None, []) and config.inipath is not None:
+                return f"mnn_{name} in {config.inipath}"
+            return f"--mnn-{name.replace('_', '-')}"
+
+        def listed(name: str, default, canon) -> list[str]:
+            raw = get(name)
+            items = default if raw is None else [p for chunk in _as_list(raw) for p in chunk.split(",")]
+            try:
+                return list(dict.fromkeys(canon(p) for p in items if p.strip()))
+            except ValueError as exc:
+                raise pytest.UsageError(f"{where(name)}: {exc}") from None
+
+        def number(name: str, kind, default):
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                return kind(raw)
+            except ValueError:
+                raise pytest.UsageError(f"{where(name)}: expected a number, got {raw!r}") from None
+
+        def choice(name: str, allowed, default: str) -> str:
+            value = str(get(name) or default).strip().lower()
+            if value not in allowed:
+                raise pytest.UsageError(f"{where(name)}: expected one of {', '.join(allowed)}, got {value!r}")
+            return value
+
+        try:
+            shapes = parse_input_shapes(_as_list(get("input_shape") or []))
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        tol_cli = {k: number(k, float, None) for k in TOLERANCE_OPTIONS if config.getoption(f"mnn_{k}") is not None}
+        tol_ini = {}
+        for k in TOLERANCE_OPTIONS:
+            if config.getini(f"mnn_{k}") not in ("", None):
+                try:
+                    tol_ini[k] = float(config.getini(f"mnn_{k}"))
+                except ValueError:
+                    raise pytest.UsageError(f"mnn_{k} in {config.inipath}: expected a number, got "
+                                            f"{config.getini(f'mnn_{k}')!r}") from None
+        reference = get("reference")
+        if reference is not None and str(reference).strip().lower() in ("", "cpu"):
+            reference = None
+        threads = number("threads", int, 4)
+        if threads < 1:
+            raise pytest.UsageError("--mnn-threads must be at least 1")
+        report = get("report")
+        layers = choice("layers", LAYER_MODES, "on-failure")
+        hypothesis = number("hypothesis", int, 0)
+        if hypothesis < 0:
+            raise pytest.UsageError("--mnn-hypothesis must be 0 (off) or a number of examples")
+        hypothesis_dir = get("hypothesis_dir")
+        isolate = choice("isolate", ISOLATE_MODES, "auto")
+        worker_scope = choice("worker_scope", WORKER_SCOPES, "model")
+        timeout = number("timeout", float, None)
+        if timeout is not None and not timeout >= 0:
+            raise pytest.UsageError(f"{where('timeout')}: expected seconds >= 0 (0: no timeout), got {timeout:g}")
+        max_input_mb = number("max_input_mb", float, DEFAULT_MAX_INPUT_MB)
+        if not max_input_mb > 0:
+            raise pytest.UsageError(f"{where('max_input_mb')}: expected a size in MiB > 0, got {max_input_mb:g}")
+        try:
+            convert = parse_variants(_as_list(get("convert") or list(DEFAULT_VARIANTS)))
+        except ValueError as exc:
+            raise pytest.UsageError(f"--mnn-convert: {exc}") from None
+        try:
+            convert_flags = parse_converter_flags(config.getini("mnn_convert_flags") or "")
+        except ValueError as exc:
+            raise pytest.UsageError(f"mnn_convert_flags: {exc}") from None
+        artifacts = get("artifacts")
+        artifacts_when = str(get("artifacts_when") or "on-failure").strip().lower()
+        if artifacts_when not in ARTIFACT_MODES:
+            raise pytest.UsageError(f"--mnn-artifacts-when: expected one of {', '.join(ARTIFACT_MODES)}, "
+                                    f"got {artifacts_when!r}")
+        html = get("html")
+        try:
+            api = parse_api(get("api") or "auto")
+            streams = tuple(parse_stream(text) for text in _as_list(get("stream") or []) if text.strip())
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        save_outputs, golden = get("save_outputs"), get("golden")
+        update_golden = bool(config.getoption("mnn_update_golden"))
+        if update_golden and not golden:
+            raise pytest.UsageError("--mnn-update-golden needs --mnn-golden DIR: the directory to write the goldens to")
+        _check_reference(reference, save_outputs)
+        return cls(
+            api=api,
+            streams=streams,
+            save_outputs=Path(save_outputs) if save_outputs else None,
+            golden=Path(golden) if golden else None,
+            update_golden=update_golden,
+            input_sets=[p.strip() for chunk in _as_list(get("input_sets")) for p in chunk.split(",") if p.strip()],
+            hypothesis=hypothesis,
+            hypothesis_dir=Path(hypothesis_dir) if hypothesis_dir else _cache_dir(config) / "d" / "mnn-parity",
+            hypothesis_dir_given=bool(hypothesis_dir),
+            convert=convert,
+            convert_flags=convert_flags,
+            models=[str(m) for m in _as_list(get("model") or [])],
+            backends=listed("backends", DEFAULT_BACKENDS, canonical_backend),
+            precisions=listed("precisions", PRECISIONS, canonical_precision),
+            reference=str(reference) if reference is not None else None,
+            seed=number("seed", int, 0),
+            input_shapes=shapes,
+            threads=threads,
+            tolerance_ini=tol_ini,
+            tolerance_cli=tol_cli,
+            report=Path(report) if report else None,
+            layers=layers,
+            isolate=isolate,
+            worker_scope=worker_scope,
+            timeout=timeout or None,
+            max_input_mb=max_input_mb,
+            only=bool(config.getoption("mnn_only")),
+            # Absolute, so every xdist worker writes into the same folder whatever its cwd.
+            artifacts=(config.invocation_params.dir / str(artifacts)).resolve() if artifacts else None,
+            artifacts_when=artifacts_when,
+            html=Path(html) if html else None,
+            rootpath=config.rootpath,
+            invocation_dir=config.invocation_params.dir,
+        )
+
+    def reproduce_command(self, model: str, backend: str, precision: str, variant: str | None = None,
+                          input_set: str | None = None, api: str | None = None) -> str:
+        """A command that reruns exactly one configuration of one model (conversion variant, input set, API)."""
+        parts = ["pytest", "--mnn-only", "--mnn-model", model, "--mnn-backends", backend,
+                 "--mnn-precisions", precision, "--mnn-seed", str(self.seed)]
+        if variant is not None:
+            parts += ["--mnn-convert", variant]
+        if self.api != "auto":
+            parts += ["--mnn-api", self.api]
+        if self.api == "both" and api:
+            # Both APIs must run for the cross-API comparison; -k picks this item by its id.
+            parts += ["-k", "-".join(p for p in (api, variant, input_set, f"{backend}-{precision}") if p)]
+        for spec in self.streams:
+            parts += ["--mnn-stream", spec.text()]
+        if self.threads != 4:
+            parts += ["--mnn-threads", str(self.threads)]
+        if self.reference:
+            parts += ["--mnn-reference", self.reference]
+        if self.layers != "on-failure":
+            parts += ["--mnn-layers", self.layers]
+        for name, dims in self.input_shapes.items():
+            parts += ["--mnn-input-shape", f"{name}={'x'.join(map(str, dims))}"]
+        if self.isolate != "auto":
+            parts += [f"--mnn-isolate={self.isolate}"]
+        if self.timeout is not None:
+            parts += ["--mnn-timeout", f"{self.timeout:g}"]
+        if self.max_input_mb != DEFAULT_MAX_INPUT_MB:
+            parts += ["--mnn-max-input-mb", f"{self.max_input_mb:g}"]
+        for name, value in self.tolerance_cli.items():
+            parts += [f"--mnn-{name.replace('_', '-')}", f"{value:g}"]
+        if input_set is not None:
+            parts += ["--mnn-input-sets", input_set]
+        if self.artifacts is not None:
+            parts += ["--mnn-artifacts", _shown_path(self.artifacts, self.invocation_dir)]
+            if self.artifacts_when != "on-failure":
+                parts += ["--mnn-artifacts-when", self.artifacts_when]
+        return " ".join(shlex.quote(p) for p in parts)
+
+    def settings_dict(self) -> dict[str, Any]:
+        return {"backends": self.backends, "precisions": self.precisions, "reference": self.reference or "cpu",
+                "seed": self.seed, "threads": self.threads, "layers": self.layers, "api": self.api,
+                "streams": [spec.text() for spec in self.streams],
+                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+                "input_sets": self.input_sets or None, "hypothesis": self.hypothesis,
+                "isolate": self.isolate, "worker_scope": self.worker_scope, "timeout": self.timeout, "max_input_mb": self.max_input_mb,
+                "convert": self.convert, "convert_flags": list(self.convert_flags),
+                "save_outputs": str(self.save_outputs) if self.save_outputs else None,
+                "golden": str(self.golden) if self.golden else None, "update_golden": self.update_golden,
+                "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli},
+                "artifacts": (None if self.artifacts is None
+                              else {"dir": str(self.artifacts), "when": self.artifacts_when}),
+                "html": None if self.html is None else str(self.html)}
+
+
+def _shown_path(path: Path, base: Path) -> str:
+    """Relative to where pytest was started when it lies below it, so a reproduce line stays short."""
+    try:
+        return path.relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _check_reference(reference, save_outputs) -> None:
+    """A bundle named by --mnn-reference must exist and be readable before anything runs."""
+    from ..engine.bundle import BundleError
+    from ..engine.bundle_reference import parse_reference
+
+    try:
+        spec = parse_reference(reference)
+    except BundleError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if spec is not None and save_outputs and Path(save_outputs).resolve() == spec.folder.resolve():
+        raise pytest.UsageError(f"--mnn-save-outputs {save_outputs} is the bundle --mnn-reference reads: "
+                                f"save into another directory")
+
+
+def _cache_dir(config: pytest.Config) -> Path:
+    """pytest's cache folder (``cache_dir``), also when the cacheprovider plugin is off."""
+    try:
+        name = config.getini("cache_dir") or ".pytest_cache"
+    except ValueError:  # -p no:cacheprovider: the ini key is not registered
+        name = ".pytest_cache"
+    return config.rootpath / name
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]

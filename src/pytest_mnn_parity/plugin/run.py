@@ -1,0 +1,220 @@
+"""One pytest run's state: the engine, the isolation policy, the items' results and the report records.
+
+The hooks (``hooks.py``) create one ``ParityRun`` per pytest run, keep it in the
+config's stash (``items.PARITY_RUN``) and hand every event to it.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from ..core.files import json_safe
+from ..core.verdict import Category
+from ..engine.engine import ParityEngine
+from ..engine.results import ParityResult, ParitySettings
+from ..isolation.policy import Isolation
+from ..mnn import backends as backend_discovery
+from ..mnn.library import mnn_version
+from ..mnn.model import ModelError, check_model_path, expand_model_args
+from ..mnn.runner import RunConfig
+from ..onnx.variants import is_onnx
+from ..report.artifacts import ArtifactWriter
+from ..report.durable import IncrementalReport
+from ..report.html import write_html
+from ..report.records import RECORD_FIELDS, build_report, record
+from . import scaleout
+from .input_items import SidecarSupport, xfail_outcome
+from .items import Case, ModelErrorItem, ModelFile, ParityItem, node_id_path
+from .options import Options
+from .regression import Regression
+
+
+class ParityRun:
+    """Per-pytest-run state: the engine, the items' results and the report records."""
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.writer = None if options.artifacts is None else ArtifactWriter(options.artifacts, options.artifacts_when)
+        self.engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
+                                                  reference=options.reference, threads=options.threads,
+                                                  layers=options.layers, converter_flags=options.convert_flags,
+                                                  output_sink=self.writer, api=options.api, streams=options.streams,
+                                                  max_input_mb=options.max_input_mb,
+                                                  keep_outputs=options.save_outputs is not None))
+        self.isolation = Isolation(self.engine, options.isolate, options.timeout, options.backends,
+                                   options.worker_scope)
+        self._remaining: Counter = Counter()
+        self._records: list[dict[str, Any]] = []
+        self.active = bool(options.models)
+        self.inputs = SidecarSupport(self)
+        self.writes_report = True
+        self._report: IncrementalReport | None = None
+        self.regression = Regression(options, self.engine)
+
+    # -- collection -------------------------------------------------------------
+    def collect(self, session: pytest.Session) -> list[pytest.Item]:
+        if not self.options.models:
+            return []
+        items: list[pytest.Item] = []
+        for target in expand_model_args(self.options.models, self.options.invocation_dir):
+            error = target.error
+            if error is None:
+                try:
+                    check_model_path(target.path)
+                    self.inputs.load(target.path)
+                except ModelError as exc:
+                    error = exc
+            nodeid = node_id_path(target.path, session.config.rootpath)
+            collector = ModelFile.from_parent(session, path=target.path, nodeid=nodeid)
+            collector.error = error
+            collector.add_marker(scaleout.group_mark(nodeid))
+            collected = list(collector.collect())
+            collected += self.inputs.extra_items(collector, collected)
+            # Tell the terminal (and any other listener) what was collected, as
+            # regular collection would: "collected N items" must count these.
+            session.ihook.pytest_collectreport(report=pytest.CollectReport(nodeid, "passed", None, collected))
+            items.extend(collected)
+        return items
+
+    def cases(self, model_path) -> list[Case]:
+        """Every item to generate for one model, in a stable order; an ONNX model once per conversion variant,
+        each configuration once per API with --mnn-api both."""
+        apis = ["session", "module"] if self.options.api == "both" else [None]
+        variants = self.options.convert if is_onnx(model_path) else [None]
+        return [Case(RunConfig(backend, precision, self.options.threads), variant=variant, input_set=input_set,
+                     api=api)
+                for api in apis for variant in variants for input_set in self.inputs.set_names(model_path)
+                for backend in self.options.backends for precision in self.options.precisions]
+
+    def backend_status(self, backend: str):
+        return self.isolation.backend_status(backend)
+
+    def plan(self, items: list[pytest.Item]) -> None:
+        self._remaining = Counter(item.model_path for item in items if isinstance(item, ParityItem))
+        self.isolation.expect_models(len({item.model_path for item in items if isinstance(item, ParityItem)
+                                          and self.isolation.isolates(item.run_config.backend)}))
+
+    # -- running ----------------------------------------------------------------
+    def check(self, item: ParityItem) -> ParityResult:
+        config = item.run_config
+        model = node_id_path(item.model_path, item.config.rootpath)
+        # Tolerance layers, input set; or a bad sidecar's error (checked by the worker for an isolated item).
+        checks = self.inputs.prepare(item, in_worker=self.isolation.isolates(config.backend))
+        variant = item.case.variant
+        if self.writer is not None:
+            self.writer.label = scaleout.stable_nodeid(item)
+        reproduce = self.options.reproduce_command(model, config.backend, config.precision, variant,
+                                                   input_set=item.case.input_set, api=item.case.api)
+        if isinstance(checks, ParityResult):
+            result = checks
+        else:
+            # Isolated or not, by the same arguments: the worker protocol carries all of them (wire_check).
+            result = self.isolation.check(item.model_path, config, variant=variant, api=item.case.api,
+                                          reproduce=reproduce, bundle=self.regression.bundle_spec(item, model),
+                                          **checks)
+        result.model = model
+        self.regression.after_check(item, result)
+        for name, value in junit_properties(result):
+            item.user_properties.append((name, value))
+        return result
+
+    def done(self, item: pytest.Item) -> None:
+        if isinstance(item, ParityItem):
+            self._remaining[item.model_path] -= 1
+            if self._remaining[item.model_path] <= 0:
+                self.isolation.release(item.model_path)
+
+    # -- reporting --------------------------------------------------------------
+    def record_for(self, item: pytest.Item, report: pytest.TestReport) -> dict[str, Any] | None:
+        if isinstance(item, ModelErrorItem):
+            if report.when != "setup":
+                return None
+            return _error_record(item, report)
+        if not isinstance(item, ParityItem):
+            return None
+        if report.when == "setup" and report.skipped and item.result is None:
+            result = ParityResult(node_id_path(item.model_path, item.config.rootpath), item.run_config,
+                                  Category.BACKEND_UNAVAILABLE, _skip_reason(report), variant=item.case.variant,
+                                  api=item.case.api, api_axis=item.case.api is not None)
+            return record(item.nodeid, result, "skipped")
+        if item.result is None:
+            return None
+        if report.when == "setup" and report.failed:
+            return record(item.nodeid, item.result, "error")
+        if report.when == "call":
+            return record(item.nodeid, item.result, xfail_outcome(item, report))
+        return None
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        data = getattr(report, "mnn_parity", None)
+        if data is not None:
+            self._records.append(data)
+            writer = self._report_writer()
+            if writer is not None:
+                writer.add(data)
+
+    def records(self) -> list[dict[str, Any]]:
+        return list(self._records)
+
+    def _report_writer(self) -> IncrementalReport | None:
+        """The report file, rewritten as items finish so a killed run still leaves one (durable_report.py)."""
+        if self.options.report is None or not self.writes_report or not (self.active or self._records):
+            return None
+        if self._report is None:
+            self._report = IncrementalReport(self.options.report, self._report_header)
+        return self._report
+
+    def _report_header(self) -> dict[str, Any]:
+        statuses = {name: {"available": s.available, "forward_type": s.forward_type, "reason": s.reason}
+                    for name, s in ((n, self.backend_status(n)) for n in self.options.backends)}
+        return build_report([], mnn_version=mnn_version(), settings=self.options.settings_dict(), backends=statuses)
+
+    def write_report(self) -> None:
+        writer = self._report_writer()
+        if writer is not None:
+            writer.flush()
+
+    def report_data(self) -> dict[str, Any]:
+        statuses = {name: {"available": s.available, "forward_type": s.forward_type, "reason": s.reason}
+                    for name, s in backend_discovery.discover(self.options.backends).items()}
+        return build_report(self.records(), mnn_version=mnn_version(), settings=self.options.settings_dict(),
+                            backends=statuses)
+
+    def write_html(self) -> None:
+        if self.options.html is None or not self.active:
+            return
+        # From the JSON form of the data, so a saved report renders the same page.
+        write_html(self.options.html, json_safe(self.report_data()), self.options.artifacts)
+
+
+def _error_record(item: ModelErrorItem, report) -> dict[str, Any]:
+    data: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
+    data.update(nodeid=item.nodeid, model=node_id_path(item.path, item.config.rootpath), outcome="error",
+                category=Category.MODEL_ERROR.value, message=str(item.error), outputs={}, fp16_risks=[], seconds=0.0)
+    return data
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def junit_properties(result: ParityResult):
+    """The JUnit XML properties of a checked item (docs/report.md): category, backend, tier, key metrics."""
+    yield "mnn_category", result.category.value
+    yield "mnn_backend_used", str(result.backend_used)
+    if result.api is not None:
+        yield "mnn_api", result.api
+    if result.tolerance is not None:
+        yield "mnn_tier", result.tolerance.tier
+    if result.variant is not None:
+        yield "mnn_variant", result.variant
+    if result.verdict is not None:
+        for v in result.verdict.outputs:
+            if v.metrics is not None:
+                for key in ("max_abs", "cosine", "snr_db", "zero_fraction", "outside_fraction"):
+                    yield f"mnn_{v.name}_{key}", f"{getattr(v.metrics, key):.6g}"

@@ -1,0 +1,1 @@
+"""Saving what a run computed, to compare later: output bundles and goldens."""

@@ -1,0 +1,207 @@
+"""The JSON report and the terminal matrix, built from one record per item.
+
+Records are plain dicts (they travel from pytest-xdist workers to the
+controller inside test reports); ``SCHEMA`` names their documented layout.
+"""
+from __future__ import annotations
+
+import platform
+from collections import OrderedDict
+from typing import Any, Iterable
+
+SCHEMA = "pytest-mnn-parity/1"
+
+RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "arithmetic", "variant",
+                 "input_set", "outcome", "category", "message", "reference", "reference_label", "tolerance", "outputs",
+                 "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
+                 "seconds", "search", "artifacts", "api", "api_reason", "api_axis", "backend_note", "cross_api",
+                 "stream", "inputs_nonfinite", "worker", "fault")
+
+
+def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
+    """One report entry for a parity item (``result`` is a ``ParityResult``)."""
+    return {
+        "nodeid": nodeid,
+        "model": result.model,
+        "backend": result.config.backend,
+        "backend_used": result.backend_used,
+        "forward_type": result.forward_type,
+        "precision": result.config.precision,
+        "threads": result.config.threads,
+        "arithmetic": None if result.arithmetic is None else {
+            "kind": result.arithmetic.kind, "probe_errors": result.arithmetic.errors, "note": result.arithmetic.note},
+        "variant": result.variant,
+        "input_set": result.input_set,
+        "outcome": outcome,
+        "category": result.category.value,
+        "message": result.message,
+        "reference": result.reference,
+        "reference_label": getattr(result, "reference_label", ""),
+        "tolerance": result.tolerance.as_dict() if result.tolerance else None,
+        "outputs": result.outputs_dict(),
+        "first_divergent_layer": result.first_divergent_layer,
+        "layer_trace": result.trace.summary() if result.trace is not None else None,
+        "layers": [layer.as_dict(with_inputs=False) for layer in result.trace.layers] if result.trace else None,
+        "fp16_risks": [risk.as_dict() for risk in result.fp16_risks],
+        "fp16_weight_risks": [risk.as_dict() for risk in result.weight_risks],
+        "rc": result.rc,
+        "seconds": result.seconds,
+        "search": getattr(result, "search", None),
+        "artifacts": result.artifacts,
+        "api": result.api,
+        "api_reason": result.api_reason,
+        "api_axis": result.api_axis,
+        "backend_note": result.backend_note,
+        "cross_api": result.cross_api,
+        "stream": result.stream,
+        "inputs_nonfinite": getattr(result, "inputs_nonfinite", None),
+        "worker": getattr(result, "worker", None),
+        "fault": getattr(result, "fault", None),
+    }
+
+
+def build_report(records: Iterable[dict[str, Any]], *, mnn_version: str, settings: dict[str, Any],
+                 backends: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    records = list(records)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    return {
+        "schema": SCHEMA,
+        "mnn_version": mnn_version,
+        "platform": {"python": platform.python_version(), "machine": platform.machine(), "system": platform.system()},
+        "settings": settings,
+        "backends": backends,
+        "summary": counts,
+        "results": records,
+    }
+
+
+# -- terminal matrix ----------------------------------------------------------------
+
+def key_metric(rec: dict[str, Any]) -> str:
+    """The one number a reviewer wants in a matrix cell, chosen by category."""
+    outputs = [o for o in (rec.get("outputs") or {}).values() if "max_abs" in o]
+    if not outputs:
+        return ""
+    category = rec["category"]
+    if category in ("zero_output", "partial_zero"):
+        return f"zeros {max(o['new_zero_fraction'] for o in outputs):.0%}"
+    if category == "non_finite":
+        return f"nan/inf {sum(o['nonfinite_count'] for o in outputs)}"
+    if category == "stale_output":  # its cosine against the reference can be 1.0: not the telling number
+        return "same output for 2 inputs"
+    if category == "ok":
+        return f"max|d| {max(_num(o['max_abs']) for o in outputs):.2g}"
+    return f"cos {min(_num(o['cosine']) for o in outputs):.4f}"
+
+
+def _num(value: Any) -> float:
+    return float(value) if not isinstance(value, str) else float(value.replace("inf", "Infinity").replace("Infinity", "inf"))
+
+
+def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Model x configuration table of the items that ran; skips are summarised below it."""
+    ran = [r for r in records if r["outcome"] != "skipped"]
+    skipped = [r for r in records if r["outcome"] == "skipped"]
+    lines: list[str] = []
+    if ran:
+        configs = list(OrderedDict.fromkeys(_column(r) for r in ran))
+        models = list(OrderedDict.fromkeys(_row(r) for r in ran))
+        cells = {(_row(r), _column(r)): _cell(r) for r in ran}
+        header = ["model"] + configs
+        rows = [header] + [[m] + [cells.get((m, c), "-") for c in configs] for m in models]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.extend(reference_lines(ran))
+    lines.extend(risk_lines(records))
+    reasons = OrderedDict()
+    for r in skipped:
+        reasons.setdefault(r["message"] or r["category"], set()).add(f"{r['backend']}-{r['precision']}")
+    for reason, cfgs in reasons.items():
+        backends = sorted({c.split("-", 1)[0] for c in cfgs})
+        prefix = backends[0] + ": "
+        if len(backends) == 1 and reason.startswith(prefix):
+            reason = reason[len(prefix):]
+        lines.append(f"skipped {', '.join(backends)} ({len(cfgs)} configs): {reason}")
+    return lines
+
+
+def _row(rec: dict[str, Any]) -> str:
+    """A model's row; conversion variants, named input sets and searches get rows of their own."""
+    # A user's own test (docs/fixtures.md) gets a row of its own, next to its
+    # model's generated items.
+    if rec.get("test"):
+        return rec["test"]
+    label = f"{rec['model']} [{rec['variant']}]" if rec.get("variant") else rec["model"]
+    input_set = rec.get("input_set") or ""
+    if input_set and not input_set.startswith("seeded:") and input_set != "seeded":
+        label += f" [{input_set}]"
+    return label + (" search" if rec.get("search") else "")
+
+
+def _column(rec: dict[str, Any]) -> str:
+    if rec.get("reference_label") == GOLDEN:
+        return GOLDEN
+    # A model that never loaded has no configuration: it gets a column of its own.
+    if not rec.get("backend"):
+        return "load"
+    # --mnn-api both: the API is an axis of the matrix, as in the item ids.
+    api = f"{rec['api']}-" if rec.get("api_axis") and rec.get("api") else ""
+    return f"{api}{rec['backend']}-{rec['precision']}"
+
+
+def _cell(rec: dict[str, Any]) -> str:
+    status = {"passed": "PASS", "failed": "FAIL", "error": "ERROR"}.get(rec["outcome"], rec["outcome"].upper())
+    detail = rec["category"] if rec["category"] != "ok" else ""
+    metric = key_metric(rec)
+    if rec.get("search") and not rec["search"].get("found"):
+        metric = f"{rec['search']['runs']} examples"
+    # Say where auto chose the Module API, so a column never hides which API ran.
+    api = "(module)" if rec.get("api") == "module" and not rec.get("api_axis") else ""
+    return " ".join(part for part in (status, api, detail, metric) if part)
+
+
+GOLDEN = "golden"
+
+
+def reference_lines(records: list[dict[str, Any]]) -> list[str]:
+    """What each row's configurations were compared with: one line when every row agrees."""
+    per_row: OrderedDict[str, OrderedDict[str, set]] = OrderedDict()
+    for r in records:
+        label = r.get("reference_label")
+        if label and label != GOLDEN:
+            per_row.setdefault(_row(r), OrderedDict()).setdefault(label, set()).add(r.get("reference") or "")
+
+    def describe(labels: OrderedDict) -> str:
+        parts = []
+        for label, descriptions in labels.items():
+            only = next(iter(descriptions)) if len(descriptions) == 1 else ""
+            only = only.removeprefix(label.partition("::")[0] + " ")  # "bundle DIR" is in the label already
+            parts.append(f"{label} ({only})" if only and only != label else label)
+        return "; ".join(parts)
+
+    texts = OrderedDict((row, describe(labels)) for row, labels in per_row.items())
+    if len(set(texts.values())) == 1 and len(texts) > 1:
+        return [f"reference (every row): {next(iter(texts.values()))}"]
+    return [f"reference of {row}: {text}" for row, text in texts.items()]
+
+
+def risk_lines(records: list[dict[str, Any]]) -> list[str]:
+    """fp16 risks per model, shown even when every configuration passed.
+
+    A model that passes ``low`` on an x86 CPU (which computes it in fp32) can
+    still black out on a phone or GPU with real fp16: this is the warning.
+    """
+    lines: list[str] = []
+    seen: set[str] = set()
+    for rec in records:
+        risks = [f"{r['layer']} {r['kind']} (max |x| {float(r['max_abs']):.3g})" for r in rec.get("fp16_risks") or []]
+        risks += [f"{r['op']} {r['role']} {r['kind']} under --fp16 ({r['count']}/{r['total']})"
+                  for r in rec.get("fp16_weight_risks") or []]
+        if not risks or rec["model"] in seen:
+            continue
+        seen.add(rec["model"])
+        lines.append(f"fp16 risk in {rec['model']}: " + "; ".join(risks[:3])
+                     + (f"; +{len(risks) - 3} more" if len(risks) > 3 else ""))
+    return lines
