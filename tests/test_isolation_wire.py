@@ -18,14 +18,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_mnn_parity.isolation import wire
+from pytest_mnn_parity.isolation import protocol as wire
 from pytest_mnn_parity.report.artifacts import ArtifactWriter
 from pytest_mnn_parity.engine.bundle import read_entries
 from pytest_mnn_parity.isolation.engine import IsolatedEngine
 from pytest_mnn_parity.engine.results import ParitySettings
 from pytest_mnn_parity.inputs.sidecar import find_sidecar
 from pytest_mnn_parity.inputs.stream_spec import parse_stream
-from pytest_mnn_parity.isolation.wire_check import (PickleFiles, from_wire, per_name_from_wire, per_name_to_wire, stream_from_wire,
+from pytest_mnn_parity.isolation.protocol import (PickleFiles, from_wire, per_name_from_wire, per_name_to_wire, stream_from_wire,
                                           stream_to_wire)
 from pytest_mnn_parity.isolation.worker import FAULT_INJECTION_ENV
 

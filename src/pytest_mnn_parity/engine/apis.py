@@ -71,7 +71,7 @@ class ApiSide:
         key = model_key(path)
 
         def load() -> ModuleModel:
-            shapes, sources = self.engine._shapes_for(key)  # --mnn-input-shape and a sidecar's [shapes]
+            shapes, sources = self.engine.shapes_for(key)  # --mnn-input-shape and a sidecar's [shapes]
             return ModuleModel(path, shapes, shape_sources=sources)
 
         return remembered(self._modules, key, load)

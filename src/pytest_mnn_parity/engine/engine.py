@@ -13,6 +13,7 @@ reference outputs, once per model and input set.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -34,6 +35,7 @@ from ..trace.compare import trace_target
 from ..trace.record import ReferenceTrace, RiskScanner, record_reference
 from .bundle_reference import open_bundle_reference
 from .explain import failure_message
+from .request import Checker, CheckRequest
 from .results import (
     Computed,
     EmptyReferenceOutputs,
@@ -53,7 +55,7 @@ _TRACEABLE = {Category.OK, Category.SHAPE_MISMATCH, Category.NON_FINITE, Categor
 WEIGHT_RISK_MIN_FRACTION = 0.2
 
 
-class ParityEngine:
+class ParityEngine(Checker):
     def __init__(self, settings: ParitySettings | None = None):
         self.settings = settings or ParitySettings()
         self._models: dict[Path, LoadedModel | ModelError] = {}
@@ -89,7 +91,7 @@ class ParityEngine:
         key = model_key(path)
 
         def load() -> LoadedModel:
-            shapes, sources = self._shapes_for(key)
+            shapes, sources = self.shapes_for(key)
             return LoadedModel(Path(path), shapes, shape_sources=sources, max_input_mb=self.settings.max_input_mb)
 
         return remembered(self._models, key, load)
@@ -122,7 +124,13 @@ class ParityEngine:
             self.release(path)
             self._model_shapes[key] = (dict(shapes), source)
 
-    def _shapes_for(self, key: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    def declared_shapes(self, path: os.PathLike | str) -> tuple[dict[str, tuple[int, ...]], str] | None:
+        """The shapes ``set_input_shapes`` declared for this model alone, with where they came from."""
+        return self._model_shapes.get(model_key(path))
+
+    def shapes_for(self, key: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+        """The input shapes a model is loaded with (its own declaration, under ``--mnn-input-shape``), and
+        where each declared one came from."""
         converted_from = self.onnx.source_of(key)  # a conversion uses its ONNX model's shapes
         own, source = self._model_shapes.get(key) or self._model_shapes.get(
             model_key(converted_from) if converted_from is not None else key, ({}, ""))
@@ -263,32 +271,21 @@ class ParityEngine:
         kind = looser_tier(arithmetic.kind, config.backend, config.precision, reference_arithmetic)
         return resolve(config.backend, config.precision, *layers, arithmetic=kind, variant=variant)
 
-    def check(self, model_path: os.PathLike | str, config: RunConfig,
-              tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-              reproduce: str = "", variant: str | None = None, input_set: InputSet | None = None,
-              output_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None,
-              layer_tolerances: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]] | None = None,
-              api: str | None = None) -> ParityResult:
-        """Run ``config`` and judge it.  An ``.onnx`` model is converted first (``variant``:
-        ``fp32`` by default, see ``variants.VARIANTS``) and compared against ONNX Runtime.
+    def check_request(self, request: CheckRequest) -> ParityResult:
+        """Run ``request.config`` and judge it (``check(model, config, ...)`` builds the request).
 
-        ``input_set``: a named set (default: seeded generated inputs).
-        ``output_tolerances`` / ``layer_tolerances``: for some outputs / traced
-        ops, their own override layers (the whole list, as ``tolerance_layers``).
-        ``api``: "session", "module" or "auto" (default: ``settings.api``, see ``apis``).
+        An ``.onnx`` model is converted first (``variant``: ``fp32`` by default,
+        see ``variants.VARIANTS``) and compared against ONNX Runtime.
         """
-        if variant is None and is_onnx(model_path):
-            variant = "fp32"
-        result = self._check(model_path, config, tolerance_layers, reproduce, variant, input_set,
-                             output_tolerances, layer_tolerances, api)
-        result.variant = variant
+        if request.variant is None and is_onnx(request.model):
+            request = replace(request, variant="fp32")
+        result = self._check(request)
+        result.variant = request.variant
         return result
 
-    def _check(self, model_path: os.PathLike | str, config: RunConfig,
-               tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]], reproduce: str,
-               variant: str | None, input_set: InputSet | None = None,
-               output_tolerances: Mapping[str, Sequence] | None = None,
-               layer_tolerances: Mapping[str, Sequence] | None = None, api: str | None = None) -> ParityResult:
+    def _check(self, request: CheckRequest) -> ParityResult:
+        model_path, config, input_set = request.model, request.config, request.input_set
+        variant, reproduce = request.variant, request.reproduce
         model_label = str(model_path)
         status = backends.discover([config.backend])[config.backend]
         if not status.available:
@@ -299,7 +296,7 @@ class ParityEngine:
         try:
             if is_onnx(model_path):
                 model_path, conversion = self.onnx.converted(model_path, variant)
-            choice = self.apis.resolve(model_path, api)
+            choice = self.apis.resolve(model_path, request.api)
             api_fields = {"api": choice.api, "api_reason": choice.reason, "api_axis": choice.axis}
             model = self.model(model_path, choice.api)
             reference = self.reference(model, input_set, config)
@@ -309,9 +306,11 @@ class ParityEngine:
             return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log, **api_fields)
         arithmetic = backends.probe_arithmetic(config.backend, config.precision)
         ref_arith = reference.arithmetic
-        tol = self.tolerance(config, tolerance_layers, variant, ref_arith)
-        output_tolerances = {k: self.tolerance(config, v, variant, ref_arith) for k, v in (output_tolerances or {}).items()}
-        layer_tolerances = {k: self.tolerance(config, v, variant, ref_arith) for k, v in (layer_tolerances or {}).items()}
+        tol = self.tolerance(config, request.tolerance_layers, variant, ref_arith)
+        output_tolerances = {k: self.tolerance(config, v, variant, ref_arith)
+                             for k, v in (request.output_tolerances or {}).items()}
+        layer_tolerances = {k: self.tolerance(config, v, variant, ref_arith)
+                            for k, v in (request.layer_tolerances or {}).items()}
         inputs_a, inputs_b = self.inputs(model, input_set)
         if input_set is not None:
             set_label = input_set.name
@@ -398,7 +397,7 @@ class ParityEngine:
                 result.reference += "; no per-layer trace in the bundle to localise with (save with --mnn-layers always)"
                 return
         else:
-            reference = self._reference_trace(model, inputs, input_set)
+            reference = self.reference_trace(model, inputs, input_set)
         result.trace = trace_target(reference, model, config, inputs, tol, layer_tolerances)
         first = result.trace.first_divergent
         if first is not None:
@@ -412,11 +411,11 @@ class ParityEngine:
             if result.trace is None:
                 return []
             return capture_layers(result.trace, model, config, inputs,
-                                  self._reference_trace(model, inputs, input_set))
+                                  self.reference_trace(model, inputs, input_set))
 
         self.settings.output_sink(result, targets, references, layer_arrays)
 
-    def _reference_trace(self, model: LoadedModel, inputs: Mapping[str, np.ndarray],
+    def reference_trace(self, model: LoadedModel, inputs: Mapping[str, np.ndarray],
                          input_set: InputSet | None = None) -> ReferenceTrace:
         """The reference's per-op tensors for input set A, recorded once per model and input set."""
         key = _set_key(model.path, input_set)

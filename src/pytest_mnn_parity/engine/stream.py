@@ -121,6 +121,10 @@ class StreamSide:
         self._inputs: dict[tuple, list] = {}
         self._declared: dict[Any, StreamSpec] = {}  # per model, from its sidecar
 
+    def declared(self, path) -> StreamSpec | None:
+        """The stream declared for this model alone (its sidecar's ``[stream]``)."""
+        return self._declared.get(model_key(path))
+
     def declare(self, path, spec: StreamSpec) -> None:
         """One model's own declaration (its sidecar's [stream]); ``--mnn-stream`` still wins."""
         self._declared[model_key(path)] = spec

@@ -24,17 +24,16 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from ..core.tolerances import resolve
 from ..core.verdict import Category
 from ..engine.engine import ParityEngine
+from ..engine.request import Checker, CheckRequest
 from ..engine.results import ParityResult, ParitySettings
-from ..inputs.sets import InputSet
 from ..mnn import backends
 from ..mnn.model import model_key
-from ..mnn.runner import RunConfig
-from . import wire, wire_check
+from . import protocol
 from .process import Worker, WorkerDied, WorkerTimedOut
 
 PROBE_TIMEOUT = 60.0  # GPU session creation can take seconds (kernel compilation)
@@ -45,7 +44,7 @@ class WorkerError(RuntimeError):
     """A Python exception inside the worker (not a crash): re-raised in the parent like an in-process one."""
 
 
-class IsolatedEngine:
+class IsolatedEngine(Checker):
     """``ParityEngine.check`` in worker processes; one worker per model (``worker_per_model``).
 
     ``timeout`` (seconds, per configuration) bounds each check, including, for
@@ -60,16 +59,16 @@ class IsolatedEngine:
     known (the plugin sets it), stops the spare once no model is left to use it.
 
     ``declarations``: an in-process engine whose per-model declarations (a
-    sidecar's ``[shapes]`` and ``[stream]``, see ``wire_check.declarations``)
+    sidecar's ``[shapes]`` and ``[stream]``, see ``protocol.declarations``)
     the workers get with each check of that model.
     """
 
     def __init__(self, settings: ParitySettings | None = None, *, timeout: float | None = None,
                  worker_per_model: bool = True, prespawn: bool = True, declarations: ParityEngine | None = None):
         self.settings = settings or ParitySettings()
-        wire.settings_to_wire(self.settings)  # a setting no worker can take fails here, not in the first check
+        protocol.settings_to_wire(self.settings)  # a setting no worker can take fails here, not in the first check
         self.declarations = declarations
-        self._files = wire_check.PickleFiles()
+        self._files = protocol.PickleFiles()
         self.timeout = timeout
         self.worker_per_model = worker_per_model
         self.prespawn = prespawn
@@ -120,13 +119,9 @@ class IsolatedEngine:
         return worker.pid if worker is not None else None
 
     # -- engine interface -------------------------------------------------------
-    def check(self, model_path: os.PathLike | str, config: RunConfig,
-              tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-              reproduce: str = "", variant: str | None = None, input_set: InputSet | None = None,
-              output_tolerances: Mapping[str, Sequence] | None = None,
-              layer_tolerances: Mapping[str, Sequence] | None = None, api: str | None = None,
-              bundle: Mapping[str, Any] | None = None, sidecar: Any = None) -> ParityResult:
-        """``ParityEngine.check`` in a worker, with every argument it takes (see ``wire_check``).
+    def check_request(self, request: CheckRequest, bundle: Mapping[str, Any] | None = None,
+                      sidecar: Any = None) -> ParityResult:
+        """``ParityEngine.check_request`` in a worker; the request travels whole (``protocol.request_to_wire``).
 
         ``sidecar`` (``sidecar.Sidecar``): checked against the model in the worker first; a mismatch is
         the ``model_error`` the plugin gives in-process.
@@ -134,23 +129,19 @@ class IsolatedEngine:
         ``bundle`` (with ``settings.keep_outputs``): {"folder", "layers", "label", "case_id", "set_name"};
         the worker saves the outputs there itself (``bundle_saver``).  Results never carry ``computed``.
         """
-        declared = wire_check.declarations(self.declarations, model_path)
-        labels = wire_check.fault_labels(self.settings, model_path, input_set, api, declared)
+        model_path, config = request.model, request.config
+        declared = protocol.declarations(self.declarations, model_path)
+        labels = protocol.fault_labels(self.settings, model_path, request.input_set, request.api, declared)
         status = self.backend_status(config.backend)
         if status.fault:
-            return self._fault_result(model_path, config, tolerance_layers, reproduce, status.fault, variant, labels)
+            return self._fault_result(request, status.fault, labels)
         if not status.available:
             return ParityResult(str(model_path), config, Category.BACKEND_UNAVAILABLE, status.reason,
-                                forward_type=status.forward_type, variant=variant)
+                                forward_type=status.forward_type, variant=request.variant)
         key = model_key(model_path)
         worker = self._worker_for(key)
-        request = {"op": "check", "model": os.fspath(model_path), "config": wire.config_to_wire(config),
-                   "tolerance_layers": wire_check.layers_to_wire(tolerance_layers),
-                   "reproduce": reproduce, "variant": variant, "backend_status": _status_dict(status),
-                   "arithmetic": _known_arithmetic(),
-                   "input_set": self._files.to_wire(input_set),
-                   "output_tolerances": wire_check.per_name_to_wire(output_tolerances),
-                   "layer_tolerances": wire_check.per_name_to_wire(layer_tolerances), "api": api,
+        message = {"op": "check", "request": protocol.request_to_wire(request, self._files),
+                   "backend_status": status.as_dict(), "arithmetic": _known_arithmetic(),
                    "declarations": declared, "artifact_label": getattr(self.settings.output_sink, "label", None),
                    "bundle": dict(bundle) if bundle and self.settings.keep_outputs else None,
                    "sidecar": self._files.to_wire(sidecar)}
@@ -159,23 +150,23 @@ class IsolatedEngine:
             worker.checks += 1
             worker.wait_ready()
             started = time.monotonic()
-            reply = worker.request(request, self.timeout)
+            reply = worker.request(message, self.timeout)
         except WorkerTimedOut:
             returncode = worker.kill(dump_stack=True)
             fault = self._fault(worker, "timeout", returncode, time.monotonic() - started)
             self._forget(key, worker)
-            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault, variant, labels)
+            return self._fault_result(request, fault, labels)
         except WorkerDied as died:
             fault = self._fault(worker, "crashed", died.returncode, time.monotonic() - started)
             fault["detail"] = died.detail
             self._forget(key, worker)
-            return self._fault_result(model_path, config, tolerance_layers, reproduce, fault, variant, labels)
+            return self._fault_result(request, fault, labels)
         if not reply.get("ok"):
             raise WorkerError(f"the isolated worker (pid {worker.pid}) raised:\n{reply.get('error')}")
-        result = wire.result_from_wire(reply["result"])
+        result = protocol.result_from_wire(reply["result"])
         result.worker = {"pid": worker.pid, "index": worker.checks}
         if result.arithmetic is not None:  # measured once per run, not once per worker (seconds on a GPU)
-            backends._ARITH_CACHE.setdefault((config.backend, config.precision), result.arithmetic)
+            backends.remember_arithmetic(config.backend, config.precision, result.arithmetic)
         return result
 
     def release(self, model_path: os.PathLike | str) -> None:
@@ -223,13 +214,13 @@ class IsolatedEngine:
     def backend_status(self, name: str) -> backends.BackendStatus:
         """Discovery of ``name`` in a worker, once per process (shared with in-process discovery)."""
         name = backends.canonical_backend(name)
-        known = backends._CACHE.get(name)
+        known = backends.known_status(name)
         if known is not None:
             return known
-        if name in backends._forced_unavailable():
+        if name in backends.forced_unavailable():
             return backends.discover([name])[name]
         status = self.probe(name)
-        backends._CACHE[name] = status
+        backends.remember_status(status)
         return status
 
     def probe(self, name: str) -> backends.BackendStatus:
@@ -274,15 +265,16 @@ class IsolatedEngine:
                 "signal": signame, "seconds": round(seconds, 3), "timeout": self.timeout,
                 "stderr_tail": worker.stderr_tail()}
 
-    def _fault_result(self, model_path, config: RunConfig, tolerance_layers, reproduce: str,
-                      fault: dict[str, Any], variant: str | None = None,
+    def _fault_result(self, request: CheckRequest, fault: dict[str, Any],
                       labels: Mapping[str, Any] | None = None) -> ParityResult:
+        model_path, config = request.model, request.config
         category = Category.TIMEOUT if fault["kind"] == "timeout" else Category.CRASHED
         labels = dict(labels or {"input_set": f"seeded:{self.settings.seed}"})
         result = ParityResult(str(model_path), config, category, "", tolerance=resolve(
-            config.backend, config.precision, *tolerance_layers), seconds=fault["seconds"], log=fault["stderr_tail"],
-            fault=fault, worker={"pid": fault["pid"], "index": fault["index"]}, variant=variant, **labels)
-        result.message = fault_message(result, model_path, reproduce)
+            config.backend, config.precision, *request.tolerance_layers), seconds=fault["seconds"],
+            log=fault["stderr_tail"], fault=fault, worker={"pid": fault["pid"], "index": fault["index"]},
+            variant=request.variant, **labels)
+        result.message = fault_message(result, model_path, request.reproduce)
         return result
 
 
@@ -344,9 +336,4 @@ def _tail_lines(fault: Mapping[str, Any]) -> list[str]:
 def _known_arithmetic() -> list[list[Any]]:
     """What this process knows of each configuration's arithmetic, for a worker to reuse instead of probing."""
     return [[backend, precision, dataclasses.asdict(arith)]
-            for (backend, precision), arith in backends._ARITH_CACHE.items()]
-
-
-def _status_dict(status: backends.BackendStatus) -> dict[str, Any]:
-    return {"name": status.name, "available": status.available, "forward_type": status.forward_type,
-            "reason": status.reason, "log": status.log}
+            for (backend, precision), arith in backends.known_arithmetic().items()]

@@ -23,9 +23,9 @@ from typing import Any, Mapping, Sequence
 
 from ..core.verdict import Category
 from ..engine.engine import ParityEngine
+from ..engine.request import Checker, CheckRequest
 from ..engine.results import ParityResult
 from ..mnn import backends
-from ..mnn.runner import RunConfig
 from .engine import IsolatedEngine
 
 ISOLATE_MODES = ("auto", "always", "never")
@@ -44,7 +44,7 @@ def isolated_backends(mode: str, names: Sequence[str], timeout: float | None) ->
     return frozenset(name for name in names if name != "CPU")
 
 
-class Isolation:
+class Isolation(Checker):
     """Sends each configuration to the in-process engine or to the isolated one."""
 
     def __init__(self, engine: ParityEngine, mode: str, timeout: float | None, names: Sequence[str],
@@ -83,23 +83,20 @@ class Isolation:
             return self.isolated.backend_status(name)
         return backends.discover([name])[name]
 
-    def check(self, model_path: os.PathLike | str, config: RunConfig,
-              tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-              reproduce: str = "", variant: str | None = None, bundle: Mapping[str, Any] | None = None,
-              **checks: Any) -> ParityResult:
-        """``checks``: the rest of ``ParityEngine.check``'s keywords (input set, per-output and per-layer
-        tolerances, API).  ``bundle``: where an isolated worker saves the outputs (in-process, the caller
-        saves ``result.computed``)."""
-        if self.isolates(config.backend):
-            return self.isolated.check(model_path, config, tolerance_layers, reproduce, variant=variant,
-                                       bundle=bundle, **checks)
+    def check_request(self, request: CheckRequest, bundle: Mapping[str, Any] | None = None,
+                      sidecar: Any = None) -> ParityResult:
+        """``request`` in a worker or in-process, as the policy says.  ``bundle`` and ``sidecar`` are for an
+        isolated worker (``IsolatedEngine.check_request``); in-process, the caller saves ``result.computed``
+        and has checked the sidecar itself."""
+        if self.isolates(request.config.backend):
+            return self.isolated.check_request(request, bundle=bundle, sidecar=sidecar)
         if self.timeout is None:
-            return self.engine.check(model_path, config, tolerance_layers, reproduce, variant=variant, **checks)
+            return self.engine.check_request(request)
         started = time.perf_counter()
-        result = self.engine.check(model_path, config, tolerance_layers, reproduce, variant=variant, **checks)
+        result = self.engine.check_request(request)
         elapsed = time.perf_counter() - started
         if elapsed > self.timeout and result.category is not Category.BACKEND_UNAVAILABLE:
-            late_timeout(result, elapsed, self.timeout, reproduce)
+            late_timeout(result, elapsed, self.timeout, request.reproduce)
         return result
 
     def release(self, model_path: os.PathLike | str) -> None:

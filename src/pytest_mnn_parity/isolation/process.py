@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..engine.results import ParitySettings
-from . import wire
+from . import protocol
 from .worker import PARENT_PID_ENV
 
 STARTUP_TIMEOUT = 120.0  # importing numpy and MNN; not part of any configuration's time
@@ -53,7 +53,7 @@ class Worker:
         self.ready = False
         self._buffer = b""
         try:
-            self._send({"op": "init", "settings": wire.settings_to_wire(settings), "cwd": os.getcwd()})
+            self._send({"op": "init", "settings": protocol.settings_to_wire(settings), "cwd": os.getcwd()})
         except WorkerDied:
             pass  # it died starting up: the first request reports it, with its stderr
 
@@ -74,7 +74,7 @@ class Worker:
 
     def _send(self, message: Mapping[str, Any]) -> None:
         try:
-            self.proc.stdin.write(wire.dumps(dict(message)))
+            self.proc.stdin.write(protocol.dumps(dict(message)))
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             raise WorkerDied(self._reap()) from None
@@ -95,7 +95,7 @@ class Worker:
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         try:
-            return wire.loads(line)
+            return protocol.loads(line)
         except ValueError:  # not our JSON: something in the worker wrote over the channel
             self.kill()
             raise WorkerDied(self._reap(), f"it wrote an unreadable answer ({line[:80]!r}...) and was killed") \
@@ -133,7 +133,7 @@ class Worker:
         """Ask the worker to exit, without waiting for it (``close`` reaps it later)."""
         if self.alive():
             try:
-                self.proc.stdin.write(wire.dumps({"op": "exit"}))
+                self.proc.stdin.write(protocol.dumps({"op": "exit"}))
                 self.proc.stdin.close()
             except (BrokenPipeError, OSError, ValueError):
                 pass

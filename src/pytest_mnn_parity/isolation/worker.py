@@ -47,21 +47,21 @@ def main() -> int:
     from ..engine.engine import ParityEngine  # noqa: PLC0415
     from ..mnn import backends  # noqa: PLC0415 - after the fds are safe
     from ..mnn.library import mnn  # noqa: PLC0415
-    from . import wire
+    from . import protocol
 
     mnn()  # import MNN (and pay for it) before saying ready
-    init = wire.loads(stdin.readline() or b'{"op": "exit"}')
+    init = protocol.loads(stdin.readline() or b'{"op": "exit"}')
     if init.get("op") != "init":
         return 2
     os.chdir(init.get("cwd") or os.getcwd())
-    engine = ParityEngine(wire.settings_from_wire(init["settings"]))
+    engine = ParityEngine(protocol.settings_from_wire(init["settings"]))
     _install_fault_injection(crash_log, proto)
-    proto.write(wire.dumps({"ready": True, "pid": os.getpid()}))
+    proto.write(protocol.dumps({"ready": True, "pid": os.getpid()}))
     done = 0
     input_sets: dict = {}  # the parent's pickled input sets and sidecars, read once each
     savers: dict = {}  # one bundle_saver.BundleSaver per bundle folder: each reference is saved once per worker
     for line in stdin:
-        request = wire.loads(line)
+        request = protocol.loads(line)
         op = request.get("op")
         if op == "exit":
             break
@@ -69,54 +69,49 @@ def main() -> int:
             if op == "check":
                 _seed_backend(backends, request.get("backend_status"))
                 _seed_arithmetic(backends, request.get("arithmetic"))
-                config = wire.config_from_wire(request["config"])
+                check = protocol.request_from_wire(request["request"], input_sets)
                 done += 1
-                crash_log.write(f"[mnn-parity worker {os.getpid()}] configuration #{done}: {config.id} of "
-                                f"{request['model']}\n")
-                result = _check(engine, config, request, input_sets, savers)
-                reply = {"ok": True, "result": wire.result_to_wire(result)}
+                crash_log.write(f"[mnn-parity worker {os.getpid()}] configuration #{done}: {check.config.id} of "
+                                f"{check.model}\n")
+                result = _check(engine, check, request, input_sets, savers)
+                reply = {"ok": True, "result": protocol.result_to_wire(result)}
             elif op == "release":
                 engine.release(request["model"])
                 reply = {"ok": True}
             elif op == "probe":
                 crash_log.write(f"[mnn-parity worker {os.getpid()}] probing backend {request['backend']}\n")
                 status = backends.probe_backend(request["backend"])
-                backends._CACHE[status.name] = status
-                reply = {"ok": True, "status": _status_dict(status)}
+                backends.remember_status(status)
+                reply = {"ok": True, "status": status.as_dict()}
             else:
                 reply = {"ok": False, "error": f"unknown request {op!r}"}
         except Exception:  # noqa: BLE001 - a Python error goes back to the parent as text
             reply = {"ok": False, "error": traceback.format_exc()}
-        proto.write(wire.dumps(reply))
+        proto.write(protocol.dumps(reply))
     proto.flush()
     # Skip interpreter teardown: destroying MNN objects at exit is one more
     # chance to crash, and nothing is left to save.
     os._exit(0)
 
 
-def _check(engine, config, request: dict, input_sets: dict, savers: dict):
-    """``engine.check`` with everything the request carries (``wire_check``); saves the outputs if asked."""
+def _check(engine, check, message: dict, input_sets: dict, savers: dict):
+    """``engine.check_request(check)`` with what the parent sent beside it; saves the outputs if asked."""
     from ..core.verdict import Category  # noqa: PLC0415
     from ..engine.results import ParityResult  # noqa: PLC0415
-    from . import wire_check as wc  # noqa: PLC0415
+    from . import protocol  # noqa: PLC0415
 
-    model = request["model"]
-    wc.apply_declarations(engine, model, request.get("declarations"))
-    sidecar = wc.from_wire(request.get("sidecar"), input_sets)
-    problem = None if sidecar is None else wc.sidecar_problem(engine, model, request.get("variant"), sidecar)
+    model = os.fspath(check.model)
+    protocol.apply_declarations(engine, model, message.get("declarations"))
+    sidecar = protocol.from_wire(message.get("sidecar"), input_sets)
+    problem = None if sidecar is None else protocol.sidecar_problem(engine, model, check.variant, sidecar)
     if problem is not None:
-        return ParityResult(model, config, Category.MODEL_ERROR, str(problem), log=problem.log)
+        return ParityResult(model, check.config, Category.MODEL_ERROR, str(problem), log=problem.log)
     sink = engine.settings.output_sink
     if sink is not None:
-        sink.label = request.get("artifact_label")
-    result = engine.check(model, config, wc.layers_from_wire(request.get("tolerance_layers")),
-                          reproduce=request.get("reproduce", ""), variant=request.get("variant"),
-                          input_set=wc.from_wire(request.get("input_set"), input_sets),
-                          output_tolerances=wc.per_name_from_wire(request.get("output_tolerances")),
-                          layer_tolerances=wc.per_name_from_wire(request.get("layer_tolerances")),
-                          api=request.get("api"))
+        sink.label = message.get("artifact_label")
+    result = engine.check_request(check)
     computed, result.computed = result.computed, None
-    bundle = request.get("bundle")
+    bundle = message.get("bundle")
     if bundle and computed is not None:
         from ..engine.bundle import BundleWriter  # noqa: PLC0415
         from ..regression.bundle_saver import BundleSaver  # noqa: PLC0415
@@ -125,27 +120,22 @@ def _check(engine, config, request: dict, input_sets: dict, savers: dict):
         if saver is None:
             saver = savers[bundle["folder"]] = BundleSaver(engine, BundleWriter(bundle["folder"]), bundle["layers"])
         shown, result.model = result.model, bundle["label"]  # the bundle names the model as the report does
-        saver.save(result, computed, variant=request.get("variant"), config=config, case_id=bundle["case_id"],
+        saver.save(result, computed, variant=check.variant, config=check.config, case_id=bundle["case_id"],
                    set_name=bundle["set_name"])
         result.model = shown
     return result
 
 
-def _status_dict(status) -> dict:
-    return {"name": status.name, "available": status.available, "forward_type": status.forward_type,
-            "reason": status.reason, "log": status.log}
-
-
 def _seed_backend(backends, status) -> None:
     """Use the parent's discovery result instead of probing again (GPU probes take seconds)."""
-    if status and status["name"] not in backends._CACHE:
-        backends._CACHE[status["name"]] = backends.BackendStatus(**status)
+    if status:
+        backends.remember_status(backends.BackendStatus(**status), keep_known=True)
 
 
 def _seed_arithmetic(backends, known) -> None:
     """Reuse the arithmetic an earlier worker measured: each probe creates GPU sessions (seconds per worker)."""
     for backend, precision, arith in known or ():
-        backends._ARITH_CACHE.setdefault((backend, precision), backends.Arithmetic(**arith))
+        backends.remember_arithmetic(backend, precision, backends.Arithmetic(**arith))
 
 
 def _die_with_parent() -> None:

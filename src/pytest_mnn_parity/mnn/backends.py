@@ -76,6 +76,11 @@ class BackendStatus:
     # backend's items then fail as crashed/timeout instead of being skipped.
     fault: dict | None = None
 
+    def as_dict(self) -> dict:
+        """What a worker and its parent tell each other of a probe (a fault stays with the parent)."""
+        return {"name": self.name, "available": self.available, "forward_type": self.forward_type,
+                "reason": self.reason, "log": self.log}
+
 
 @functools.lru_cache(maxsize=1)
 def _probe_model() -> Path:
@@ -139,7 +144,7 @@ def discover(names) -> dict[str, BackendStatus]:
     for raw in names:
         name = canonical_backend(raw)
         if name not in _CACHE:
-            forced = _forced_unavailable()
+            forced = forced_unavailable()
             if name in forced:
                 _CACHE[name] = BackendStatus(name, False, None, f"{name}: disabled by MNN_PARITY_DISABLE_BACKENDS")
             else:
@@ -148,8 +153,19 @@ def discover(names) -> dict[str, BackendStatus]:
     return result
 
 
-def _forced_unavailable() -> set[str]:
-    # An escape hatch for machines where probing a backend hangs the driver.
+def known_status(name: str) -> BackendStatus | None:
+    """What this process already found for ``name`` (probed here, or told by a worker or its parent)."""
+    return _CACHE.get(canonical_backend(name))
+
+
+def remember_status(status: BackendStatus, *, keep_known: bool = False) -> None:
+    """Record a probe made elsewhere (an isolated worker's, or the parent's for a worker)."""
+    if not (keep_known and status.name in _CACHE):
+        _CACHE[status.name] = status
+
+
+def forced_unavailable() -> set[str]:
+    """Backends turned off by ``MNN_PARITY_DISABLE_BACKENDS`` (for machines where probing hangs the driver)."""
     raw = os.environ.get("MNN_PARITY_DISABLE_BACKENDS", "")
     return {part.strip().upper() for part in raw.split(",") if part.strip()}
 
@@ -200,6 +216,16 @@ def _arithmetic_models() -> dict[str, Path]:
             paths[kind] = folder / f"{kind}.mnn"
             expr.save([y], str(paths[kind]))
     return paths
+
+
+def known_arithmetic() -> dict[tuple[str, str], Arithmetic]:
+    """Every configuration's arithmetic measured (or learnt) in this process so far."""
+    return dict(_ARITH_CACHE)
+
+
+def remember_arithmetic(backend: str, precision: str, arithmetic: Arithmetic) -> None:
+    """Reuse a measurement made in another process (probing a GPU configuration takes seconds)."""
+    _ARITH_CACHE.setdefault((backend, precision), arithmetic)
 
 
 def probe_arithmetic(backend: str, precision: str) -> Arithmetic:

@@ -13,6 +13,7 @@ import pytest
 from ..core.files import json_safe
 from ..core.verdict import Category
 from ..engine.engine import ParityEngine
+from ..engine.request import CheckRequest
 from ..engine.results import ParityResult, ParitySettings
 from ..isolation.policy import Isolation
 from ..mnn import backends as backend_discovery
@@ -110,10 +111,12 @@ class ParityRun:
         if isinstance(checks, ParityResult):
             result = checks
         else:
-            # Isolated or not, by the same arguments: the worker protocol carries all of them (wire_check).
-            result = self.isolation.check(item.model_path, config, variant=variant, api=item.case.api,
-                                          reproduce=reproduce, bundle=self.regression.bundle_spec(item, model),
-                                          **checks)
+            # Isolated or not, one request: the worker protocol carries it whole.
+            sidecar = checks.pop("sidecar", None)
+            request = CheckRequest(item.model_path, config, reproduce=reproduce, variant=variant,
+                                   api=item.case.api, **checks)
+            result = self.isolation.check_request(request, bundle=self.regression.bundle_spec(item, model),
+                                                  sidecar=sidecar)
         result.model = model
         self.regression.after_check(item, result)
         for name, value in junit_properties(result):

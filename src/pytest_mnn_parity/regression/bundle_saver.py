@@ -72,7 +72,7 @@ class BundleSaver:
             ref_sha = ref_model.info.sha256
             if self.layers == "always":
                 # The engine traced the reference while checking (layers "always"): reuse its recording.
-                trace = engine._reference_trace(model, engine.inputs(model, input_set)[0], input_set)
+                trace = engine.reference_trace(model, engine.inputs(model, input_set)[0], input_set)
         case_id = f"{input_set.name}-{REFERENCE}" if input_set is not None else REFERENCE
         manifest = self._manifest(model, label, variant, REFERENCE_CONFIG, input_set, kind=REFERENCE, case_id=case_id,
                                   description=described, backend_used=backend, forward_type=forward,
