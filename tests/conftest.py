@@ -26,7 +26,9 @@ COLLAPSE_CATEGORIES = {
     "partial_zero": "partial_zero",
     "constant": "constant_output",
     "non_finite": "non_finite",
-    "stale": "stale_output",
+    # stale.fp16.mnn's output ignores its input on every backend (its conversion made it so): that is a broken
+    # build, a mismatch, not a backend that failed to recompute (issue 20); stale_output itself is unit-tested.
+    "stale": "mismatch",
     "mismatch": "mismatch",
 }
 

@@ -190,7 +190,7 @@ def test_saved_layer_traces_localise_a_failure_against_the_bundle(pytester, mode
     saved.assert_outcomes(failed=1)
     entries = _entries(pytester.path / "B")
     reference = entries[("zero.fp16.mnn", "reference", "CPU-high")]
-    assert reference["layers"]["order"] and reference["description"] == "zero.mnn on CPU high, 1 thread"
+    assert reference["layers"]["order"] and reference["description"] == "zero.mnn on CPU high, 4 threads"
     assert reference["reference_model_sha256"] != reference["model_sha256"]
     assert entries[("zero.fp16.mnn", "config", "CPU-high")]["category"] == "zero_output"
     again = pytester.runpytest(*base, "--mnn-reference", "B")

@@ -10,10 +10,13 @@ from pytest_mnn_parity.mnn.model import ModelError
 from pytest_mnn_parity.core.tolerances import TIERS
 from pytest_mnn_parity.engine.engine import ParityEngine
 from pytest_mnn_parity.engine.results import ParitySettings
-from pytest_mnn_parity.mnn.runner import REFERENCE_CONFIG, LoadedModel, RunConfig
+from pytest_mnn_parity.mnn.runner import reference_config, LoadedModel, RunConfig
 from pytest_mnn_parity.core.verdict import Category
 
 from conftest import COLLAPSE, COLLAPSE_CATEGORIES, DEMO, FIXTURES
+
+# Where the engine runs the reference with the default --mnn-threads (4).
+REFERENCE = reference_config(4)
 
 CPU_CONFIGS = [RunConfig("CPU", p) for p in backends.PRECISIONS]
 
@@ -51,6 +54,8 @@ def test_fp16_conversion_collapse_is_named_by_its_category(name):
     assert result.category.value == COLLAPSE_CATEGORIES[name], result.message
     assert result.message.startswith(f"{COLLAPSE_CATEGORIES[name]} on CPU-high: output 'out'")
     assert "reproduce: pytest ..." in result.message
+    if name == "stale":  # told apart from a backend that did not recompute: the build's own CPU run is input-blind
+        assert "its output does not depend on its input while the reference's does" in result.message
 
 
 def test_fp16_healthy_build_passes_fp16_tolerances_but_not_fp32_ones():
@@ -189,7 +194,13 @@ def test_reference_model_with_other_inputs_is_refused(tmp_path):
     assert "differ from the reference model" in result.message and "multi_io.mnn" in result.message
 
 
-def test_reference_config_is_cpu_high_one_thread():
-    assert (REFERENCE_CONFIG.backend, REFERENCE_CONFIG.precision, REFERENCE_CONFIG.threads) == ("CPU", "high", 1)
-    result = ParityEngine().check(DEMO, RunConfig("CPU", "low"))
-    assert result.reference == "same model on CPU high, 1 thread"
+@pytest.mark.parametrize("threads", [1, 4])
+def test_reference_runs_at_the_items_thread_count(threads):
+    """A reference at another thread count differs from every CPU item by summation-order noise (issue 20)."""
+    engine = ParityEngine(ParitySettings(threads=threads))
+    assert (engine.reference_config.backend, engine.reference_config.precision) == ("CPU", "high")
+    assert engine.reference_config.threads == threads
+    result = engine.check(DEMO, RunConfig("CPU", "low", threads))
+    assert result.reference == f"same model on CPU high, {threads} thread{'s' if threads > 1 else ''}"
+    # Same thread count on this CPU: bit-identical, so nothing but exact agreement passes.
+    assert result.passed and {v.decided_by for v in result.verdict.outputs} == {"exact"}

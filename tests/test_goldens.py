@@ -42,7 +42,7 @@ def test_missing_golden_fails_with_the_command_that_creates_it_then_check_change
                                   "goldens in goldens: 1 written"])
     folder = pytester.path / "goldens" / "net.mnn.golden"
     data = json.loads((folder / GOLDEN_FILE).read_text())
-    assert data["outputs"]["out"]["file"] == "out.npy" and data["computed_on"] == "CPU high, 1 thread"
+    assert data["outputs"]["out"]["file"] == "out.npy" and data["computed_on"] == "CPU high, 4 threads"
     assert data["input_set"]["seed"] == 0 and data["model"] == "net.mnn"
     pytester.runpytest(*BASE, "--mnn-model", "net.mnn").assert_outcomes(passed=2)
 

@@ -15,11 +15,14 @@ from pytest_mnn_parity.onnx import variants
 from pytest_mnn_parity.onnx.convert import convert_onnx
 from pytest_mnn_parity.mnn.library import mnn_version
 from pytest_mnn_parity.onnx.runtime import OnnxRuntimeModel
-from pytest_mnn_parity.mnn.runner import REFERENCE_CONFIG, LoadedModel, OpObserver, to_numpy
+from pytest_mnn_parity.mnn.runner import reference_config, LoadedModel, OpObserver, to_numpy
 from pytest_mnn_parity.onnx.variants import ConversionCache
 from pytest_mnn_parity.core.verdict import Category
 
 from conftest import COLLAPSE, FIXTURES
+
+# Where the engine runs the reference with the default --mnn-threads (4).
+REFERENCE = reference_config(4)
 
 ONNX = FIXTURES / "onnx"
 HIGH, LOW = RunConfig("CPU", "high"), RunConfig("CPU", "low")
@@ -73,7 +76,7 @@ def test_fused_conv_relu_is_not_blamed_for_the_relu_it_absorbed(engine, tmp_path
     model = LoadedModel(convert_onnx(source, tmp_path / "fused.mnn").target)
     inputs = engine.inputs(model)[0]
     observer = _Outputs()
-    model.run(REFERENCE_CONFIG, inputs, observer=observer)
+    model.run(REFERENCE, inputs, observer=observer)
     assert "enc_relu" not in observer.tensors and observer.tensors["enc_conv"].min() >= 0
     copy = onnx.load(str(source))
     copy.graph.output.append(helper.make_empty_tensor_value_info("enc_conv"))

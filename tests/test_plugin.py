@@ -80,7 +80,7 @@ def test_collapse_fails_with_category_metrics_and_a_reproduce_command_that_repro
     result.assert_outcomes(failed=1)
     text = result.stdout.str()
     assert f"{category} on CPU-high: output 'out'" in text
-    for part in ("ran on:    CPU (forward type", "reference: " + f"{name}.mnn on CPU high, 1 thread",
+    for part in ("ran on:    CPU (forward type", "reference: " + f"{name}.mnn on CPU high, 4 threads",
                  "tolerance: tier fp32", "max_abs", "worst element"):
         assert part in text
     rec = read_report(pytester.path / "r.json")["results"][0]

@@ -7,11 +7,14 @@ import pytest
 from onnx import numpy_helper
 
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig
-from pytest_mnn_parity.mnn.runner import REFERENCE_CONFIG, LoadedModel
+from pytest_mnn_parity.mnn.runner import reference_config, LoadedModel
 from pytest_mnn_parity.trace.record import activation_risk, record_reference
 from pytest_mnn_parity.core.verdict import Category
 
 from conftest import COLLAPSE, DEMO, FIXTURES, read_report
+
+# Where the engine runs the reference with the default --mnn-threads (4).
+REFERENCE = reference_config(4)
 
 
 def _check(name: str, config=RunConfig("CPU", "high"), layers="on-failure"):
@@ -73,7 +76,7 @@ def test_traced_tensors_are_in_logical_layout():
     """
     model = LoadedModel(COLLAPSE / "healthy.mnn")
     inputs, _ = ParityEngine().inputs(model)
-    trace, run = record_reference(model, REFERENCE_CONFIG, inputs)
+    trace, run = record_reference(model, REFERENCE, inputs)
     try:
         graph = onnx.load(str(FIXTURES / "onnx" / "collapse_healthy.onnx")).graph
         weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -122,7 +125,7 @@ def test_activation_risk_thresholds():
 
 def test_reference_trace_files_are_removed_on_close():
     model = LoadedModel(DEMO)
-    trace, _ = record_reference(model, REFERENCE_CONFIG, ParityEngine().inputs(model)[0])
+    trace, _ = record_reference(model, REFERENCE, ParityEngine().inputs(model)[0])
     folder = trace.folder
     assert any(folder.iterdir())
     trace.close()

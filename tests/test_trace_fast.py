@@ -16,12 +16,15 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pytest_mnn_parity import ParityEngine, RunConfig
 from pytest_mnn_parity.core.quickcompare import quick_pass, ref_stats
-from pytest_mnn_parity.mnn.runner import REFERENCE_CONFIG, LoadedModel
+from pytest_mnn_parity.mnn.runner import reference_config, LoadedModel
 from pytest_mnn_parity.core.tolerances import TIERS, resolve
 from pytest_mnn_parity.trace.record import record_reference
 from pytest_mnn_parity.trace.compare import layer_table, trace_target
 
 from conftest import COLLAPSE, DEMO, FIXTURES
+
+# Where the engine runs the reference with the default --mnn-threads (4).
+REFERENCE = reference_config(4)
 
 # (target model, reference model): fp16 collapses blamed on one layer, a healthy
 # graph with DFT convolutions, a deep conv stack, an activation beyond fp16, an LSTM.
@@ -41,7 +44,7 @@ def _setup(pair: int):
     target = LoadedModel(target_path)
     reference = target if ref_path == target_path else LoadedModel(ref_path)
     inputs = ParityEngine().inputs(target)[0]
-    trace, _ = record_reference(reference, REFERENCE_CONFIG, inputs)
+    trace, _ = record_reference(reference, REFERENCE, inputs)
     _OPENED.append(trace)
     return target, trace, inputs
 

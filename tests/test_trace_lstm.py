@@ -11,11 +11,14 @@ from __future__ import annotations
 import numpy as np
 
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig
-from pytest_mnn_parity.mnn.runner import REFERENCE_CONFIG, LoadedModel
+from pytest_mnn_parity.mnn.runner import reference_config, LoadedModel
 from pytest_mnn_parity.trace.record import RiskScanner, record_reference
 
 from conftest import FIXTURES, read_report
 from test_module_api import _lstm_reference
+
+# Where the engine runs the reference with the default --mnn-threads (4).
+REFERENCE = reference_config(4)
 
 LSTM_ORIGIN = FIXTURES / "control_flow" / "lstm_origin.mnn"
 
@@ -31,7 +34,7 @@ def _loops(trace):
 def test_unwritten_loop_tensors_are_found_on_a_fresh_session():
     model = LoadedModel(LSTM_ORIGIN)  # fresh: its scratch memory is uninitialised, not just stale
     inputs = ParityEngine().inputs(model)[0]
-    trace, run = record_reference(model, REFERENCE_CONFIG, inputs)
+    trace, run = record_reference(model, REFERENCE, inputs)
     try:
         keys, counts = _loops(trace)
         assert counts == [1, 6, 6], (keys, counts)
@@ -44,7 +47,7 @@ def test_unwritten_loop_tensors_are_found_on_a_fresh_session():
         np.testing.assert_allclose(y[0].ravel(), expected["y"][0].ravel(), atol=1e-5)
         assert (first_step, "out", 2) not in trace.files
         # The probe (a run with poisoned scratch tensors) leaves the model's results intact.
-        after = model.run(REFERENCE_CONFIG, inputs).outputs
+        after = model.run(REFERENCE, inputs).outputs
         for name in ("y", "y_h", "y_c"):
             np.testing.assert_allclose(after[name].ravel(), expected[name].ravel(), atol=1e-5)
             np.testing.assert_array_equal(after[name], run.outputs[name])
@@ -56,7 +59,7 @@ def test_risk_scan_ignores_unwritten_tensors():
     """LSTM activations lie in (-1, 1): no fp16 risk is real; the unwritten scratch used to give 1e31 'overflows'."""
     model = LoadedModel(LSTM_ORIGIN)
     scanner = RiskScanner()
-    model.run(REFERENCE_CONFIG, ParityEngine().inputs(model)[0], observer=scanner)
+    model.run(REFERENCE, ParityEngine().inputs(model)[0], observer=scanner)
     assert scanner.risks == []
     assert ParityEngine().check(LSTM_ORIGIN, RunConfig("CPU", "low")).fp16_risks == []
 

@@ -116,7 +116,10 @@ def test_user_test_with_real_inputs_joins_the_matrix_the_report_and_junit(pytest
     assert report["summary"] == {"passed": 8}
     rec = results_by_nodeid(report)["test_lama.py::test_psnr[CPU-low]"]
     assert (rec["outcome"], rec["category"], rec["checks"], rec["test"]) == ("passed", "ok", 1, "test_lama.py::test_psnr")
-    assert rec["model"] == "lama_like.mnn" and rec["backend_used"] == "CPU" and rec["tolerance"]["tier"] == "fp16"
+    generated = results_by_nodeid(report)["lama_like.mnn::parity[CPU-low]"]
+    # One tier rule: a user's item and the generated item of the same configuration are held to the same tier.
+    assert rec["model"] == "lama_like.mnn" and rec["backend_used"] == "CPU"
+    assert rec["tolerance"]["tier"] == generated["tolerance"]["tier"]
     assert rec["input_set"].startswith("given by the test (") and rec["reference"].startswith("same model on CPU")
     assert rec["outputs"]["inpainted"]["cosine"] > 0.9999
     props = {}
@@ -141,7 +144,7 @@ def test_a_collapse_fails_with_the_layer_to_blame_and_a_reproduce_command_that_r
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
         "E * zero_output on CPU-high: output 'out': every element is exactly 0*",
-        "E * reference: zero.mnn on CPU high, 1 thread",
+        "E * reference: zero.mnn on CPU high, 4 threads",
         "E * inputs:    given by the test (*) - image 1x3x8x8 float32",
         "E * first divergent layer: tiny_conv (Convolution, #1) ?zero?; its inputs were within tolerance",
         "E * reproduce: pytest 'test_zero.py::test_denoise?CPU-high?'",
@@ -315,18 +318,20 @@ def test_without_a_marker_the_models_come_from_mnn_model(pytester, models):
     one = pytester.runpytest(*base, "--mnn-model", "healthy.mnn", "--collect-only", "-q")
     assert _ids(one) == ["test_cli.py::test_runs[CPU-high]", "test_cli.py::test_model_only"]
     two = pytester.runpytest(*base, "--mnn-model", "healthy.mnn", "--mnn-model", "zero.fp16.mnn", "-v")
-    two.assert_outcomes(passed=4)
+    # zero.fp16.mnn against itself: both sides all zeros, so the check tested nothing (degenerate_reference).
+    two.assert_outcomes(passed=3, failed=1)
     two.stdout.fnmatch_lines(["test_cli.py::test_runs?healthy.mnn-CPU-high? PASSED*",
-                              "test_cli.py::test_runs?zero.fp16.mnn-CPU-high? PASSED*",
+                              "test_cli.py::test_runs?zero.fp16.mnn-CPU-high? FAILED*",
                               "test_cli.py::test_model_only?healthy.mnn? PASSED*",
                               "test_cli.py::test_model_only?zero.fp16.mnn? PASSED*",
+                              "*degenerate_reference on CPU-high: the reference's outputs are degenerate*'out' all zeros*",
                               "test_cli.py::test_runs?healthy.mnn? *PASS*",
-                              "test_cli.py::test_runs?zero.fp16.mnn? *PASS*"])
+                              "test_cli.py::test_runs?zero.fp16.mnn? *FAIL degenerate_reference*"])
     # --mnn-reference is the reference of the --mnn-model models, in user tests too.
     against_fp32 = pytester.runpytest(*base, "--mnn-model", "zero.fp16.mnn", "--mnn-reference", "zero.mnn")
     against_fp32.assert_outcomes(passed=1, failed=1)
     against_fp32.stdout.fnmatch_lines([
-        "*reference: zero.mnn on CPU high, 1 thread",
+        "*reference: zero.mnn on CPU high, 4 threads",
         "*reproduce: pytest 'test_cli.py::test_runs?CPU-high?' --mnn-model zero.fp16.mnn -m 'not mnn_generated' "
         "--mnn-reference zero.mnn",
     ])

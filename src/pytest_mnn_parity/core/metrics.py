@@ -43,6 +43,19 @@ class OutputMetrics:
     new_zero_fraction: float
     nonfinite_count: int
     ref_nonfinite_count: int
+    # The largest |target - ref| / allowance over all elements (0 when equal; inf for new NaN/Inf or a zero
+    # allowance): how far the worst element is outside, in units of what it may differ.
+    excess_ratio: float = 0.0
+    # Exact zeros in the target where the reference is not zero, within tolerance or not: with the rise of
+    # ``zero_fraction`` over ``ref_zero_fraction``, what tells a collapse from zeros that only moved.
+    zeroed_fraction: float = 0.0
+    # The absolute floor the elements were judged with (the tier's, or the measured noise).
+    abs_floor: float = 0.0
+
+    @property
+    def zero_rise(self) -> float:
+        """How much the share of exact zeros grew over the reference's."""
+        return self.zero_fraction - self.ref_zero_fraction
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -94,8 +107,11 @@ def snr_db(target: np.ndarray, reference: np.ndarray) -> float:
 CHUNK = 1 << 18
 
 
-def compare(target: np.ndarray, reference: np.ndarray, *, atol: float, rtol: float) -> OutputMetrics:
+def compare(target: np.ndarray, reference: np.ndarray, *, atol: float, rtol: float,
+            abs_floor: float = 0.0) -> OutputMetrics:
     """All metrics for one output; shapes must already match (see ``verdict``).
+
+    An element is outside when ``|t - r| > max(atol * scale + rtol * |r|, abs_floor)``.
 
     Works slice by slice in float64 (two passes: the reference's scale, then
     everything else), so memory stays bounded and sums stay exact enough for
@@ -123,7 +139,7 @@ def compare(target: np.ndarray, reference: np.ndarray, *, atol: float, rtol: flo
     acc = _Accumulator()
     for sl in slices:
         acc.add(t_all[sl].astype(work, copy=False), r_all[sl].astype(work, copy=False),
-                sl.start, atol * scale, rtol)
+                sl.start, atol * scale, rtol, abs_floor)
     worst_flat = acc.worst_bad if acc.worst_bad is not None else acc.worst
     if acc.new_nonfinite:
         # An unbounded error: numbers computed over the finite rest would make a
@@ -156,6 +172,9 @@ def compare(target: np.ndarray, reference: np.ndarray, *, atol: float, rtol: flo
         new_zero_fraction=acc.new_zeros / size,
         nonfinite_count=acc.nonfinite,
         ref_nonfinite_count=acc.ref_nonfinite,
+        excess_ratio=float("inf") if acc.new_nonfinite else acc.excess_ratio,
+        zeroed_fraction=acc.zeroed / size,
+        abs_floor=float(abs_floor),
     )
 
 
@@ -166,11 +185,14 @@ class _Accumulator:
         self.max_abs = self.max_rel = self.sum_abs = self.sum_sq = 0.0
         self.tt = self.rr = self.tr = 0.0
         self.outside = self.zeros = self.ref_zeros = self.new_zeros = self.nonfinite = self.ref_nonfinite = 0
+        self.zeroed = 0
+        self.excess_ratio = 0.0
         self.worst, self.worst_excess = 0, -np.inf
         self.worst_bad: int | None = None
         self.new_nonfinite = False
 
-    def add(self, t: np.ndarray, r: np.ndarray, offset: int, abs_bound: float, rtol: float) -> None:
+    def add(self, t: np.ndarray, r: np.ndarray, offset: int, abs_bound: float, rtol: float,
+            abs_floor: float = 0.0) -> None:
         t_finite, r_finite = np.isfinite(t), np.isfinite(r)
         all_finite = bool(t_finite.all() and r_finite.all())
         if all_finite:
@@ -187,10 +209,16 @@ class _Accumulator:
             self.nonfinite += int(t.size - np.count_nonzero(t_finite))
             self.ref_nonfinite += int(r.size - np.count_nonzero(r_finite))
         abs_r = np.abs(rf)
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             diff = np.abs(tf - rf)
-            excess = diff - (abs_r * t.dtype.type(rtol) + t.dtype.type(abs_bound))
-        outside = excess > 0
+            allowed = abs_r * t.dtype.type(rtol) + t.dtype.type(abs_bound)
+            if abs_floor:
+                allowed = np.maximum(allowed, t.dtype.type(abs_floor))
+            excess = diff - allowed
+            outside = excess > 0
+            if outside.any():
+                ratio = diff[outside] / allowed[outside]
+                self.excess_ratio = max(self.excess_ratio, float(ratio.max()))
         if bad is not None and bad.any():
             outside |= bad
             if self.worst_bad is None:
@@ -201,10 +229,12 @@ class _Accumulator:
             self.worst, self.worst_excess = offset + i, float(excess[i])
         nonzero_r = abs_r > 0
         nonzero_count = int(np.count_nonzero(nonzero_r))
-        if nonzero_count == abs_r.size:  # the same ratios without two masked copies
-            self.max_rel = max(self.max_rel, float((diff / abs_r).max()))
-        elif nonzero_count:
-            self.max_rel = max(self.max_rel, float((diff[nonzero_r] / abs_r[nonzero_r]).max()))
+        # Huge fp16/bf16 values overflow the ratio to inf: that is its value, not a warning.
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            if nonzero_count == abs_r.size:  # the same ratios without two masked copies
+                self.max_rel = max(self.max_rel, float((diff / abs_r).max()))
+            elif nonzero_count:
+                self.max_rel = max(self.max_rel, float((diff[nonzero_r] / abs_r[nonzero_r]).max()))
         dmax = float(diff.max())
         self.max_abs = max(self.max_abs, dmax)
         self.sum_abs += float(diff.sum(dtype=np.float64))
@@ -226,7 +256,9 @@ class _Accumulator:
         r_nonzero = nonzero_r if all_finite else r != 0
         self.ref_zeros += t.size - nonzero_count if all_finite else int(np.count_nonzero(r == 0))
         self.outside += int(np.count_nonzero(outside))
-        self.new_zeros += int(np.count_nonzero(zero_t & r_nonzero & outside))
+        zeroed = zero_t & r_nonzero
+        self.zeroed += int(np.count_nonzero(zeroed))
+        self.new_zeros += int(np.count_nonzero(zeroed & outside))
 
 
 def _cosine_from_sums(tt: float, rr: float, tr: float) -> float:

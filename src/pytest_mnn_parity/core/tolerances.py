@@ -12,33 +12,50 @@ Resolution order, later wins, field by field:
 4. **Command line**: ``--mnn-atol``, ``--mnn-rtol``, ``--mnn-min-cosine``,
    ``--mnn-max-outside-fraction``.
 
-An element passes when ``|target - ref| <= atol * scale + rtol * |ref|`` where
-``scale`` is the largest ``|ref|`` of that output (``metrics.reference_scale``).
-``atol`` is therefore a fraction of the output's own range: a [0, 1] image and
-logits in the hundreds are held to the same standard.  An output passes when
-at most ``max_outside_fraction`` of its elements fail and its cosine similarity
-to the reference is at least ``min_cosine``.
+An element passes when ``|target - ref| <= max(atol * scale + rtol * |ref|, floor)``
+where ``scale`` is the largest ``|ref|`` of that output (``metrics.reference_scale``)
+and ``floor`` is the larger of the tier's ``abs_floor`` and twice the output's
+measured noise (how far the reference itself moves between 1 and N CPU threads,
+``engine.noise_floor``).  ``atol`` is therefore a fraction of the output's own
+range: a [0, 1] image and logits in the hundreds are held to the same standard.
 
-=========  ==========================================  =======  =======  ==========
-tier       used for                                     atol     rtol     min_cosine
-=========  ==========================================  =======  =======  ==========
-fp32       measured fp32; else ``high``, CPU ``normal``  5e-4     1e-3     0.9999
-fp16       measured fp16; else CPU ``low``, GPU/NPU     2e-2     2e-2     0.999
+An output passes (``verdict.tolerance_decision`` names the bound that decided):
+
+* when every element is within ``floor`` ("absolute floor"): differences the
+  arithmetic cannot resolve, whatever the output's own range;
+* else when no element is outside and the cosine similarity to the reference is
+  at least ``min_cosine``;
+* else when at most ``max_outside_fraction`` of the elements are outside, none
+  of them by more than ``outlier_limit`` times its own allowance, and the cosine
+  is at least ``min_cosine`` ("outliers allowed").
+
+=========  ==========================================  =====  =====  ==========  =======  =========  =======
+tier       used for                                     atol   rtol   min_cosine  outside  abs_floor  outlier
+=========  ==========================================  =====  =====  ==========  =======  =========  =======
+fp32       measured fp32; else ``high``, CPU ``normal``  5e-4   1e-3   0.9999      1e-3     1e-6       10
+fp16       measured fp16; else CPU ``low``, GPU/NPU     2e-2   2e-2   0.999       1e-2     1e-3       10
            ``normal`` and ``low``
-bf16       measured bf16; else CPU ``Low_BF16``         6e-2     6e-2     0.995
-int8       an ``int8`` conversion variant               5e-2     5e-2     0.995
-=========  ==========================================  =======  =======  ==========
+bf16       measured bf16; else CPU ``Low_BF16``         6e-2   6e-2   0.995       2e-2     8e-3       10
+int8       an ``int8`` conversion variant               5e-2   5e-2   0.995       2e-2     4e-3       10
+=========  ==========================================  =====  =====  ==========  =======  =========  =======
 
 A conversion variant (an ONNX model converted by the plugin) raises the tier
 to at least its own: ``fp16`` weights use the fp16 tier even at ``high``,
 ``int8`` weights the int8 tier; of the two tiers the looser (later in
 ``TIER_ORDER``) is used.
 
-Why these numbers: fp32 kernels (Winograd convolutions, multi-threaded
-reductions) differ from a 1-thread reference by up to ~1e-4 of the output
-range on deep graphs; fp32 allows 5x that so it never false-fails, while a
-broken kernel is off by percent.  fp16 keeps 10-11 mantissa bits (~5e-4
-relative per rounding) and errors accumulate along a graph; bf16 keeps 8.
+Why these numbers (measured, see docs/verdicts.md): fp32 kernels (Winograd
+convolutions, reordered reductions) differ from another fp32 implementation by
+up to ~1e-4 of the output range on deep graphs; fp32 allows 5x that, while a
+broken kernel is off by percent.  On trained models a handful of elements sit
+on a steep activation (sigmoid edges of a text map) and move 1-3x their
+allowance: one in a thousand may (one in a hundred at fp16), bounded by the
+cosine floor and by ``outlier_limit``, so a broken region (a border row, a
+channel) still fails.  ``abs_floor`` is what each format cannot resolve near
+activations of order one (fp32: 1e-6; fp16's spacing near 1 is 1e-3; bf16's
+8e-3): an output whose whole range is 1e-4 no longer fails on 1e-7 of rounding.
+fp16 keeps 10-11 mantissa bits (~5e-4 relative per rounding) and errors
+accumulate along a graph; bf16 keeps 8.
 """
 from __future__ import annotations
 
@@ -55,36 +72,50 @@ class Tolerance:
     min_cosine: float
     max_outside_fraction: float = 0.0
     # An output is ``partial_zero`` when at least this fraction of its elements
-    # became exactly zero while the reference is not zero there.
+    # became exactly zero while the reference is not zero there, and its share
+    # of zeros rose by as much (zeros that only moved are not a collapse).
     partial_zero_fraction: float = 0.01
+    # Differences up to this (absolute) always pass: what the arithmetic cannot resolve.
+    abs_floor: float = 0.0
+    # An allowed outlier may exceed its allowance by at most this factor.
+    outlier_limit: float = 10.0
     tier: str = "custom"
     sources: tuple[str, ...] = ()
+    # The fields a source set (an explicit ``abs_floor`` also replaces the measured noise floor).
+    overridden: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["sources"] = list(self.sources)
+        data["overridden"] = list(self.overridden)
         return data
 
     def describe(self) -> str:
         origin = f" (overridden by {', '.join(self.sources)})" if self.sources else ""
         return (f"tier {self.tier}{origin}: atol {self.atol:g} x ref scale, rtol {self.rtol:g}, "
-                f"min cosine {self.min_cosine:g}, max outside {self.max_outside_fraction:g}")
+                f"min cosine {self.min_cosine:g}, max outside {self.max_outside_fraction:g} "
+                f"(each within {self.outlier_limit:g}x), abs floor {self.abs_floor:g}")
 
 
 TIERS: dict[str, Tolerance] = {
-    "fp32": Tolerance(atol=5e-4, rtol=1e-3, min_cosine=0.9999, tier="fp32"),
-    "fp16": Tolerance(atol=2e-2, rtol=2e-2, min_cosine=0.999, tier="fp16"),
-    "bf16": Tolerance(atol=6e-2, rtol=6e-2, min_cosine=0.995, tier="bf16"),
+    "fp32": Tolerance(atol=5e-4, rtol=1e-3, min_cosine=0.9999, max_outside_fraction=1e-3, abs_floor=1e-6,
+                      tier="fp32"),
+    "fp16": Tolerance(atol=2e-2, rtol=2e-2, min_cosine=0.999, max_outside_fraction=1e-2, abs_floor=1e-3,
+                      tier="fp16"),
+    "bf16": Tolerance(atol=6e-2, rtol=6e-2, min_cosine=0.995, max_outside_fraction=2e-2, abs_floor=8e-3,
+                      tier="bf16"),
     # 8-bit weights: a step of max|w|/127 per channel; on the 10-conv deep
     # fixture the int8 build is 1.7e-2 of the output range from ONNX Runtime.
-    "int8": Tolerance(atol=5e-2, rtol=5e-2, min_cosine=0.995, tier="int8"),
+    "int8": Tolerance(atol=5e-2, rtol=5e-2, min_cosine=0.995, max_outside_fraction=2e-2, abs_floor=4e-3,
+                      tier="int8"),
 }
 # Loosest last: a variant's tier and a configuration's tier combine to the later one.
 TIER_ORDER = ("fp32", "fp16", "int8", "bf16")
 # The tier each conversion variant needs at least (see variants.VARIANTS).
 VARIANT_TIERS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}
 
-OVERRIDABLE = ("atol", "rtol", "min_cosine", "max_outside_fraction", "partial_zero_fraction")
+OVERRIDABLE = ("atol", "rtol", "min_cosine", "max_outside_fraction", "partial_zero_fraction", "abs_floor",
+               "outlier_limit")
 
 
 def tier_for(backend: str, precision: str) -> str:
@@ -128,7 +159,8 @@ def resolve(backend: str, precision: str, *layers: tuple[str, Mapping[str, Any] 
         for name, value in given.items():
             _check_value(source, name, value)
         if given:
-            tol = replace(tol, **given, sources=tol.sources + (source,))
+            tol = replace(tol, **given, sources=tol.sources + (source,),
+                          overridden=tuple(dict.fromkeys(tol.overridden + tuple(given))))
     return tol
 
 

@@ -26,6 +26,8 @@ class Category(str, Enum):
     # The configuration's isolated worker died (by a signal, or exited) or was
     # killed after --mnn-timeout: see isolation.py.
     CRASHED = "crashed"
+    # The plugin itself raised while checking (a bug of ours): the item fails and is reported, never dropped.
+    INTERNAL_ERROR = "internal_error"
     TIMEOUT = "timeout"
     RUNTIME_ERROR = "runtime_error"
     SHAPE_MISMATCH = "shape_mismatch"
@@ -39,6 +41,9 @@ class Category(str, Enum):
     API_MISMATCH = "api_mismatch"
     # --mnn-golden: no usable golden (missing, unreadable, or made from other inputs).
     NO_GOLDEN = "no_golden"
+    # The outputs agree, but the reference's own outputs are all zero, constant or not finite on these inputs:
+    # nothing was tested.  A finding of its own, never a pass.
+    DEGENERATE_REFERENCE = "degenerate_reference"
 
     def __str__(self) -> str:
         return self.value
@@ -47,9 +52,9 @@ class Category(str, Enum):
 # Most severe / most specific first.
 CATEGORY_ORDER = [
     Category.MODEL_ERROR, Category.NO_GOLDEN, Category.BACKEND_UNAVAILABLE, Category.BACKEND_FALLBACK, Category.CRASHED,
-    Category.TIMEOUT, Category.RUNTIME_ERROR, Category.SHAPE_MISMATCH, Category.NON_FINITE, Category.ZERO_OUTPUT,
-    Category.PARTIAL_ZERO, Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH, Category.API_MISMATCH,
-    Category.OK,
+    Category.TIMEOUT, Category.INTERNAL_ERROR, Category.RUNTIME_ERROR, Category.SHAPE_MISMATCH, Category.NON_FINITE,
+    Category.ZERO_OUTPUT, Category.PARTIAL_ZERO, Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH, Category.API_MISMATCH,
+    Category.DEGENERATE_REFERENCE, Category.OK,
 ]
 
 
@@ -69,6 +74,11 @@ class OutputVerdict:
     stale_metrics: OutputMetrics | None = None
     # Set when this output was judged with its own tolerance (a per-output override).
     tolerance: Tolerance | None = None
+    # Which bound decided (``tolerance_decision``), for input set A; and the set that failed, A or B.
+    decided_by: str = ""
+    failing_set: str = ""
+    # What is wrong with the reference's own output, if anything (``degenerate``): "all zeros", ...
+    reference_note: str = ""
 
     @property
     def passed(self) -> bool:
@@ -80,6 +90,13 @@ class OutputVerdict:
             data.update(self.metrics.as_dict())
         if self.tolerance is not None:
             data["tolerance"] = self.tolerance.as_dict()
+        data["decided_by"] = self.decided_by
+        if self.failing_set:
+            data["failing_set"] = self.failing_set
+        if self.stale_metrics is not None and self.failing_set == "B":
+            data["set_b"] = self.stale_metrics.as_dict()
+        if self.reference_note:
+            data["reference_note"] = self.reference_note
         return data
 
 
@@ -106,9 +123,45 @@ def has_new_non_finite(target: np.ndarray, reference: np.ndarray) -> bool:
     return bool(np.any(~np.isfinite(t) & np.isfinite(r)))
 
 
-def fails_tolerance(m: OutputMetrics, tol: Tolerance) -> bool:
+# What ``tolerance_decision`` says when an output passes.
+PASSING_DECISIONS = ("exact", "absolute floor", "within tolerance", "outliers allowed")
+
+
+def tolerance_decision(m: OutputMetrics, tol: Tolerance) -> str:
+    """The bound that decided, for the report: one of ``PASSING_DECISIONS`` when the output passes, else
+    "outside fraction", "outlier size" or "cosine" (the first bound it breaks, in that order)."""
+    if m.max_abs == 0 and m.nonfinite_count == m.ref_nonfinite_count:
+        return "exact"
+    if m.outside_fraction == 0 and m.max_abs <= max(tol.abs_floor, m.abs_floor):
+        return "absolute floor"
+    if m.outside_fraction > tol.max_outside_fraction:
+        return "outside fraction"
+    if m.outside_fraction > 0 and not m.excess_ratio <= tol.outlier_limit:
+        return "outlier size"
     # ``not >=`` so that a NaN cosine (new non-finite values) fails.
-    return m.outside_fraction > tol.max_outside_fraction or not m.cosine >= tol.min_cosine
+    if not m.cosine >= tol.min_cosine:
+        return "cosine"
+    return "within tolerance" if m.outside_fraction == 0 else "outliers allowed"
+
+
+def fails_tolerance(m: OutputMetrics, tol: Tolerance) -> bool:
+    return tolerance_decision(m, tol) not in PASSING_DECISIONS
+
+
+def degenerate(reference: np.ndarray) -> str:
+    """What makes a reference output useless to compare against ("" when it is fine): a float output that is
+    all zeros, one constant value, or not finite anywhere."""
+    r = np.asarray(reference)
+    if r.size < 2 or r.dtype.kind not in "fc":
+        return ""
+    finite = np.isfinite(r)
+    if not finite.any():
+        return "not finite anywhere"
+    if not r.any():
+        return "all zeros"
+    if finite.all() and bool(np.all(r == r.flat[0])):
+        return f"constant ({float(r.flat[0]):.6g} everywhere)"
+    return ""
 
 
 def dtype_family(dtype) -> str:
@@ -118,8 +171,12 @@ def dtype_family(dtype) -> str:
 
 
 def judge_output(name: str, target: np.ndarray, reference: np.ndarray, tol: Tolerance,
-                 *, target_b: np.ndarray | None = None, reference_b: np.ndarray | None = None) -> OutputVerdict:
-    """Judge one output. ``*_b`` are the same output for the second input set (stale check)."""
+                 *, target_b: np.ndarray | None = None, reference_b: np.ndarray | None = None,
+                 floor: float = 0.0) -> OutputVerdict:
+    """Judge one output. ``*_b`` are the same output for the second input set (stale check).
+
+    ``floor``: an absolute floor measured for this output (its thread-count noise), used where it is
+    above the tier's ``abs_floor``."""
     target, reference = np.asarray(target), np.asarray(reference)
     if target.size == 0 and reference.size != 0:
         return OutputVerdict(name, Category.RUNTIME_ERROR, None,
@@ -134,18 +191,31 @@ def judge_output(name: str, target: np.ndarray, reference: np.ndarray, tol: Tole
         # interface even when the numbers would compare equal.
         return OutputVerdict(name, Category.SHAPE_MISMATCH, None,
                              f"dtype {target.dtype} but the reference has {reference.dtype} (shape {target.shape})")
-    m = compare(target, reference, atol=tol.atol, rtol=tol.rtol)
+    # A floor the user set explicitly is the floor: the measured one no longer applies.
+    floor = tol.abs_floor if "abs_floor" in tol.overridden else max(tol.abs_floor, floor)
+    m = compare(target, reference, atol=tol.atol, rtol=tol.rtol, abs_floor=floor)
+    decided = tolerance_decision(m, tol)
     stale_m = None
     stale = False
     if target_b is not None and reference_b is not None and np.shape(target_b) == reference.shape:
-        stale_m = compare(target_b, reference_b, atol=tol.atol, rtol=tol.rtol)
+        stale_m = compare(target_b, reference_b, atol=tol.atol, rtol=tol.rtol, abs_floor=floor)
         # Only a bit-identical target needs the (costlier) check that the reference moved.
         stale = (bool(np.array_equal(target, target_b, equal_nan=True))
-                 and compare(reference_b, reference, atol=tol.atol, rtol=tol.rtol).outside_fraction > 0)
-    if not fails_tolerance(m, tol) and not (stale_m is not None and fails_tolerance(stale_m, tol)):
-        return OutputVerdict(name, Category.OK, m, "", stale_m)
-    cat, detail = _classify(target, reference, m, tol, stale)
-    return OutputVerdict(name, cat, m, detail, stale_m)
+                 and compare(reference_b, reference, atol=tol.atol, rtol=tol.rtol, abs_floor=floor).outside_fraction > 0)
+    failed_a = decided not in PASSING_DECISIONS
+    failed_b = stale_m is not None and fails_tolerance(stale_m, tol)
+    if not failed_a and not failed_b:
+        return OutputVerdict(name, Category.OK, m, "", stale_m, decided_by=decided)
+    # The failure is described with the numbers of the set that failed: set A's when it did, else B's.
+    shown, shown_ref = (m, reference) if failed_a else (stale_m, reference_b)
+    shown_t = target if failed_a else target_b
+    cat, detail = _classify(shown_t, shown_ref, shown, tol, stale)
+    if not failed_a:
+        decided = tolerance_decision(stale_m, tol)
+        detail = f"input set B: {detail} (set A passes)" if cat is not Category.STALE_OUTPUT else detail
+    elif cat is Category.MISMATCH:
+        detail += f" (decided by: {decided})"
+    return OutputVerdict(name, cat, m, detail, stale_m, decided_by=decided, failing_set="A" if failed_a else "B")
 
 
 def _classify(t: np.ndarray, r: np.ndarray, m: OutputMetrics, tol: Tolerance, stale: bool) -> tuple[Category, str]:
@@ -155,8 +225,11 @@ def _classify(t: np.ndarray, r: np.ndarray, m: OutputMetrics, tol: Tolerance, st
     if is_zero_output(t, r):
         return Category.ZERO_OUTPUT, (f"every element is exactly 0; the reference is {m.ref_zero_fraction:.1%} "
                                       f"zeros with max |ref| {m.ref_scale:.4g}")
-    if m.new_zero_fraction >= tol.partial_zero_fraction:
-        return Category.PARTIAL_ZERO, (f"{m.new_zero_fraction:.1%} of elements became exactly 0 where the reference "
+    # A collapse is judged from the share of zeros, whatever the tolerance: zeros inside tolerance still count
+    # (98% zeros is a collapse even where the reference is small), and zeros that only moved (the same share,
+    # other places) do not.
+    if m.zeroed_fraction >= tol.partial_zero_fraction and m.zero_rise >= tol.partial_zero_fraction:
+        return Category.PARTIAL_ZERO, (f"{m.zeroed_fraction:.1%} of elements became exactly 0 where the reference "
                                        f"is not (zeros: target {m.zero_fraction:.1%}, reference {m.ref_zero_fraction:.1%})"
                                        + _zero_region(t, r))
     if is_constant_output(t, r):
@@ -208,10 +281,13 @@ class Verdict:
 def judge_outputs(targets: Mapping[str, np.ndarray], references: Mapping[str, np.ndarray], tol: Tolerance,
                   *, targets_b: Mapping[str, np.ndarray] | None = None,
                   references_b: Mapping[str, np.ndarray] | None = None,
-                  output_tolerances: Mapping[str, Tolerance] | None = None) -> Verdict:
+                  output_tolerances: Mapping[str, Tolerance] | None = None,
+                  floors: Mapping[str, float] | None = None) -> Verdict:
     """Judge every output the reference has; a missing or extra output is a shape mismatch.
 
-    ``output_tolerances`` replaces ``tol`` for the outputs it names.
+    ``output_tolerances`` replaces ``tol`` for the outputs it names; ``floors`` are measured absolute floors
+    per output (``judge_output``).  Outputs that pass while the reference itself is degenerate on both input
+    sets (all zeros, constant, not finite) make the configuration ``degenerate_reference``: nothing was tested.
     """
     verdicts: list[OutputVerdict] = []
     output_tolerances = output_tolerances or {}
@@ -221,13 +297,24 @@ def judge_outputs(targets: Mapping[str, np.ndarray], references: Mapping[str, np
                                           f"the target has no output named {name!r} (it has {sorted(targets)})"))
             continue
         own = output_tolerances.get(name)
+        ref_b = None if references_b is None else references_b.get(name)
         verdicts.append(judge_output(name, targets[name], ref, own or tol,
                                      target_b=None if targets_b is None else targets_b.get(name),
-                                     reference_b=None if references_b is None else references_b.get(name)))
+                                     reference_b=ref_b, floor=(floors or {}).get(name, 0.0)))
         if own is not None:
             verdicts[-1].tolerance = own
+        note = degenerate(ref)
+        if note and (ref_b is None or degenerate(ref_b)):
+            verdicts[-1].reference_note = note
     for name in targets:
         if name not in references:
             verdicts.append(OutputVerdict(name, Category.SHAPE_MISMATCH, None,
                                           f"output {name!r} is not in the reference (it has {sorted(references)})"))
-    return Verdict(worst(v.category for v in verdicts), verdicts)
+    category = worst(v.category for v in verdicts)
+    floats = [v for v in verdicts if v.metrics is not None and np.asarray(references[v.name]).dtype.kind in "fc"]
+    if category is Category.OK and floats and all(v.reference_note for v in floats):
+        notes = "; ".join(f"{v.name!r} {v.reference_note}" for v in floats)
+        return Verdict(Category.DEGENERATE_REFERENCE, verdicts,
+                       f"the reference's outputs are degenerate on both input sets ({notes}): the outputs agree, "
+                       "but these inputs test nothing")
+    return Verdict(category, verdicts)

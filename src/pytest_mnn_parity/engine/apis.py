@@ -92,7 +92,8 @@ class ApiSide:
         if key not in self._choices:
             failure = self.session_failure(path)
             if failure is None:
-                choice = ApiChoice(API_SESSION, "auto: the session API runs this model (its reference run succeeded)")
+                choice = ApiChoice(API_SESSION, "auto: the session API runs this model (MNN's own CPU run of it "
+                                                "succeeded)")
             else:
                 choice = ApiChoice(API_MODULE, f"auto: the session API cannot run this model ({failure}); the "
                                                "Module API runs it", failure)
@@ -105,15 +106,26 @@ class ApiSide:
         A model that does not load at all is left to the session path, whose
         errors already name the file and the fix.
         """
-        from ..mnn.failures import mnn_said
+        from ..mnn.failures import mnn_said, run_failure
         from .results import EmptyReferenceOutputs, ReferenceRunError
 
         try:
-            self.engine.live_reference(self.engine.model(path))  # a run here, even with a bundle as reference
+            model = self.engine.model(path)
+            if self.engine.onnx.reference_path(model) is None:
+                self.engine.live_reference(model)  # a run here, even with a bundle as reference
+                return None
         except (ReferenceRunError, EmptyReferenceOutputs) as exc:
             return f"{exc.reason}; MNN said: {mnn_said(exc.log)}"
         except ModelError:
             return None
+        # An ONNX model's reference is ONNX Runtime, which says nothing of what an MNN session can run:
+        # MNN's own run of the conversion decides.
+        run = model.run(self.engine.reference_config, self.engine.inputs(model)[0])
+        empty = [name for name, arr in run.outputs.items() if arr.size == 0]
+        if not run.ok:
+            return f"MNN's own run of it failed: {run_failure(run)}; MNN said: {mnn_said(run.log)}"
+        if empty:
+            return f"MNN's own run of it gave empty outputs {empty}; MNN said: {mnn_said(run.log)}"
         return None
 
     # -- both: the two APIs against each other --------------------------------------

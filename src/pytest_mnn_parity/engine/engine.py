@@ -20,14 +20,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..core.tolerances import Tolerance, looser_tier, resolve
-from ..core.verdict import Category, Verdict, judge_outputs
+from ..core.verdict import Category, Verdict, judge_outputs, worst
 from ..inputs.generate import fingerprint, generate_inputs
 from ..inputs.sets import InputSet
 from ..mnn import backends
 from ..mnn.failures import last_lines, mnn_said, runtime_error_text, runtime_hint
 from ..mnn.limits import nonfinite_inputs
 from ..mnn.model import ModelError, model_key, remembered
-from ..mnn.runner import REFERENCE_CONFIG, LoadedModel, RunConfig, check_same_interface
+from ..mnn.runner import LoadedModel, RunConfig, check_same_interface, reference_config
 from ..mnn.weights import WeightRisk, fp16_weight_risks
 from ..onnx.variants import is_onnx
 from ..trace.capture import capture_layers
@@ -50,6 +50,11 @@ _TRACEABLE = {Category.OK, Category.SHAPE_MISMATCH, Category.NON_FINITE, Categor
               Category.CONSTANT_OUTPUT, Category.STALE_OUTPUT, Category.MISMATCH}
 
 
+# An output's measured floor is this many times its spread between two CPU thread counts: another
+# implementation of the same fp32 sums (a GPU kernel) reorders them as much again.
+NOISE_FACTOR = 2.0
+
+
 # A weight tensor is named only when this share of it would be lost: a few
 # rounding-noise entries (1e-17 in a DFT matrix) are not a risk.
 WEIGHT_RISK_MIN_FRACTION = 0.2
@@ -69,6 +74,7 @@ class ParityEngine(Checker):
         # The last input-set pair a check scanned for NaN/Inf, and what it found (see _nonfinite_of).
         self._last_nonfinite: tuple | None = None
         self._provided: set[Path] = set()
+        self._noise: dict[Any, dict[str, float]] = {}
         from .apis import ApiSide  # noqa: PLC0415
         from .onnx_side import OnnxSide  # noqa: PLC0415 - it uses this module's types
         from .stream import StreamSide  # noqa: PLC0415
@@ -78,6 +84,11 @@ class ParityEngine(Checker):
         self.streams = StreamSide(self)
         # A bundle directory as --mnn-reference: its saved outputs replace the reference run.
         self.bundle = open_bundle_reference(self.settings.reference)
+
+    @property
+    def reference_config(self) -> RunConfig:
+        """CPU, high, at the items' thread count (``runner.reference_config`` says why)."""
+        return reference_config(self.settings.threads)
 
     # -- models -----------------------------------------------------------------
     def model(self, path: os.PathLike | str, api: str = "session") -> LoadedModel:
@@ -104,7 +115,7 @@ class ParityEngine(Checker):
         model = self._models.pop(key, None)
         if isinstance(model, LoadedModel):
             model.close()
-        for cache in (self._inputs, self._fingerprints, self._references, self._reference_traces):
+        for cache in (self._inputs, self._fingerprints, self._references, self._reference_traces, self._noise):
             for cached in [k for k in cache if k == key or (isinstance(k, tuple) and k[0] == key)]:
                 value = cache.pop(cached)
                 if isinstance(value, ReferenceTrace):
@@ -188,7 +199,7 @@ class ParityEngine(Checker):
         key = model_key(model.path)
         self._inputs[key] = (given[0], given[1])
         self._provided.add(key)
-        for cache in (self._fingerprints, self._nonfinite, self._references):
+        for cache in (self._fingerprints, self._nonfinite, self._references, self._noise):
             cache.pop(key, None)
 
     def inputs_nonfinite(self, model: LoadedModel) -> dict[str, Any] | None:
@@ -228,6 +239,33 @@ class ParityEngine(Checker):
             key = (key if isinstance(key, tuple) else (key,)) + (_api(model),)
         return remembered(self._references, key, lambda: self._compute_reference(model, input_set))
 
+    def noise_floors(self, model: LoadedModel, input_set: InputSet | None = None) -> dict[str, float]:
+        """Per float output, ``NOISE_FACTOR`` x how far the model's own CPU high outputs move between 1 thread
+        and the items' count (4 when the items run on 1): how much reordering fp32 sums alone moves it.
+
+        Measured once per model and input set, on input set A; {} when the CPU cannot run the model.
+        """
+        key = _set_key(model.path, input_set)
+        if _api(model) != "session":
+            key = (key if isinstance(key, tuple) else (key,)) + (_api(model),)
+        if key not in self._noise:
+            inputs_a = self.inputs(model, input_set)[0]
+            threads = self.settings.threads
+            runs = [model.run(RunConfig("CPU", "high", n), inputs_a) for n in (threads, 1 if threads != 1 else 4)]
+            floors: dict[str, float] = {}
+            if all(run.ok for run in runs):
+                for name, a in runs[0].outputs.items():
+                    b = runs[1].outputs.get(name)
+                    if b is None or a.shape != b.shape or a.dtype.kind != "f":
+                        continue
+                    with np.errstate(invalid="ignore", over="ignore"):
+                        spread = np.abs(a.astype(np.float64) - b.astype(np.float64))
+                    finite = spread[np.isfinite(spread)]
+                    if finite.size and finite.max() > 0:
+                        floors[name] = NOISE_FACTOR * float(finite.max())
+            self._noise[key] = floors
+        return self._noise[key]
+
     def _compute_reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
         inputs_a, inputs_b = self.inputs(model, input_set)
         if self.onnx.reference_path(model) is not None:
@@ -235,19 +273,19 @@ class ParityEngine(Checker):
         if self.settings.reference and self.bundle is None:  # a bundle's live reference is the model itself
             ref_model = self.reference_model(model)
             check_same_interface(model, ref_model)
-            description = f"{ref_model.path} on {REFERENCE_CONFIG.describe()}"
+            description = f"{ref_model.path} on {self.reference_config.describe()}"
         else:
             ref_model = model
-            description = f"same model on {REFERENCE_CONFIG.describe()}"
+            description = f"same model on {self.reference_config.describe()}"
         if _api(model) != "session":
             description += f" ({_api(model)} API)"
         # The activation scan needs per-op callbacks, which only sessions have.
         scanner = RiskScanner() if self.settings.layers != "off" and _api(model) == "session" else None
-        run_a = ref_model.run(REFERENCE_CONFIG, inputs_a, observer=scanner)
-        run_b = ref_model.run(REFERENCE_CONFIG, inputs_b)
+        run_a = ref_model.run(self.reference_config, inputs_a, observer=scanner)
+        run_b = ref_model.run(self.reference_config, inputs_b)
         for run in (run_a, run_b):
             if not run.ok:
-                raise ReferenceRunError(ref_model.path, run, ref_model.session_backend(REFERENCE_CONFIG)[1])
+                raise ReferenceRunError(ref_model.path, run, ref_model.session_backend(self.reference_config)[1])
             empty = [name for name, arr in run.outputs.items() if arr.size == 0]
             if empty:
                 raise EmptyReferenceOutputs(ref_model.path, f"the reference run produced empty outputs {empty}",
@@ -353,9 +391,12 @@ class ParityEngine(Checker):
             result.message = failure_message(result, model, error=runtime_error_text(failed_run, result.log),
                                              reproduce=reproduce)
             return result
+        floors = self.noise_floors(model, input_set)
         result.verdict = judge_outputs(run_a.outputs, reference.outputs_a, tol,
                                        targets_b=run_b.outputs, references_b=reference.outputs_b,
-                                       output_tolerances=output_tolerances)
+                                       output_tolerances=output_tolerances, floors=floors)
+        if result.verdict.category is Category.STALE_OUTPUT:
+            self._stale_or_input_blind(result.verdict, model, inputs_a, inputs_b)
         result.category = result.verdict.category
         if choice.api == "module" and self.settings.api == "both":
             self.apis.cross_check(result, model_path, config, tol, inputs_a, run_a.outputs)
@@ -373,6 +414,24 @@ class ParityEngine(Checker):
         if not result.passed:
             result.message = failure_message(result, model, reproduce=reproduce)
         return result
+
+    def _stale_or_input_blind(self, verdict: Verdict, model: LoadedModel, inputs_a, inputs_b) -> None:
+        """``stale_output`` says the backend did not recompute.  When the reference is another model (an ONNX
+        file, ``--mnn-reference``), this build may instead ignore its input: if its own CPU run gives the same
+        output for both input sets too, that is what it is, and it is a ``mismatch``."""
+        if self.onnx.reference_path(model) is None and not (self.settings.reference and self.bundle is None):
+            return  # the reference is this very model: its outputs moved, so the target's should have
+        run_a, run_b = (model.run(self.reference_config, inputs) for inputs in (inputs_a, inputs_b))
+        if not (run_a.ok and run_b.ok):
+            return
+        for v in verdict.outputs:
+            if v.category is Category.STALE_OUTPUT and np.array_equal(run_a.outputs.get(v.name), run_b.outputs.get(
+                    v.name), equal_nan=True):
+                v.category = Category.MISMATCH
+                v.detail = ("identical output for two different inputs, and so is this model's own run on "
+                            f"{self.reference_config.describe()}: its output does not depend on its input while the "
+                            "reference's does (a broken build or conversion, not a backend that failed to recompute)")
+        verdict.category = worst(v.category for v in verdict.outputs)
 
     def _trace(self, result: ParityResult, model: LoadedModel, config: RunConfig, tol: Tolerance,
                inputs: Mapping[str, np.ndarray], input_set: InputSet | None = None,
@@ -421,7 +480,7 @@ class ParityEngine(Checker):
         key = _set_key(model.path, input_set)
         if key not in self._reference_traces:
             ref_model = self.reference_model(model)
-            trace, _ = record_reference(ref_model, REFERENCE_CONFIG, inputs)
+            trace, _ = record_reference(ref_model, self.reference_config, inputs)
             self._reference_traces[key] = trace
         return self._reference_traces[key]
 

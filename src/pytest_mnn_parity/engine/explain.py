@@ -118,7 +118,7 @@ def _headline(result: "ParityResult", error: str) -> str:
         return head + (": " + error.splitlines()[0] if error else "")
     bad = [v for v in result.verdict.outputs if not v.passed]
     if not bad:
-        return head
+        return head + (f": {result.verdict.detail}" if result.verdict.detail else "")
     first = bad[0]
     more = f" (and {len(bad) - 1} more output(s))" if len(bad) > 1 else ""
     return f"{head}: output {first.name!r}: {first.detail}{more}"
@@ -127,12 +127,15 @@ def _headline(result: "ParityResult", error: str) -> str:
 def output_table(verdicts: list[OutputVerdict]) -> list[str]:
     rows = [_COLUMNS]
     for v in verdicts:
-        m = v.metrics
+        # An output that failed on input set B alone is shown with set B's numbers (set A's passed).
+        on_b = v.failing_set == "B" and v.stale_metrics is not None
+        m = v.stale_metrics if on_b else v.metrics
+        name = f"{v.name} (set B)" if on_b else v.name
         if m is None:
-            rows.append((v.name, v.category.value, "-", "-", "-", "-", "-", "-", v.detail))
+            rows.append((name, v.category.value, "-", "-", "-", "-", "-", "-", v.detail))
             continue
         worst = "[" + ",".join(map(str, m.worst_index)) + f"]: {m.worst_target:.6g} vs ref {m.worst_reference:.6g}"
-        rows.append((v.name, v.category.value, f"{m.max_abs:.4g}", f"{m.max_rel:.3g}", f"{m.cosine:.6f}",
+        rows.append((name, v.category.value, f"{m.max_abs:.4g}", f"{m.max_rel:.3g}", f"{m.cosine:.6f}",
                      f"{m.snr_db:.1f}", f"{m.outside_fraction:.2%}", f"{m.zero_fraction:.0%}/{m.ref_zero_fraction:.0%}",
                      worst))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(_COLUMNS) - 1)]

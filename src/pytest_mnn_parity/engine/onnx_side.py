@@ -5,6 +5,7 @@ the engine's own flow stays the same for ``.mnn`` and ``.onnx`` models.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
@@ -13,7 +14,7 @@ import numpy as np
 from ..core.tolerances import Tolerance
 from ..inputs.generate import fingerprint
 from ..mnn.model import ModelError, model_key, remembered
-from ..mnn.runner import REFERENCE_CONFIG, LoadedModel, RunConfig
+from ..mnn.runner import LoadedModel, RunConfig, RunOutput
 from ..onnx.convert import ConversionError
 from ..onnx.variants import ConversionCache, is_onnx
 from ..trace.record import RiskScanner
@@ -124,15 +125,25 @@ class OnnxSide:
         if key not in self._risks:
             source = self._sources.get(model_key(model.path))
             scanned = model
-            if source is not None and source[1] != "fp32":
-                try:
+            try:
+                if source is not None and source[1] != "fp32":
                     scanned = self.engine.model(self.converted(source[0], "fp32")[0])
-                except ModelError:
-                    scanned = model
+                elif getattr(model, "api", "session") != "session":
+                    scanned = self.engine.model(model.path)  # per-op callbacks exist on sessions only
+            except ModelError:
+                scanned = None
             scanner = RiskScanner()
-            scanned.run(REFERENCE_CONFIG, inputs, observer=scanner)
+            # A model a session cannot run (control flow) has no activation scan: no risks, never a crash.
+            if scanned is not None and getattr(scanned, "api", "session") == "session":
+                scanned.run(self.engine.reference_config, inputs, observer=scanner)
             self._risks[key] = scanner.risks
         return list(self._risks[key])
+
+    def step_model(self, model: LoadedModel) -> "RuntimeSteps":
+        """ONNX Runtime with ``model``'s interface, to run a stream's reference step by step."""
+        runtime = self.runtime(self.reference_path(model))
+        runtime.check_interface(model)
+        return RuntimeSteps(runtime, model)
 
     # -- localisation -----------------------------------------------------------
     def localise(self, result: "ParityResult", model: LoadedModel, config: RunConfig, tol: Tolerance,
@@ -165,3 +176,19 @@ class OnnxSide:
         result.trace = trace
         if trace.first_divergent is not None:
             result.first_divergent_layer = trace.first_divergent.as_dict()
+
+
+class RuntimeSteps:
+    """ONNX Runtime behind the interface a stream runs (``run(config, inputs) -> RunOutput``): the stream of an
+    ONNX model is compared against ONNX Runtime's own stream, as its single steps are."""
+
+    api = "onnxruntime"
+
+    def __init__(self, runtime, model: LoadedModel):
+        self.runtime, self.path = runtime, runtime.path
+        self.info, self.shapes = model.info, model.shapes
+
+    def run(self, config: RunConfig, inputs: Mapping[str, np.ndarray]) -> RunOutput:
+        started = time.perf_counter()
+        outputs = dict(self.runtime.run(inputs))  # a step ORT cannot run raises ModelError, naming the file
+        return RunOutput(outputs, 0, "", time.perf_counter() - started, -1)

@@ -29,7 +29,7 @@ from ..inputs.stream_spec import (
     stream_input_label,
 )
 from ..mnn.model import ModelError, model_key, remembered
-from ..mnn.runner import REFERENCE_CONFIG, RunConfig, RunOutput
+from ..mnn.runner import RunConfig, RunOutput
 
 if TYPE_CHECKING:  # pragma: no cover
     from .results import ParityResult
@@ -145,9 +145,12 @@ class StreamSide:
 
         def run_reference() -> StreamRun:
             ref_path = self.engine.settings.reference
-            ref_model = self.engine.model(ref_path, getattr(model, "api", "session")) if ref_path else model
+            if self.engine.onnx.reference_path(model) is not None:
+                ref_model = self.engine.onnx.step_model(model)  # ONNX Runtime, as for the model's single runs
+            else:
+                ref_model = self.engine.model(ref_path, getattr(model, "api", "session")) if ref_path else model
             check_declaration(ref_model, spec)
-            run = run_stream(ref_model, REFERENCE_CONFIG, spec, self._step_inputs(model, spec))
+            run = run_stream(ref_model, self.engine.reference_config, spec, self._step_inputs(model, spec))
             if run.failed is not None:
                 raise ModelError(ref_model.path, f"the reference stream failed at step {len(run.steps)}: "
                                                  f"{_failure(run.failed)}", "see MNN's log", run.log)

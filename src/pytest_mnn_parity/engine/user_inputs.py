@@ -23,12 +23,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..core.tolerances import resolve
 from ..core.verdict import Category, judge_outputs
 from ..inputs.generate import fingerprint
 from ..mnn import backends
 from ..mnn.failures import last_lines, runtime_error_text
-from ..mnn.runner import REFERENCE_CONFIG, LoadedModel, RunConfig, check_same_interface
+from ..mnn.model import model_key
+from ..mnn.runner import LoadedModel, RunConfig, check_same_interface
 from ..trace.compare import trace_target
 from ..trace.record import RiskScanner, record_reference
 from .engine import ParityEngine
@@ -109,8 +109,8 @@ class ModelUnderTest:
 
     def reference_description(self) -> str:
         if self.reference_path is None:
-            return f"same model on {REFERENCE_CONFIG.describe()}"
-        return f"{self.reference_label} on {REFERENCE_CONFIG.describe()}"
+            return f"same model on {self.engine.reference_config.describe()}"
+        return f"{self.reference_label} on {self.engine.reference_config.describe()}"
 
     # -- inputs -----------------------------------------------------------------
     def prepare_inputs(self, inputs: Mapping[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
@@ -188,11 +188,11 @@ class ModelUnderTest:
     def _run_reference(self, arrays: dict[str, np.ndarray]) -> MnnOutputs:
         ref = self.reference_model
         scanner = RiskScanner() if self.engine.settings.layers != "off" else None
-        run = ref.run(REFERENCE_CONFIG, arrays, observer=scanner)
+        run = ref.run(self.engine.reference_config, arrays, observer=scanner)
         if not run.ok:
-            raise MnnRunError(f"{ref.path}: the reference run ({REFERENCE_CONFIG.describe()}) failed: "
+            raise MnnRunError(f"{ref.path}: the reference run ({self.engine.reference_config.describe()}) failed: "
                               f"{runtime_error_text(run)}", rc=run.rc, log=run.log)
-        return MnnOutputs(run.outputs, inputs=arrays, config=REFERENCE_CONFIG, forward_type=run.forward_type,
+        return MnnOutputs(run.outputs, inputs=arrays, config=self.engine.reference_config, forward_type=run.forward_type,
                           seconds=run.seconds, log=run.log, fp16_risks=scanner.risks if scanner else ())
 
     # -- judging ----------------------------------------------------------------
@@ -216,7 +216,9 @@ class ModelUnderTest:
                 raise TypeError("compare(outputs) without a reference needs the dict run() returned (it knows its "
                                 "inputs); otherwise pass the reference outputs: compare(outputs, reference)")
             reference = self.reference(inputs)
-        tol = resolve(config.backend, config.precision, *tolerance_layers)
+        # The tier from the measured arithmetic, as for generated items: one rule for both (an x86 CPU computes
+        # ``low`` in fp32 and is held to fp32).
+        tol = self.engine.tolerance(config, tolerance_layers)
         targets = {str(k): np.asarray(v) for k, v in outputs.items()}
         references = {str(k): np.asarray(v) for k, v in reference.items()}
         verdict = judge_outputs(targets, references, tol)
@@ -235,7 +237,7 @@ class ModelUnderTest:
         return result
 
     def _trace(self, result: ParityResult, config: RunConfig, tol, inputs: Mapping[str, np.ndarray]) -> None:
-        ref_trace, _ = record_reference(self.reference_model, REFERENCE_CONFIG, inputs)
+        ref_trace, _ = record_reference(self.reference_model, self.engine.reference_config, inputs)
         try:
             result.trace = trace_target(ref_trace, self.model, config, inputs, tol)
         finally:
@@ -254,7 +256,7 @@ class ModelRegistry:
 
     def get(self, model_path: Path, reference_path: Path | None = None, label: str | None = None,
             reference_label: str | None = None) -> ModelUnderTest:
-        key = (_resolved(model_path), _resolved(reference_path) if reference_path is not None else None)
+        key = (model_key(model_path), model_key(reference_path) if reference_path is not None else None)
         if key not in self._models:
             self._models[key] = ModelUnderTest(self.engine, model_path, reference_path, label=label,
                                                reference_label=reference_label)
@@ -262,14 +264,10 @@ class ModelRegistry:
 
     def release(self, path: Path) -> None:
         """Free a model's sessions and every cached reference that used it."""
-        resolved = _resolved(path)
+        resolved = model_key(path)
         for key in [k for k in self._models if resolved in k]:
             del self._models[key]
         self.engine.release(path)
-
-
-def _resolved(path: os.PathLike | str) -> Path:
-    return Path(path).resolve()
 
 
 def _describe(model: LoadedModel) -> str:

@@ -188,12 +188,14 @@ def _tolerance(data: dict[str, Any] | None) -> Tolerance | None:
         return None
     tol = dict(data)
     tol["sources"] = tuple(tol.get("sources", ()))
+    tol["overridden"] = tuple(tol.get("overridden", ()))
     return Tolerance(**tol)
 
 
 def _verdict(data: dict[str, Any]) -> Verdict:
     outputs = [OutputVerdict(o["name"], Category(o["category"]), _metrics(o.get("metrics")), o.get("detail", ""),
-                             _metrics(o.get("stale_metrics")), _tolerance(o.get("tolerance")))
+                             _metrics(o.get("stale_metrics")), _tolerance(o.get("tolerance")),
+                             o.get("decided_by", ""), o.get("failing_set", ""), o.get("reference_note", ""))
                for o in data.get("outputs", [])]
     return Verdict(Category(data["category"]), outputs, data.get("detail", ""))
 

@@ -46,7 +46,7 @@ from .model import (
     load_reason,
 )
 from .native_output import capture_native_output
-from .runner import REFERENCE_CONFIG, LoadedModel, RunConfig, RunOutput, error_name
+from .runner import DESCRIBE_CONFIG, LoadedModel, RunConfig, RunOutput, error_name
 
 API_SESSION = "session"
 API_MODULE = "module"
@@ -108,7 +108,7 @@ class ModuleModel:
         self.path = check_model_path(self.path)
         self._modules: dict[RunConfig, Any] = {}
         self._load_logs: dict[RunConfig, str] = {}
-        self.info = self._describe(self._module(REFERENCE_CONFIG))
+        self.info = self._describe(self._module(DESCRIBE_CONFIG))
         # The same checks and messages as the session path (dynamic shapes, ranks).
         self.shapes = LoadedModel._resolve_shapes(self)
 

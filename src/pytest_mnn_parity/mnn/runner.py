@@ -84,7 +84,20 @@ class RunConfig:
         return f"{self.backend} {self.precision}, {self.threads} thread{'s' if self.threads != 1 else ''}"
 
 
-REFERENCE_CONFIG = RunConfig("CPU", "high", 1)
+# The session that describes a model (its inputs and outputs) before any configuration runs.  One thread:
+# the engine's noise measurement runs it again (``engine.noise_floors``).
+DESCRIBE_CONFIG = RunConfig("CPU", "high", 1)
+
+
+def reference_config(threads: int) -> RunConfig:
+    """Where the reference runs: CPU, high precision, at the items' own thread count.
+
+    MNN's multi-threaded CPU kernels split sums by thread, so 1 and 4 threads
+    differ by up to ~5e-3 on real models while equal counts are bit-identical:
+    a reference at another thread count would make every CPU item differ from
+    it by noise that is no finding.
+    """
+    return RunConfig("CPU", "high", threads)
 
 
 @dataclass
@@ -136,7 +149,7 @@ class LoadedModel:
         # were known; it is the reference session, so it must be resized too,
         # inside the capture like every MNN call: its chatter (a shape error) is
         # kept in that session's log, for messages, instead of reaching the terminal.
-        reference = self._sessions[REFERENCE_CONFIG]
+        reference = self._sessions[DESCRIBE_CONFIG]
         if self._needs_resize():
             with capture_native_output() as out:
                 self._resize(reference.handle)
@@ -144,7 +157,7 @@ class LoadedModel:
 
     # -- description ------------------------------------------------------------
     def _describe(self) -> ModelInfo:
-        session = self._session(REFERENCE_CONFIG, resize=False).handle
+        session = self._session(DESCRIBE_CONFIG, resize=False).handle
         specs = []
         try:
             for name, tensor in self.interpreter.getSessionInputAll(session).items():

@@ -197,7 +197,9 @@ class SidecarSupport:
                               output_tolerances=prepared.get("output_tolerances"),
                               layer_tolerances=prepared.get("layer_tolerances"))
         result.model = label
-        if result.passed:  # B (mirrored) passed too and A-only judging disagreed: keep the search's verdict
+        # B (mirrored) passed too and A-only judging disagreed (a degenerate pair counts as agreeing here: the
+        # search judged this very input as failing): keep the search's verdict.
+        if result.passed or result.category is Category.DEGENERATE_REFERENCE:
             result.verdict, result.category = outcome.verdict, outcome.verdict.category
         file, snippet = replay_snippet(item.model_path, self.sidecar(item.model_path), outcome.name, saved,
                                        outcome.inputs, item.config.rootpath)

@@ -18,7 +18,7 @@ from ..core.verdict import Category
 from ..engine.bundle import BundleError, BundleWriter
 from ..engine.engine import ParityEngine
 from ..engine.results import ParityResult
-from ..mnn.runner import REFERENCE_CONFIG
+from ..mnn.runner import reference_config
 from ..regression.bundle_saver import BundleSaver
 from ..regression.golden import LABEL as GOLDEN_LABEL
 from ..regression.golden import check_golden
@@ -62,7 +62,7 @@ class Regression:
     def items(self, collector) -> list[pytest.Item]:
         if self.options.golden is None:
             return []
-        return [GoldenItem.from_parent(collector, name=GOLDEN_LABEL, case=Case(REFERENCE_CONFIG))]
+        return [GoldenItem.from_parent(collector, name=GOLDEN_LABEL, case=Case(reference_config(self.options.threads)))]
 
     # -- goldens ---------------------------------------------------------------------
     def check_golden(self, item: GoldenItem) -> ParityResult:

@@ -143,7 +143,14 @@ class ParityRun:
                                   api=item.case.api, api_axis=item.case.api is not None)
             return record(item.nodeid, result, "skipped")
         if item.result is None:
-            return None
+            if not report.failed or report.when == "teardown":
+                return None
+            # The check itself raised: the item failed, and the report must say so like pytest does.
+            item.result = ParityResult(node_id_path(item.model_path, item.config.rootpath), item.run_config,
+                                       Category.INTERNAL_ERROR, _internal_error(report), variant=item.case.variant,
+                                       api=item.case.api, api_axis=item.case.api is not None,
+                                       input_set=item.case.input_set or "")
+            return record(item.nodeid, item.result, "error" if report.when == "setup" else "failed")
         if report.when == "setup" and report.failed:
             return record(item.nodeid, item.result, "error")
         if report.when == "call":
@@ -197,6 +204,14 @@ def _error_record(item: ModelErrorItem, report) -> dict[str, Any]:
     data.update(nodeid=item.nodeid, model=node_id_path(item.path, item.config.rootpath), outcome="error",
                 category=Category.MODEL_ERROR.value, message=str(item.error), outputs={}, fp16_risks=[], seconds=0.0)
     return data
+
+
+def _internal_error(report) -> str:
+    """The last line of the traceback pytest shows for an item whose check raised."""
+    crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
+    what = crash.message if crash is not None else str(report.longrepr).strip().splitlines()[-1:]
+    return (f"internal_error: pytest-mnn-parity raised while checking this item ({what}). This is a bug in the "
+            "plugin, not a finding about MNN; the traceback is in the test report: please report it")
 
 
 def _skip_reason(report) -> str:

@@ -21,7 +21,7 @@ from ..inputs.generate import fingerprint
 from ..mnn import backends
 from ..mnn.library import mnn_version
 from ..mnn.model import file_sha256
-from ..mnn.runner import REFERENCE_CONFIG, LoadedModel, RunConfig
+from ..mnn.runner import LoadedModel, RunConfig
 from ..trace.record import record_reference
 
 
@@ -66,15 +66,15 @@ class BundleSaver:
             ref_sha = file_sha256(Path(onnx))
         else:
             ref_model = engine.reference_model(model)
-            forward, _ = ref_model.session_backend(REFERENCE_CONFIG)
-            described = f"{engine.settings.reference or label} on {REFERENCE_CONFIG.describe()}"
+            forward, _ = ref_model.session_backend(engine.reference_config)
+            described = f"{engine.settings.reference or label} on {engine.reference_config.describe()}"
             backend, arithmetic = backends.forward_name(forward), backends.probe_arithmetic("CPU", "high")
             ref_sha = ref_model.info.sha256
             if self.layers == "always":
                 # The engine traced the reference while checking (layers "always"): reuse its recording.
                 trace = engine.reference_trace(model, engine.inputs(model, input_set)[0], input_set)
         case_id = f"{input_set.name}-{REFERENCE}" if input_set is not None else REFERENCE
-        manifest = self._manifest(model, label, variant, REFERENCE_CONFIG, input_set, kind=REFERENCE, case_id=case_id,
+        manifest = self._manifest(model, label, variant, engine.reference_config, input_set, kind=REFERENCE, case_id=case_id,
                                   description=described, backend_used=backend, forward_type=forward,
                                   arithmetic=arithmetic, category=None, compared_with=None, reference=reference)
         manifest["reference_model_sha256"] = ref_sha

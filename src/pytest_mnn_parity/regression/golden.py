@@ -35,7 +35,6 @@ from ..inputs.generate import fingerprint
 from ..mnn import backends
 from ..mnn.library import mnn_version
 from ..mnn.model import ModelError
-from ..mnn.runner import REFERENCE_CONFIG
 from ..onnx.variants import is_onnx
 
 SCHEMA = "pytest-mnn-parity-golden/1"
@@ -172,7 +171,7 @@ def check_golden(engine: ParityEngine, model_path: os.PathLike | str, root: os.P
                  tolerance_layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (), update: bool = False,
                  update_command: str = "", reproduce: str = "", variant: str | None = None) -> ParityResult:
     """Check (or with ``update`` rewrite) the golden of one model; the result is like a parity item's."""
-    config = REFERENCE_CONFIG
+    config = engine.reference_config
     folder = golden_folder(root, label, variant)
     tol = resolve("CPU", "high", *tolerance_layers, arithmetic="fp32")
     result = ParityResult(label, config, Category.OK, "", tolerance=tol, reference_label=LABEL,
@@ -256,8 +255,8 @@ def _golden_outputs(engine: ParityEngine, model) -> tuple[dict[str, np.ndarray],
     """The model itself on the reference configuration, input set A (reusing the reference run when it is that)."""
     if (engine.settings.reference is None or engine.bundle is not None) and engine.onnx.reference_path(model) is None:
         return engine.live_reference(model).outputs_a, ""
-    run = model.run(REFERENCE_CONFIG, engine.inputs(model)[0])
+    run = model.run(engine.reference_config, engine.inputs(model)[0])
     if not run.ok:
         raise ModelError(model.path, f"cannot compute its golden outputs: runSession returned {run.rc} on "
-                                     f"{REFERENCE_CONFIG.describe()}", "", run.log)
+                                     f"{engine.reference_config.describe()}", "", run.log)
     return run.outputs, run.log

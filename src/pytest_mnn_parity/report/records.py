@@ -85,13 +85,13 @@ def key_metric(rec: dict[str, Any]) -> str:
     if not outputs:
         return ""
     category = rec["category"]
-    if category in ("zero_output", "partial_zero"):
-        return f"zeros {max(o['new_zero_fraction'] for o in outputs):.0%}"
+    if category in ("zero_output", "partial_zero"):  # the real share of zeros, as the message says it
+        return f"zeros {max(o['zero_fraction'] for o in outputs):.0%}"
     if category == "non_finite":
         return f"nan/inf {sum(o['nonfinite_count'] for o in outputs)}"
     if category == "stale_output":  # its cosine against the reference can be 1.0: not the telling number
         return "same output for 2 inputs"
-    if category == "ok":
+    if category == "ok" or rec.get("outcome") == "passed":
         return f"max|d| {max(_num(o['max_abs']) for o in outputs):.2g}"
     return f"cos {min(_num(o['cosine']) for o in outputs):.4f}"
 
@@ -153,7 +153,9 @@ def _column(rec: dict[str, Any]) -> str:
 
 def _cell(rec: dict[str, Any]) -> str:
     status = {"passed": "PASS", "failed": "FAIL", "error": "ERROR"}.get(rec["outcome"], rec["outcome"].upper())
-    detail = rec["category"] if rec["category"] != "ok" else ""
+    # A passing item never shows a failure category next to PASS (an xfail-free search, a user's test that
+    # passed on its own terms): the cell says what the outcome says.
+    detail = rec["category"] if rec["category"] != "ok" and rec["outcome"] != "passed" else ""
     metric = key_metric(rec)
     if rec.get("search") and not rec["search"].get("found"):
         metric = f"{rec['search']['runs']} examples"

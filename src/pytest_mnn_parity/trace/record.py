@@ -171,8 +171,14 @@ def layer_key(name: str, occurrence: int) -> str:
     return f"{name}#{occurrence}"
 
 
+# Ops whose outputs saturate to 0 (and 1): tiny values there mean "off" and flushing them to 0 in fp16 changes
+# nothing downstream (every detector and classifier head would otherwise carry a false underflow risk).
+SATURATING_OPS = frozenset({"Sigmoid", "Softmax", "HardSigmoid", "HardSwish", "ReLU6", "Relu6", "ArgMax"})
+
+
 def activation_risk(name: str, op_type: str, array: np.ndarray) -> list[ActivationRisk]:
-    """Overflow (|x| > 65504) and underflow (most non-zero |x| < 6.1e-5) of one activation."""
+    """Overflow (|x| > 65504) and underflow (most non-zero |x| < 6.1e-5) of one activation; no underflow for
+    the output of a saturating op (``SATURATING_OPS``)."""
     if array.dtype.kind != "f" or array.size == 0:
         return []
     mag = np.abs(array)
@@ -186,7 +192,7 @@ def activation_risk(name: str, op_type: str, array: np.ndarray) -> list[Activati
     if top > FP16_MAX:
         over = int(np.count_nonzero(mag > FP16_MAX))
         risks.append(ActivationRisk(name, op_type, "overflow", top, over / array.size))
-    if top > 0 and float(mag.min()) < FP16_MIN_NORMAL:  # cheap test before counting
+    if top > 0 and op_type not in SATURATING_OPS and float(mag.min()) < FP16_MIN_NORMAL:  # cheap test first
         nonzero = int(np.count_nonzero(mag))
         tiny = nonzero - int(np.count_nonzero(mag >= FP16_MIN_NORMAL))
         if tiny * 2 > nonzero:
