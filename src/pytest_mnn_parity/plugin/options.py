@@ -32,7 +32,10 @@ TOLERANCE_OPTIONS = {
     "atol": "absolute tolerance as a fraction of each output's largest |reference| value",
     "rtol": "relative tolerance, per element",
     "min_cosine": "minimum cosine similarity between target and reference",
-    "max_outside_fraction": "fraction of elements allowed outside tolerance (default 0)",
+    "max_outside_fraction": "fraction of elements allowed outside tolerance (default: the tier's, fp32 1e-3)",
+    "outlier_limit": "how many times its allowance an allowed outlier may differ (default 10)",
+    "abs_floor": "differences up to this (absolute) always pass; replaces the measured noise floor (default: "
+                 "the tier's, fp32 1e-6)",
 }
 
 
@@ -59,7 +62,7 @@ def add_options(parser: pytest.Parser) -> None:
     option("seed", "seed for the generated inputs (default 0)", metavar="INT")
     option("input-shape", "shape for an input, e.g. image=1x3x512x512 (needed for dynamic dimensions); repeatable",
            ini_type="linelist", action="append", default=None, metavar="NAME=SHAPE")
-    option("threads", "CPU threads for the configurations under test (default 4; the reference uses 1)",
+    option("threads", "CPU threads for the configurations under test and the CPU reference (default 4)",
            metavar="INT")
     for name, help_text in TOLERANCE_OPTIONS.items():
         option(name.replace("_", "-"), f"override every tier's {help_text}", metavar="FLOAT")
