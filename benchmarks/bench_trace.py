@@ -27,10 +27,13 @@ import json, statistics, sys, time
 from pathlib import Path
 mode, path, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 from pytest_mnn_parity import ParityEngine, RunConfig
-from pytest_mnn_parity.mnn.runner import REFERENCE_CONFIG, LoadedModel
+from pytest_mnn_parity.mnn.runner import reference_config, LoadedModel
 from pytest_mnn_parity.trace.record import record_reference
 from pytest_mnn_parity.trace.compare import trace_target
 from pytest_mnn_parity.core.tolerances import resolve
+
+# Where the engine runs the reference with the default --mnn-threads (4).
+REFERENCE = reference_config(4)
 target = RunConfig("CPU", "normal", 4)
 model = LoadedModel(path)
 inputs, _ = ParityEngine().inputs(model)
@@ -44,11 +47,11 @@ if mode in ("plain", "plain_pair"):
     model.run(target, inputs)
     out["target_s"] = best(lambda: model.run(target, inputs))
     if mode == "plain_pair":
-        model.run(REFERENCE_CONFIG, inputs)
-        out["reference_s"] = best(lambda: model.run(REFERENCE_CONFIG, inputs))
+        model.run(REFERENCE, inputs)
+        out["reference_s"] = best(lambda: model.run(REFERENCE, inputs))
 else:
     model.run(target, inputs)
-    t0 = time.perf_counter(); ref, _ = record_reference(model, REFERENCE_CONFIG, inputs)
+    t0 = time.perf_counter(); ref, _ = record_reference(model, REFERENCE, inputs)
     out["record_reference_s"] = time.perf_counter() - t0
     tol = resolve("CPU", "normal")
     fast = mode == "trace"  # "trace_full": every tensor copied and fully compared (the code before the quick pass)
