@@ -48,14 +48,35 @@ def load_as(name: str, src: Path):
     return module
 
 
+# Where each module lives: the layered layout first (docs/architecture.md), then the flat one of older trees.
+LAYOUT = {"parity": "engine.engine", "results": "engine.results", "runner": "mnn.runner", "backends": "mnn.backends",
+          "weights": "mnn.weights", "verdict": "core.verdict", "tolerances": "core.tolerances",
+          "native_output": "mnn.native_output", "variants": "onnx.variants", "inputs": "inputs.generate",
+          "trace": "trace.record"}
+
+
+def module_of(package: str, name: str):
+    """``package``'s module ``name`` (a flat-layout name), in whichever layout the tree has."""
+    try:
+        return importlib.import_module(f"{package}.{LAYOUT[name]}")
+    except ModuleNotFoundError:
+        return importlib.import_module(f"{package}.{name}")
+
+
+def reference_config_of(runner):
+    """The reference configuration the engine runs (at 4 threads in trees that follow --mnn-threads)."""
+    return runner.reference_config(4) if hasattr(runner, "reference_config") else runner.REFERENCE_CONFIG
+
+
 def engine_matrix_of(package: str):
-    parity = importlib.import_module(f"{package}.parity")
-    runner = importlib.import_module(f"{package}.runner")
-    backends = importlib.import_module(f"{package}.backends")
+    parity = module_of(package, "parity")
+    settings_of = getattr(parity, "ParitySettings", None) or module_of(package, "results").ParitySettings
+    runner = module_of(package, "runner")
+    backends = module_of(package, "backends")
     backends.discover(backends.DEFAULT_BACKENDS)  # warm, as in bench_parity
 
     def matrix(model: str):
-        engine = parity.ParityEngine(parity.ParitySettings())
+        engine = parity.ParityEngine(settings_of())
         results = [engine.check(model, runner.RunConfig(b, p, 4))
                    for b in backends.DEFAULT_BACKENDS for p in backends.PRECISIONS]
         engine.release(model)
@@ -71,15 +92,16 @@ def components(model: str, rounds: int) -> None:
     rows: dict[str, dict[str, list[float]]] = {}
     fixtures = {}
     for tree, package in (("base", "base_mnn_parity"), ("this", "pytest_mnn_parity")):
-        mod = {name: importlib.import_module(f"{package}.{name}")
+        mod = {name: module_of(package, name)
                for name in ("weights", "verdict", "tolerances", "native_output", "runner", "variants", "inputs")}
+        reference = reference_config_of(mod["runner"])
         loaded = mod["runner"].LoadedModel(Path(model))
         inputs = [mod["inputs"].generate_inputs(loaded.info.inputs, loaded.shapes, seed) for seed in (0, 1)]
         low = mod["runner"].RunConfig("CPU", "low", 4)
-        ref = [loaded.run(mod["runner"].REFERENCE_CONFIG, x).outputs for x in inputs]
+        ref = [loaded.run(reference, x).outputs for x in inputs]
         tgt = [loaded.run(low, x).outputs for x in inputs]
         tol = mod["tolerances"].resolve("CPU", "low")
-        scanner = importlib.import_module(f"{package}.trace").RiskScanner
+        scanner = module_of(package, "trace").RiskScanner
 
         def capture(native=mod["native_output"]):
             with native.capture_native_output():
@@ -89,10 +111,9 @@ def components(model: str, rounds: int) -> None:
             "fp16 weight scan (per model)": lambda m=mod: m["weights"].fp16_weight_risks(model, min_fraction=0.2),
             "judge_outputs (per configuration)": lambda m=mod: m["verdict"].judge_outputs(
                 tgt[0], ref[0], tol, targets_b=tgt[1], references_b=ref[1]),
-            "reference run A with the risk scan": lambda m=mod, L=loaded: L.run(
-                m["runner"].REFERENCE_CONFIG, inputs[0], observer=scanner()),
-            "reference run A, plain (for comparison)": lambda m=mod, L=loaded: L.run(
-                m["runner"].REFERENCE_CONFIG, inputs[0]),
+            "reference run A with the risk scan": lambda L=loaded, c=reference: L.run(
+                c, inputs[0], observer=scanner()),
+            "reference run A, plain (for comparison)": lambda L=loaded, c=reference: L.run(c, inputs[0]),
             "capture_native_output (per MNN call)": capture,
             "is_onnx (per check)": lambda m=mod: m["variants"].is_onnx(model),
         }

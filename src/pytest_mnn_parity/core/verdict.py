@@ -154,6 +154,9 @@ def degenerate(reference: np.ndarray) -> str:
     r = np.asarray(reference)
     if r.size < 2 or r.dtype.kind not in "fc":
         return ""
+    low, high = r.min(), r.max()
+    if low != high and np.isfinite(low) and np.isfinite(high):
+        return ""  # two reductions settle a healthy output: the judging of every configuration calls this
     finite = np.isfinite(r)
     if not finite.any():
         return "not finite anywhere"

@@ -95,7 +95,7 @@ def trace_lines(result: "ParityResult") -> list[str]:
         why = "see the notes above" if getattr(trace, "notes", None) else "every traced layer is within tolerance"
         lines.append(f"first divergent layer: none - {why}")
         return lines
-    blame = "its inputs were within tolerance" if first.inputs_ok else "its inputs had already diverged"
+    blame = "its inputs were within tolerance" if first.inputs_ok else _diverged_inputs(first)
     health = f" [{', '.join(first.health)}]" if first.health else ""
     lines.append(f"first divergent layer: {first.name} ({first.type}, #{first.index}){health}; {blame}")
     flip = trace.first_health_flip
@@ -103,6 +103,19 @@ def trace_lines(result: "ParityResult") -> list[str]:
         lines.append(f"first health flip: {flip.name} ({flip.type}, #{flip.index}) became {', '.join(flip.health)}")
     lines.extend("  " + row for row in layer_table(trace))
     return lines
+
+
+def _diverged_inputs(layer) -> str:
+    """Which of the layer's inputs had diverged, with the judgement's own numbers (the one source the table's
+    rows also come from), so the sentence can never disagree with what is shown."""
+    parts = []
+    for tensor in layer.inputs:
+        if not tensor.failed:
+            continue
+        m = tensor.metrics
+        numbers = (f"max_abs {m.max_abs:.4g}, cosine {m.cosine:.6f}" if m is not None else tensor.note or "failed")
+        parts.append(f"input #{tensor.index} ({numbers})")
+    return "its inputs had already diverged: " + "; ".join(parts) if parts else "its inputs had already diverged"
 
 
 def _headline(result: "ParityResult", error: str) -> str:
