@@ -87,7 +87,7 @@ reason = "wrongly expected to fail"
     result = pytester.runpytest(*CPU, "--mnn-precisions", "high,low", "--mnn-model", "gate.fp16.mnn",
                                 "--mnn-reference", "gate.mnn", "--mnn-report", "r.json", "-rxX")
     result.assert_outcomes(passed=1, xfailed=2, failed=1)
-    result.stdout.fnmatch_lines(["*_ gate.fp16.mnn::parity[[]dark-CPU-low[]] _*",
+    result.stdout.fnmatch_lines(["*_ gate.fp16.mnn::parity[[]dark-CPU-low[]] (MNN parity) _*",
                                  "[[]XPASS(strict)[]] gate.fp16.mnn.toml: wrongly expected to fail",
                                  "gate.fp16.mnn [[]white[]]  XFAILED zero_output*XFAILED zero_output*",
                                  "XFAIL*parity[[]white-CPU-high[]]*gate.fp16.mnn.toml: the fp16 build clamps*"])

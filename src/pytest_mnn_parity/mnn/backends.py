@@ -34,10 +34,27 @@ PRECISIONS = ("normal", "high", "low", "Low_BF16")
 _SESSION_INFO_BACKENDS = 2
 
 
+# What users write for a precision, in the words of other tools: MNN calls fp16 "low", bf16 "Low_BF16".
+PRECISION_ALIASES = {"fp16": "low", "half": "low", "float16": "low", "fp32": "high", "float32": "high",
+                     "float": "high", "bf16": "Low_BF16", "bfloat16": "Low_BF16", "default": "normal"}
+
+
+def did_you_mean(name: str, known) -> str:
+    """" (did you mean 'low'?)" for a close misspelling, else ""."""
+    import difflib
+
+    lowered = {k.lower(): k for k in known}
+    close = [lowered[c] for c in difflib.get_close_matches(name.lower(), list(lowered), n=2, cutoff=0.6)]
+    if not close:
+        return ""
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+
+
 def canonical_backend(name: str) -> str:
     upper = name.strip().upper()
     if upper not in FORWARD_TYPES:
-        raise ValueError(f"unknown MNN backend {name!r}; known: {', '.join(DEFAULT_BACKENDS)}, AUTO")
+        raise ValueError(f"unknown MNN backend {name!r}{did_you_mean(upper, FORWARD_TYPES)}; known: "
+                         f"{', '.join(DEFAULT_BACKENDS)}, AUTO")
     return upper
 
 
@@ -45,7 +62,10 @@ def canonical_precision(name: str) -> str:
     for known in PRECISIONS:
         if name.strip().lower() == known.lower():
             return known
-    raise ValueError(f"unknown MNN precision {name!r}; known: {', '.join(PRECISIONS)}")
+    alias = PRECISION_ALIASES.get(name.strip().lower())
+    hint = (f" (did you mean {alias!r}? MNN's precision names are {', '.join(PRECISIONS)}; x86 CPUs compute "
+            "every one in fp32)") if alias else did_you_mean(name.strip(), PRECISIONS)
+    raise ValueError(f"unknown MNN precision {name!r}{hint}; known: {', '.join(PRECISIONS)}")
 
 
 def forward_name(forward_type: int) -> str:

@@ -45,6 +45,14 @@ def model_key(path: os.PathLike | str) -> Path:
     return _resolved(os.fspath(path))
 
 
+MODEL_SUFFIXES = (".mnn", ".onnx")
+
+
+def is_model_file(path: os.PathLike | str) -> bool:
+    """A file the plugin tests as a model (what ``--mnn-model DIR`` finds in a folder)."""
+    return Path(path).suffix in MODEL_SUFFIXES and Path(path).is_file()
+
+
 def remembered(cache: dict, key: Any, build: Callable[[], Any], errors: tuple = (ModelError,)) -> Any:
     """``cache[key]``, built once; a build that raised one of ``errors`` is remembered and raised again.
 
@@ -224,8 +232,8 @@ def expand_model_args(args, base: Path) -> list[ModelTarget]:
                 m = Path(match)
                 add(m, _dir_error(m) if m.is_dir() else None)
             continue
-        if path.is_dir() and path.suffix not in (".mnn", ".onnx"):
-            found = sorted(p for suffix in ("*.mnn", "*.onnx") for p in path.rglob(suffix))
+        if path.is_dir() and path.suffix not in MODEL_SUFFIXES:
+            found = sorted(p for suffix in MODEL_SUFFIXES for p in path.rglob(f"*{suffix}"))
             if not found:
                 add(path, ModelError(path, "the directory contains no .mnn or .onnx file",
                                      "point --mnn-model at a model file or a directory holding some"))

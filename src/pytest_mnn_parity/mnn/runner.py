@@ -173,7 +173,18 @@ class LoadedModel:
         return ModelInfo(self.path, file_sha256(self.path), tuple(specs), outputs)
 
     def _resolve_shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes = {}
+        names = [spec.name for spec in self.info.inputs]
+        unknown = [name for name in self.input_shapes if name not in names]
+        if unknown:
+            from .backends import did_you_mean  # noqa: PLC0415 - difflib, only for this message
+
+            name = unknown[0]
+            origin = self.shape_sources.get(name, f"--mnn-input-shape {name}")
+            raise ModelError(self.path, f"{origin}: the model has no input {name!r}{did_you_mean(name, names)}; "
+                                        f"its inputs are {', '.join(s.describe() for s in self.info.inputs)}",
+                             "name one of the model's inputs (a shape for some models only goes in their sidecar's "
+                             "[shapes], see docs/inputs.md)")
+        shapes, dynamic = {}, []
         for spec in self.info.inputs:
             given = self.input_shapes.get(spec.name)
             if spec.dtype is None:
@@ -181,10 +192,7 @@ class LoadedModel:
                                  "export the model with float32, int32 or uint8 inputs")
             if given is None:
                 if spec.is_dynamic:
-                    example = "x".join(str(d) if d > 0 else "N" for d in spec.shape)
-                    raise ModelError(self.path, f"input {spec.name!r} has dynamic shape {spec.describe()}",
-                                     f"give a concrete shape: --mnn-input-shape {spec.name}={example} "
-                                     "(replace each N by a size)")
+                    dynamic.append(spec)
                 shapes[spec.name] = spec.shape
                 continue
             if len(given) != len(spec.shape):
@@ -193,6 +201,18 @@ class LoadedModel:
                                             f"{len(given)} but the model's input is {spec.describe()}",
                                  f"give {len(spec.shape)} dimensions")
             shapes[spec.name] = given
+        if dynamic:
+            # Every dynamic input at once, with a line ready to paste: one try, not one run per input.
+            examples = {spec.name: "x".join(str(d) if d > 0 else "N" for d in spec.shape) for spec in dynamic}
+            flags = " ".join(f"--mnn-input-shape {name}={shape}" for name, shape in examples.items())
+            snippet = "[shapes] " + ", ".join(f'{name} = "{shape}"' for name, shape in examples.items())
+            if len(dynamic) == 1:
+                what = f"input {dynamic[0].name!r} has dynamic shape {dynamic[0].describe()}"
+            else:
+                what = f"{len(dynamic)} inputs have dynamic shapes: " + ", ".join(s.describe() for s in dynamic)
+            raise ModelError(self.path, what,
+                             f"give concrete shapes (replace each N by a size): {flags} - or in the model's sidecar: "
+                             f"{snippet}")
         return shapes
 
     # -- sessions ---------------------------------------------------------------

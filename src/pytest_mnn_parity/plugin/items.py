@@ -40,14 +40,17 @@ class Case:
 class ModelFile(pytest.File):
     """A model named by ``--mnn-model``; its children are the matrix items."""
 
+    error: ModelError | None = None
+
     def collect(self):
         run = self.config.stash[PARITY_RUN]
         if self.error is not None:
             yield ModelErrorItem.from_parent(self, name="load", error=self.error)
             return
-        for case in run.cases(self.path):
-            yield ParityItem.from_parent(self, name=f"parity[{case.id}]", case=case)
-        yield from run.regression.items(self)
+        items = [ParityItem.from_parent(self, name=f"parity[{case.id}]", case=case) for case in run.cases(self.path)]
+        items += run.regression.items(self)
+        yield from items
+        yield from run.inputs.extra_items(self, items)
 
 
 class ParityItem(pytest.Item):
@@ -70,7 +73,8 @@ class ParityItem(pytest.Item):
         run = self.config.stash[PARITY_RUN]
         self.result = run.check(self)
         if self.result.category is Category.MODEL_ERROR:
-            raise ModelLoadFailure(self.result.message)
+            # The same broken model says it once: its other configurations point back (the report keeps all).
+            raise ModelLoadFailure(run.said_once(self, self.result.message))
 
     def runtest(self) -> None:
         assert self.result is not None
@@ -85,10 +89,10 @@ class ParityItem(pytest.Item):
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
-        # Failure headers show this domain ("x.mnn::parity[CPU-low]"). pytest's -v
-        # line turns its dots into "::" (it expects dotted Python names), so -v
-        # shows "x::mnn::parity[...]"; the header is what reviewers read.
-        return self.model_path, 0, f"{self.parent.name}::{self.name}"
+        # The failure header shows this domain.  pytest's -v line rewrites a domain that ends the node id as a
+        # dotted Python name ("x::mnn::parity[...]", which does not paste back); a domain that is not its suffix
+        # leaves the -v line as the node id itself, which pasted after ``pytest`` runs this item.
+        return self.model_path, 0, f"{self.parent.name}::{self.name} (MNN parity)"
 
 
 class ModelLoadFailure(pytest.fail.Exception):
@@ -122,7 +126,7 @@ class ModelErrorItem(pytest.Item):
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
-        return self.path, 0, f"{self.parent.name}::{self.name}"
+        return self.path, 0, f"{self.parent.name}::{self.name} (MNN parity)"
 
 
 def node_id_path(path: Path, rootpath: Path) -> str:

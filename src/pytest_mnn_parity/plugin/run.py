@@ -18,7 +18,7 @@ from ..engine.results import ParityResult, ParitySettings
 from ..isolation.policy import Isolation
 from ..mnn import backends as backend_discovery
 from ..mnn.library import mnn_version
-from ..mnn.model import ModelError, check_model_path, expand_model_args
+from ..mnn.model import ModelError, check_model_path, expand_model_args, is_model_file
 from ..mnn.runner import RunConfig
 from ..onnx.variants import is_onnx
 from ..report.artifacts import ArtifactWriter
@@ -49,6 +49,9 @@ class ParityRun:
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
+        # Model node ids given as arguments: the items come from pytest's own collection (hooks.collect_file).
+        self.pasted = False
+        self._said: dict[tuple, str] = {}
         self.inputs = SidecarSupport(self)
         self.writes_report = True
         self._report: IncrementalReport | None = None
@@ -58,26 +61,44 @@ class ParityRun:
     def collect(self, session: pytest.Session) -> list[pytest.Item]:
         if not self.options.models:
             return []
+        if self.pasted:
+            return []  # node ids on the command line: pytest collected just those (collect_file)
         items: list[pytest.Item] = []
         for target in expand_model_args(self.options.models, self.options.invocation_dir):
-            error = target.error
-            if error is None:
-                try:
-                    check_model_path(target.path)
-                    self.inputs.load(target.path)
-                except ModelError as exc:
-                    error = exc
             nodeid = node_id_path(target.path, session.config.rootpath)
-            collector = ModelFile.from_parent(session, path=target.path, nodeid=nodeid)
-            collector.error = error
-            collector.add_marker(scaleout.group_mark(nodeid))
+            collector = self.model_file(session, target.path, target.error, nodeid=nodeid)
             collected = list(collector.collect())
-            collected += self.inputs.extra_items(collector, collected)
             # Tell the terminal (and any other listener) what was collected, as
             # regular collection would: "collected N items" must count these.
             session.ihook.pytest_collectreport(report=pytest.CollectReport(nodeid, "passed", None, collected))
             items.extend(collected)
         return items
+
+    def model_file(self, parent: pytest.Collector, path, error: ModelError | None = None, **kwargs) -> ModelFile:
+        """The collector of one model: its load error, or its sidecar read (the same for both ways in)."""
+        if error is None:
+            try:
+                check_model_path(path)
+                self.inputs.load(path)
+            except ModelError as exc:
+                error = exc
+        collector = ModelFile.from_parent(parent, path=path, **kwargs)
+        collector.error = error
+        collector.add_marker(scaleout.group_mark(kwargs.get("nodeid") or collector.nodeid))
+        return collector
+
+    def said_once(self, item: ParityItem, message: str) -> str:
+        """A model error's full text for the first item of a model that shows it; a pointer for the others."""
+        key = (item.model_path, message)
+        first = self._said.setdefault(key, item.nodeid)
+        if first == item.nodeid:
+            return message
+        return f"model_error: the same as {first} (above): {message.splitlines()[0]}"
+
+    def pasted_model(self, file_path, session: pytest.Session) -> bool:
+        """A model file named on the command line (``pytest 'x.mnn::parity[CPU-low]'``, what -v and the failure
+        header print): pytest collects it itself, and only the ids given."""
+        return session.isinitpath(file_path) and is_model_file(file_path)
 
     def cases(self, model_path) -> list[Case]:
         """Every item to generate for one model, in a stable order; an ONNX model once per conversion variant,

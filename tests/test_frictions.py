@@ -1,0 +1,122 @@
+"""What a new user trips over (issue 21): ids that paste back, names that must exist, errors said once.
+
+Each test runs pytest with the plugin on real fixture models and checks what the user sees.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import read_report
+
+CPU = ("--mnn-backends", "CPU")
+
+
+def _ids(result, word: str) -> list[str]:
+    return [line.split(f" {word}")[0] for line in result.outlines if f" {word}" in line and "::" in line
+            and not line.startswith(word)]
+
+
+@pytest.mark.parametrize("only", [True, False])
+def test_every_id_the_plugin_prints_runs_that_item_when_pasted(pytester, models, only):
+    models("demo/lama_like.mnn", "collapse/zero.fp16.mnn", "collapse/zero.mnn")
+    base = ["--mnn-only"] if only else []
+    first = pytester.runpytest(*base, *CPU, "--mnn-precisions", "high,low", "--mnn-model", "lama_like.mnn", "-v")
+    passed = _ids(first, "PASSED")
+    assert passed == ["lama_like.mnn::parity[CPU-high]", "lama_like.mnn::parity[CPU-low]"], first.outlines
+    for nodeid in passed:  # with the reproduce options, and with nothing but the id
+        again = pytester.runpytest(*base, nodeid, *CPU, "--mnn-model", "lama_like.mnn", "-v")
+        again.assert_outcomes(passed=1)
+        assert _ids(again, "PASSED") == [nodeid]
+        alone = pytester.runpytest(*base, nodeid, *CPU)
+        alone.assert_outcomes(passed=1)
+    failing = pytester.runpytest(*base, *CPU, "--mnn-precisions", "high", "--mnn-model", "zero.fp16.mnn",
+                                 "--mnn-reference", "zero.mnn")
+    failed = [line.split(" ")[1] for line in failing.outlines if line.startswith("FAILED ")]
+    assert failed == ["zero.fp16.mnn::parity[CPU-high]"]
+    pasted = pytester.runpytest(*base, failed[0], *CPU, "--mnn-reference", "zero.mnn")
+    pasted.assert_outcomes(failed=1)
+
+
+def test_pasted_ids_work_with_last_failed_k_and_xdist(pytester, models):
+    models("collapse/zero.fp16.mnn", "collapse/zero.mnn", "collapse/healthy.mnn")
+    args = ["-p", "cacheprovider", *CPU, "--mnn-precisions", "high,low", "--mnn-model", "zero.fp16.mnn",
+            "--mnn-model", "healthy.mnn", "--mnn-reference", "cpu"]
+    first = pytester.runpytest(*args)
+    first.assert_outcomes(passed=2, failed=2)  # zero.fp16.mnn against itself: degenerate_reference
+    last_failed = pytester.runpytest(*args, "--lf", "-v")
+    last_failed.assert_outcomes(failed=2)
+    assert sorted(_ids(last_failed, "FAILED")) == ["zero.fp16.mnn::parity[CPU-high]", "zero.fp16.mnn::parity[CPU-low]"]
+    by_k = pytester.runpytest(*args, "-k", "healthy and low")
+    by_k.assert_outcomes(passed=1)
+    spread = pytester.runpytest("healthy.mnn::parity[CPU-low]", "zero.fp16.mnn::parity[CPU-high]", *CPU, "-n", "2")
+    spread.assert_outcomes(passed=1, failed=1)
+
+
+def test_mnn_only_without_a_model_says_what_to_give(pytester):
+    result = pytester.runpytest("--mnn-only")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--mnn-only runs only models, and none was given: name one with --mnn-model*"])
+
+
+@pytest.mark.parametrize("flag, value, hint", [
+    ("--mnn-precisions", "fp16", "did you mean 'low'?"),
+    ("--mnn-precisions", "hihg", "did you mean 'high'?"),
+    ("--mnn-backends", "VULCAN", "did you mean 'VULKAN'?"),
+])
+def test_misspelled_matrix_names_get_a_suggestion(pytester, models, flag, value, hint):
+    models("demo/lama_like.mnn")
+    result = pytester.runpytest("--mnn-only", "--mnn-model", "lama_like.mnn", flag, value)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert hint in result.stderr.str()
+
+
+def test_a_misspelled_input_name_stops_the_model_with_its_real_names(pytester, models):
+    models("demo/lama_like.mnn")
+    result = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-model", "lama_like.mnn",
+                                "--mnn-input-shape", "imgae=1x3x64x64", "--mnn-report", "r.json")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*--mnn-input-shape imgae: the model has no input 'imgae' (did you mean 'image'?); "
+                                 "its inputs are image: 1x3x32x32 float32 NCHW, mask: 1x1x32x32 float32 NCHW*"])
+    assert read_report(pytester.path / "r.json")["results"][0]["category"] == "model_error"
+    # The same from a sidecar: its file is named.
+    (pytester.path / "lama_like.mnn.toml").write_text('[shapes]\nmsak = "1x1x32x32"\n')
+    sidecar = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-model", "lama_like.mnn")
+    sidecar.assert_outcomes(errors=1)
+    assert re.search(r"lama_like\.mnn\.toml \[shapes\] msak.*no input 'msak' \(did you mean 'mask'\?\)",
+                     sidecar.stdout.str())
+
+
+def test_a_broken_model_is_explained_once_not_once_per_configuration(pytester):
+    (pytester.path / "broken.mnn").write_bytes(b"\x01" * 200)
+    result = pytester.runpytest("--mnn-only", *CPU, "--mnn-model", "broken.mnn", "--mnn-report", "r.json")
+    full = [line for line in result.outlines if line.endswith("broken.mnn: MNN cannot load it (flatbuffer "
+                                                             "verification failed: corrupt, truncated or not an MNN file)")
+            and not line.startswith("model_error:")]
+    pointers = [line for line in result.outlines if line.startswith("model_error: the same as broken.mnn::")]
+    assert len(full) == 1 and len(pointers) == 3, result.outlines  # once in full, then a pointer per configuration
+    records = read_report(pytester.path / "r.json")["results"]
+    assert all("flatbuffer" in r["message"] for r in records)  # the report keeps every item's full message
+
+
+def test_every_dynamic_input_is_reported_at_once_with_a_line_to_paste(pytester):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])], "two_dynamic",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 3, "h", "w"]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, "h", "w"])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(pytester.path / "two.onnx"))
+    result = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-convert", "fp32",
+                                "--mnn-model", "two.onnx")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*2 inputs have dynamic shapes: a: 1x3x?x? float32*, b: 1x3x?x? float32*",
+                                 "*--mnn-input-shape a=1x3xNxN --mnn-input-shape b=1x3xNxN*"
+                                 "[[]shapes[]] a = \"1x3xNxN\", b = \"1x3xNxN\"*"])
+    again = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-convert", "fp32",
+                               "--mnn-model", "two.onnx", "--mnn-input-shape", "a=1x3x8x8",
+                               "--mnn-input-shape", "b=1x3x8x8")
+    again.assert_outcomes(passed=1)
