@@ -120,3 +120,41 @@ def test_every_dynamic_input_is_reported_at_once_with_a_line_to_paste(pytester):
                                "--mnn-model", "two.onnx", "--mnn-input-shape", "a=1x3x8x8",
                                "--mnn-input-shape", "b=1x3x8x8")
     again.assert_outcomes(passed=1)
+
+
+def test_items_of_a_broken_input_set_keep_its_name_and_row(pytester, models):
+    models("inputs/lama_like.mnn", "inputs/photo1.png", "inputs/mask1.png")
+    (pytester.path / "lama_like.mnn.toml").write_text(
+        '[input_sets.photo1]\nimage = { image = "photo1.png" }\nmask = { mask = "mask1.png" }\n\n'
+        '[input_sets.broken]\nimage = { image = "nope.png" }\nmask = { mask = "mask1.png" }\n')
+    result = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-model", "lama_like.mnn",
+                                "--mnn-report", "r.json")
+    result.assert_outcomes(passed=1, errors=1)
+    broken = [r for r in read_report(pytester.path / "r.json")["results"] if r["outcome"] == "error"]
+    assert [r["input_set"] for r in broken] == ["broken"] and "no such image" in broken[0]["message"]
+    result.stdout.fnmatch_lines(["lama_like.mnn [[]photo1[]]*PASS*", "lama_like.mnn [[]broken[]]*ERROR model_error*"])
+
+
+def test_github_actions_get_an_annotation_per_failing_item_and_the_matrix_as_a_job_summary(pytester, models,
+                                                                                          monkeypatch):
+    models("collapse/zero.fp16.mnn", "collapse/zero.mnn", "collapse/healthy.mnn")
+    summary = pytester.path / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    result = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-model", "zero.fp16.mnn",
+                                "--mnn-reference", "zero.mnn")
+    result.assert_outcomes(failed=1)
+    errors = [line for line in result.outlines if line.startswith("::error ")]
+    assert errors == [
+        "::error file=zero.fp16.mnn,title=MNN parity%3A zero_output on CPU-high::zero_output on CPU-high: output "
+        "'out': every element is exactly 0; the reference is 0.0%25 zeros with max |ref| 0.7025; first divergent "
+        "layer: tiny_conv (Convolution); zeros 100%25; item: zero.fp16.mnn::parity[CPU-high]"]  # % is escaped
+    text = summary.read_text()
+    assert text.startswith("earlier step\n## MNN parity\n\n1 failed\n")  # appended, never overwritten
+    assert "| model | CPU-high |" in text and "| zero.fp16.mnn | FAIL zero_output zeros 100% |" in text
+    assert "- `zero.fp16.mnn::parity[CPU-high]`: zero_output zeros 100%" in text
+    # Outside GitHub Actions nothing of it.
+    monkeypatch.delenv("GITHUB_ACTIONS")
+    quiet = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-model", "healthy.mnn")
+    assert not [line for line in quiet.outlines if line.startswith("::")]

@@ -345,7 +345,9 @@ class ParityEngine(Checker):
         except (ReferenceRunError, EmptyReferenceOutputs) as exc:
             return self._check_without_reference(model, config, exc, reproduce, input_set, api_fields)
         except ModelError as exc:
-            return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log, **api_fields)
+            # A broken input set keeps its name: its items are its own row, as docs/report.md says.
+            return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log,
+                                input_set=input_set.name if input_set is not None else "", **api_fields)
         arithmetic = backends.probe_arithmetic(config.backend, config.precision)
         ref_arith = reference.arithmetic
         tol = self.tolerance(config, request.tolerance_layers, variant, ref_arith)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from ..mnn.model import is_model_file
+from ..report.ci import github_annotations, markdown_summary
 from ..report.durable import report_path_problem
 from ..report.records import matrix_lines
 from . import scaleout
 from .items import PARITY_RUN, ModelLoadFailure
-from ..mnn.model import is_model_file
 from .options import Options, add_options
 from .run import ParityRun
 
@@ -112,6 +113,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         terminalreporter.write_line(f"MNN parity report: {run.options.report}")
     if run.options.html is not None and run.active:
         terminalreporter.write_line(f"MNN parity HTML: {run.options.html}")
+    if os.environ.get("GITHUB_ACTIONS") == "true" and not hasattr(config, "workerinput") and run.records():
+        annotate_github(terminalreporter, run.records())
+
+
+def annotate_github(terminalreporter, records) -> None:
+    """GitHub Actions: an annotation per failing item in the log, the matrix in the job summary (report/ci.py)."""
+    for line in github_annotations(records):
+        terminalreporter.write_line(line)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as f:  # appended: other steps write there too
+            f.write(markdown_summary(records))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:

@@ -108,7 +108,8 @@ class SidecarSupport:
             try:
                 self._validate(item, sidecar)
             except ModelError as exc:
-                return ParityResult(self._label(item), config, Category.MODEL_ERROR, str(exc), log=exc.log)
+                return ParityResult(self._label(item), config, Category.MODEL_ERROR, str(exc), log=exc.log,
+                                    input_set=item.case.input_set or "")
         # The command line stays last: it overrides every tier, the sidecar's included.
         kwargs["output_tolerances"] = {name: [*layers[:-1], sidecar.output_layer(name), cli]
                                        for name in sidecar.output_tolerances}

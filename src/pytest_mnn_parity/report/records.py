@@ -106,11 +106,8 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
     skipped = [r for r in records if r["outcome"] == "skipped"]
     lines: list[str] = []
     if ran:
-        configs = list(OrderedDict.fromkeys(_column(r) for r in ran))
-        models = list(OrderedDict.fromkeys(_row(r) for r in ran))
-        cells = {(_row(r), _column(r)): _cell(r) for r in ran}
-        header = ["model"] + configs
-        rows = [header] + [[m] + [cells.get((m, c), "-") for c in configs] for m in models]
+        rows = matrix_table(ran)
+        header = rows[0]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.extend(reference_lines(ran))
@@ -125,6 +122,16 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
             reason = reason[len(prefix):]
         lines.append(f"skipped {', '.join(backends)} ({len(cfgs)} configs): {reason}")
     return lines
+
+
+def matrix_table(records: list[dict[str, Any]]) -> list[list[str]]:
+    """The matrix as rows of cells, header first: one row per model (and variant, input set), one column per
+    configuration; what the terminal, the HTML report and a CI summary each lay out."""
+    ran = [r for r in records if r["outcome"] != "skipped"]
+    configs = list(OrderedDict.fromkeys(_column(r) for r in ran))
+    models = list(OrderedDict.fromkeys(_row(r) for r in ran))
+    cells = {(_row(r), _column(r)): _cell(r) for r in ran}
+    return [["model"] + configs] + [[m] + [cells.get((m, c), "-") for c in configs] for m in models]
 
 
 def _row(rec: dict[str, Any]) -> str:
