@@ -158,3 +158,19 @@ def test_github_actions_get_an_annotation_per_failing_item_and_the_matrix_as_a_j
     monkeypatch.delenv("GITHUB_ACTIONS")
     quiet = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-model", "healthy.mnn")
     assert not [line for line in quiet.outlines if line.startswith("::")]
+
+
+def test_errors_of_an_onnx_model_name_the_users_file_not_the_conversion_cache(pytester):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "dyn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "c"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "c"])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(pytester.path / "vad.onnx"))
+    result = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-convert", "fp32",
+                                "--mnn-model", "vad.onnx", "--mnn-report", "r.json")
+    result.assert_outcomes(errors=1)
+    message = read_report(pytester.path / "r.json")["results"][0]["message"]
+    assert "vad.onnx (its fp32 conversion): input 'x' has dynamic shape" in message.splitlines()[0], message
+    assert ".pytest_cache" not in message and "mnn-parity-convert" not in message

@@ -345,8 +345,11 @@ class ParityEngine(Checker):
         except (ReferenceRunError, EmptyReferenceOutputs) as exc:
             return self._check_without_reference(model, config, exc, reproduce, input_set, api_fields)
         except ModelError as exc:
+            text = str(exc)
+            if str(model_path) != model_label:  # say the user's .onnx, not the hash-named conversion in the cache
+                text = text.replace(str(model_path), f"{model_label} (its {variant} conversion)")
             # A broken input set keeps its name: its items are its own row, as docs/report.md says.
-            return ParityResult(model_label, config, Category.MODEL_ERROR, str(exc), log=exc.log,
+            return ParityResult(model_label, config, Category.MODEL_ERROR, text, log=exc.log,
                                 input_set=input_set.name if input_set is not None else "", **api_fields)
         arithmetic = backends.probe_arithmetic(config.backend, config.precision)
         ref_arith = reference.arithmetic

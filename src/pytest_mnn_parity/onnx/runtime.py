@@ -120,5 +120,8 @@ def _dims(dims: list) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    """ONNX Runtime's words, whole (they were cut mid-word at 300 characters): further lines indented."""
+    text = [line.rstrip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not text:
+        return type(exc).__name__
+    return "\n    ".join(text)
