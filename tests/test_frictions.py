@@ -174,3 +174,16 @@ def test_errors_of_an_onnx_model_name_the_users_file_not_the_conversion_cache(py
     message = read_report(pytester.path / "r.json")["results"][0]["message"]
     assert "vad.onnx (its fp32 conversion): input 'x' has dynamic shape" in message.splitlines()[0], message
     assert ".pytest_cache" not in message and "mnn-parity-convert" not in message
+
+
+def test_a_wrong_static_shape_is_blamed_on_the_shape_not_sent_to_the_module_api(pytester, models):
+    """The LaMa-like graph's DFT matrices are 32 wide: 33x33 inputs fail on both APIs.  The message says so and
+    points at the shapes first, with no dangling '(see backend:)'."""
+    models("demo/lama_like.mnn")
+    result = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-model", "lama_like.mnn",
+                                "--mnn-input-shape", "image=1x3x33x33", "--mnn-input-shape", "mask=1x1x33x33")
+    result.assert_outcomes(failed=1)
+    text = result.stdout.str()
+    assert "api:       session API; auto: neither API runs this model" in text
+    assert "hint: MNN could not compute the output shapes with these input shapes, on either API" in text
+    assert "the Module API runs it" not in text and "(see backend:)" not in text

@@ -24,7 +24,7 @@ from ..core.verdict import Category, Verdict, judge_outputs, worst
 from ..inputs.generate import fingerprint, generate_inputs
 from ..inputs.sets import InputSet
 from ..mnn import backends
-from ..mnn.failures import last_lines, mnn_said, runtime_error_text, runtime_hint
+from ..mnn.failures import SHAPES_HINT, last_lines, mnn_said, runtime_error_text, runtime_hint
 from ..mnn.limits import nonfinite_inputs
 from ..mnn.model import ModelError, model_key, remembered
 from ..mnn.runner import LoadedModel, RunConfig, check_same_interface, reference_config
@@ -516,7 +516,8 @@ class ParityEngine(Checker):
         if not run.ok or empty:
             result.category = Category.RUNTIME_ERROR
             result.verdict = Verdict(Category.RUNTIME_ERROR)
-            error = (runtime_error_text(run, result.log) if not run.ok else
+            hint = SHAPES_HINT if (api_fields or {}).get("api_reason", "").startswith("auto: neither API") else None
+            error = (runtime_error_text(run, result.log, hint) if not run.ok else
                      f"outputs {empty} came back empty (not judged).\n  MNN said: {mnn_said(result.log)}\n"
                      f"  hint: {runtime_hint(run)}")
             result.message = failure_message(result, model, error=error, reproduce=reproduce)

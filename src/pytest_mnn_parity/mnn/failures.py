@@ -38,6 +38,11 @@ def mnn_said(log: str, n: int = 4) -> str:
     return " | ".join(chosen) if chosen else "(nothing)"
 
 
-def runtime_error_text(run: RunOutput, log: str = "") -> str:
+# When neither API can compute the shapes, control flow is not the cause: the input shapes are.
+SHAPES_HINT = ("MNN could not compute the output shapes with these input shapes, on either API: check "
+               "--mnn-input-shape (or the sidecar's [shapes]) against the shapes the model was exported for")
+
+
+def runtime_error_text(run: RunOutput, log: str = "", hint: str | None = None) -> str:
     return (f"{run_failure(run)}; outputs were not read (MNN leaves stale data "
-            f"after a failed run).\n  MNN said: {mnn_said(log or run.log)}\n  hint: {runtime_hint(run)}")
+            f"after a failed run).\n  MNN said: {mnn_said(log or run.log)}\n  hint: {hint or runtime_hint(run)}")
