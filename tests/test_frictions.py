@@ -187,3 +187,33 @@ def test_a_wrong_static_shape_is_blamed_on_the_shape_not_sent_to_the_module_api(
     assert "api:       session API; auto: neither API runs this model" in text
     assert "hint: MNN could not compute the output shapes with these input shapes, on either API" in text
     assert "the Module API runs it" not in text and "(see backend:)" not in text
+
+
+def test_a_picture_that_does_not_fit_is_said_to_be_resized(pytester, models):
+    from PIL import Image
+
+    models("inputs/lama_like.mnn", "inputs/mask1.png")
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(pytester.path / "wide.png")
+    (pytester.path / "lama_like.mnn.toml").write_text(
+        '[input_sets.wide]\nimage = { image = "wide.png" }\nmask = { mask = "mask1.png" }\n')
+    result = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-model", "lama_like.mnn",
+                                "--mnn-report", "r.json")
+    detail = read_report(pytester.path / "r.json")["results"][0]["input_detail"]
+    assert "image <- wide.png (resized 50x40 -> 32x32 (bilinear), RGB, /255)" in detail, detail
+    assert "mask <- mask1.png (mask, >= 0.5)" in detail  # it fits: nothing said
+    result.assert_outcomes(passed=1)
+
+
+def test_a_declared_stream_still_runs_beside_named_input_sets(pytester, models):
+    models("stream/rnn_step.mnn")
+    np = pytest.importorskip("numpy")
+    np.save(pytester.path / "x.npy", np.ones((1, 4), np.float32))
+    (pytester.path / "rnn_step.mnn.toml").write_text(
+        '[input_sets.ones]\nx = { array = "x.npy" }\nh = { generator = "zeros" }\n\n'
+        '[stream]\nstate = { h_out = "h" }\nsteps = 3\n')
+    result = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-model", "rnn_step.mnn",
+                                "--mnn-report", "r.json", "-v")
+    result.assert_outcomes(passed=2)
+    records = {r["nodeid"]: r for r in read_report(pytester.path / "r.json")["results"]}
+    assert records["rnn_step.mnn::parity[ones-CPU-high]"]["stream"] is None
+    assert records["rnn_step.mnn::parity[CPU-high]"]["stream"]["steps_run"] == 3

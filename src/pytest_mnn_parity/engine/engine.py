@@ -372,7 +372,7 @@ class ParityEngine(Checker):
                               reference=reference.description, input_set=set_label, log=session_log,
                               fp16_risks=list(reference.fp16_risks), weight_risks=list(reference.weight_risks),
                               arithmetic=arithmetic, variant=variant, conversion=conversion,
-                              input_detail=input_set.describe() if input_set is not None else "",
+                              input_detail=input_set.describe(model) if input_set is not None else "",
                               inputs_nonfinite=self._nonfinite_of(inputs_a, inputs_b), **api_fields,
                               reference_label=reference.label or self.settings.reference or (
                                   "onnxruntime" if self.onnx.reference_path(model) is not None else "cpu"))

@@ -185,9 +185,15 @@ class InputSet:
         return cls(name, {k: ValueSource(where.at(k), np.asarray(v), f"{short}[{k}]") for k, v in arrays.items()},
                    where, origin=label)
 
-    def describe(self) -> str:
+    def describe(self, model=None) -> str:
+        """What each input is made of; with ``model``, also what was done to fit it (a picture resized)."""
         origin = f" from {self.origin}" if self.origin else ""
-        return f"{self.name}{origin}: " + ", ".join(f"{k} <- {s.describe()}" for k, s in self.sources.items())
+        specs = {spec.name: spec for spec in model.info.inputs} if model is not None else {}
+
+        def one(name, source) -> str:
+            return source.describe(target_of(model, specs[name]) if name in specs else None)
+
+        return f"{self.name}{origin}: " + ", ".join(f"{k} <- {one(k, s)}" for k, s in self.sources.items())
 
     def build(self, model, default_seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Input sets A and B (A mirrored) for ``model`` (a ``LoadedModel``), validated against its inputs."""

@@ -69,7 +69,7 @@ class Source:
     def load(self, target: Target, seed: int) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def describe(self) -> str:  # pragma: no cover - interface
+    def describe(self, target: Target | None = None) -> str:  # pragma: no cover - interface
         raise NotImplementedError
 
     def check_files(self) -> None:
@@ -126,10 +126,10 @@ class ImageSource(Source):
         return _fits_model(self.normalise(self.pixels(target), target), target, self.where,
                            "check layout (NCHW/NHWC) against the model's input")
 
-    def describe(self) -> str:
+    def describe(self, target: Target | None = None) -> str:
         scale = "/255" if self.scale is None else f"x{self.scale:g}"
         extra = "" if self.mean == (0.0,) and self.std == (1.0,) else f", mean {list(self.mean)}, std {list(self.std)}"
-        return f"{self.path.name} ({self.color}, {scale}{extra})"
+        return f"{self.path.name} ({_fitted(self.path, target, self.layout, self.resample)}{self.color}, {scale}{extra})"
 
 
 @dataclass(frozen=True)
@@ -158,8 +158,9 @@ class MaskSource(Source):
         arr = _cast(np.array(arr), _dtype(self.dtype, target, self.where), self.where, target)
         return _fits_model(arr, target, self.where, "check layout (NCHW/NHWC) against the model's input")
 
-    def describe(self) -> str:
-        return f"{self.path.name} (mask, >= {self.threshold:g}{', inverted' if self.invert else ''})"
+    def describe(self, target: Target | None = None) -> str:
+        fitted = _fitted(self.path, target, self.layout, self.resample)
+        return f"{self.path.name} ({fitted}mask, >= {self.threshold:g}{', inverted' if self.invert else ''})"
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ class ArraySource(Source):
         return _fits_model(_cast(arr, target.dtype, self.where, target), target, self.where,
                            "save the array with the model's input shape (or set [shapes] for dynamic dimensions)")
 
-    def describe(self) -> str:
+    def describe(self, target: Target | None = None) -> str:
         return self.path.name + (f"[{self.key}]" if self.key else "")
 
 
@@ -242,7 +243,7 @@ class GeneratorSource(Source):
             arr = np.full(target.shape, low)
         return arr.astype(target.dtype)
 
-    def describe(self) -> str:
+    def describe(self, target: Target | None = None) -> str:
         args = {"uniform": lambda: f"[{self.low if self.low is not None else 0:g}, "
                                    f"{self.high if self.high is not None else 1:g})",
                 "normal": lambda: f"(mean {self.mean:g}, std {self.std:g})",
@@ -261,7 +262,7 @@ class ValueSource(Source):
         return _fits_model(_cast(np.asarray(self.array), target.dtype, self.where, target), target, self.where,
                            "give an array of the model's input shape")
 
-    def describe(self) -> str:
+    def describe(self, target: Target | None = None) -> str:
         return self.label
 
 
@@ -295,6 +296,24 @@ def _open_image(path: Path, where: Where, verify: bool = False):
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise where.error(f"cannot read {path.name} as an image ({exc})",
                           "save it as PNG, JPEG, BMP or another format Pillow reads") from None
+
+
+def _fitted(path: Path, target: Target | None, layout: str | None, resample: str) -> str:
+    """What fitting the picture to the input does to it, said before anything else about it: "resized 50x40 ->
+    32x32 (bilinear), " (a squashed picture must not pass unmentioned), "" when it fits or cannot be told."""
+    if target is None or len(target.shape) != 4:
+        return ""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            size = img.size
+    except (OSError, ValueError):
+        return ""
+    _, _, h, w = _image_dims(target, layout or target.layout, Where(path, ""))
+    if size == (w, h):
+        return ""
+    return f"resized {size[0]}x{size[1]} -> {w}x{h} ({resample}), "
 
 
 def _fit(img, size: tuple[int, int], resize: bool, resample: str, where: Where, target: Target):

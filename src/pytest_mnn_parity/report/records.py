@@ -12,7 +12,7 @@ from typing import Any, Iterable
 SCHEMA = "pytest-mnn-parity/1"
 
 RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "arithmetic", "variant",
-                 "input_set", "outcome", "category", "message", "reference", "reference_label", "tolerance", "outputs",
+                 "input_set", "input_detail", "outcome", "category", "message", "reference", "reference_label", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
                  "seconds", "search", "artifacts", "api", "api_reason", "api_axis", "backend_note", "cross_api",
                  "stream", "inputs_nonfinite", "worker", "fault")
@@ -32,6 +32,7 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
             "kind": result.arithmetic.kind, "probe_errors": result.arithmetic.errors, "note": result.arithmetic.note},
         "variant": result.variant,
         "input_set": result.input_set,
+        "input_detail": getattr(result, "input_detail", ""),
         "outcome": outcome,
         "category": result.category.value,
         "message": result.message,
