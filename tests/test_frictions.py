@@ -217,3 +217,16 @@ def test_a_declared_stream_still_runs_beside_named_input_sets(pytester, models):
     records = {r["nodeid"]: r for r in read_report(pytester.path / "r.json")["results"]}
     assert records["rnn_step.mnn::parity[ones-CPU-high]"]["stream"] is None
     assert records["rnn_step.mnn::parity[CPU-high]"]["stream"]["steps_run"] == 3
+
+
+def test_a_sidecars_shapes_reach_the_onnx_localisation_probes(pytester, models):
+    """A dynamic ONNX model shaped by its sidecar alone: the probes that localise its failure need those shapes
+    too (they got only --mnn-input-shape, converted 24 probes and found nothing)."""
+    models("onnx/dynamic_hw.onnx")
+    (pytester.path / "dynamic_hw.onnx.toml").write_text(
+        '[shapes]\nimage = "1x3x16x16"\n\n[tolerance]\natol = 0\nrtol = 0\nmax_outside_fraction = 0\nabs_floor = 0\n')
+    result = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-convert", "fp16",
+                                "--mnn-model", "dynamic_hw.onnx", "--mnn-report", "r.json")
+    result.assert_outcomes(failed=1)
+    rec = read_report(pytester.path / "r.json")["results"][0]
+    assert rec["first_divergent_layer"] is not None and rec["first_divergent_layer"]["name"] == "conv", rec["message"]

@@ -166,8 +166,10 @@ class OnnxSide:
                     f"flags; if the failure is not reproduced, test the ONNX file itself with --mnn-model "
                     f"{onnx_path} --mnn-convert <variant>")
         try:
-            trace = onnx_trace.localise(onnx_path, flags, self.cache, config, inputs, tol,
-                                        self.engine.settings.input_shapes, failing)
+            # The shapes the model itself was loaded with (--mnn-input-shape over a sidecar's [shapes]): probes
+            # of a dynamic model need them as much as the model did.
+            shapes = dict(getattr(model, "shapes", None) or self.engine.settings.input_shapes)
+            trace = onnx_trace.localise(onnx_path, flags, self.cache, config, inputs, tol, shapes, failing)
         except ImportError as exc:
             trace = onnx_trace.OnnxTraceResult([], [], [], onnx_trace.METHOD,
                                                notes=[f"localisation needs the onnx package ({exc})"])
