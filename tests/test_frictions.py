@@ -230,3 +230,20 @@ def test_a_sidecars_shapes_reach_the_onnx_localisation_probes(pytester, models):
     result.assert_outcomes(failed=1)
     rec = read_report(pytester.path / "r.json")["results"][0]
     assert rec["first_divergent_layer"] is not None and rec["first_divergent_layer"]["name"] == "conv", rec["message"]
+
+
+def test_a_failure_shared_by_several_configurations_is_explained_once(pytester, models):
+    models("collapse/zero.fp16.mnn", "collapse/zero.mnn")
+    result = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high,low", "--mnn-model", "zero.fp16.mnn",
+                                "--mnn-reference", "zero.mnn", "--mnn-report", "r.json")
+    result.assert_outcomes(failed=2)
+    text = result.stdout.str()
+    assert text.count("first divergent layer: tiny_conv") == 1  # the long explanation, once
+    result.stdout.fnmatch_lines([
+        "zero_output on CPU-low: output 'out': every element is exactly 0*",  # each item keeps its own line
+        "explained:  above, at zero.fp16.mnn::parity[[]CPU-high[]] (same zero_output, same first divergent "
+        "layer tiny_conv)",
+        "reproduce: pytest --mnn-only --mnn-model zero.fp16.mnn --mnn-backends CPU --mnn-precisions low *"])
+    # The report keeps each item's whole explanation.
+    assert all("first divergent layer: tiny_conv" in r["message"]
+               for r in read_report(pytester.path / "r.json")["results"])

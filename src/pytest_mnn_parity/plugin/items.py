@@ -77,11 +77,12 @@ class ParityItem(pytest.Item):
             raise ModelLoadFailure(run.said_once(self, self.result.message))
 
     def runtest(self) -> None:
+        run = self.config.stash[PARITY_RUN]
         assert self.result is not None
         if self.result.skipped:
             pytest.skip(self.result.message)
         if not self.result.passed:
-            raise ParityFailure(self.result.message)
+            raise ParityFailure(run.explained_once(self, self.result))
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, (ParityFailure, ModelLoadFailure)):

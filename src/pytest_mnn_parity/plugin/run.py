@@ -52,6 +52,7 @@ class ParityRun:
         # Model node ids given as arguments: the items come from pytest's own collection (hooks.collect_file).
         self.pasted = False
         self._said: dict[tuple, str] = {}
+        self._explained: dict[tuple, str] = {}
         self.inputs = SidecarSupport(self)
         self.writes_report = True
         self._report: IncrementalReport | None = None
@@ -94,6 +95,20 @@ class ParityRun:
         if first == item.nodeid:
             return message
         return f"model_error: the same as {first} (above): {message.splitlines()[0]}"
+
+    def explained_once(self, item: ParityItem, result: ParityResult) -> str:
+        """The full explanation for the first item of a model that fails a given way (category, first divergent
+        layer, failing outputs); later ones keep their own headline and reproduce line and point back to it.
+        The JSON report and JUnit keep every item's full message."""
+        layer = (result.first_divergent_layer or {}).get("name")
+        failing = tuple(v.name for v in result.verdict.outputs if not v.passed) if result.verdict else ()
+        first = self._explained.setdefault((item.model_path, result.category, layer, failing), item.nodeid)
+        if first == item.nodeid or not result.message:
+            return result.message
+        lines = result.message.splitlines()
+        same = f"same {result.category.value}" + (f", same first divergent layer {layer}" if layer else "")
+        tail = [line for line in lines if line.startswith(("reproduce: ", "pictures:  "))]
+        return "\n".join([lines[0], f"explained:  above, at {first} ({same})", *tail])
 
     def pasted_model(self, file_path, session: pytest.Session) -> bool:
         """A model file named on the command line (``pytest 'x.mnn::parity[CPU-low]'``, what -v and the failure
