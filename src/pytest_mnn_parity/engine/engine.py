@@ -243,6 +243,12 @@ class ParityEngine(Checker):
             key = (key if isinstance(key, tuple) else (key,)) + (_api(model),)
         return remembered(self._references, key, lambda: self._compute_reference(model, input_set))
 
+    def provide_reference(self, model_path: os.PathLike | str, reference: Reference,
+                          input_set: InputSet | None = None) -> None:
+        """Judge this model's session-API configurations against ``reference`` (computed elsewhere: by the test
+        process's MNN for a run over several MNN releases) instead of computing one here."""
+        self._references[_set_key(model_path, input_set)] = reference
+
     def noise_floors(self, model: LoadedModel, input_set: InputSet | None = None) -> dict[str, float]:
         """Per float output, ``NOISE_FACTOR`` x how far the model's own CPU high outputs move between 1 thread
         and the items' count (4 when the items run on 1): how much reordering fp32 sums alone moves it.
