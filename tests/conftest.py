@@ -83,3 +83,45 @@ def gpu_backends_present() -> list[str]:
 # skipped) cannot hold on a GPU build; tests/test_gpu.py covers that case.
 cpu_wheel_only = pytest.mark.skipif(bool(gpu_backends_present()),
                                     reason="asserts the CPU-only wheel's skips; this MNN build has GPU backends")
+
+
+# -- other MNN releases ------------------------------------------------------------------------------------------
+# The releases the cross-version tests install (tests/test_cross_version.py, tests/test_versions.py): one cache
+# folder and the same environments for both, so CI pays for each release once.
+OLD_RELEASE, NEW_RELEASE = "3.4.0", "3.6.1"
+RELEASE_ENVS = "mnn-parity-venvs"
+
+
+def release_requirements(version: str) -> list[str]:
+    """The package's own dependencies (pyproject.toml), with MNN pinned to ``version``."""
+    import re
+
+    text = (REPO / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies\s*=\s*\[(.*?)\]", text, re.S | re.M).group(1)
+    deps = re.findall(r'"([^"]+)"', block)
+    assert any(re.match(r"(?i)mnn\b", d) for d in deps), deps
+    return [f"mnn=={version}" if re.match(r"(?i)mnn\b", d) else d for d in deps]
+
+
+def release_env_root(config: pytest.Config, tmp_path_factory) -> Path:
+    cache = getattr(config, "cache", None)
+    return Path(cache.mkdir(RELEASE_ENVS)) if cache is not None else tmp_path_factory.getbasetemp() / RELEASE_ENVS
+
+
+@pytest.fixture(scope="session")
+def release_envs(request, tmp_path_factory) -> dict[str, Path]:
+    """{release: its environment's python} for OLD_RELEASE and NEW_RELEASE, made once (locked between xdist
+    workers) by the plugin's own environment cache; skips with pip's reason without the package registry."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pytest_mnn_parity.isolation.envs import EnvCache
+
+    cache = EnvCache(release_env_root(request.config, tmp_path_factory))
+    with ThreadPoolExecutor(2) as pool:
+        made = list(pool.map(lambda v: cache.ensure(v, release_requirements(v)), (OLD_RELEASE, NEW_RELEASE)))
+    for env in made:
+        if not env.ok:
+            if "could not fetch" in env.reason:
+                pytest.skip(f"package registry unreachable: {env.reason}")
+            pytest.fail(env.reason)
+    return {env.version: env.python for env in made}

@@ -2,76 +2,32 @@
 one is compared by the other, in both directions, on the fixture models.
 
 Each environment gets the package's own dependencies (pyproject.toml) with MNN pinned, and this
-checkout's plugin. They are cached under pytest's cache directory (``.pytest_cache/d/mnn-parity-venvs``,
-keyed by the dependency list), so only the first run pays for the installs (about half a minute).
+checkout's plugin. They are made by the plugin's own environment cache (``isolation/envs.py``, locked between
+xdist workers) under pytest's cache directory (``.pytest_cache/d/mnn-parity-venvs``, keyed by the dependency
+list), shared with tests/test_versions.py, so only the first run pays for the installs (about half a minute).
 Without the package registry the test skips with the reason.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
-import sys
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, REPO
+from conftest import FIXTURES, NEW_RELEASE, OLD_RELEASE, REPO
 
 pytestmark = pytest.mark.slow
 
-OLD, NEW = "3.4.0", "3.6.1"
+OLD, NEW = OLD_RELEASE, NEW_RELEASE
 MODELS = ("demo/lama_like.mnn", "multi_io.mnn")
-_OFFLINE = ("No matching distribution found", "Could not find a version", "NewConnectionError",
-            "Temporary failure in name resolution", "Network is unreachable", "Max retries exceeded",
-            "Failed to establish a new connection", "ProxyError", "Name or service not known")
-
-
-def requirements(version: str) -> list[str]:
-    """The package's own dependencies (pyproject.toml), with MNN pinned to ``version``."""
-    text = (REPO / "pyproject.toml").read_text()
-    block = re.search(r"^dependencies\s*=\s*\[(.*?)\]", text, re.S | re.M).group(1)
-    deps = re.findall(r'"([^"]+)"', block)
-    assert any(re.match(r"(?i)mnn\b", d) for d in deps), deps
-    return [f"mnn=={version}" if re.match(r"(?i)mnn\b", d) else d for d in deps]
-
-
-def _venv(root: Path, version: str) -> tuple[Path | None, str]:
-    """(python of a venv with the package's dependencies and mnn==version; or None and pip's output)."""
-    reqs = requirements(version)
-    tag = zlib.crc32(" ".join(reqs).encode())  # another dependency list, another environment
-    folder = root / f"mnn-{version}-py{sys.version_info.major}{sys.version_info.minor}-{tag:08x}"
-    python = folder / ("Scripts" if os.name == "nt" else "bin") / "python"
-    ready = folder / "ready"
-    if ready.is_file() and python.exists():
-        return python, ""
-    shutil.rmtree(folder, ignore_errors=True)  # half-made by an interrupted run
-    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, capture_output=True)
-    proc = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", *reqs],
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        return None, proc.stdout + proc.stderr
-    ready.write_text(version)
-    return python, ""
 
 
 @pytest.fixture(scope="module")
-def pythons(request, tmp_path_factory) -> dict[str, Path]:
-    cache = getattr(request.config, "cache", None)
-    root = cache.mkdir("mnn-parity-venvs") if cache is not None else tmp_path_factory.mktemp("venvs")
-    with ThreadPoolExecutor(2) as pool:
-        made = dict(zip((OLD, NEW), pool.map(lambda v: _venv(Path(root), v), (OLD, NEW))))
-    for version, (python, log) in made.items():
-        if python is None:
-            tail = log.strip().splitlines()[-1] if log.strip() else "no output"
-            if any(sign in log for sign in _OFFLINE):
-                pytest.skip(f"package registry unreachable: cannot install mnn=={version} ({tail})")
-            pytest.fail(f"pip could not install {' '.join(requirements(version))}:\n{log[-3000:]}")
-    return {version: python for version, (python, _) in made.items()}
+def pythons(release_envs) -> dict[str, Path]:
+    return release_envs
 
 
 def _pytest(python: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:

@@ -91,15 +91,9 @@ class ApiSide:
         key = model_key(path)
         if key not in self._choices:
             failure = self.session_failure(path)
-            module_failure = self.module_failure(path) if failure is not None else None
             if failure is None:
                 choice = ApiChoice(API_SESSION, "auto: the session API runs this model (MNN's own CPU run of it "
                                                 "succeeded)")
-            elif module_failure is not None:
-                # Neither runs it (a wrong static shape, say): the session's error, with its own hint, is the one
-                # to read; sending the user to the Module API would send them nowhere.
-                choice = ApiChoice(API_SESSION, f"auto: neither API runs this model (the session API: {failure}; "
-                                                f"the Module API: {module_failure})", failure)
             else:
                 choice = ApiChoice(API_MODULE, f"auto: the session API cannot run this model ({failure}); the "
                                                "Module API runs it", failure)
@@ -132,22 +126,6 @@ class ApiSide:
             return f"MNN's own run of it failed: {run_failure(run)}; MNN said: {mnn_said(run.log)}"
         if empty:
             return f"MNN's own run of it gave empty outputs {empty}; MNN said: {mnn_said(run.log)}"
-        return None
-
-    def module_failure(self, path: os.PathLike | str) -> str | None:
-        """Why the Module API cannot run ``path`` either (its own reference run fails), or None when it can."""
-        from ..mnn.failures import mnn_said
-        from .results import EmptyReferenceOutputs, ReferenceRunError
-
-        try:
-            module = self.module(path)
-            run = module.run(self.engine.reference_config, self.engine.inputs(module)[0])
-        except (ReferenceRunError, EmptyReferenceOutputs) as exc:
-            return f"{exc.reason}; MNN said: {mnn_said(exc.log)}"
-        except ModelError as exc:
-            return exc.reason
-        if not run.ok or any(arr.size == 0 for arr in run.outputs.values()):
-            return f"{getattr(run, 'failure', '') or 'it failed'}; MNN said: {mnn_said(run.log)}"
         return None
 
     # -- both: the two APIs against each other --------------------------------------

@@ -243,6 +243,12 @@ class ParityEngine(Checker):
             key = (key if isinstance(key, tuple) else (key,)) + (_api(model),)
         return remembered(self._references, key, lambda: self._compute_reference(model, input_set))
 
+    def provide_reference(self, model_path: os.PathLike | str, reference: Reference,
+                          input_set: InputSet | None = None) -> None:
+        """Judge this model's session-API configurations against ``reference`` (computed elsewhere: by the test
+        process's MNN for a run over several MNN releases) instead of computing one here."""
+        self._references[_set_key(model_path, input_set)] = reference
+
     def noise_floors(self, model: LoadedModel, input_set: InputSet | None = None) -> dict[str, float]:
         """Per float output, ``NOISE_FACTOR`` x how far the model's own CPU high outputs move between 1 thread
         and the items' count (4 when the items run on 1): how much reordering fp32 sums alone moves it.
@@ -505,18 +511,27 @@ class ParityEngine(Checker):
                                  reproduce: str, input_set: InputSet | None = None,
                                  api_fields: Mapping[str, Any] | None = None) -> ParityResult:
         """The reference cannot run the model: if the target cannot either, that is the finding."""
+        api_fields = dict(api_fields or {})
+        neither = _api(model) == "module" and api_fields.get("api_reason", "").startswith(
+            "auto: the session API cannot run")
+        if neither:
+            # auto sent the model to the Module API, which cannot run it either (a wrong static shape, say): say so,
+            # rather than "the Module API runs it", and point at the shapes first.
+            session_failure = api_fields["api_reason"].split("(", 1)[1].rsplit("); the Module API runs it", 1)[0]
+            api_fields["api_reason"] = (f"auto: neither API runs this model (the session API: {session_failure}; "
+                                        f"the Module API: {exc.reason})")
         forward, session_log = model.session_backend(config)
         run = model.run(config, self.inputs(model, input_set)[0])
         set_label = input_set.name if input_set is not None else f"seeded:{self.settings.seed}"
         result = ParityResult(str(model.path), config, Category.MODEL_ERROR, str(exc), _backend_name(forward),
                               forward, resolve(config.backend, config.precision), rc=run.rc,
                               reference="unavailable: " + exc.reason, input_set=set_label,
-                              log=session_log + exc.log + run.log, **(api_fields or {}))
+                              log=session_log + exc.log + run.log, **api_fields)
         empty = [name for name, arr in run.outputs.items() if arr.size == 0]
         if not run.ok or empty:
             result.category = Category.RUNTIME_ERROR
             result.verdict = Verdict(Category.RUNTIME_ERROR)
-            hint = SHAPES_HINT if (api_fields or {}).get("api_reason", "").startswith("auto: neither API") else None
+            hint = SHAPES_HINT if neither else None
             error = (runtime_error_text(run, result.log, hint) if not run.ok else
                      f"outputs {empty} came back empty (not judged).\n  MNN said: {mnn_said(result.log)}\n"
                      f"  hint: {runtime_hint(run)}")

@@ -27,7 +27,7 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
     where = f"{used} (forward type {result.forward_type})"
     if result.api == "module" and result.forward_type is None:
         where = "a backend the Module API cannot report" + (" (see backend:)" if result.backend_note else "")
-    lines.append(f"ran on:    {where}, precision {config.precision}, {config.threads} thread(s); "
+    lines.append(f"ran on:    {where}, precision {config.precision}, {config.how()}; "
                  f"requested {config.backend}")
     lines.extend(api_lines(result))
     if result.arithmetic is not None:

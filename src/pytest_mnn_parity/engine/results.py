@@ -143,6 +143,10 @@ class ParityResult:
     stream: dict[str, Any] | None = None
     # Which reference, as given: "cpu", a path, "onnxruntime", "bundle DIR::SELECTOR", "golden".
     reference_label: str = ""
+    # The MNN release that ran this check when it was not the test process's own (--mnn-versions, --mnn-bisect).
+    mnn_version: str | None = None
+    # --mnn-bisect: the releases checked, their verdicts and metrics, the first release that changed.
+    bisect: dict[str, Any] | None = None
     # The outputs behind the verdict, with ``ParitySettings.keep_outputs`` only.
     computed: Computed | None = field(default=None, repr=False)
 

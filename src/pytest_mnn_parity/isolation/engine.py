@@ -64,7 +64,13 @@ class IsolatedEngine(Checker):
     """
 
     def __init__(self, settings: ParitySettings | None = None, *, timeout: float | None = None,
-                 worker_per_model: bool = True, prespawn: bool = True, declarations: ParityEngine | None = None):
+                 worker_per_model: bool = True, prespawn: bool = True, declarations: ParityEngine | None = None,
+                 python: os.PathLike | str | None = None):
+        # Another MNN release's environment (``envs.MnnEnv.python``): its workers run that MNN, so what they find
+        # about backends and arithmetic is theirs, kept here instead of in this process's shared caches.
+        self.python = python
+        self._statuses: dict[str, backends.BackendStatus] | None = None if python is None else {}
+        self._arithmetic: dict | None = None if python is None else {}
         self.settings = settings or ParitySettings()
         protocol.settings_to_wire(self.settings)  # a setting no worker can take fails here, not in the first check
         self.declarations = declarations
@@ -82,19 +88,22 @@ class IsolatedEngine(Checker):
         self._closed = False
         atexit.register(self.close)
         if prespawn:
-            self._spare = Worker(self.settings)
+            self._spare = self._new_worker()
 
     # -- workers ----------------------------------------------------------------
+    def _new_worker(self) -> Worker:
+        return Worker(self.settings, python=self.python)
+
     def _take(self) -> Worker:
         spare, self._spare = self._spare, None
-        worker = spare if spare is not None and spare.alive() else Worker(self.settings)
+        worker = spare if spare is not None and spare.alive() else self._new_worker()
         if spare is not None and spare is not worker:
             spare.close(kill=True)
         self._taken += 1
         # A run-scoped worker serves every model: a spare is only wanted after a crash, so none waits.
         more = self.worker_per_model and (self.expected_models is None or self._taken < self.expected_models)
         if self.prespawn and more and self._cores >= SPARE_MIN_CORES:
-            self._spare = Worker(self.settings)
+            self._spare = self._new_worker()
         return worker
 
     def _worker_for(self, key: Path) -> Worker:
@@ -120,7 +129,7 @@ class IsolatedEngine(Checker):
 
     # -- engine interface -------------------------------------------------------
     def check_request(self, request: CheckRequest, bundle: Mapping[str, Any] | None = None,
-                      sidecar: Any = None) -> ParityResult:
+                      sidecar: Any = None, reference: Any = None) -> ParityResult:
         """``ParityEngine.check_request`` in a worker; the request travels whole (``protocol.request_to_wire``).
 
         ``sidecar`` (``sidecar.Sidecar``): checked against the model in the worker first; a mismatch is
@@ -128,6 +137,9 @@ class IsolatedEngine(Checker):
 
         ``bundle`` (with ``settings.keep_outputs``): {"folder", "layers", "label", "case_id", "set_name"};
         the worker saves the outputs there itself (``bundle_saver``).  Results never carry ``computed``.
+
+        ``reference`` (``results.Reference``): the reference outputs the worker judges against instead of
+        computing its own (another MNN release judged against the same reference as every other).
         """
         model_path, config = request.model, request.config
         declared = protocol.declarations(self.declarations, model_path)
@@ -141,7 +153,8 @@ class IsolatedEngine(Checker):
         key = model_key(model_path)
         worker = self._worker_for(key)
         message = {"op": "check", "request": protocol.request_to_wire(request, self._files),
-                   "backend_status": status.as_dict(), "arithmetic": _known_arithmetic(),
+                   "backend_status": status.as_dict(), "arithmetic": self._known_arithmetic(),
+                   "reference": self._files.to_wire(reference), "release": self.python is not None,
                    "declarations": declared, "artifact_label": getattr(self.settings.output_sink, "label", None),
                    "bundle": dict(bundle) if bundle and self.settings.keep_outputs else None,
                    "sidecar": self._files.to_wire(sidecar)}
@@ -166,7 +179,10 @@ class IsolatedEngine(Checker):
         result = protocol.result_from_wire(reply["result"])
         result.worker = {"pid": worker.pid, "index": worker.checks}
         if result.arithmetic is not None:  # measured once per run, not once per worker (seconds on a GPU)
-            backends.remember_arithmetic(config.backend, config.precision, result.arithmetic)
+            if self._arithmetic is not None:
+                self._arithmetic[(config.backend, config.precision)] = result.arithmetic
+            else:
+                backends.remember_arithmetic(config.backend, config.precision, result.arithmetic)
         return result
 
     def release(self, model_path: os.PathLike | str) -> None:
@@ -214,6 +230,12 @@ class IsolatedEngine(Checker):
     def backend_status(self, name: str) -> backends.BackendStatus:
         """Discovery of ``name`` in a worker, once per process (shared with in-process discovery)."""
         name = backends.canonical_backend(name)
+        if self._statuses is not None:  # another release: probed in its own worker, once per engine
+            if name not in self._statuses:
+                self._statuses[name] = (backends.BackendStatus(name, False, None, f"{name}: disabled by "
+                                                               "MNN_PARITY_DISABLE_BACKENDS")
+                                        if name in backends.forced_unavailable() else self.probe(name))
+            return self._statuses[name]
         known = backends.known_status(name)
         if known is not None:
             return known
@@ -226,7 +248,7 @@ class IsolatedEngine(Checker):
     def probe(self, name: str) -> backends.BackendStatus:
         worker = self._spare if self._spare is not None and self._spare.alive() else None
         if worker is None:
-            worker = self._spare = Worker(self.settings)
+            worker = self._spare = self._new_worker()
         timeout = max(self.timeout or 0.0, PROBE_TIMEOUT)
         started = time.monotonic()
         try:
@@ -247,6 +269,11 @@ class IsolatedEngine(Checker):
         if not reply.get("ok"):
             return backends.BackendStatus(name, False, None, f"{name}: probe failed: {reply.get('error')}")
         return backends.BackendStatus(**reply["status"])
+
+    def _known_arithmetic(self) -> list[list[Any]]:
+        """What is known of each configuration's arithmetic (in this MNN release), for a worker to reuse instead
+        of probing."""
+        return _arithmetic_wire(backends.known_arithmetic() if self._arithmetic is None else self._arithmetic)
 
     def _drop_spare(self, worker: Worker) -> None:
         if self._spare is worker:
@@ -315,7 +342,7 @@ def fault_message(result: ParityResult, model_path, reproduce: str) -> str:
              if fault["index"] == 1 else f"configuration #{fault['index']} in this worker")
     lines = [head,
              f"model:     {model_path}",
-             f"ran on:    requested {config.backend}, precision {config.precision}, {config.threads} thread(s); "
+             f"ran on:    requested {config.backend}, precision {config.precision}, {config.how()}; "
              f"{order}",
              f"inputs:    {result.input_set}" + (f" ({result.api} API)" if result.api else ""),
              "next:      this model's remaining configurations run in a fresh worker; other models are unaffected"]
@@ -333,7 +360,5 @@ def _tail_lines(fault: Mapping[str, Any]) -> list[str]:
             + ["  " + line for line in tail.splitlines()])
 
 
-def _known_arithmetic() -> list[list[Any]]:
-    """What this process knows of each configuration's arithmetic, for a worker to reuse instead of probing."""
-    return [[backend, precision, dataclasses.asdict(arith)]
-            for (backend, precision), arith in backends.known_arithmetic().items()]
+def _arithmetic_wire(known: Mapping) -> list[list[Any]]:
+    return [[backend, precision, dataclasses.asdict(arith)] for (backend, precision), arith in known.items()]

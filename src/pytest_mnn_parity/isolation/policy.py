@@ -55,6 +55,8 @@ class Isolation(Checker):
         self.worker_scope = worker_scope
         self.isolated_set = isolated_backends(mode, [backends.canonical_backend(n) for n in names], timeout)
         self._isolated: IsolatedEngine | None = None
+        # Other MNN releases' engines (``versions.ReleaseEngines``), when the run asks for them.
+        self.releases = None
 
     @property
     def isolated(self) -> IsolatedEngine:
@@ -103,10 +105,14 @@ class Isolation(Checker):
         self.engine.release(model_path)
         if self._isolated is not None:
             self._isolated.release(model_path)
+        if self.releases is not None:
+            self.releases.release(model_path)
 
     def close(self) -> None:
         if self._isolated is not None:
             self._isolated.close()
+        if self.releases is not None:
+            self.releases.close()
 
 
 def late_timeout(result: ParityResult, elapsed: float, timeout: float, reproduce: str) -> None:

@@ -40,13 +40,16 @@ class WorkerTimedOut(Exception):
 class Worker:
     """One ``python -m pytest_mnn_parity.isolation.worker`` process and its pipes."""
 
-    def __init__(self, settings: ParitySettings):
+    def __init__(self, settings: ParitySettings, python: os.PathLike | str | None = None):
+        """``python``: another environment's interpreter (``envs.EnvCache``, one MNN release); it needs only
+        MNN and numpy, since this package is imported from our own source through ``PYTHONPATH``."""
+        self.python = os.fspath(python) if python is not None else sys.executable
         self.stderr = tempfile.TemporaryFile(prefix="mnn-parity-worker-", suffix=".stderr")
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env[PARENT_PID_ENV] = str(os.getpid())
-        self.proc = subprocess.Popen([sys.executable, "-m", "pytest_mnn_parity.isolation.worker"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([self.python, "-m", "pytest_mnn_parity.isolation.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, env=env)
         self.pid = self.proc.pid
         self.checks = 0

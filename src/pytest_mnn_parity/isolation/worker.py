@@ -106,10 +106,17 @@ def _check(engine, check, message: dict, input_sets: dict, savers: dict):
     problem = None if sidecar is None else protocol.sidecar_problem(engine, model, check.variant, sidecar)
     if problem is not None:
         return ParityResult(model, check.config, Category.MODEL_ERROR, str(problem), log=problem.log)
+    reference = protocol.from_wire(message.get("reference"), input_sets)
+    if reference is not None:  # the parent's reference (another MNN release's, or its own): judged against it
+        engine.provide_reference(model, reference, check.input_set)
     sink = engine.settings.output_sink
     if sink is not None:
         sink.label = message.get("artifact_label")
     result = engine.check_request(check)
+    if message.get("release"):  # another MNN release than the parent's: say which one really ran
+        from ..mnn.library import mnn_version  # noqa: PLC0415
+
+        result.mnn_version = mnn_version()
     computed, result.computed = result.computed, None
     bundle = message.get("bundle")
     if bundle and computed is not None:

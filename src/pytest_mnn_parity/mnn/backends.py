@@ -68,6 +68,91 @@ def canonical_precision(name: str) -> str:
     raise ValueError(f"unknown MNN precision {name!r}{hint}; known: {', '.join(PRECISIONS)}")
 
 
+@dataclass(frozen=True)
+class GpuModeBit:
+    """One of MNN's ``MNNGpuMode`` flags (MNNForwardType.h): the session config's ``numThread`` carries them."""
+
+    name: str
+    bit: int
+    group: str  # "tuning", "memory" or "record": at most one of each group in a mode
+    backends: tuple[str, ...]
+    means: str
+
+
+# The applicability is MNN's own header comments and runtimes: memory and record-op are read by OpenCL only
+# (Vulkan picks buffer or image at build time, MNN_VULKAN_IMAGE); Metal reads every tuning level and
+# record-batch, and warns about memory modes; CUDA, CPU and the NPU backends read none of them.
+GPU_MODE_BITS: dict[str, GpuModeBit] = {b.name: b for b in (
+    GpuModeBit("tune-none", 1 << 0, "tuning", ("OPENCL", "VULKAN", "METAL"),
+               "no kernel tuning: the cheapest session creation"),
+    GpuModeBit("tune-heavy", 1 << 1, "tuning", ("OPENCL", "VULKAN", "METAL"),
+               "heavy tuning: tries the most work-group sizes (slowest creation)"),
+    GpuModeBit("tune-wide", 1 << 2, "tuning", ("OPENCL", "VULKAN", "METAL"),
+               "wide tuning: MNN's default when numThread names none"),
+    GpuModeBit("tune-normal", 1 << 3, "tuning", ("OPENCL", "METAL"), "normal tuning"),
+    GpuModeBit("tune-fast", 1 << 4, "tuning", ("OPENCL", "METAL"), "fast tuning"),
+    GpuModeBit("buffer", 1 << 6, "memory", ("OPENCL",), "OpenCL buffer memory: other kernels than image"),
+    GpuModeBit("image", 1 << 7, "memory", ("OPENCL",), "OpenCL image memory (the default on most GPUs)"),
+    GpuModeBit("record-op", 1 << 8, "record", ("OPENCL",),
+               "the kernels of one op recorded into one recording (Qualcomm GPUs only)"),
+    GpuModeBit("record-batch", 1 << 9, "record", ("OPENCL", "VULKAN", "METAL"),
+               "OpenCL: 10 kernels per recording (Qualcomm only); Vulkan and Metal: every op in one command "
+               "buffer"),
+)}
+# Tuning changes how long a session takes to create (up to 11 s for a model's first OpenCL session with wide
+# tuning on the lent H100, 0.5-0.8 s without), not what it computes: parity runs without it unless a mode
+# names a tuning level (docs/gpu.md).
+CHEAPEST_TUNING = "tune-none"
+
+
+def gpu_mode_backends() -> tuple[str, ...]:
+    """The backends any GPU mode applies to."""
+    return tuple(dict.fromkeys(b for bit in GPU_MODE_BITS.values() for b in bit.backends))
+
+
+def parse_gpu_mode(text: str) -> str:
+    """A mode as written (``buffer``, ``image+record-batch``, ``tune-fast+buffer``) in its canonical spelling:
+    the parts in the table's order, at most one per group.  ``ValueError`` names what is wrong."""
+    parts = [p.strip().lower() for p in text.replace(" ", "").split("+") if p.strip()]
+    if not parts:
+        raise ValueError(f"empty GPU mode {text!r}; known: {', '.join(GPU_MODE_BITS)}")
+    seen: dict[str, str] = {}
+    for part in parts:
+        if part not in GPU_MODE_BITS:
+            raise ValueError(f"unknown GPU mode {part!r}{did_you_mean(part, GPU_MODE_BITS)}; known: "
+                             f"{', '.join(GPU_MODE_BITS)} (combine with +, e.g. buffer+record-batch)")
+        group = GPU_MODE_BITS[part].group
+        if group in seen and seen[group] != part:
+            raise ValueError(f"GPU mode {text!r} names two {group} modes ({seen[group]} and {part}): a session "
+                             "has one of each")
+        seen[group] = part
+    return "+".join(name for name in GPU_MODE_BITS if name in seen.values())
+
+
+def gpu_mode_applies(mode: str, backend: str) -> bool:
+    """Whether every flag of ``mode`` means something to ``backend``."""
+    return all(backend in GPU_MODE_BITS[part].backends for part in mode.split("+"))
+
+
+def gpu_mode_number(mode: str | None) -> int:
+    """The ``numThread`` value of a mode; a mode without a tuning level gets the cheapest one."""
+    parts = mode.split("+") if mode else []
+    if not any(GPU_MODE_BITS[p].group == "tuning" for p in parts):
+        parts.append(CHEAPEST_TUNING)
+    number = 0
+    for part in parts:
+        number |= GPU_MODE_BITS[part].bit
+    return number
+
+
+def describe_gpu_mode(mode: str | None) -> str:
+    """What a mode means, for messages and reports."""
+    parts = mode.split("+") if mode else []
+    implied = "" if any(GPU_MODE_BITS[p].group == "tuning" for p in parts) else f"{CHEAPEST_TUNING} (implied)"
+    words = [f"{p}: {GPU_MODE_BITS[p].means}" for p in parts] + ([implied] if implied else [])
+    return f"numThread {gpu_mode_number(mode)} = " + "; ".join(words)
+
+
 def forward_name(forward_type: int) -> str:
     return FORWARD_NAMES.get(forward_type, f"forward type {forward_type}")
 
@@ -132,6 +217,10 @@ def probe_backend(name: str) -> BackendStatus:
             session = interpreter.createSession({"backend": name, "precision": "high", "numThread": 1})
             forward = session_forward_type(interpreter, session)
             rc, y = None, None
+            if "x" not in interpreter.getSessionInputAll(session):
+                # MNN 3.0.0's expression API saves this model without its placeholder input; writing into the
+                # input it then hands out kills the process (SIGSEGV, found by --mnn-versions): nothing to run.
+                return _unprobed(name, forward, out.text)
             if runs_as(name, forward):
                 tensor = interpreter.getSessionInput(session)
                 tensor.copyFrom(m.Tensor((1, 4), m.Halide_Type_Float, x, m.Tensor_DimensionType_Caffe))
@@ -153,6 +242,15 @@ def probe_backend(name: str) -> BackendStatus:
         return BackendStatus(name, False, forward,
                              f"{name}: reports itself but computed {y} for 2x+1 of {x} (unusable device?)", out.text)
     return BackendStatus(name, True, forward, f"{name}: available (forward type {forward})", out.text)
+
+
+def _unprobed(name: str, forward: int, log: str) -> BackendStatus:
+    if not runs_as(name, forward):
+        return BackendStatus(name, False, forward,
+                             f"{name}: not in this MNN build (session fell back to {forward_name(forward)})", log)
+    return BackendStatus(name, True, forward, f"{name}: available (forward type {forward}); its 2x+1 probe could "
+                                              "not run: this MNN's expression API saved the probe model without "
+                                              "its input", log)
 
 
 _CACHE: dict[str, BackendStatus] = {}
@@ -270,6 +368,9 @@ def _measure_arithmetic(backend: str, precision: str) -> Arithmetic:
                 session = interpreter.createSession({"backend": backend, "precision": code, "numThread": 1})
                 if not runs_as(backend, session_forward_type(interpreter, session)):
                     return Arithmetic("unknown", {}, "the probe session fell back to another backend")
+                if not interpreter.getSessionInputAll(session):  # MNN 3.0.0 saves it without its input
+                    return Arithmetic("unknown", {}, "this MNN's expression API saved the probe model without its "
+                                                     "input")
                 interpreter.getSessionInput(session).copyFrom(
                     m.Tensor((1, 8), m.Halide_Type_Float, _ARITH_X, m.Tensor_DimensionType_Caffe))
                 if int(interpreter.runSession(session)) != 0:

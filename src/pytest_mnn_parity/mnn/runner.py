@@ -15,6 +15,7 @@ Sessions are only freed when their interpreter is destroyed, so a
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from .backends import (
+    CHEAPEST_TUNING,
     canonical_backend,
     canonical_precision,
     forward_name,
+    gpu_mode_applies,
+    gpu_mode_backends,
+    gpu_mode_number,
+    parse_gpu_mode,
     runs_as,
     session_forward_type,
 )
@@ -63,25 +69,50 @@ def error_name(code: int) -> str:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One point of the matrix: where and how precisely MNN computes."""
+    """One point of the matrix: where and how precisely MNN computes.
+
+    ``gpu_mode`` (``backends.GPU_MODE_BITS``, e.g. ``buffer`` or ``image+record-batch``) is for the backends
+    it applies to; those backends read the session config's ``numThread`` as mode flags, not as threads, so
+    without a mode they get the cheapest tuning (``backends.CHEAPEST_TUNING``) rather than ``threads``.
+    """
 
     backend: str
     precision: str
     threads: int = 4
+    gpu_mode: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "backend", canonical_backend(self.backend))
         object.__setattr__(self, "precision", canonical_precision(self.precision))
+        if self.gpu_mode is not None:
+            mode = parse_gpu_mode(self.gpu_mode)
+            if not gpu_mode_applies(mode, self.backend):
+                raise ValueError(f"GPU mode {mode!r} does not apply to {self.backend} (see docs/gpu.md)")
+            object.__setattr__(self, "gpu_mode", mode)
 
     @property
     def id(self) -> str:
-        return f"{self.backend}-{self.precision}"
+        return f"{self.backend}-{self.precision}" + (f"-{self.gpu_mode}" if self.gpu_mode else "")
+
+    @property
+    def reads_gpu_mode(self) -> bool:
+        return self.backend in gpu_mode_backends()
+
+    def num_thread(self) -> int:
+        """What goes into the session config's ``numThread``: threads, or a GPU backend's mode flags."""
+        return gpu_mode_number(self.gpu_mode) if self.reads_gpu_mode else int(self.threads)
 
     def session_config(self) -> dict[str, Any]:
-        return {"backend": self.backend, "precision": PRECISION_CODES[self.precision], "numThread": int(self.threads)}
+        return {"backend": self.backend, "precision": PRECISION_CODES[self.precision], "numThread": self.num_thread()}
+
+    def how(self) -> str:
+        """The threads, or on a backend that reads GPU modes the mode that ran: what a message says."""
+        if self.reads_gpu_mode:
+            return f"GPU mode {self.gpu_mode or CHEAPEST_TUNING} (numThread {self.num_thread()})"
+        return f"{self.threads} thread{'s' if self.threads != 1 else ''}"
 
     def describe(self) -> str:
-        return f"{self.backend} {self.precision}, {self.threads} thread{'s' if self.threads != 1 else ''}"
+        return f"{self.backend} {self.precision}, {self.how()}"
 
 
 # The session that describes a model (its inputs and outputs) before any configuration runs.  One thread:
@@ -306,6 +337,10 @@ class LoadedModel:
 
 
 _RUNTIMES: dict[RunConfig, Any] = {}
+# Test-only, inert unless set: every session makes its own GPU runtime again, as before ``shared_runtime``, so a
+# device test can drive one worker past MNN's Vulkan limit and check that every item after it is reported as a
+# fallback (tests/test_gpu_modes.py).
+NO_SHARED_RUNTIME_ENV = "MNN_PARITY_TEST_NO_SHARED_RUNTIME"
 
 
 def shared_runtime(config: RunConfig) -> Any:
@@ -316,7 +351,7 @@ def shared_runtime(config: RunConfig) -> Any:
     sessions (``Invalide device for support vulkan``) and fell back to the CPU.
     CPU sessions keep their own runtime, as MNN's default.
     """
-    if config.backend == "CPU":
+    if config.backend == "CPU" or os.environ.get(NO_SHARED_RUNTIME_ENV):
         return None
     if config not in _RUNTIMES:
         # createRuntime returns (runtime, status); createSession takes the runtime alone.

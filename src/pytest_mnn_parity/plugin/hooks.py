@@ -105,6 +105,8 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     run = config.stash[PARITY_RUN]
     lines = matrix_lines(run.records()) + run.regression.summary_lines(run.records())
+    if run.isolation.releases is not None:  # where each MNN release ran from (under xdist: its workers know)
+        lines += run.isolation.releases.summary()
     if lines:
         terminalreporter.write_sep("=", "MNN parity")
         for line in lines:

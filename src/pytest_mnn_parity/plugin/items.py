@@ -31,10 +31,17 @@ class Case:
     input_set: str | None = None
     # "session" or "module" with --mnn-api both; None: the engine's choice (apis.py).
     api: str | None = None
+    # An MNN release (--mnn-versions) that runs this item in a worker of its own environment; None: this
+    # process's MNN.  ``bisect``: (good, bad) of --mnn-bisect, the item searching the releases between them.
+    mnn_version: str | None = None
+    bisect: tuple[str, str] | None = None
 
     @property
     def id(self) -> str:
-        return "-".join(part for part in (self.api, self.variant, self.input_set, self.config.id) if part)
+        release = f"mnn{self.mnn_version}" if self.mnn_version else None
+        search = f"bisect{self.bisect[0]}..{self.bisect[1]}" if self.bisect else None
+        return "-".join(part for part in (search, release, self.api, self.variant, self.input_set, self.config.id)
+                        if part)
 
 
 class ModelFile(pytest.File):
@@ -60,7 +67,7 @@ class ParityItem(pytest.Item):
         self.run_config = run_config = case.config
         self.result: ParityResult | None = None
         run = self.config.stash[PARITY_RUN]
-        status = run.backend_status(run_config.backend)
+        status = run.backend_status(run_config.backend, case)
         if not status.available and not getattr(status, "fault", None):
             self.add_marker(pytest.mark.skip(reason=status.reason))
         self.add_marker(pytest.mark.mnn_generated)
@@ -81,7 +88,9 @@ class ParityItem(pytest.Item):
         assert self.result is not None
         if self.result.skipped:
             pytest.skip(self.result.message)
-        if not self.result.passed:
+        if not self.result.passed or (self.result.bisect or {}).get("changed"):
+            # A bisection that found the release where the verdict changed fails with it, even for a fix:
+            # that release is what was asked for.
             raise ParityFailure(run.explained_once(self, self.result))
 
     def repr_failure(self, excinfo, style=None):

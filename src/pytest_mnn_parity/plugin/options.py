@@ -18,11 +18,15 @@ from ..engine.results import LAYER_MODES
 from ..inputs.generate import parse_input_shapes
 from ..inputs.stream_spec import StreamSpec, parse_stream
 from ..isolation.policy import ISOLATE_MODES, WORKER_SCOPES
+from ..isolation.envs import version_key
 from ..mnn.backends import (
     DEFAULT_BACKENDS,
+    GPU_MODE_BITS,
     PRECISIONS,
     canonical_backend,
     canonical_precision,
+    gpu_mode_applies,
+    parse_gpu_mode,
 )
 from ..mnn.limits import DEFAULT_MAX_INPUT_MB
 from ..onnx.variants import DEFAULT_VARIANTS, parse_converter_flags, parse_variants
@@ -100,6 +104,18 @@ def add_options(parser: pytest.Parser) -> None:
     option("save-outputs", "write an output bundle (outputs + manifest per model x configuration) into this "
            "directory, to compare against with --mnn-reference DIR elsewhere", metavar="DIR")
     option("golden", "check each model's CPU/high outputs against the goldens in this directory", metavar="DIR")
+    option("versions", "comma-separated MNN releases from the package index (e.g. 3.0.0,3.4.1,3.6.1): every item "
+           "runs in each, in a worker of that release's cached environment, against the same reference; the "
+           "release is an axis of the ids (parity[mnn3.4.1-CPU-low])", metavar="LIST")
+    option("bisect", "GOOD..BAD: search the releases on the package index between two MNN releases for the first "
+           "whose verdict changes, per model and configuration (binary search, each step a cached environment)",
+           metavar="GOOD..BAD")
+    option("env-cache", "where the per-release environments of --mnn-versions / --mnn-bisect live (default: "
+           "mnn-parity-envs in pytest's cache folder); shared by runs and pytest-xdist workers", metavar="DIR")
+    option("gpu-modes", "comma-separated GPU modes, each an axis value for the backends it applies to: tune-none, "
+           "tune-heavy, tune-wide, tune-normal, tune-fast, buffer, image, record-op, record-batch, or several "
+           "joined by + (image+record-batch); default: none, GPU sessions use the cheapest tuning (docs/gpu.md)",
+           metavar="LIST")
     group.addoption("--mnn-update-golden", action="store_true", dest="mnn_update_golden", default=False,
                     help="(re)write the goldens in --mnn-golden DIR instead of checking them")
     group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
@@ -138,6 +154,10 @@ class Options:
     save_outputs: Path | None = None
     golden: Path | None = None
     update_golden: bool = False
+    gpu_modes: list[str] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+    bisect: tuple[str, str] | None = None
+    env_cache: Path | None = None
     rootpath: Path = Path(".")
     invocation_dir: Path = Path(".")
 
@@ -236,7 +256,20 @@ class Options:
         if update_golden and not golden:
             raise pytest.UsageError("--mnn-update-golden needs --mnn-golden DIR: the directory to write the goldens to")
         _check_reference(reference, save_outputs)
+        backend_list = listed("backends", DEFAULT_BACKENDS, canonical_backend)
+        gpu_modes = _gpu_modes(listed("gpu_modes", [], _parse_mode), backend_list, where("gpu_modes"))
+        versions = listed("versions", [], _release)
+        bisect = _bisect_range(get("bisect"), where("bisect"))
+        if versions and bisect:
+            raise pytest.UsageError("--mnn-versions and --mnn-bisect: give one of them (a bisection runs the releases "
+                                    "it needs itself)")
+        env_cache = get("env_cache")
         return cls(
+            gpu_modes=gpu_modes,
+            versions=versions,
+            bisect=bisect,
+            env_cache=((config.invocation_params.dir / str(env_cache)).resolve() if env_cache
+                       else _cache_dir(config) / "d" / "mnn-parity-envs"),
             api=api,
             streams=streams,
             save_outputs=Path(save_outputs) if save_outputs else None,
@@ -249,7 +282,7 @@ class Options:
             convert=convert,
             convert_flags=convert_flags,
             models=[str(m) for m in _as_list(get("model") or [])],
-            backends=listed("backends", DEFAULT_BACKENDS, canonical_backend),
+            backends=backend_list,
             precisions=listed("precisions", PRECISIONS, canonical_precision),
             reference=str(reference) if reference is not None else None,
             seed=number("seed", int, 0),
@@ -273,10 +306,18 @@ class Options:
         )
 
     def reproduce_command(self, model: str, backend: str, precision: str, variant: str | None = None,
-                          input_set: str | None = None, api: str | None = None) -> str:
-        """A command that reruns exactly one configuration of one model (conversion variant, input set, API)."""
+                          input_set: str | None = None, api: str | None = None, gpu_mode: str | None = None,
+                          mnn_version: str | None = None, bisect: tuple[str, str] | None = None) -> str:
+        """A command that reruns exactly one configuration of one model (conversion variant, input set, API,
+        GPU mode, MNN release)."""
         parts = ["pytest", "--mnn-only", "--mnn-model", model, "--mnn-backends", backend,
                  "--mnn-precisions", precision, "--mnn-seed", str(self.seed)]
+        if gpu_mode:
+            parts += ["--mnn-gpu-modes", gpu_mode]
+        if mnn_version:
+            parts += ["--mnn-versions", mnn_version]
+        if bisect:
+            parts += ["--mnn-bisect", f"{bisect[0]}..{bisect[1]}"]
         if variant is not None:
             parts += ["--mnn-convert", variant]
         if self.api != "auto":
@@ -323,7 +364,48 @@ class Options:
                 "tolerance_overrides": {"ini": self.tolerance_ini, "cli": self.tolerance_cli},
                 "artifacts": (None if self.artifacts is None
                               else {"dir": str(self.artifacts), "when": self.artifacts_when}),
-                "html": None if self.html is None else str(self.html)}
+                "html": None if self.html is None else str(self.html),
+                "gpu_modes": self.gpu_modes, "mnn_versions": self.versions,
+                "bisect": None if self.bisect is None else f"{self.bisect[0]}..{self.bisect[1]}"}
+
+
+def _parse_mode(text: str) -> str:
+    return parse_gpu_mode(text)
+
+
+def _release(text: str) -> str:
+    text = text.strip()
+    version_key(text)  # a word like "latest" is refused here, before any environment is made
+    return text
+
+
+def _gpu_modes(modes: list[str], backends: list[str], where: str) -> list[str]:
+    """Each mode must apply to one of the backends asked for: a mode that changes nothing would pass silently."""
+    for mode in modes:
+        if not any(gpu_mode_applies(mode, b) for b in backends):
+            readers = [b for b in ("OPENCL", "VULKAN", "METAL")
+                       if all(b in GPU_MODE_BITS[p].backends for p in mode.split("+"))]
+            raise pytest.UsageError(f"{where}: GPU mode {mode!r} applies to {', '.join(readers) or 'no backend'} "
+                                    f"only, and the backends asked for are {', '.join(backends)}: add one with "
+                                    "--mnn-backends, or leave the mode out (docs/gpu.md lists which backend reads "
+                                    "which mode)")
+    return modes
+
+
+def _bisect_range(raw, where: str) -> tuple[str, str] | None:
+    if raw is None or not str(raw).strip():
+        return None
+    good, sep, bad = str(raw).strip().partition("..")
+    good, bad = good.strip(), bad.strip()
+    if not sep or not good or not bad:
+        raise pytest.UsageError(f"{where}: expected GOOD..BAD (two MNN releases, e.g. 3.4.0..3.6.1), got {raw!r}")
+    try:
+        version_key(good), version_key(bad)
+    except ValueError as exc:
+        raise pytest.UsageError(f"{where}: {exc}") from None
+    if good == bad:
+        raise pytest.UsageError(f"{where}: {good}..{bad} is one release; a bisection needs two different ends")
+    return good, bad
 
 
 def _shown_path(path: Path, base: Path) -> str:

@@ -6,6 +6,7 @@ config's stash (``items.PARITY_RUN``) and hand every event to it.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -15,9 +16,12 @@ from ..core.verdict import Category
 from ..engine.engine import ParityEngine
 from ..engine.request import CheckRequest
 from ..engine.results import ParityResult, ParitySettings
-from ..isolation.policy import Isolation
+from ..isolation.envs import EnvCache, EnvError, between
+from ..isolation.policy import DEFAULT_ISOLATED_TIMEOUT, Isolation
+from ..isolation.versions import ReleaseEngines, bisect, metrics_line, verdict_of
 from ..mnn import backends as backend_discovery
 from ..mnn.library import mnn_version
+from ..mnn.backends import gpu_mode_applies
 from ..mnn.model import ModelError, check_model_path, expand_model_args, is_model_file
 from ..mnn.runner import RunConfig
 from ..onnx.variants import is_onnx
@@ -46,6 +50,11 @@ class ParityRun:
                                                   keep_outputs=options.save_outputs is not None))
         self.isolation = Isolation(self.engine, options.isolate, options.timeout, options.backends,
                                    options.worker_scope)
+        if options.versions or options.bisect:
+            self.isolation.releases = ReleaseEngines(
+                EnvCache(options.env_cache), self.engine.settings,
+                timeout=options.timeout if options.timeout is not None else DEFAULT_ISOLATED_TIMEOUT,
+                worker_per_model=options.worker_scope == "model", declarations=self.engine)
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
@@ -117,7 +126,8 @@ class ParityRun:
 
     def cases(self, model_path) -> list[Case]:
         """Every item to generate for one model, in a stable order; an ONNX model once per conversion variant,
-        each configuration once per API with --mnn-api both."""
+        each configuration once per API with --mnn-api both, per MNN release with --mnn-versions, per GPU mode
+        (of the backends it applies to) with --mnn-gpu-modes."""
         apis = ["session", "module"] if self.options.api == "both" else [None]
         variants = self.options.convert if is_onnx(model_path) else [None]
         sets = self.inputs.set_names(model_path)
@@ -125,12 +135,20 @@ class ParityRun:
             # A declared stream runs on seeded steps (it feeds back its own state): with named input sets beside
             # it, it gets items of its own rather than being dropped without a word.
             sets = [*sets, None]
-        return [Case(RunConfig(backend, precision, self.options.threads), variant=variant, input_set=input_set,
-                     api=api)
-                for api in apis for variant in variants for input_set in sets
-                for backend in self.options.backends for precision in self.options.precisions]
+        releases = self.options.versions or [None]
+        return [Case(RunConfig(backend, precision, self.options.threads, mode), variant=variant,
+                     input_set=input_set, api=api, mnn_version=release, bisect=self.options.bisect)
+                for release in releases for api in apis for variant in variants for input_set in sets
+                for backend in self.options.backends for precision in self.options.precisions
+                for mode in self.modes_for(backend)]
 
-    def backend_status(self, backend: str):
+    def modes_for(self, backend: str) -> list[str | None]:
+        """The GPU modes asked for that ``backend`` reads; [None] (its plain items) when it reads none."""
+        return [m for m in self.options.gpu_modes if gpu_mode_applies(m, backend)] or [None]
+
+    def backend_status(self, backend: str, case: Case | None = None):
+        if case is not None and case.mnn_version is not None:
+            return self.isolation.releases.backend_status(case.mnn_version, backend)
         return self.isolation.backend_status(backend)
 
     def plan(self, items: list[pytest.Item]) -> None:
@@ -148,7 +166,9 @@ class ParityRun:
         if self.writer is not None:
             self.writer.label = scaleout.stable_nodeid(item)
         reproduce = self.options.reproduce_command(model, config.backend, config.precision, variant,
-                                                   input_set=item.case.input_set, api=item.case.api)
+                                                   input_set=item.case.input_set, api=item.case.api,
+                                                   gpu_mode=config.gpu_mode, mnn_version=item.case.mnn_version,
+                                                   bisect=item.case.bisect)
         if isinstance(checks, ParityResult):
             result = checks
         else:
@@ -156,13 +176,60 @@ class ParityRun:
             sidecar = checks.pop("sidecar", None)
             request = CheckRequest(item.model_path, config, reproduce=reproduce, variant=variant,
                                    api=item.case.api, **checks)
-            result = self.isolation.check_request(request, bundle=self.regression.bundle_spec(item, model),
-                                                  sidecar=sidecar)
+            if item.case.mnn_version is not None or item.case.bisect is not None:
+                result = self.check_releases(item, request, sidecar)
+            else:
+                result = self.isolation.check_request(request, bundle=self.regression.bundle_spec(item, model),
+                                                      sidecar=sidecar)
         result.model = model
         self.regression.after_check(item, result)
         for name, value in junit_properties(result):
             item.user_properties.append((name, value))
         return result
+
+    def check_releases(self, item: ParityItem, request: CheckRequest, sidecar) -> ParityResult:
+        """An item of another MNN release (--mnn-versions), or the bisection between two (--mnn-bisect)."""
+        releases = self.isolation.releases
+        if is_onnx(request.model):
+            return ParityResult(str(request.model), request.config, Category.BACKEND_UNAVAILABLE,
+                                f"{request.model}: --mnn-versions / --mnn-bisect run .mnn models; an .onnx model "
+                                "is converted by the test process's MNN, so convert it once (MNNConvert) and pass "
+                                "the .mnn with --mnn-reference model.onnx", variant=request.variant)
+        reference = self.shared_reference(request)
+        if item.case.mnn_version is not None:
+            return releases.check_request(item.case.mnn_version, request, sidecar=sidecar, reference=reference)
+        good, bad = item.case.bisect
+        try:
+            chosen = between(releases.cache.releases(), good, bad)
+        except EnvError as exc:
+            return ParityResult(str(request.model), request.config, Category.BACKEND_UNAVAILABLE, str(exc))
+        missing = [v for v in (good, bad) if v not in chosen]
+        if missing:
+            return ParityResult(str(request.model), request.config, Category.BACKEND_UNAVAILABLE,
+                                f"--mnn-bisect {good}..{bad}: {', '.join(missing)} is not a release on the package "
+                                f"index; its releases are {', '.join(releases.cache.releases())}")
+        results: dict[str, ParityResult] = {}
+
+        def judge(version: str) -> str | None:
+            results[version] = releases.check_request(version, request, sidecar=sidecar, reference=reference)
+            return verdict_of(results[version])
+
+        found = bisect(chosen, judge)
+        for version in found.unavailable:
+            found.unavailable[version] = results[version].message
+        return bisection_result(request, found, results, chosen)
+
+    def shared_reference(self, request: CheckRequest):
+        """The reference every MNN release is judged against: this process's, computed once (None when the
+        reference is a bundle, which each release reads itself, or cannot be computed here: the worker says why)."""
+        if self.engine.bundle is not None or request.api == "module":
+            return None
+        try:
+            model = self.engine.model(request.model)
+            reference = self.engine.live_reference(model, request.input_set)
+        except ModelError:
+            return None
+        return replace(reference, description=f"{reference.description}, MNN {mnn_version()} (the test process)")
 
     def done(self, item: pytest.Item) -> None:
         if isinstance(item, ParityItem):
@@ -181,7 +248,8 @@ class ParityRun:
         if report.when == "setup" and report.skipped and item.result is None:
             result = ParityResult(node_id_path(item.model_path, item.config.rootpath), item.run_config,
                                   Category.BACKEND_UNAVAILABLE, _skip_reason(report), variant=item.case.variant,
-                                  api=item.case.api, api_axis=item.case.api is not None)
+                                  api=item.case.api, api_axis=item.case.api is not None,
+                                  mnn_version=item.case.mnn_version)
             return record(item.nodeid, result, "skipped")
         if item.result is None:
             if not report.failed or report.when == "teardown":
@@ -238,6 +306,45 @@ class ParityRun:
             return
         # From the JSON form of the data, so a saved report renders the same page.
         write_html(self.options.html, json_safe(self.report_data()), self.options.artifacts)
+
+
+def bisection_result(request: CheckRequest, found, results: dict, chosen: list[str]) -> ParityResult:
+    """The bisect item's result: the bad end's judgement, with what the search found in front of its message."""
+    ran = [v for v in chosen if v in results and v not in found.unavailable]
+    if not ran:
+        base = ParityResult(str(request.model), request.config, Category.BACKEND_UNAVAILABLE,
+                            f"--mnn-bisect {found.good}..{found.bad}: no release in the range could run here: "
+                            + "; ".join(f"{v}: {why}" for v, why in found.unavailable.items()))
+        base.bisect = {"good": found.good, "bad": found.bad, "releases": chosen, "steps": found.steps,
+                       "verdicts": {}, "unavailable": found.unavailable, "first_changed": None, "last_same": None}
+        return base
+    end = results[ran[-1]]
+    lines = [f"bisect {found.good}..{found.bad} ({len(chosen)} releases on the index, {len(found.steps)} checked: "
+             f"{', '.join(found.steps)})"]
+    if found.changed:
+        before, after = results[found.last_same], results[found.first_changed]
+        turn = "broke" if before.passed and not after.passed else ("got fixed" if after.passed else "changed")
+        lines += [f"first release whose verdict changed: {found.first_changed} (it {turn} there)",
+                  f"  {found.last_same}: {metrics_line(before)}",
+                  f"  {found.first_changed}: {metrics_line(after)}"]
+    else:
+        lines.append(f"no change: every release checked gives {found.verdicts.get(ran[0])} "
+                     f"({ran[0]}: {metrics_line(results[ran[0]])})")
+    for version, why in found.unavailable.items():
+        lines.append(f"  left out {version}: {why.splitlines()[0] if why else 'cannot run here'}")
+    end.bisect = {"good": found.good, "bad": found.bad, "releases": chosen, "steps": found.steps,
+                  "verdicts": found.verdicts, "unavailable": found.unavailable, "first_changed": found.first_changed,
+                  "last_same": found.last_same,
+                  "metrics": {v: metrics_line(results[v]) for v in found.steps if v in results}}
+    # The item fails when the search found a change (the finding asked for); with none, it is the bad end's.
+    if found.changed:
+        after = results[found.first_changed]
+        end.category = after.category if not after.passed else Category.OK
+        end.message = "\n".join(lines) + ("\n\n" + after.message if after.message else "")
+        end.bisect["changed"] = True
+    else:
+        end.message = "\n".join(lines) + ("\n\n" + end.message if end.message else "")
+    return end
 
 
 def _error_record(item: ModelErrorItem, report) -> dict[str, Any]:

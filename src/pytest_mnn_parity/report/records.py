@@ -15,7 +15,7 @@ RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "
                  "input_set", "input_detail", "outcome", "category", "message", "reference", "reference_label", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
                  "seconds", "search", "artifacts", "api", "api_reason", "api_axis", "backend_note", "cross_api",
-                 "stream", "inputs_nonfinite", "worker", "fault")
+                 "stream", "inputs_nonfinite", "worker", "fault", "gpu_mode", "num_thread", "mnn_version", "bisect")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -58,6 +58,13 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "inputs_nonfinite": getattr(result, "inputs_nonfinite", None),
         "worker": getattr(result, "worker", None),
         "fault": getattr(result, "fault", None),
+        # The GPU mode that ran (None: the backend reads none, or the default cheapest tuning) and the
+        # numThread value the session was created with (threads on the CPU, mode flags on a GPU backend).
+        "gpu_mode": result.config.gpu_mode,
+        "num_thread": result.config.num_thread(),
+        # The MNN release that ran the item when it was not the report's mnn_version (--mnn-versions).
+        "mnn_version": getattr(result, "mnn_version", None),
+        "bisect": getattr(result, "bisect", None),
     }
 
 
@@ -112,6 +119,7 @@ def matrix_lines(records: list[dict[str, Any]]) -> list[str]:
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.extend(reference_lines(ran))
+    lines.extend(bisect_lines(records))
     lines.extend(risk_lines(records))
     reasons = OrderedDict()
     for r in skipped:
@@ -156,7 +164,10 @@ def _column(rec: dict[str, Any]) -> str:
         return "load"
     # --mnn-api both: the API is an axis of the matrix, as in the item ids.
     api = f"{rec['api']}-" if rec.get("api_axis") and rec.get("api") else ""
-    return f"{api}{rec['backend']}-{rec['precision']}"
+    release = f"mnn{rec['mnn_version']}-" if rec.get("mnn_version") and not rec.get("bisect") else ""
+    search = "bisect-" if rec.get("bisect") else ""
+    mode = f"-{rec['gpu_mode']}" if rec.get("gpu_mode") else ""
+    return f"{search}{release}{api}{rec['backend']}-{rec['precision']}{mode}"
 
 
 def _cell(rec: dict[str, Any]) -> str:
@@ -173,6 +184,25 @@ def _cell(rec: dict[str, Any]) -> str:
 
 
 GOLDEN = "golden"
+
+
+def bisect_lines(records: list[dict[str, Any]]) -> list[str]:
+    """One line per bisected model x configuration: the first release whose verdict changed, or none."""
+    lines = []
+    for rec in records:
+        found = rec.get("bisect")
+        if not found:
+            continue
+        where = f"{rec['model']} {rec['backend']}-{rec['precision']}"
+        if found.get("first_changed"):
+            metrics = found.get("metrics") or {}
+            lines.append(f"bisect {where}: first changed in {found['first_changed']} "
+                         f"({found['last_same']}: {metrics.get(found['last_same'], '?')}; "
+                         f"{found['first_changed']}: {metrics.get(found['first_changed'], '?')})")
+        else:
+            lines.append(f"bisect {where}: no change between {found['good']} and {found['bad']} "
+                         f"(checked {', '.join(found.get('steps') or [])})")
+    return lines
 
 
 def reference_lines(records: list[dict[str, Any]]) -> list[str]:
