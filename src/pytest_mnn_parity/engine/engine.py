@@ -107,7 +107,9 @@ class ParityEngine(Checker):
 
         def load() -> LoadedModel:
             shapes, sources = self.shapes_for(key)
-            return LoadedModel(Path(path), shapes, shape_sources=sources, max_input_mb=self.settings.max_input_mb)
+            return LoadedModel(Path(path), shapes, shape_sources=sources, max_input_mb=self.settings.max_input_mb,
+                               declared_dims=self.onnx.declared_dims(key),
+                               source_name=getattr(self.onnx.source_of(key), "name", ""))
 
         return remembered(self._models, key, load)
 

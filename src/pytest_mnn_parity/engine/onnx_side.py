@@ -83,6 +83,18 @@ class OnnxSide:
         source = self._sources.get(key)
         return source[1] if source else None
 
+    def declared_dims(self, key: Path) -> dict:
+        """For a converted model (by its cache key), the input dimensions its ONNX file declares; {} otherwise."""
+        source = self.source_of(key)
+        if source is None:
+            return {}
+        from ..onnx.runtime import declared_dims  # noqa: PLC0415 - imports onnx
+
+        try:
+            return declared_dims(source)
+        except Exception:  # noqa: BLE001 - only fills a message; the conversion already read the file
+            return {}
+
     def node_names(self, source) -> list[str] | None:
         """The ONNX graph's node names, as the localisation's layer table shows them; None if unreadable."""
         key = model_key(source)

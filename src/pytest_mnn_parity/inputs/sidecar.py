@@ -97,8 +97,7 @@ class Sidecar:
         name = label or model.path.name
         inputs = [s.name for s in model.info.inputs]
         outputs = list(model.info.output_names)
-        problems: list[str] = []
-        kinds = []
+        problems: list[tuple[str, str, str]] = []  # (key as written, kind of name, what is wrong)
         for table, given, kind, known in (("shapes", self.shapes, "input", inputs),
                                           ("tolerance.outputs", self.output_tolerances, "output", outputs),
                                           ("tolerance.layers", self.layer_tolerances, "layer", layer_names)):
@@ -107,22 +106,23 @@ class Sidecar:
             for key in given:
                 if key not in known:
                     where = f"[{table}] {key}" if table == "shapes" else f"[{table}.{_quote(key)}]"
-                    problems.append(f"{where}: no {kind} {key!r}{did_you_mean(key, known)}")
-                    kinds.append(kind)
+                    problems.append((where, kind, f"no {kind} {key!r}{did_you_mean(key, known)}"))
         if not problems:
             return
-        has = {"input": f"its inputs: {', '.join(inputs)}", "output": f"its outputs: {', '.join(outputs)}",
-               "layer": f"its layers: {_some(layer_names or ())} (the names of the layer table, see docs/layers.md)"}
-        names = "; ".join(has[k] for k in dict.fromkeys(kinds))
+        has = {"input": ", ".join(inputs), "output": ", ".join(outputs),
+               "layer": f"{_some(layer_names or ())}; the names of the layer table, see docs/layers.md"}
         if len(problems) == 1:
-            reason = f"{problems[0]} in the model {name}; {names}"
+            where, kind, wrong = problems[0]
+            reason = f"{where}: the model {name} has {wrong} (its {kind}s: {has[kind]})"
         else:
             reason = (f"{len(problems)} names that the model {name} does not have:\n    "
-                      + "\n    ".join(problems) + f"\n  {names}")
+                      + "\n    ".join(f"{where}: {wrong}" for where, _, wrong in problems) + "\n  "
+                      + "; ".join(f"its {kind}s: {has[kind]}" for kind in dict.fromkeys(k for _, k, _ in problems)))
         if self.table:  # a pyproject table: the keys are inside it
             reason = f"[{self.table}] {reason}"
-        raise SidecarError(self.file, reason, "rename each key to one of the model's names (a name given but not found "
-                                         "would be dropped without a word)")
+        fixes = {"input": "rename the key to one of the model's inputs", "output": "name one of the model's outputs",
+                 "layer": "name one of the model's layers (a tolerance for a layer no op has would apply to nothing)"}
+        raise SidecarError(self.file, reason, "; ".join(fixes[k] for k in dict.fromkeys(k for _, k, _ in problems)))
 
 
 def _some(names: Sequence[str], limit: int = 12) -> str:
