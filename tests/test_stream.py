@@ -120,8 +120,8 @@ def test_state_is_really_fed_back():
 
 
 @pytest.mark.parametrize(("declaration", "reason"), [
-    ("state->h", "the model has no output 'state' (outputs: "),
-    ("h_out->hidden", "the model has no input 'hidden' (inputs: h, x)"),
+    ("state->h", "the model has no output 'state' (its outputs: "),
+    ("h_out->hidden", "the model has no input 'hidden' (its outputs: h_out, y; its inputs: h, x)"),
     ("y->h", "state output 'y' has shape (1, 2) but state input 'h' takes (1, 8)"),
 ])
 def test_a_declaration_that_does_not_fit_the_model_is_a_model_error(declaration, reason):

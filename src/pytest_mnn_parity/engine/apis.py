@@ -72,7 +72,8 @@ class ApiSide:
 
         def load() -> ModuleModel:
             shapes, sources = self.engine.shapes_for(key)  # --mnn-input-shape and a sidecar's [shapes]
-            return ModuleModel(path, shapes, shape_sources=sources)
+            return ModuleModel(path, shapes, shape_sources=sources, declared_dims=self.engine.onnx.declared_dims(key),
+                               source_name=getattr(self.engine.onnx.source_of(key), "name", ""))
 
         return remembered(self._modules, key, load)
 

@@ -28,7 +28,7 @@ from ..mnn.failures import SHAPES_HINT, last_lines, mnn_said, runtime_error_text
 from ..mnn.limits import nonfinite_inputs
 from ..mnn.model import ModelError, model_key, remembered
 from ..mnn.runner import LoadedModel, RunConfig, check_same_interface, reference_config
-from ..mnn.weights import WeightRisk, fp16_weight_risks
+from ..mnn.weights import WeightRisk, fp16_weight_risks, op_names
 from ..onnx.variants import is_onnx
 from ..trace.capture import capture_layers
 from ..trace.compare import trace_target
@@ -107,9 +107,32 @@ class ParityEngine(Checker):
 
         def load() -> LoadedModel:
             shapes, sources = self.shapes_for(key)
-            return LoadedModel(Path(path), shapes, shape_sources=sources, max_input_mb=self.settings.max_input_mb)
+            return LoadedModel(Path(path), shapes, shape_sources=sources, max_input_mb=self.settings.max_input_mb,
+                               declared_dims=self.onnx.declared_dims(key),
+                               source_name=getattr(self.onnx.source_of(key), "name", ""))
 
         return remembered(self._models, key, load)
+
+    def user_label(self, path: os.PathLike | str, name_only: bool = False) -> str | None:
+        """How messages name a converted model: the user's ``.onnx`` and the variant, never the hash-named file
+        in the conversion cache; None for a model that is not a conversion."""
+        key = model_key(path)
+        source = self.onnx.source_of(key)
+        if source is None:
+            return None
+        return f"{source.name if name_only else source} (its {self.onnx.variant_of(key)} conversion)"
+
+    def layer_names(self, path: os.PathLike | str) -> list[str] | None:
+        """The names a per-layer tolerance of this model can match: the op names of an ``.mnn``, the node names
+        of an ``.onnx`` (its failures are localised to ONNX nodes); None when the file cannot be read for them."""
+        if is_onnx(path):
+            return self.onnx.node_names(path)
+        if self.settings.reference and is_onnx(self.settings.reference):  # localised against that ONNX model
+            return self.onnx.node_names(self.settings.reference)
+        try:
+            return op_names(path)
+        except (OSError, ValueError):
+            return None
 
     def release(self, path: os.PathLike | str) -> None:
         """Free a model's interpreter and sessions (MNN frees sessions with the interpreter only)."""
@@ -172,7 +195,7 @@ class ParityEngine(Checker):
         if key not in self._inputs:
             seed = self.settings.seed
             if input_set is not None:
-                self._inputs[key] = input_set.build(model, seed)
+                self._inputs[key] = input_set.build(model, seed, self.user_label(model.path, name_only=True))
             else:
                 self._inputs[key] = (generate_inputs(model.info.inputs, model.shapes, seed),
                                      generate_inputs(model.info.inputs, model.shapes, seed + 1))
@@ -470,7 +493,7 @@ class ParityEngine(Checker):
                 result.trace.method = f"{TRACE_VIA_SESSION}: {result.trace.method}"
             return
         if self.onnx.reference_path(model) is not None:
-            self.onnx.localise(result, model, config, tol, inputs)
+            self.onnx.localise(result, model, config, tol, inputs, layer_tolerances)
             return
         if self.bundle is not None:
             reference = self.reference(model, input_set, config).trace

@@ -20,7 +20,10 @@ _COLUMNS = ("output", "category", "max_abs", "max_rel", "cosine", "snr_db", "out
 def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str = "", reproduce: str = "") -> str:
     config = result.config
     lines = [_headline(result, error)]
-    lines.append(f"model:     {model.path} (sha256 {model.info.sha256[:12]})")
+    if result.conversion and result.variant:  # the user's .onnx first: the cache file is named on converted:
+        lines.append(f"model:     {result.model} (its {result.variant} conversion, sha256 {model.info.sha256[:12]})")
+    else:
+        lines.append(f"model:     {model.path} (sha256 {model.info.sha256[:12]})")
     if result.conversion:
         lines.append(f"converted: {result.conversion}")
     used = result.backend_used or "?"

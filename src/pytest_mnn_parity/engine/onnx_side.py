@@ -32,6 +32,7 @@ class OnnxSide:
         self._runtimes: dict[Path, object] = {}
         self._outputs: dict[tuple, tuple[dict, dict]] = {}
         self._risks: dict[tuple, list] = {}
+        self._node_names: dict[Path, list[str] | None] = {}
 
     @property
     def cache(self) -> ConversionCache:
@@ -61,6 +62,7 @@ class OnnxSide:
     def release(self, key: Path) -> list[Path]:
         """Forget an ONNX source; returns its converted models for the engine to release."""
         self._runtimes.pop(key, None)
+        self._node_names.pop(key, None)
         for memo in (self._outputs, self._risks):
             for k in [k for k in memo if k[0] == key]:
                 memo.pop(k)
@@ -80,6 +82,30 @@ class OnnxSide:
         """The conversion variant a converted model (by its cache key) was made as; None for any other model."""
         source = self._sources.get(key)
         return source[1] if source else None
+
+    def declared_dims(self, key: Path) -> dict:
+        """For a converted model (by its cache key), the input dimensions its ONNX file declares; {} otherwise."""
+        source = self.source_of(key)
+        if source is None:
+            return {}
+        from ..onnx.runtime import declared_dims  # noqa: PLC0415 - imports onnx
+
+        try:
+            return declared_dims(source)
+        except Exception:  # noqa: BLE001 - only fills a message; the conversion already read the file
+            return {}
+
+    def node_names(self, source) -> list[str] | None:
+        """The ONNX graph's node names, as the localisation's layer table shows them; None if unreadable."""
+        key = model_key(source)
+        if key not in self._node_names:
+            from ..onnx.localise import node_names  # noqa: PLC0415 - imports onnx
+
+            try:
+                self._node_names[key] = node_names(source)
+            except Exception:  # noqa: BLE001 - onnx raises many types for a bad file; conversion says why
+                self._node_names[key] = None
+        return self._node_names[key]
 
     # -- reference --------------------------------------------------------------
     def reference_path(self, model: LoadedModel) -> Path | None:
@@ -147,7 +173,7 @@ class OnnxSide:
 
     # -- localisation -----------------------------------------------------------
     def localise(self, result: "ParityResult", model: LoadedModel, config: RunConfig, tol: Tolerance,
-                 inputs: Mapping[str, np.ndarray]) -> None:
+                 inputs: Mapping[str, np.ndarray], layer_tolerances: Mapping[str, Tolerance] | None = None) -> None:
         """Fill ``result.trace`` and ``first_divergent_layer`` with the ONNX node to blame."""
         from ..onnx import localise as onnx_trace  # noqa: PLC0415
 
@@ -169,7 +195,8 @@ class OnnxSide:
             # The shapes the model itself was loaded with (--mnn-input-shape over a sidecar's [shapes]): probes
             # of a dynamic model need them as much as the model did.
             shapes = dict(getattr(model, "shapes", None) or self.engine.settings.input_shapes)
-            trace = onnx_trace.localise(onnx_path, flags, self.cache, config, inputs, tol, shapes, failing)
+            trace = onnx_trace.localise(onnx_path, flags, self.cache, config, inputs, tol, shapes, failing,
+                                        layer_tolerances=layer_tolerances)
         except ImportError as exc:
             trace = onnx_trace.OnnxTraceResult([], [], [], onnx_trace.METHOD,
                                                notes=[f"localisation needs the onnx package ({exc})"])

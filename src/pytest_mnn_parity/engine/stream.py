@@ -164,7 +164,7 @@ class StreamSide:
         from .explain import failure_message
 
         try:
-            check_declaration(model, spec)
+            check_declaration(model, spec, self.engine.user_label(model.path))
             reference = self.reference(model, spec)
             target = run_stream(model, config, spec, self._step_inputs(model, spec))
         except ModelError as exc:

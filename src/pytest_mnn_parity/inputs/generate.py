@@ -22,6 +22,9 @@ _SHAPE = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+(?:\s*[x,]\s*\d+)*)\s*$")
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """``image=1x3x512x512`` -> ``("image", (1, 3, 512, 512))``."""
     match = _SHAPE.match(text)
+    if not match and "{" in text:  # a pasted template whose placeholders were not filled in
+        raise ValueError(f"--mnn-input-shape {text!r}: replace each {{NAME}} by a size, e.g. "
+                         f"{re.sub(r'[{][^}]*[}]', '16', text)}")
     if not match:
         raise ValueError(f"--mnn-input-shape {text!r}: expected NAME=DIMxDIMx..., e.g. image=1x3x512x512")
     dims = tuple(int(d) for d in re.split(r"\s*[x,]\s*", match.group(2)))

@@ -195,16 +195,22 @@ class InputSet:
 
         return f"{self.name}{origin}: " + ", ".join(f"{k} <- {one(k, s)}" for k, s in self.sources.items())
 
-    def build(self, model, default_seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Input sets A and B (A mirrored) for ``model`` (a ``LoadedModel``), validated against its inputs."""
+    def build(self, model, default_seed: int, label: str | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Input sets A and B (A mirrored) for ``model`` (a ``LoadedModel``), validated against its inputs;
+        ``label`` names the model in messages (the user's ``.onnx`` rather than its conversion)."""
         if self.error is not None:
             raise self.error
         where = self.where or Where(Path(str(model.path)), f"input_sets.{self.name}")
         names = [spec.name for spec in model.info.inputs]
         unknown = [k for k in self.sources if k not in names]
         if unknown:
-            raise where.at(unknown[0]).error(f"the model {model.path.name} has no input {unknown[0]!r} (its inputs: "
-                                             f"{', '.join(names)})", "rename the key to one of the model's inputs")
+            from ..mnn.backends import did_you_mean  # noqa: PLC0415 - difflib, only for this message
+
+            said = "; ".join(f"{k!r}{did_you_mean(k, names)}" for k in unknown)
+            raise where.at(unknown[0]).error(
+                f"the model {label or model.path.name} has no input {said} (its inputs: {', '.join(names)})",
+                "rename the key to one of the model's inputs")
         missing = [n for n in names if n not in self.sources]
         if missing:
             raise where.error(f"no source for input {missing[0]!r} (the model's inputs: {', '.join(names)})",

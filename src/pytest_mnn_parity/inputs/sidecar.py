@@ -20,10 +20,10 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..core.tolerances import OVERRIDABLE, resolve
-from ..mnn.backends import canonical_backend, canonical_precision
+from ..mnn.backends import canonical_backend, canonical_precision, did_you_mean
 from .generate import parse_input_shape
 from .sets import InputSet, SidecarError, Where, parse_source
 from .stream_spec import StreamSpec
@@ -89,20 +89,45 @@ class Sidecar:
         given = self.layer_tolerances.get(layer)
         return (f"{self.source} layers.{layer}", given) if given else None
 
-    def check_model(self, model) -> None:
-        """What needs the loaded model: [shapes] and [tolerance.outputs] name real inputs and outputs."""
+    def check_model(self, model, label: str | None = None, layer_names: Sequence[str] | None = None) -> None:
+        """What needs the loaded model: every name the sidecar gives ([shapes], [tolerance.outputs],
+        [tolerance.layers] when ``layer_names`` is known) is one of the model's, or one error lists them all.
+
+        ``label`` is how the model is named (the user's ``.onnx`` rather than its hash-named conversion)."""
+        name = label or model.path.name
         inputs = [s.name for s in model.info.inputs]
-        for name in self.shapes:
-            if name not in inputs:
-                raise self.where("shapes", name).error(
-                    f"the model {model.path.name} has no input {name!r} (its inputs: {', '.join(inputs)})",
-                    "rename the key to one of the model's inputs")
         outputs = list(model.info.output_names)
-        for name in self.output_tolerances:
-            if name not in outputs:
-                raise self.where(f"tolerance.outputs.{_quote(name)}").error(
-                    f"the model {model.path.name} has no output {name!r} (its outputs: {', '.join(outputs)})",
-                    "name one of the model's outputs")
+        problems: list[tuple[str, str, str]] = []  # (key as written, kind of name, what is wrong)
+        for table, given, kind, known in (("shapes", self.shapes, "input", inputs),
+                                          ("tolerance.outputs", self.output_tolerances, "output", outputs),
+                                          ("tolerance.layers", self.layer_tolerances, "layer", layer_names)):
+            if known is None:
+                continue  # the model's layers could not be read: nothing to check them against
+            for key in given:
+                if key not in known:
+                    where = f"[{table}] {key}" if table == "shapes" else f"[{table}.{_quote(key)}]"
+                    problems.append((where, kind, f"no {kind} {key!r}{did_you_mean(key, known)}"))
+        if not problems:
+            return
+        has = {"input": ", ".join(inputs), "output": ", ".join(outputs),
+               "layer": f"{_some(layer_names or ())}; the names of the layer table, see docs/layers.md"}
+        if len(problems) == 1:
+            where, kind, wrong = problems[0]
+            reason = f"{where}: the model {name} has {wrong} (its {kind}s: {has[kind]})"
+        else:
+            reason = (f"{len(problems)} names that the model {name} does not have:\n    "
+                      + "\n    ".join(f"{where}: {wrong}" for where, _, wrong in problems) + "\n  "
+                      + "; ".join(f"its {kind}s: {has[kind]}" for kind in dict.fromkeys(k for _, k, _ in problems)))
+        if self.table:  # a pyproject table: the keys are inside it
+            reason = f"[{self.table}] {reason}"
+        fixes = {"input": "rename the key to one of the model's inputs", "output": "name one of the model's outputs",
+                 "layer": "name one of the model's layers (a tolerance for a layer no op has would apply to nothing)"}
+        raise SidecarError(self.file, reason, "; ".join(fixes[k] for k in dict.fromkeys(k for _, k, _ in problems)))
+
+
+def _some(names: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def find_sidecar(model_path: Path, rootpath: Path) -> Sidecar | None:

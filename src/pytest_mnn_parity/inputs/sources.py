@@ -129,7 +129,11 @@ class ImageSource(Source):
     def describe(self, target: Target | None = None) -> str:
         scale = "/255" if self.scale is None else f"x{self.scale:g}"
         extra = "" if self.mean == (0.0,) and self.std == (1.0,) else f", mean {list(self.mean)}, std {list(self.std)}"
-        return f"{self.path.name} ({_fitted(self.path, target, self.layout, self.resample)}{self.color}, {scale}{extra})"
+        mode = _picture_mode(self.path)
+        color = (f"{mode} picture as {self.color}" if mode and mode != ("L" if self.color == "GRAY" else "RGB")
+                 else self.color)
+        return (f"{self.path.name} ({_fitted(self.path, target, self.layout, self.resample)}{color}, {scale}{extra}"
+                f"{_placed(target, self.layout)})")
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,8 @@ class MaskSource(Source):
 
     def describe(self, target: Target | None = None) -> str:
         fitted = _fitted(self.path, target, self.layout, self.resample)
-        return f"{self.path.name} ({fitted}mask, >= {self.threshold:g}{', inverted' if self.invert else ''})"
+        return (f"{self.path.name} ({fitted}mask, >= {self.threshold:g}{', inverted' if self.invert else ''}"
+                f"{_placed(target, self.layout)})")
 
 
 @dataclass(frozen=True)
@@ -201,7 +206,9 @@ class ArraySource(Source):
                            "save the array with the model's input shape (or set [shapes] for dynamic dimensions)")
 
     def describe(self, target: Target | None = None) -> str:
-        return self.path.name + (f"[{self.key}]" if self.key else "")
+        name = self.path.name + (f"[{self.key}]" if self.key else "")
+        stored = _stored_dtype(self.path) if target is not None and self.key is None else None
+        return name + (f" ({stored} cast to {target.dtype})" if stored is not None and stored != target.dtype else "")
 
 
 @dataclass(frozen=True)
@@ -314,6 +321,36 @@ def _fitted(path: Path, target: Target | None, layout: str | None, resample: str
     if size == (w, h):
         return ""
     return f"resized {size[0]}x{size[1]} -> {w}x{h} ({resample}), "
+
+
+def _picture_mode(path: Path) -> str:
+    """The picture's Pillow mode (``RGBA``, ``L``, ``P``...), "" when it cannot be read here (the load says why)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return img.mode
+    except (OSError, ValueError):
+        return ""
+
+
+def _placed(target: Target | None, layout: str | None) -> str:
+    """How the picture's pixels (height x width x channels) became the input: its layout, and a batch of copies."""
+    if target is None or len(target.shape) != 4:
+        return ""
+    layout, n = layout or target.layout, target.shape[0]
+    return f", as {layout}" + (f", the same picture {n} times in the batch" if n > 1 else "") + (
+        f", {target.dtype}" if target.dtype.kind != "f" else "")
+
+
+def _stored_dtype(path: Path) -> np.dtype | None:
+    """The dtype an .npy file stores (read from its header alone); None for anything else."""
+    if path.suffix != ".npy":
+        return None
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False).dtype
+    except (OSError, ValueError):
+        return None
 
 
 def _fit(img, size: tuple[int, int], resize: bool, resample: str, where: Where, target: Target):

@@ -123,20 +123,20 @@ def spec_for(specs, path: os.PathLike | str) -> StreamSpec | None:
     return (scoped or unscoped or [None])[0]
 
 
-def check_declaration(model, spec: StreamSpec) -> None:
-    """The declared names exist in the model; the message names the key and what the model has."""
-    inputs = {s.name for s in model.info.inputs}
-    for out, inp in spec.state:
-        if out not in model.info.output_names:
-            raise ModelError(model.path, f"{spec.label()}: the model has no output {out!r} "
-                                         f"(outputs: {', '.join(model.info.output_names)})",
-                             "name a state output of this model, or scope the declaration to other models "
-                             "with model=GLOB")
-        if inp not in inputs:
-            raise ModelError(model.path, f"{spec.label()}: the model has no input {inp!r} "
-                                         f"(inputs: {', '.join(sorted(inputs))})",
-                             "name a state input of this model, or scope the declaration to other models "
-                             "with model=GLOB")
+def check_declaration(model, spec: StreamSpec, label: str | None = None) -> None:
+    """The declared names exist in the model; one message names every one that does not, with what the model
+    has and the closest name.  ``label`` names the model (the user's ``.onnx`` rather than its conversion)."""
+    from ..mnn.backends import did_you_mean  # noqa: PLC0415 - difflib, only for this message
+
+    inputs = [s.name for s in model.info.inputs]
+    outputs = list(model.info.output_names)
+    wrong = [f"no output {out!r}{did_you_mean(out, outputs)}" for out, _ in spec.state if out not in outputs]
+    wrong += [f"no input {inp!r}{did_you_mean(inp, inputs)}" for _, inp in spec.state if inp not in inputs]
+    if wrong:
+        raise ModelError(label or model.path, f"{spec.label()}: the model has {', '.join(wrong)} (its outputs: "
+                                              f"{', '.join(outputs)}; its inputs: {', '.join(inputs)})",
+                         "name the model's state outputs and inputs, or scope the declaration to other models "
+                         "with model=GLOB")
 
 
 def step_inputs(model, spec: StreamSpec, seed: int) -> list[dict[str, np.ndarray]]:

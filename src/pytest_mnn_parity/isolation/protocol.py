@@ -350,7 +350,8 @@ def sidecar_problem(engine: ParityEngine, model_path: str, variant: str | None, 
     except ModelError:
         return None  # the check itself says why the model cannot load
     try:
-        sidecar.check_model(model)
+        sidecar.check_model(model, Path(model_path).name,
+                            engine.layer_names(model_path) if sidecar.layer_tolerances else None)
     except ModelError as exc:
         return exc
     return None

@@ -30,8 +30,21 @@ class ModelError(Exception):
         if fix:
             text += f"\n  fix: {fix}"
         if log.strip():
-            text += "\n  MNN said: " + " | ".join(line.strip() for line in log.splitlines() if line.strip())[:600]
+            text += "\n  MNN said: " + said(log)
         super().__init__(text)
+
+
+def said(log: str, limit: int = 600) -> str:
+    """A log's lines joined with " | ", whole lines only, up to about ``limit`` characters: a line cut mid-word
+    reads as another error, so the rest is counted instead of cut."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    shown: list[str] = []
+    for line in lines:
+        if shown and sum(len(s) + 3 for s in shown) + len(line) > limit:
+            break
+        shown.append(line)
+    rest = len(lines) - len(shown)
+    return " | ".join(shown) + (f" ... ({rest} more line{'s' if rest > 1 else ''})" if rest else "")
 
 
 @functools.lru_cache(maxsize=1024)

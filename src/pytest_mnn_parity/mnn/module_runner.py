@@ -31,7 +31,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -102,6 +102,9 @@ class ModuleModel:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     # Where a shape came from, per input (a sidecar's [shapes]), as for LoadedModel.
     shape_sources: Mapping[str, str] = field(default_factory=dict)
+    # What the source model declares per input and its file name, as for LoadedModel (a dynamic input's message).
+    declared_dims: Mapping[str, Sequence[int | str | None]] = field(default_factory=dict)
+    source_name: str = ""
     api = API_MODULE
 
     def __post_init__(self):

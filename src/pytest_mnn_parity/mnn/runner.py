@@ -16,10 +16,11 @@ Sessions are only freed when their interpreter is destroyed, so a
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -156,6 +157,23 @@ class _Session:
     seconds: float
 
 
+def shape_template(spec: TensorSpec, declared: Sequence[int | str | None] | None = None) -> str:
+    """A shape to paste for a dynamic input: its known sizes, ``{name}`` for each dimension to fill (the name the
+    source model gives it, else its place in the layout: ``{H}``, ``{W}``; ``{dim2}`` without one)."""
+    layout = {"NCHW": "NCHW", "NHWC": "NHWC"}.get(spec.layout, "") if len(spec.shape) == 4 else ""
+    dims = []
+    for i, size in enumerate(spec.shape):
+        given = declared[i] if declared is not None and i < len(declared) else None
+        if size > 0:
+            dims.append(str(size))
+        elif isinstance(given, int) and given > 0:
+            dims.append(str(given))
+        else:
+            name = given if isinstance(given, str) and given.strip() else (layout[i] if layout else f"dim{i}")
+            dims.append("{" + re.sub(r"[^A-Za-z0-9_.]", "_", name) + "}")
+    return "x".join(dims)
+
+
 @dataclass
 class LoadedModel:
     """An interpreter kept alive with its sessions, plus what we know of the model."""
@@ -167,6 +185,12 @@ class LoadedModel:
     # Refuse inputs above this many MiB per input set before allocating them
     # (``limits.check_input_budget``); None: no limit.
     max_input_mb: float | None = None
+    # What the model's source declares per input (an ONNX model's dims: sizes, names of symbolic dims, None),
+    # so that a dynamic input's message can be filled with them.
+    declared_dims: Mapping[str, Sequence[int | str | None]] = field(default_factory=dict)
+    # The file the user named, when this one was made from it (an ONNX model's conversion): its sidecar is
+    # the one messages point to.
+    source_name: str = ""
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -234,16 +258,17 @@ class LoadedModel:
             shapes[spec.name] = given
         if dynamic:
             # Every dynamic input at once, with a line ready to paste: one try, not one run per input.
-            examples = {spec.name: "x".join(str(d) if d > 0 else "N" for d in spec.shape) for spec in dynamic}
+            examples = {spec.name: shape_template(spec, self.declared_dims.get(spec.name)) for spec in dynamic}
             flags = " ".join(f"--mnn-input-shape {name}={shape}" for name, shape in examples.items())
-            snippet = "[shapes] " + ", ".join(f'{name} = "{shape}"' for name, shape in examples.items())
+            snippet = "\n".join(["[shapes]", *(f'{name} = "{shape}"' for name, shape in examples.items())])
             if len(dynamic) == 1:
                 what = f"input {dynamic[0].name!r} has dynamic shape {dynamic[0].describe()}"
             else:
                 what = f"{len(dynamic)} inputs have dynamic shapes: " + ", ".join(s.describe() for s in dynamic)
             raise ModelError(self.path, what,
-                             f"give concrete shapes (replace each N by a size): {flags} - or in the model's sidecar: "
-                             f"{snippet}")
+                             f"give concrete shapes, each {{NAME}} replaced by a size:\n    {flags}\n"
+                             f"  or in the model's sidecar {self.source_name or self.path.name}.toml:\n    "
+                             + snippet.replace("\n", "\n    "))
         return shapes
 
     # -- sessions ---------------------------------------------------------------

@@ -222,6 +222,23 @@ def iter_weights(path) -> Iterator[WeightTensor]:
             yield from _const(r, external, name, params)
 
 
+def op_names(path) -> list[str]:
+    """Every op's name in file order (main graph, then subgraphs): the names a per-layer tolerance
+    (``[tolerance.layers.NAME]``) can match.  Raise ValueError on a malformed file."""
+    path = Path(path)
+    data = path.read_bytes()
+    r = _Reader(data, path.name)
+    if len(data) < 8:
+        r.fail("shorter than a FlatBuffers header")
+    net = r.deref(0)
+    ops = r.tables(net, _NET_OPLISTS)
+    for graph in r.tables(net, _NET_SUBGRAPHS):
+        ops += r.tables(graph, _SUBGRAPH_NODES)
+        if len(ops) > len(data) // 8:
+            r.fail("its subgraphs reference more ops than the file can hold")
+    return list(dict.fromkeys(r.string(op, _OP_NAME) for op in ops))
+
+
 def _conv(r: _Reader, external: _External, name: str, conv: int, op_type: str) -> Iterator[WeightTensor]:
     compressed = r.field(conv, _CONV_QUAN) is not None or r.field(conv, _CONV_SYMQUAN) is not None
     weight = r.array(conv, _CONV_WEIGHT, "<f4")

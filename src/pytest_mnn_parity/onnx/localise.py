@@ -106,6 +106,14 @@ def graph_from_onnx(model) -> Graph:
     return Graph(nodes, producer, candidates)
 
 
+def node_names(onnx_path) -> list[str]:
+    """The graph's node names as the layer table names them (a node without a name: its first output)."""
+    import onnx  # noqa: PLC0415
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return list(dict.fromkeys(proto.name or proto.output[0] for proto in model.graph.node))
+
+
 Probe = Callable[[Sequence[str]], Mapping[str, "TensorJudgement | None"]]
 
 
@@ -226,6 +234,9 @@ class Prober:
         self.inputs, self.tol, self.input_shapes, self.failing = inputs, tol, input_shapes, failing
         self.unmatched: list[str] = []
         self.errors: list[str] = []
+        # A sidecar's [tolerance.layers.NODE], by the name of the node that produces each tensor.
+        self.layer_tolerances: Mapping[str, Tolerance] = {}
+        self.node_of: dict[str, str] = {}
 
     def __call__(self, tensors: Sequence[str]) -> dict[str, TensorJudgement | None]:
         from .runtime import OnnxRuntimeModel  # noqa: PLC0415
@@ -253,9 +264,10 @@ class Prober:
             if tensor not in self.unmatched:
                 self.unmatched.append(tensor)
             return None
-        m = compare(target, ref, atol=self.tol.atol, rtol=self.tol.rtol)
-        failed = fails_tolerance(m, self.tol)
-        return TensorJudgement(0, m, failed, health_flags(target, ref, m, self.tol) if failed else [])
+        tol = self.layer_tolerances.get(self.node_of.get(tensor, ""), self.tol)
+        m = compare(target, ref, atol=tol.atol, rtol=tol.rtol)
+        failed = fails_tolerance(m, tol)
+        return TensorJudgement(0, m, failed, health_flags(target, ref, m, tol) if failed else [])
 
     def _write_copy(self, tensors: Sequence[str]) -> Path:
         import onnx  # noqa: PLC0415
@@ -315,10 +327,14 @@ class OnnxTraceResult(TraceResult):
 
 def localise(onnx_path: Path, flags: Sequence[str], cache, config: RunConfig, inputs: Mapping[str, np.ndarray],
              tol: Tolerance, input_shapes: Mapping[str, tuple[int, ...]], failing: str,
-             per_probe: int = PER_PROBE) -> OnnxTraceResult:
-    """Localise the divergence of output ``failing`` to an ONNX node (see the module docstring)."""
+             per_probe: int = PER_PROBE, layer_tolerances: Mapping[str, Tolerance] | None = None
+             ) -> OnnxTraceResult:
+    """Localise the divergence of output ``failing`` to an ONNX node (see the module docstring); a node named
+    in ``layer_tolerances`` has its outputs judged with that tolerance."""
     prober = Prober(onnx_path, flags, cache, config, inputs, tol, input_shapes, failing)
     graph = graph_from_onnx(prober.base)
+    prober.layer_tolerances = dict(layer_tolerances or {})
+    prober.node_of = {tensor: graph.nodes[index].name for tensor, index in graph.producer.items()}
     outcome = search(graph, failing, prober, per_probe)
     return build_result(graph, outcome, prober)
 

@@ -102,6 +102,21 @@ class OnnxRuntimeModel:
         return {name: as_mnn_dtype(np.asarray(value)) for name, value in zip(wanted, values)}
 
 
+def declared_dims(onnx_path: os.PathLike | str) -> dict[str, tuple[int | str | None, ...]]:
+    """Per graph input, the dimensions the ONNX file declares: a size, the name of a symbolic dimension, or None."""
+    import onnx  # noqa: PLC0415
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+    dims = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims[value.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else
+                                 (d.dim_param or None) for d in value.type.tensor_type.shape.dim)
+    return dims
+
+
 def as_mnn_dtype(array: np.ndarray) -> np.ndarray:
     """An ORT output in the dtype an MNN session reports for the same tensor."""
     if array.dtype in (np.float64, np.float16):

@@ -12,7 +12,7 @@ from ..engine.results import ParityResult
 from ..engine.search import describe_inputs, replay_snippet, save, search, seed_from
 from ..inputs.sets import InputSet
 from ..inputs.sidecar import Sidecar, find_sidecar
-from ..mnn.backends import forward_name
+from ..mnn.backends import did_you_mean, forward_name
 from ..mnn.model import ModelError
 from ..onnx.variants import is_onnx
 from .items import PARITY_RUN, ModelLoadFailure, ParityFailure, ParityItem, node_id_path
@@ -63,7 +63,8 @@ class SidecarSupport:
         chosen = [name for name in declared if name in wanted]
         if not chosen:
             where = sidecar.file if sidecar is not None else model_path
-            raise ModelError(where, f"--mnn-input-sets {','.join(wanted)}: {Path(model_path).name} declares "
+            close = "".join(did_you_mean(name, declared) for name in wanted)
+            raise ModelError(where, f"--mnn-input-sets {','.join(wanted)}{close}: {Path(model_path).name} declares "
                                     f"{'input sets ' + ', '.join(declared) if declared else 'no input sets'}",
                              "name declared input sets (see docs/inputs.md), or drop --mnn-input-sets")
         return chosen
@@ -127,7 +128,8 @@ class SidecarSupport:
         model = self._model(item)
         if model is None:
             return  # the engine reports why the model cannot load
-        sidecar.check_model(model)
+        sidecar.check_model(model, Path(item.model_path).name, self.run.engine.layer_names(item.model_path)
+                            if sidecar.layer_tolerances else None)
         key = Path(model.path).resolve()
         if key not in self._validated:
             self._validated.add(key)
