@@ -301,8 +301,12 @@ class ParityEngine(Checker):
 
     def _compute_reference(self, model: LoadedModel, input_set: InputSet | None = None) -> Reference:
         inputs_a, inputs_b = self.inputs(model, input_set)
+        if input_set is not None and input_set.expected is not None:
+            return self.onnx.stored_reference(model, input_set, inputs_a, inputs_b)  # ONNX test data
         if self.onnx.reference_path(model) is not None:
-            return self.onnx.reference(model, inputs_a, inputs_b)
+            reference = self.onnx.try_reference(model, inputs_a, inputs_b)
+            if reference is not None:
+                return reference
         if self.settings.reference and self.bundle is None:  # a bundle's live reference is the model itself
             ref_model = self.reference_model(model)
             check_same_interface(model, ref_model)
@@ -312,6 +316,10 @@ class ParityEngine(Checker):
             description = f"same model on {self.reference_config.describe()}"
         if _api(model) != "session":
             description += f" ({_api(model)} API)"
+        fallback = self.onnx.fallback_note(model)
+        if fallback:  # ONNX Runtime refused the ONNX model: say what the reference is instead, and what it cannot see
+            description += (f"; ONNX Runtime cannot be the reference ({fallback}): CPU/high agrees with itself by "
+                            "construction, other configurations are judged against it")
         # The activation scan needs per-op callbacks, which only sessions have.
         scanner = RiskScanner() if self.settings.layers != "off" and _api(model) == "session" else None
         run_a = ref_model.run(self.reference_config, inputs_a, observer=scanner)
@@ -330,7 +338,8 @@ class ParityEngine(Checker):
                                                                   min_fraction=WEIGHT_RISK_MIN_FRACTION))
             except ValueError:
                 pass  # MNN loaded the file, so a reader gap is ours: skip the scan, never fail the model
-        return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [], weight_risks)
+        return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [], weight_risks,
+                         label="cpu (onnxruntime cannot load the model)" if fallback else "")
 
     # -- the check --------------------------------------------------------------
     def tolerance(self, config: RunConfig, layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),

@@ -33,6 +33,8 @@ class OnnxSide:
         self._outputs: dict[tuple, tuple[dict, dict]] = {}
         self._risks: dict[tuple, list] = {}
         self._node_names: dict[Path, list[str] | None] = {}
+        # ONNX files ONNX Runtime refused (by key), with its words: their models fall back to another reference.
+        self._unloadable: dict[Path, str] = {}
 
     @property
     def cache(self) -> ConversionCache:
@@ -63,6 +65,7 @@ class OnnxSide:
         """Forget an ONNX source; returns its converted models for the engine to release."""
         self._runtimes.pop(key, None)
         self._node_names.pop(key, None)
+        self._unloadable.pop(key, None)
         for memo in (self._outputs, self._risks):
             for k in [k for k in memo if k[0] == key]:
                 memo.pop(k)
@@ -115,7 +118,62 @@ class OnnxSide:
         if given:
             return Path(given) if is_onnx(given) else None
         source = self._sources.get(model_key(model.path))
-        return source[0] if source else None
+        if source is None or model_key(source[0]) in self._unloadable:
+            return None  # ONNX Runtime cannot load it: the model is judged as a .mnn would be (see fallback_note)
+        return source[0]
+
+    def fallback_note(self, model: LoadedModel) -> str:
+        """Why a converted model has no ONNX Runtime reference ("" when it has one or is no conversion)."""
+        source = self._sources.get(model_key(model.path))
+        return self._unloadable.get(model_key(source[0]), "") if source is not None else ""
+
+    def try_reference(self, model: LoadedModel, inputs_a, inputs_b) -> "Reference | None":
+        """``reference``, or None where ONNX Runtime refuses the model the run converted itself (an old opset):
+        remembered, so the engine falls back to MNN's own reference configuration with a note, never to a bare
+        model_error.  An ONNX file named by --mnn-reference is the user's choice and fails as before."""
+        from ..onnx.runtime import RuntimeLoadError  # noqa: PLC0415
+
+        try:
+            return self.reference(model, inputs_a, inputs_b)
+        except RuntimeLoadError as exc:
+            if self.engine.settings.reference:
+                raise
+            self._unloadable[model_key(exc.path)] = exc.reason
+            return None
+
+    def stored_reference(self, model: LoadedModel, input_set, inputs_a, inputs_b) -> "Reference":
+        """An ONNX test-data set's stored outputs as the reference of input set A (``inputs.test_data``).
+
+        They exist for A only; B (A mirrored, for the stale-output check) is judged against ONNX Runtime where it
+        loads the model, else against MNN's own reference configuration."""
+        from ..inputs.test_data import REFERENCE_LABEL  # noqa: PLC0415
+        from ..onnx.runtime import RuntimeLoadError, as_mnn_dtype  # noqa: PLC0415
+        from .results import Reference, ReferenceRunError  # noqa: PLC0415
+
+        expected = {name: as_mnn_dtype(np.asarray(array)) for name, array in input_set.expected.items()}
+        outputs_b, note, path = None, "", self.reference_path(model)
+        if path is not None:
+            try:
+                runtime = self.runtime(path)
+                outputs_b, b_from = dict(runtime.run(inputs_b)), "ONNX Runtime"
+            except RuntimeLoadError as exc:
+                if not self.engine.settings.reference:
+                    self._unloadable[model_key(exc.path)] = exc.reason
+                note = exc.reason
+            except ModelError as exc:  # ORT loads it but cannot run B: set A's stored outputs still judge
+                note = exc.reason
+        if outputs_b is None:
+            config = self.engine.reference_config
+            run = model.run(config, inputs_b)
+            if not run.ok:
+                raise ReferenceRunError(model.path, run, model.session_backend(config)[1])
+            outputs_b, b_from = run.outputs, f"this model on {config.describe()}"
+            note = note or self.fallback_note(model)
+            if note:
+                b_from += f" ({note})"
+        description = (f"stored outputs {input_set.expected_from} (ONNX test data); set B (A mirrored) against "
+                       f"{b_from}")
+        return Reference(description, expected, dict(outputs_b), label=REFERENCE_LABEL)
 
     def runtime(self, path: Path):
         from ..onnx.runtime import OnnxRuntimeModel  # noqa: PLC0415

@@ -177,6 +177,10 @@ class InputSet:
     error: SidecarError | None = None
     origin: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Outputs stored with the inputs (an ONNX test-data set's output_*.pb, see test_data): the reference of
+    # input set A instead of a reference run.
+    expected: dict[str, np.ndarray] | None = None
+    expected_from: str = ""
 
     @classmethod
     def from_arrays(cls, name: str, arrays: Mapping[str, np.ndarray], label: str = "array") -> "InputSet":

@@ -9,7 +9,11 @@ in the rootdir's ``pyproject.toml``) declares, for one model:
   tolerance overrides for the whole model, one output, one traced layer;
 * ``[[xfail]]``: configurations expected to fail, with the reason;
 * ``[stream]``: a streaming model's state (``state = {h_out = "h"}``, ``steps``),
-  as ``--mnn-stream`` declares it (see ``stream``).
+  as ``--mnn-stream`` declares it (see ``stream``);
+* ``test_data``: ONNX test-data folders (``test_data_set_N/input_*.pb``,
+  ``output_*.pb``), each an input set whose stored outputs are its reference
+  (see ``test_data``).  Without the key, the ``test_data_set_N`` folders beside
+  the model are read, also when the model has no sidecar.
 
 Paths are relative to the file that declares them.  Everything that needs no
 model is checked when the file is read; errors name the file, the key and the fix.
@@ -24,11 +28,12 @@ from typing import Any, Mapping, Sequence
 
 from ..core.tolerances import OVERRIDABLE, resolve
 from ..mnn.backends import canonical_backend, canonical_precision, did_you_mean
+from . import test_data as onnx_test_data
 from .generate import parse_input_shape
 from .sets import InputSet, SidecarError, Where, parse_source
 from .stream_spec import StreamSpec
 
-TOP_KEYS = ("shapes", "input_sets", "tolerance", "xfail", "stream")
+TOP_KEYS = ("shapes", "input_sets", "tolerance", "xfail", "stream", "test_data")
 PYPROJECT_TABLE = "tool.mnn-parity.models"
 _SET_NAME = re.compile(r"^[A-Za-z0-9_.+]+(?:-[A-Za-z0-9_.+]+)*$")
 
@@ -147,16 +152,21 @@ def find_sidecar(model_path: Path, rootpath: Path) -> Sidecar | None:
             if key == model_path.name or _same_file(pyproject.parent / key, model_path):
                 found.append((pyproject, f'{PYPROJECT_TABLE}.{_quote(key)}', table))
     if not found:
-        return None
+        if not onnx_test_data.beside(model_path):
+            return None
+        # Test-data sets beside the model and no sidecar: the sets alone, as if a sidecar declared them.
+        return parse_sidecar(model_path, "", {}, _label(model_path, rootpath), model_path)
     if len(found) > 1:
         places = [f"{f.name} [{t}]" if t else str(f) for f, t, _ in found]
         raise SidecarError(found[0][0], f"{model_path.name} is configured in {len(found)} places: {', '.join(places)}",
                            "keep one of them")
     file, table, data = found[0]
-    return parse_sidecar(file, table, data, _label(file, rootpath))
+    return parse_sidecar(file, table, data, _label(file, rootpath), model_path)
 
 
-def parse_sidecar(file: Path, table: str, data: Any, label: str) -> Sidecar:
+def parse_sidecar(file: Path, table: str, data: Any, label: str, model_path: Path | None = None) -> Sidecar:
+    """``model_path``: the model the sidecar is for, whose ONNX test-data sets (declared by ``test_data``, or
+    beside it) join the input sets."""
     sidecar = Sidecar(Path(file), table, label)
     if not isinstance(data, dict):
         raise sidecar.where().error(f"expected a table, got {type(data).__name__}",
@@ -168,6 +178,8 @@ def parse_sidecar(file: Path, table: str, data: Any, label: str) -> Sidecar:
     sidecar.shapes = _shapes(sidecar, _table(sidecar, data, "shapes"))
     for name, value in _table(sidecar, data, "input_sets").items():
         sidecar.input_sets.append(_input_set(sidecar, name, value))
+    if model_path is not None or "test_data" in data:
+        sidecar.input_sets += _test_data(sidecar, data.get("test_data"), model_path)
     _tolerances(sidecar, _table(sidecar, data, "tolerance"))
     xfails = data.get("xfail", [])
     if not isinstance(xfails, list) or not all(isinstance(x, dict) for x in xfails):
@@ -177,6 +189,39 @@ def parse_sidecar(file: Path, table: str, data: Any, label: str) -> Sidecar:
     if "stream" in data:
         sidecar.stream = _stream(sidecar, _table(sidecar, data, "stream"))
     return sidecar
+
+
+def _test_data(sidecar: Sidecar, value: Any, model_path: Path | None) -> list[InputSet]:
+    """The ONNX test-data sets: the folders ``test_data`` names (each a ``test_data_set_N`` folder or a
+    folder holding some), or, without the key, the ``test_data_set_N`` folders beside the model."""
+    if value is None:
+        folders = onnx_test_data.beside(model_path) if model_path is not None else []
+    else:
+        where = sidecar.where(key="test_data")
+        given = [value] if isinstance(value, str) else value
+        if not isinstance(given, list) or not given or not all(isinstance(v, str) and v for v in given):
+            raise where.error(f"expected a folder or a list of folders, got {value!r}",
+                              'write test_data = "test_data_set_0" or test_data = ["sets/a", "sets/b"]')
+        folders = []
+        for text in given:
+            folder = Path(text) if Path(text).is_absolute() else sidecar.base / text
+            found = onnx_test_data.set_folders(folder)
+            if not found:
+                what = "no such folder" if not folder.is_dir() else "no test_data_set_N folder (with input_*.pb) in it"
+                raise where.error(f"{text}: {what} ({folder})",
+                                  "name a test_data_set_N folder holding input_*.pb (and output_*.pb), or the folder "
+                                  "that holds them; paths are relative to the sidecar")
+            folders += found
+    sets = onnx_test_data.read_sets(folders, model_path, sidecar.label) if model_path is not None else [
+        onnx_test_data.read_set(f, None, sidecar.label) for f in folders]
+    declared = {s.name for s in sidecar.input_sets}
+    for input_set in sets:
+        if input_set.name in declared:
+            raise sidecar.where(key="test_data").error(
+                f"two input sets are called {input_set.name!r} (a test-data folder is named after itself)",
+                "rename one of the folders or the [input_sets] table")
+        declared.add(input_set.name)
+    return sets
 
 
 def _stream(sidecar: Sidecar, table: dict) -> StreamSpec:

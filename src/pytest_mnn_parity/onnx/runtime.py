@@ -40,6 +40,11 @@ def session_options(threads: int = 1) -> Any:
     return options
 
 
+class RuntimeLoadError(ModelError):
+    """ONNX Runtime refused the model itself (an old opset it has no kernel for, an op it lacks): the model may
+    still be fine for MNN, so the engine falls back to another reference instead of failing the model."""
+
+
 class OnnxRuntimeModel:
     """An ORT CPU session on one ONNX file (or on the bytes of an edited copy)."""
 
@@ -51,7 +56,7 @@ class OnnxRuntimeModel:
             self.session = ort.InferenceSession(model_bytes if model_bytes is not None else str(self.path),
                                                 session_options(), providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types per failure
-            raise ModelError(self.path, f"ONNX Runtime cannot load it ({_first_line(exc)})",
+            raise RuntimeLoadError(self.path, f"ONNX Runtime cannot load it ({_first_line(exc)})",
                              "check the file with onnx.checker.check_model and re-export it") from None
         self.input_types = {i.name: i.type for i in self.session.get_inputs()}
         self.input_shapes = {i.name: list(i.shape) for i in self.session.get_inputs()}

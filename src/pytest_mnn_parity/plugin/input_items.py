@@ -10,6 +10,7 @@ import pytest
 from ..core.verdict import Category
 from ..engine.results import ParityResult
 from ..engine.search import describe_inputs, replay_snippet, save, search, seed_from
+from ..inputs import test_data
 from ..inputs.sets import InputSet
 from ..inputs.sidecar import Sidecar, find_sidecar
 from ..mnn.backends import did_you_mean, forward_name
@@ -43,8 +44,13 @@ class SidecarSupport:
         key = Path(model_path).resolve()
         sidecar = find_sidecar(model_path, self.options.rootpath)
         self.sidecars[key] = sidecar
-        if sidecar is not None and sidecar.shapes:
-            self.run.engine.set_input_shapes(model_path, sidecar.shapes, f"{sidecar.label} [shapes]")
+        shapes, source = (sidecar.shapes, f"{sidecar.label} [shapes]") if sidecar is not None else ({}, "")
+        stored = next((s for s in sidecar.input_sets if s.expected_from and s.error is None), None) if sidecar else None
+        if stored is not None and set(test_data.shapes_of(stored)) - set(shapes):
+            # ONNX graphs are often dynamic, and stored outputs are for exactly the stored inputs' shapes.
+            shapes, source = {**test_data.shapes_of(stored), **shapes}, f"{stored.where.file}"
+        if shapes:
+            self.run.engine.set_input_shapes(model_path, shapes, source)
         if sidecar is not None and sidecar.stream is not None:
             self.run.engine.streams.declare(model_path, sidecar.stream)
         self.set_names(model_path)  # unknown --mnn-input-sets names are this model's error
