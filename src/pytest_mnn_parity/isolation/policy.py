@@ -2,22 +2,31 @@
 
 ``--mnn-isolate`` modes:
 
-* ``auto`` (default): configurations and backend probes of every backend but
-  the CPU run in worker processes; CPU ones run in-process, exactly as without
-  isolation.  An explicit ``--mnn-timeout`` isolates every backend, since only
-  a separate process can be stopped mid-inference.
-* ``always``: everything runs in workers.
+* ``auto`` (default): every configuration runs in a worker process.  CPU ones
+  share one warm worker for the whole run (replaced after a crash, so the next
+  model gets a fresh one); every other backend gets a worker per model (or per
+  run, ``--mnn-worker-scope``), and its backend probe runs in a worker too.
+* ``always``: everything runs in workers, CPU included, by ``--mnn-worker-scope``
+  (by default a fresh process per model: no state carried from one model to the
+  next).
 * ``never``: everything runs in-process; ``--mnn-timeout`` can then only judge
   a configuration after it returns.
 
 Why this default: GPU and NPU backends go through drivers and young backend
-code, where segfaults and hangs happen (and where discovery itself can crash);
-the CPU backend is MNN's most exercised path, and keeping it in-process keeps
-the common CI case (CPU-only) at its in-process speed.  See docs/reliability.md.
+code, where segfaults and hangs happen (and where discovery itself can crash).
+The CPU backend crashes too: MNN 3.6.1 aborts while creating a CPU session for
+a SequenceConstruct + ConcatFromSequence graph, and one such model in a folder
+of many used to end the run (exit 134) with every later model untested.  One
+warm worker serves all CPU work cheaply: Python and MNN import once per run,
+the model loads and the reference is computed once in the worker, and the
+measured cost is about a second per run (docs/reliability.md).  A crash costs
+the item that ran, names MNN's last words and the model's op types, and the
+run goes on.
 """
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
@@ -25,7 +34,8 @@ from ..core.verdict import Category
 from ..engine.engine import ParityEngine
 from ..engine.request import Checker, CheckRequest
 from ..engine.results import ParityResult
-from ..mnn import backends
+from ..mnn import backends, native_output
+from ..onnx.ops import op_types
 from .engine import IsolatedEngine
 
 ISOLATE_MODES = ("auto", "always", "never")
@@ -39,13 +49,15 @@ DEFAULT_ISOLATED_TIMEOUT = 600.0
 def isolated_backends(mode: str, names: Sequence[str], timeout: float | None) -> frozenset[str]:
     if mode == "never":
         return frozenset()
-    if mode == "always" or timeout is not None:
-        return frozenset(names)
-    return frozenset(name for name in names if name != "CPU")
+    return frozenset(names)
+
+
+# The backend whose configurations auto gives to one warm run-scoped worker.
+SHARED_WORKER_BACKEND = "CPU"
 
 
 class Isolation(Checker):
-    """Sends each configuration to the in-process engine or to the isolated one."""
+    """Sends each configuration to the in-process engine or to an isolated one."""
 
     def __init__(self, engine: ParityEngine, mode: str, timeout: float | None, names: Sequence[str],
                  worker_scope: str = "model"):
@@ -55,33 +67,69 @@ class Isolation(Checker):
         self.worker_scope = worker_scope
         self.isolated_set = isolated_backends(mode, [backends.canonical_backend(n) for n in names], timeout)
         self._isolated: IsolatedEngine | None = None
+        self._shared: IsolatedEngine | None = None
         # Other MNN releases' engines (``versions.ReleaseEngines``), when the run asks for them.
         self.releases = None
+        self._sinks: tempfile.TemporaryDirectory | None = None
+
+    def _keep_last_words(self) -> None:
+        """Workers keep what MNN says during each call in a folder of this run's (native_output.keep_in_file),
+        so a worker that dies mid-call leaves its last words; the folder goes when the run closes."""
+        if self._sinks is None:
+            self._sinks = tempfile.TemporaryDirectory(prefix="mnn-parity-native-")
+            os.environ[native_output.SINK_DIR_ENV] = self._sinks.name
 
     @property
     def isolated(self) -> IsolatedEngine:
+        """The engine of isolated configurations by --mnn-worker-scope (auto's CPU ones: ``shared``)."""
         if self._isolated is None:
-            timeout = self.timeout if self.timeout is not None else DEFAULT_ISOLATED_TIMEOUT
-            self._isolated = IsolatedEngine(self.engine.settings, timeout=timeout,
+            self._keep_last_words()
+            self._isolated = IsolatedEngine(self.engine.settings, timeout=self._timeout(),
                                             worker_per_model=self.worker_scope == "model", declarations=self.engine)
         return self._isolated
 
+    @property
+    def shared(self) -> IsolatedEngine:
+        """auto's CPU engine: one warm worker for every model of the run."""
+        if self._shared is None:
+            self._keep_last_words()
+            self._shared = IsolatedEngine(self.engine.settings, timeout=self._timeout(), worker_per_model=False,
+                                          declarations=self.engine)
+        return self._shared
+
+    def _timeout(self) -> float:
+        return self.timeout if self.timeout is not None else DEFAULT_ISOLATED_TIMEOUT
+
+    def _engine_for(self, backend: str) -> IsolatedEngine:
+        if self.mode == "auto" and backend == SHARED_WORKER_BACKEND:
+            return self.shared
+        return self.isolated
+
     def start(self) -> None:
         """Start the first worker now, so its imports overlap pytest's collection."""
-        if self.isolated_set:
+        if SHARED_WORKER_BACKEND in self.isolated_set and self.mode == "auto":
+            self.shared  # noqa: B018 - starts its worker
+        if self.isolated_set - ({SHARED_WORKER_BACKEND} if self.mode == "auto" else set()):
             self.isolated  # noqa: B018 - starts the spare worker
 
     def isolates(self, backend: str) -> bool:
         return backend in self.isolated_set
 
+    def per_model(self, backend: str) -> bool:
+        """Whether ``backend``'s configurations run in workers started per model (what ``expect_models`` counts)."""
+        return self.isolates(backend) and not (self.mode == "auto" and backend == SHARED_WORKER_BACKEND)
+
     def expect_models(self, count: int) -> None:
-        """How many models will run isolated: no spare worker is started for a model that will not come."""
+        """How many models will run in per-model workers: no spare worker is started for a model that will not
+        come."""
         if count or self._isolated is not None:
             self.isolated.expected_models = count
 
     def backend_status(self, name: str) -> backends.BackendStatus:
         name = backends.canonical_backend(name)
-        if self.isolates(name):
+        # The CPU is discovered in-process under auto: discovery is no session of a user's model, and asking a
+        # worker would cost its start-up before collection ends.
+        if self.isolates(name) and not (self.mode == "auto" and name == SHARED_WORKER_BACKEND):
             return self.isolated.backend_status(name)
         return backends.discover([name])[name]
 
@@ -90,8 +138,12 @@ class Isolation(Checker):
         """``request`` in a worker or in-process, as the policy says.  ``bundle`` and ``sidecar`` are for an
         isolated worker (``IsolatedEngine.check_request``); in-process, the caller saves ``result.computed``
         and has checked the sidecar itself."""
-        if self.isolates(request.config.backend):
-            return self.isolated.check_request(request, bundle=bundle, sidecar=sidecar)
+        backend = backends.canonical_backend(request.config.backend)
+        if self.isolates(backend):
+            result = self._engine_for(backend).check_request(request, bundle=bundle, sidecar=sidecar)
+            if result.category in (Category.CRASHED, Category.TIMEOUT) and result.fault:
+                explain_fault(result, request.model)
+            return result
         if self.timeout is None:
             return self.engine.check_request(request)
         started = time.perf_counter()
@@ -103,16 +155,53 @@ class Isolation(Checker):
 
     def release(self, model_path: os.PathLike | str) -> None:
         self.engine.release(model_path)
-        if self._isolated is not None:
-            self._isolated.release(model_path)
+        for isolated in (self._isolated, self._shared):
+            if isolated is not None:
+                isolated.release(model_path)
         if self.releases is not None:
             self.releases.release(model_path)
 
     def close(self) -> None:
-        if self._isolated is not None:
-            self._isolated.close()
+        for isolated in (self._isolated, self._shared):
+            if isolated is not None:
+                isolated.close()
         if self.releases is not None:
             self.releases.close()
+        if self._sinks is not None:
+            if os.environ.get(native_output.SINK_DIR_ENV) == self._sinks.name:
+                del os.environ[native_output.SINK_DIR_ENV]
+            self._sinks.cleanup()
+            self._sinks = None
+
+
+def explain_fault(result: ParityResult, model_path: os.PathLike | str) -> None:
+    """A worker that died or hung on a model: add MNN's last words and the model's ONNX op types (where to
+    look, and what the conformance scoreboard counts the crash against) under the message's first line."""
+    fault = result.fault or {}
+    native = native_output.last_words_of(fault["pid"]) if fault.get("pid") else ""
+    fault["mnn_said"] = native.strip()
+    lines = result.message.splitlines() or [""]
+    extra = []
+    said = last_words(native) or last_words(result.log)
+    if said:
+        extra.append(f"MNN said:  {said}")
+    ops = op_types(model_path)
+    if ops:
+        extra.append(f"op types:  {', '.join(ops)} (the model's ONNX ops; one of them is where MNN fails)")
+    result.message = "\n".join(lines[:1] + extra + lines[1:])
+
+
+def last_words(text: str) -> str:
+    """What MNN printed last before the process died: the worker's own progress lines, MNN's greeting and the
+    Python stack that faulthandler wrote after the fault are no words of MNN's."""
+    said = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if line.startswith(("Fatal Python error", "Current thread", "Thread 0x", "File \"", "Extension modules")):
+            break
+        if line and not line.startswith(("The device supports", "MNN use ", "[mnn-parity worker")):
+            said.append(line)
+    return " | ".join(said[-3:])[:300]
 
 
 def late_timeout(result: ParityResult, elapsed: float, timeout: float, reproduce: str) -> None:

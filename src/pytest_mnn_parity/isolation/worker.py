@@ -49,6 +49,10 @@ def main() -> int:
     from ..mnn.library import mnn  # noqa: PLC0415
     from . import protocol
 
+    from ..mnn.native_output import keep_in_file  # noqa: PLC0415
+
+    # MNN's words during the call that kills this worker stay in a file the parent reads (policy.explain_fault).
+    sink = keep_in_file()
     mnn()  # import MNN (and pay for it) before saying ready
     init = protocol.loads(stdin.readline() or b'{"op": "exit"}')
     if init.get("op") != "init":
@@ -89,6 +93,10 @@ def main() -> int:
             reply = {"ok": False, "error": traceback.format_exc()}
         proto.write(protocol.dumps(reply))
     proto.flush()
+    try:
+        os.remove(sink)
+    except OSError:
+        pass
     # Skip interpreter teardown: destroying MNN objects at exit is one more
     # chance to crash, and nothing is left to save.
     os._exit(0)

@@ -34,6 +34,41 @@ class CapturedOutput:
     lines: list[str] = field(default_factory=list)
 
 
+# The folder where isolated workers keep their capture files (set by the parent, inherited by its workers,
+# removed with everything in it when the parent is done).
+SINK_DIR_ENV = "MNN_PARITY_NATIVE_DIR"
+
+
+def sink_path(pid: int) -> str:
+    """Where process ``pid`` keeps its capture when ``keep_in_file`` was called (an isolated worker)."""
+    return os.path.join(os.environ.get(SINK_DIR_ENV) or tempfile.gettempdir(), f"mnn-parity-native-{pid}.log")
+
+
+def keep_in_file() -> str:
+    """Capture into a named file (``sink_path``) instead of an anonymous one: a process that MNN kills in the
+    middle of a call (an abort while it creates a session) leaves there what MNN said last, for its parent
+    to read.  Each capture empties it first, so it holds the dying call's words only."""
+    global _SINK
+    path = sink_path(os.getpid())
+    with _LOCK:
+        _SINK = open(path, "w+b")  # noqa: SIM115 - kept open for the process's lifetime, as the anonymous one
+    return path
+
+
+def last_words_of(pid: int, remove: bool = True) -> str:
+    """What process ``pid`` (dead) captured from MNN in its last call; "" when it kept no file."""
+    path = sink_path(pid)
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    if remove:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    return text
+
+
 @contextlib.contextmanager
 def capture_native_output() -> Iterator[CapturedOutput]:
     global _SINK, _DEPTH

@@ -154,7 +154,7 @@ class ParityRun:
     def plan(self, items: list[pytest.Item]) -> None:
         self._remaining = Counter(item.model_path for item in items if isinstance(item, ParityItem))
         self.isolation.expect_models(len({item.model_path for item in items if isinstance(item, ParityItem)
-                                          and self.isolation.isolates(item.run_config.backend)}))
+                                          and self.isolation.per_model(item.run_config.backend)}))
 
     # -- running ----------------------------------------------------------------
     def check(self, item: ParityItem) -> ParityResult:
