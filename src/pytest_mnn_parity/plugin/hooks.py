@@ -10,6 +10,7 @@ from ..mnn.model import is_model_file
 from ..report.ci import github_annotations, markdown_summary
 from ..report.durable import report_path_problem
 from ..report.records import matrix_lines
+from ..report.scoreboard import terminal_lines
 from . import scaleout
 from .items import PARITY_RUN, ModelLoadFailure
 from .options import Options, add_options
@@ -107,6 +108,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     lines = matrix_lines(run.records()) + run.regression.summary_lines(run.records())
     if run.isolation.releases is not None:  # where each MNN release ran from (under xdist: its workers know)
         lines += run.isolation.releases.summary()
+    lines += terminal_lines(run.records())
     if lines:
         terminalreporter.write_sep("=", "MNN parity")
         for line in lines:

@@ -24,11 +24,13 @@ from ..mnn.library import mnn_version
 from ..mnn.backends import gpu_mode_applies
 from ..mnn.model import ModelError, check_model_path, expand_model_args, is_model_file
 from ..mnn.runner import RunConfig
+from ..onnx.ops import op_types
 from ..onnx.variants import is_onnx
 from ..report.artifacts import ArtifactWriter
 from ..report.durable import IncrementalReport
 from ..report.html import write_html
 from ..report.records import RECORD_FIELDS, build_report, record
+from ..report.scoreboard import build as build_scoreboard
 from . import scaleout
 from .input_items import SidecarSupport, xfail_outcome
 from .items import Case, ModelErrorItem, ModelFile, ParityItem, node_id_path
@@ -65,6 +67,7 @@ class ParityRun:
         self.inputs = SidecarSupport(self)
         self.writes_report = True
         self._report: IncrementalReport | None = None
+        self._final = False
         self.regression = Regression(options, self.engine)
 
     # -- collection -------------------------------------------------------------
@@ -239,6 +242,13 @@ class ParityRun:
 
     # -- reporting --------------------------------------------------------------
     def record_for(self, item: pytest.Item, report: pytest.TestReport) -> dict[str, Any] | None:
+        data = self._record_for(item, report)
+        if data is not None and not data.get("op_types"):
+            # Read from the ONNX file alone (never through MNN), once per model: the scoreboard counts by them.
+            data["op_types"] = list(op_types(getattr(item, "model_path", None) or item.path))
+        return data
+
+    def _record_for(self, item: pytest.Item, report: pytest.TestReport) -> dict[str, Any] | None:
         if isinstance(item, ModelErrorItem):
             if report.when != "setup":
                 return None
@@ -288,11 +298,15 @@ class ParityRun:
     def _report_header(self) -> dict[str, Any]:
         statuses = {name: {"available": s.available, "forward_type": s.forward_type, "reason": s.reason}
                     for name, s in ((n, self.backend_status(n)) for n in self.options.backends)}
-        return build_report([], mnn_version=mnn_version(), settings=self.options.settings_dict(), backends=statuses)
+        header = build_report([], mnn_version=mnn_version(), settings=self.options.settings_dict(), backends=statuses)
+        if self._final:  # the scoreboard sums the whole run: written once, at the end (a killed run has none)
+            header["scoreboard"] = build_scoreboard(self._records)
+        return header
 
     def write_report(self) -> None:
         writer = self._report_writer()
         if writer is not None:
+            self._final = True
             writer.flush()
 
     def report_data(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..core.files import atomic_write
+from . import scoreboard
 from .layercurve import fmt, layer_curve_svg, number
 from .records import key_metric
 
@@ -133,6 +134,27 @@ def matrix(records: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         out.append("</tr>")
     out.append("</tbody></table>")
     return "".join(out)
+
+
+def scoreboard_table(board: dict[str, Any]) -> str:
+    """Every op type of the scoreboard (scoreboard.py), most failures first; a cell is coloured by its worst."""
+    rows = scoreboard.table(board)
+    names = [None, *board["op_types"].values()]  # the totals row, then each op type's counts
+    configs = board["configs"]
+    out = ['<table class="matrix scoreboard"><thead><tr>', *(f"<th>{escape(h)}</th>" for h in rows[0]),
+           "</tr></thead><tbody>"]
+    for row, counts in zip(rows[1:], [board["totals"], *names[1:]]):
+        out.append(f'<tr data-op="{escape(row[0])}"><th scope="row">{escape(row[0])}</th><td>{escape(row[1])}</td>')
+        for config, text in zip(configs, row[2:]):
+            worst = next((st for st in scoreboard.STATUSES if counts["configs"][config].get(st)), "agreed")
+            out.append(f'<td class="g-{SCOREBOARD_GROUPS[worst]}" data-config="{escape(config)}">{escape(text)}</td>')
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+SCOREBOARD_GROUPS = {"convert_failed": "error", "crashed": "broken", "run_failed": "broken", "error": "error",
+                     "diverged": "drift", "inconclusive": "skip", "agreed": "ok"}
 
 
 def skipped_summary(records: list[dict[str, Any]]) -> str:
@@ -288,8 +310,10 @@ def render(data: dict[str, Any], artifacts_root: os.PathLike | str | None = None
     legend = "".join(f'<span class="badge g-{g}">{label}</span> ' for g, label in
                      (("ok", "pass"), ("drift", "mismatch"), ("broken", "broken output / run"),
                       ("error", "model error"), ("skip", "skipped")))
-    body += ["<h2>Matrix</h2>", matrix(records, settings), f"<p>{legend}</p>", skipped_summary(records),
-             "<h2>Results</h2>"]
+    body += ["<h2>Matrix</h2>", matrix(records, settings), f"<p>{legend}</p>", skipped_summary(records)]
+    if data.get("scoreboard"):
+        body += ["<h2>Conformance by ONNX op type</h2>", scoreboard_table(data["scoreboard"])]
+    body.append("<h2>Results</h2>")
     for rec in sorted((r for r in records if r["outcome"] != "skipped"), key=lambda r: _sort_key(r, columns)):
         metric = key_metric(rec)
         body.append(f'<details class="result" id="{result_id(rec["nodeid"])}" data-nodeid="{escape(rec["nodeid"])}">'

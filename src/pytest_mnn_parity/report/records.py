@@ -9,13 +9,15 @@ import platform
 from collections import OrderedDict
 from typing import Any, Iterable
 
+from .scoreboard import build as build_scoreboard
+
 SCHEMA = "pytest-mnn-parity/1"
 
 RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "precision", "threads", "arithmetic", "variant",
                  "input_set", "input_detail", "outcome", "category", "message", "reference", "reference_label", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
                  "seconds", "search", "artifacts", "api", "api_reason", "api_axis", "backend_note", "cross_api",
-                 "stream", "inputs_nonfinite", "worker", "fault", "gpu_mode", "num_thread", "mnn_version", "bisect")
+                 "stream", "inputs_nonfinite", "worker", "fault", "gpu_mode", "num_thread", "mnn_version", "bisect", "op_types")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -65,6 +67,8 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         # The MNN release that ran the item when it was not the report's mnn_version (--mnn-versions).
         "mnn_version": getattr(result, "mnn_version", None),
         "bisect": getattr(result, "bisect", None),
+        # The model's ONNX op types (set by the plugin, per model): what the conformance scoreboard counts by.
+        "op_types": [],
     }
 
 
@@ -81,6 +85,8 @@ def build_report(records: Iterable[dict[str, Any]], *, mnn_version: str, setting
         "settings": settings,
         "backends": backends,
         "summary": counts,
+        # By ONNX op type, per configuration (scoreboard.py); None when no model has op types (.mnn files only).
+        "scoreboard": build_scoreboard(records),
         "results": records,
     }
 
