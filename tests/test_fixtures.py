@@ -21,7 +21,7 @@ def test_rebuilding_the_fixtures_reproduces_the_committed_files_byte_for_byte(tm
     built = _builder().build_all(tmp_path)
     assert len(built) >= 19
     for path in sorted(tmp_path.rglob("*")):
-        if path.suffix in (".mnn", ".onnx"):
+        if path.suffix in (".mnn", ".onnx", ".pb"):
             committed = FIXTURES / path.relative_to(tmp_path)
             assert committed.is_file(), f"{committed} is built but not committed"
             assert committed.read_bytes() == path.read_bytes(), f"{committed} differs from what build_fixtures.py makes"
