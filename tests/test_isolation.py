@@ -28,12 +28,18 @@ def test_crashed_and_timeout_rank_right_after_backend_fallback():
     assert CATEGORY_ORDER[index + 1:index + 3] == [Category.CRASHED, Category.TIMEOUT]
 
 
-def test_auto_isolates_every_backend_but_the_cpu_unless_a_timeout_is_set():
+def test_auto_isolates_every_backend_and_the_cpu_in_one_run_scoped_worker():
     names = ["CPU", "OPENCL", "VULKAN"]
-    assert isolated_backends("auto", names, None) == {"OPENCL", "VULKAN"}
+    assert isolated_backends("auto", names, None) == set(names)
     assert isolated_backends("auto", names, 5.0) == set(names)
     assert isolated_backends("always", names, None) == set(names)
     assert isolated_backends("never", names, 5.0) == set()
+    auto, always = (Isolation(ParityEngine(), mode, None, names) for mode in ("auto", "always"))
+    # Workers started per model are what expect_models counts: under auto, the CPU's one worker is not.
+    assert [auto.per_model(n) for n in names] == [False, True, True]
+    assert [always.per_model(n) for n in names] == [True, True, True]
+    for isolation in (auto, always):
+        isolation.close()
 
 
 def test_sigsegv_in_a_worker_fails_that_item_and_the_next_configuration_gets_a_fresh_worker(pytester, models,
@@ -178,12 +184,16 @@ def test_isolated_onnx_results_keep_their_onnx_localisation():
     assert a["message"].splitlines()[0] == b["message"].splitlines()[0]
 
 
-def test_default_cpu_configurations_stay_in_process(pytester, models):
-    models("collapse/healthy.mnn")
-    pytester.runpytest("--mnn-only", "--mnn-backends", "CPU", "--mnn-precisions", "high", "--mnn-model",
-                       "healthy.mnn", "--mnn-report", "r.json").assert_outcomes(passed=1)
+def test_default_cpu_configurations_share_one_warm_worker(pytester, models):
+    """auto: CPU work runs in a worker too (an MNN abort must not end the run), one for every model of the run."""
+    models("collapse/healthy.mnn", "multi_io.mnn")
+    pytester.runpytest("--mnn-only", "--mnn-backends", "CPU", "--mnn-precisions", "high,low", "--mnn-model",
+                       "healthy.mnn", "--mnn-model", "multi_io.mnn", "--mnn-report", "r.json").assert_outcomes(passed=4)
     report = read_report(pytester.path / "r.json")
-    assert report["settings"]["isolate"] == "auto" and report["results"][0]["worker"] is None
+    assert report["settings"]["isolate"] == "auto"
+    workers = [r["worker"] for r in report["results"]]
+    assert all(w is not None for w in workers) and len({w["pid"] for w in workers}) == 1
+    assert [w["index"] for w in workers] == [1, 2, 3, 4]
 
 
 def test_without_isolation_a_timeout_is_judged_after_the_configuration_returns():
