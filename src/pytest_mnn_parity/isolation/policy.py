@@ -4,8 +4,9 @@
 
 * ``auto`` (default): every configuration runs in a worker process.  CPU ones
   share one warm worker for the whole run (replaced after a crash, so the next
-  model gets a fresh one); every other backend gets a worker per model (or per
-  run, ``--mnn-worker-scope``), and its backend probe runs in a worker too.
+  model gets a fresh one), where the other backends' probes run too, before
+  any model; every other backend's configurations get a worker per model (or
+  per run, ``--mnn-worker-scope``).
 * ``always``: everything runs in workers, CPU included, by ``--mnn-worker-scope``
   (by default a fresh process per model: no state carried from one model to the
   next).
@@ -107,10 +108,8 @@ class Isolation(Checker):
 
     def start(self) -> None:
         """Start the first worker now, so its imports overlap pytest's collection."""
-        if SHARED_WORKER_BACKEND in self.isolated_set and self.mode == "auto":
-            self.shared  # noqa: B018 - starts its worker
-        if self.isolated_set - ({SHARED_WORKER_BACKEND} if self.mode == "auto" else set()):
-            self.isolated  # noqa: B018 - starts the spare worker
+        if self.isolated_set:
+            self.shared if self.mode == "auto" else self.isolated  # noqa: B018 - starts a worker
 
     def isolates(self, backend: str) -> bool:
         return backend in self.isolated_set
@@ -127,11 +126,14 @@ class Isolation(Checker):
 
     def backend_status(self, name: str) -> backends.BackendStatus:
         name = backends.canonical_backend(name)
-        # The CPU is discovered in-process under auto: discovery is no session of a user's model, and asking a
-        # worker would cost its start-up before collection ends.
-        if self.isolates(name) and not (self.mode == "auto" and name == SHARED_WORKER_BACKEND):
-            return self.isolated.backend_status(name)
-        return backends.discover([name])[name]
+        if not self.isolates(name):
+            return backends.discover([name])[name]
+        if self.mode == "auto":
+            # The CPU is discovered in-process (discovery opens no model of yours); other backends are probed in
+            # the run's warm worker, before any model runs there: a CPU-only machine starts one worker, not two.
+            return backends.discover([name])[name] if name == SHARED_WORKER_BACKEND else \
+                self.shared.backend_status(name)
+        return self.isolated.backend_status(name)
 
     def check_request(self, request: CheckRequest, bundle: Mapping[str, Any] | None = None,
                       sidecar: Any = None) -> ParityResult:
