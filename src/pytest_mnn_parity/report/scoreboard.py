@@ -57,11 +57,15 @@ def status_of(record: dict[str, Any]) -> str | None:
 
 
 def config_label(record: dict[str, Any]) -> str:
-    """A scoreboard column: the item id's configuration part (``fp32-CPU-high``; ``load`` for no model)."""
+    """A scoreboard column: the item id's configuration part (``fp32-CPU-high``; ``load`` for no model).  With
+    --mnn-versions each MNN release is a column of its own (``mnn3.4.0-fp32-CPU-high``): the same table across
+    releases."""
     if not record.get("backend"):
         return "load"
-    parts = [record["api"] if record.get("api_axis") and record.get("api") else "", record.get("variant") or "",
-             record["backend"], record.get("precision") or ""]
+    release = f"mnn{record['mnn_version']}" if record.get("mnn_version") and not record.get("bisect") else ""
+    parts = ["bisect" if record.get("bisect") else "", release,
+             record["api"] if record.get("api_axis") and record.get("api") else "", record.get("variant") or "",
+             record["backend"], record.get("precision") or "", record.get("gpu_mode") or ""]
     return "-".join(p for p in parts if p)
 
 
