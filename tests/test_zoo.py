@@ -252,3 +252,13 @@ def test_the_onnx_wheels_own_test_data_in_one_run(pytester):
     page = (pytester.path / "r.html").read_text()
     assert "Conformance by ONNX op type" in page and 'data-op="ConcatFromSequence"' in page
     assert 'data-op="ConcatFromSequence"' in render(report)
+
+
+def test_each_mnn_release_is_a_scoreboard_column_of_its_own():
+    """--mnn-versions: the same table across MNN releases (a crash in one release, agreement in the other)."""
+    old, new = _record(0, "high", "crashed", ["Concat"]), _record(0, "high", "ok", ["Concat"])
+    old["mnn_version"] = "3.4.0"
+    board = scoreboard.build([old, new])
+    assert board["configs"] == ["mnn3.4.0-fp32-CPU-high", "fp32-CPU-high"]
+    row = board["op_types"]["Concat"]["configs"]
+    assert row["mnn3.4.0-fp32-CPU-high"]["crashed"] == 1 and row["fp32-CPU-high"]["agreed"] == 1
