@@ -49,10 +49,11 @@ def main() -> int:
     from ..mnn.library import mnn  # noqa: PLC0415
     from . import protocol
 
-    from ..mnn.native_output import keep_in_file  # noqa: PLC0415
+    from ..mnn.native_output import SINK_DIR_ENV, keep_in_file  # noqa: PLC0415
 
-    # MNN's words during the call that kills this worker stay in a file the parent reads (policy.explain_fault).
-    sink = keep_in_file()
+    # MNN's words during the call that kills this worker stay in a file the parent reads (policy.explain_fault),
+    # in the folder the parent cleans up; a worker without one (an IsolatedEngine used alone) leaves no file.
+    sink = keep_in_file() if os.environ.get(SINK_DIR_ENV) else None
     mnn()  # import MNN (and pay for it) before saying ready
     init = protocol.loads(stdin.readline() or b'{"op": "exit"}')
     if init.get("op") != "init":
@@ -93,10 +94,11 @@ def main() -> int:
             reply = {"ok": False, "error": traceback.format_exc()}
         proto.write(protocol.dumps(reply))
     proto.flush()
-    try:
-        os.remove(sink)
-    except OSError:
-        pass
+    if sink is not None:
+        try:
+            os.remove(sink)
+        except OSError:
+            pass
     # Skip interpreter teardown: destroying MNN objects at exit is one more
     # chance to crash, and nothing is left to save.
     os._exit(0)
