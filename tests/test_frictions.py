@@ -5,6 +5,7 @@ Each test runs pytest with the plugin on real fixture models and checks what the
 from __future__ import annotations
 
 import re
+from xml.etree import ElementTree
 
 import pytest
 
@@ -40,17 +41,29 @@ def test_every_id_the_plugin_prints_runs_that_item_when_pasted(pytester, models,
 
 
 def test_pasted_ids_work_with_last_failed_k_and_xdist(pytester, models):
+    """Under --dist loadgroup too: a model's items go to one worker, and the ids printed (-v, FAILED, --lf's cache)
+    are the plain ones, without xdist's "@<group>" suffix, which is not found when pasted."""
     models("collapse/zero.fp16.mnn", "collapse/zero.mnn", "collapse/healthy.mnn")
     args = ["-p", "cacheprovider", *CPU, "--mnn-precisions", "high,low", "--mnn-model", "zero.fp16.mnn",
             "--mnn-model", "healthy.mnn", "--mnn-reference", "cpu"]
-    first = pytester.runpytest(*args)
+    first = pytester.runpytest(*args, "-n", "2", "--dist", "loadgroup", "-v")
     first.assert_outcomes(passed=2, failed=2)  # zero.fp16.mnn against itself: degenerate_reference
+    shown = [line.split() for line in first.outlines if line.startswith("[gw") and ("PASSED" in line or "FAILED" in line)]
+    workers: dict[str, set] = {}
+    for worker, *_, nodeid in shown:
+        workers.setdefault(nodeid.split("::")[0], set()).add(worker)
+    assert sorted(nodeid for *_, nodeid in shown) == [
+        "healthy.mnn::parity[CPU-high]", "healthy.mnn::parity[CPU-low]", "zero.fp16.mnn::parity[CPU-high]",
+        "zero.fp16.mnn::parity[CPU-low]"], first.outlines
+    assert all(len(w) == 1 for w in workers.values()), workers  # one worker per model
+    assert not [line for line in first.outlines if "@" in line and "::parity[" in line]
     last_failed = pytester.runpytest(*args, "--lf", "-v")
     last_failed.assert_outcomes(failed=2)
     assert sorted(_ids(last_failed, "FAILED")) == ["zero.fp16.mnn::parity[CPU-high]", "zero.fp16.mnn::parity[CPU-low]"]
     by_k = pytester.runpytest(*args, "-k", "healthy and low")
     by_k.assert_outcomes(passed=1)
-    spread = pytester.runpytest("healthy.mnn::parity[CPU-low]", "zero.fp16.mnn::parity[CPU-high]", *CPU, "-n", "2")
+    spread = pytester.runpytest("healthy.mnn::parity[CPU-low]", "zero.fp16.mnn::parity[CPU-high]", *CPU, "-n", "2",
+                                "--dist", "loadgroup")
     spread.assert_outcomes(passed=1, failed=1)
 
 
@@ -91,11 +104,17 @@ def test_a_misspelled_input_name_stops_the_model_with_its_real_names(pytester, m
 def test_a_broken_model_is_explained_once_not_once_per_configuration(pytester):
     (pytester.path / "broken.mnn").write_bytes(b"\x01" * 200)
     result = pytester.runpytest("--mnn-only", *CPU, "--mnn-model", "broken.mnn", "--mnn-report", "r.json")
-    full = [line for line in result.outlines if line.endswith("broken.mnn: MNN cannot load it (flatbuffer "
-                                                             "verification failed: corrupt, truncated or not an MNN file)")
-            and not line.startswith("model_error:")]
-    pointers = [line for line in result.outlines if line.startswith("model_error: the same as broken.mnn::")]
-    assert len(full) == 1 and len(pointers) == 3, result.outlines  # once in full, then a pointer per configuration
+    result.assert_outcomes(errors=4)
+    text = result.stdout.str()
+    # The flatbuffer error and its fix, once in the whole output (the short summary included).
+    assert text.count("flatbuffer verification failed") == 1 and text.count("fix: the file is not a valid") == 1, text
+    result.stdout.fnmatch_lines(["*= MNN parity: explained once =*",
+                                 "model_error: broken.mnn on 4 configurations: CPU-normal, CPU-high, CPU-low, "
+                                 "CPU-Low_BF16 *",
+                                 "*broken.mnn: MNN cannot load it (flatbuffer verification failed*"])
+    for config in ("CPU-normal", "CPU-high", "CPU-low", "CPU-Low_BF16"):  # each item still has its own line
+        assert (f"model_error on {config}: broken.mnn cannot be tested (the same error on 4 configurations); "
+                'explained once below, under "MNN parity: explained once"') in result.outlines
     records = read_report(pytester.path / "r.json")["results"]
     assert all("flatbuffer" in r["message"] for r in records)  # the report keeps every item's full message
 
@@ -232,18 +251,43 @@ def test_a_sidecars_shapes_reach_the_onnx_localisation_probes(pytester, models):
     assert rec["first_divergent_layer"] is not None and rec["first_divergent_layer"]["name"] == "conv", rec["message"]
 
 
-def test_a_failure_shared_by_several_configurations_is_explained_once(pytester, models):
+def _section(lines: list[str], header: str) -> list[str]:
+    """The lines of one item's failure section: after its ``___ header ___`` line, up to the next separator."""
+    start = next(i for i, line in enumerate(lines) if header in line and line.startswith("_"))
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(("___", "===", "-")))
+    return lines[start + 1:end]
+
+
+def test_a_failure_shared_by_several_configurations_is_explained_once(pytester, models, monkeypatch):
+    """Once, in the terminal summary, listing the configurations; each item keeps its headline and reproduce line.
+    Under CI (where pytest's short summary prints a plain-text failure whole) as well."""
+    monkeypatch.setenv("CI", "true")
     models("collapse/zero.fp16.mnn", "collapse/zero.mnn")
     result = pytester.runpytest("--mnn-only", *CPU, "--mnn-precisions", "high,low", "--mnn-model", "zero.fp16.mnn",
-                                "--mnn-reference", "zero.mnn", "--mnn-report", "r.json")
+                                "--mnn-reference", "zero.mnn", "--mnn-report", "r.json", "--junitxml", "j.xml")
     result.assert_outcomes(failed=2)
-    text = result.stdout.str()
-    assert text.count("first divergent layer: tiny_conv") == 1  # the long explanation, once
-    result.stdout.fnmatch_lines([
-        "zero_output on CPU-low: output 'out': every element is exactly 0*",  # each item keeps its own line
-        "explained:  above, at zero.fp16.mnn::parity[[]CPU-high[]] (same zero_output, same first divergent "
-        "layer tiny_conv)",
-        "reproduce: pytest --mnn-only --mnn-model zero.fp16.mnn --mnn-backends CPU --mnn-precisions low *"])
-    # The report keeps each item's whole explanation.
+    text, lines = result.stdout.str(), result.outlines
+    assert text.count("first divergent layer: tiny_conv (Convolution") == 1, text  # the long explanation, once
+    assert text.count("fp16 weight risk") == 1
+    section = lines.index(next(line for line in lines if "= MNN parity: explained once =" in line))
+    assert lines[section + 1] == ("zero_output, first divergent layer tiny_conv: zero.fp16.mnn on 2 configurations: "
+                                  "CPU-high, CPU-low (the message of CPU-high; each item's own line is above)")
+    assert lines.index("first divergent layer: tiny_conv (Convolution, #1) [zero]; its inputs were within "
+                       "tolerance") > section
+    for precision in ("high", "low"):
+        own = _section(lines, f"zero.fp16.mnn::parity[CPU-{precision}] (MNN parity)")
+        assert len(own) == 3, own
+        assert own[0].startswith(f"zero_output on CPU-{precision}: output 'out': every element is exactly 0; "
+                                 "the reference is 0.0% zeros with max |ref| 0.7025")
+        assert own[1] == ('explained once below, under "MNN parity: explained once" (the same zero_output, first '
+                          "divergent layer tiny_conv on 2 configurations)")
+        assert own[2].startswith(f"reproduce: pytest --mnn-only --mnn-model zero.fp16.mnn --mnn-backends CPU "
+                                 f"--mnn-precisions {precision} ")
+        # The short summary: one line an item, its headline.
+        assert any(line.startswith(f"FAILED zero.fp16.mnn::parity[CPU-{precision}] - zero_output on "
+                                   f"CPU-{precision}: output 'out'") for line in lines)
+    # The report and JUnit keep each item's whole explanation.
     assert all("first divergent layer: tiny_conv" in r["message"]
                for r in read_report(pytester.path / "r.json")["results"])
+    failures = ElementTree.parse(pytester.path / "j.xml").findall(".//failure")
+    assert len(failures) == 2 and all("first divergent layer: tiny_conv" in f.text for f in failures)

@@ -9,6 +9,7 @@ import pytest
 from ..mnn.model import is_model_file
 from ..report.ci import github_annotations, markdown_summary
 from ..report.durable import report_path_problem
+from ..report.explained import SECTION
 from ..report.records import matrix_lines
 from ..report.scoreboard import terminal_lines
 from . import scaleout
@@ -94,9 +95,13 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         report.longrepr = str(call.excinfo.value)
     data = item.config.stash[PARITY_RUN].record_for(item, report)
     if data is not None:
-        data["nodeid"] = scaleout.stable_nodeid(item)
         report.mnn_parity = data
     return report
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which may not be installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    return scaleout.make_scheduler(config, log)
 
 
 def pytest_runtest_teardown(item: pytest.Item) -> None:
@@ -105,6 +110,11 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     run = config.stash[PARITY_RUN]
+    explained = run.explained_once()
+    if explained and config.option.tbstyle != "no":
+        terminalreporter.write_sep("=", SECTION)
+        for line in explained:
+            terminalreporter.write_line(line)
     lines = matrix_lines(run.records()) + run.regression.summary_lines(run.records())
     if run.isolation.releases is not None:  # where each MNN release ran from (under xdist: its workers know)
         lines += run.isolation.releases.summary()
@@ -134,6 +144,8 @@ def annotate_github(terminalreporter, records) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     if hasattr(session.config, "workerinput"):
         return  # xdist worker: the controller writes the report
+    # Before the terminal summary, which pytest prints after this hook.
+    session.config.stash[PARITY_RUN].finish_reports()
     session.config.stash[PARITY_RUN].write_report()
     session.config.stash[PARITY_RUN].write_html()
     session.config.stash[PARITY_RUN].regression.finish()

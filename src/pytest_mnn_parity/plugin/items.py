@@ -80,18 +80,16 @@ class ParityItem(pytest.Item):
         run = self.config.stash[PARITY_RUN]
         self.result = run.check(self)
         if self.result.category is Category.MODEL_ERROR:
-            # The same broken model says it once: its other configurations point back (the report keeps all).
-            raise ModelLoadFailure(run.said_once(self, self.result.message))
+            raise ModelLoadFailure(self.result.message)
 
     def runtest(self) -> None:
-        run = self.config.stash[PARITY_RUN]
         assert self.result is not None
         if self.result.skipped:
             pytest.skip(self.result.message)
         if not self.result.passed or (self.result.bisect or {}).get("changed"):
             # A bisection that found the release where the verdict changed fails with it, even for a fix:
             # that release is what was asked for.
-            raise ParityFailure(run.explained_once(self, self.result))
+            raise ParityFailure(self.result.message)
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, (ParityFailure, ModelLoadFailure)):
@@ -103,6 +101,36 @@ class ParityItem(pytest.Item):
         # dotted Python name ("x::mnn::parity[...]", which does not paste back); a domain that is not its suffix
         # leaves the -v line as the node id itself, which pasted after ``pytest`` runs this item.
         return self.model_path, 0, f"{self.parent.name}::{self.name} (MNN parity)"
+
+
+@dataclass(frozen=True)
+class _Crash:
+    """What pytest's short summary and ``--tb=line`` read of a failure: its first line."""
+
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ShownFailure:
+    """A parity item's failure as the terminal shows it, set once the run is over (``ParityRun.finish_reports``).
+
+    ``shown`` is what the FAILURES section prints (the whole message, or a short text when the explanation is
+    shared and printed once in the summary); ``str()`` stays the whole message, and the short test summary
+    (also under CI, where pytest prints a plain-text failure whole) gets its first line.
+    """
+
+    def __init__(self, full: str, shown: str):
+        self.full, self.shown = full, shown
+        self.reprcrash = _Crash(shown.splitlines()[0] if shown else "")
+
+    def toterminal(self, tw) -> None:
+        for line in self.shown.splitlines():
+            tw.line(line)
+
+    def __str__(self) -> str:
+        return self.full
 
 
 class ModelLoadFailure(pytest.fail.Exception):

@@ -29,11 +29,11 @@ from ..onnx.variants import is_onnx
 from ..report.artifacts import ArtifactWriter
 from ..report.durable import IncrementalReport
 from ..report.html import write_html
+from ..report.explained import explained_lines, item_text, shared_failures
 from ..report.records import RECORD_FIELDS, build_report, record
 from ..report.scoreboard import build as build_scoreboard
-from . import scaleout
 from .input_items import SidecarSupport, xfail_outcome
-from .items import Case, ModelErrorItem, ModelFile, ParityItem, node_id_path
+from .items import Case, ModelErrorItem, ModelFile, ParityItem, ShownFailure, node_id_path
 from .options import Options
 from .regression import Regression
 
@@ -62,8 +62,9 @@ class ParityRun:
         self.active = bool(options.models)
         # Model node ids given as arguments: the items come from pytest's own collection (hooks.collect_file).
         self.pasted = False
-        self._said: dict[tuple, str] = {}
-        self._explained: dict[tuple, str] = {}
+        # This process's failing reports with their records: their terminal text is settled once the run is
+        # over (finish_reports), when it is known which explanations several items share.
+        self._failing: list[tuple[pytest.TestReport, dict[str, Any]]] = []
         self.inputs = SidecarSupport(self)
         self.writes_report = True
         self._report: IncrementalReport | None = None
@@ -97,30 +98,7 @@ class ParityRun:
                 error = exc
         collector = ModelFile.from_parent(parent, path=path, **kwargs)
         collector.error = error
-        collector.add_marker(scaleout.group_mark(kwargs.get("nodeid") or collector.nodeid))
         return collector
-
-    def said_once(self, item: ParityItem, message: str) -> str:
-        """A model error's full text for the first item of a model that shows it; a pointer for the others."""
-        key = (item.model_path, message)
-        first = self._said.setdefault(key, item.nodeid)
-        if first == item.nodeid:
-            return message
-        return f"model_error: the same as {first} (above): {message.splitlines()[0]}"
-
-    def explained_once(self, item: ParityItem, result: ParityResult) -> str:
-        """The full explanation for the first item of a model that fails a given way (category, first divergent
-        layer, failing outputs); later ones keep their own headline and reproduce line and point back to it.
-        The JSON report and JUnit keep every item's full message."""
-        layer = (result.first_divergent_layer or {}).get("name")
-        failing = tuple(v.name for v in result.verdict.outputs if not v.passed) if result.verdict else ()
-        first = self._explained.setdefault((item.model_path, result.category, layer, failing), item.nodeid)
-        if first == item.nodeid or not result.message:
-            return result.message
-        lines = result.message.splitlines()
-        same = f"same {result.category.value}" + (f", same first divergent layer {layer}" if layer else "")
-        tail = [line for line in lines if line.startswith(("reproduce: ", "pictures:  "))]
-        return "\n".join([lines[0], f"explained:  above, at {first} ({same})", *tail])
 
     def pasted_model(self, file_path, session: pytest.Session) -> bool:
         """A model file named on the command line (``pytest 'x.mnn::parity[CPU-low]'``, what -v and the failure
@@ -167,7 +145,7 @@ class ParityRun:
         checks = self.inputs.prepare(item, in_worker=self.isolation.isolates(config.backend))
         variant = item.case.variant
         if self.writer is not None:
-            self.writer.label = scaleout.stable_nodeid(item)
+            self.writer.label = item.nodeid
         reproduce = self.options.reproduce_command(model, config.backend, config.precision, variant,
                                                    input_set=item.case.input_set, api=item.case.api,
                                                    gpu_mode=config.gpu_mode, mnn_version=item.case.mnn_version,
@@ -280,9 +258,26 @@ class ParityRun:
         data = getattr(report, "mnn_parity", None)
         if data is not None:
             self._records.append(data)
+            if report.failed and self.writes_report:
+                self._failing.append((report, data))
             writer = self._report_writer()
             if writer is not None:
                 writer.add(data)
+
+    def finish_reports(self) -> None:
+        """Each explanation several items share is printed once (the terminal summary's "explained once"); those
+        items show a short text of their own instead.  Run after every other reader of the reports (JUnit,
+        pytest-html) took the whole message, before the terminal prints them."""
+        shared = {nodeid: group for group in shared_failures(self._records) for nodeid in group.nodeids}
+        for report, data in self._failing:
+            full = str(report.longrepr)
+            if full != data.get("message"):
+                continue  # a traceback, an xpass: pytest's own text
+            group = shared.get(data["nodeid"])
+            report.longrepr = ShownFailure(full, full if group is None else item_text(data, group))
+
+    def explained_once(self) -> list[str]:
+        return explained_lines(shared_failures(self._records))
 
     def records(self) -> list[dict[str, Any]]:
         return list(self._records)
