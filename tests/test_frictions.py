@@ -77,6 +77,14 @@ def test_mnn_only_without_a_model_says_what_to_give(pytester):
     ("--mnn-precisions", "fp16", "did you mean 'low'?"),
     ("--mnn-precisions", "hihg", "did you mean 'high'?"),
     ("--mnn-backends", "VULCAN", "did you mean 'VULKAN'?"),
+    # Every option with an enumerated value, the same way.
+    ("--mnn-layers", "on-falure", "did you mean 'on-failure'?"),
+    ("--mnn-isolate", "allways", "did you mean 'always'?"),
+    ("--mnn-worker-scope", "modle", "did you mean 'model'?"),
+    ("--mnn-artifacts-when", "alway", "did you mean 'always'?"),
+    ("--mnn-api", "modul", "did you mean 'module'?"),
+    ("--mnn-convert", "int9", "did you mean 'int8'?"),
+    ("--mnn-gpu-modes", "imgae", "did you mean 'image'?"),
 ])
 def test_misspelled_matrix_names_get_a_suggestion(pytester, models, flag, value, hint):
     models("demo/lama_like.mnn")
@@ -291,3 +299,58 @@ def test_a_failure_shared_by_several_configurations_is_explained_once(pytester, 
                for r in read_report(pytester.path / "r.json")["results"])
     failures = ElementTree.parse(pytester.path / "j.xml").findall(".//failure")
     assert len(failures) == 2 and all("first divergent layer: tiny_conv" in f.text for f in failures)
+
+
+def test_a_histograms_peak_count_labels_the_top_of_its_count_axis_not_the_baseline():
+    """Read from the pixels: the dark text left of the plot sits level with the tallest bar's top (the peak count,
+    four digits wide) and, narrow, at the baseline (the 0)."""
+    np = pytest.importorskip("numpy")
+    from pytest_mnn_parity.report.pictures import error_histogram
+
+    reference = np.zeros(5000, np.float32)
+    target = 10 ** np.random.default_rng(0).normal(-4, 0.3, 5000).astype(np.float32)
+    pixels = np.asarray(error_histogram(target, reference, 1e-3).convert("RGB")).astype(int)
+    bars = np.all(pixels == (70, 110, 170), axis=2)
+    rows_with_bars = np.flatnonzero(bars.any(axis=1))
+    top, baseline = int(rows_with_bars.min()), int(rows_with_bars.max())
+    dark = pixels.max(axis=2) < 100
+    # The plot's left edge: the count axis (a dark column from the bars' top to the baseline), else the first bar.
+    axis = [c for c in range(dark.shape[1]) if dark[top:baseline, c].mean() > 0.8] or [np.flatnonzero(bars.any(0))[0]]
+    text = dark[:, :axis[0] - 5].copy()  # dark pixels in the margin left of the count axis and its ticks
+    text[:18] = False  # the title line
+    text[baseline + 5:] = False  # the x axis's labels
+    rows = np.flatnonzero(text.any(axis=1))
+    near_top = text[max(top - 8, 0):top + 8]
+    near_base = text[baseline - 8:baseline + 5]
+    assert near_top.any(), f"no label at the peak (bar top at row {top}); margin text on rows {rows.tolist()}"
+    assert near_base.any(), f"no label at the baseline (row {baseline}); margin text on rows {rows.tolist()}"
+    width = lambda block: int(np.ptp(np.flatnonzero(block.any(axis=0)))) + 1  # noqa: E731
+    assert width(near_top) > 2 * width(near_base)  # "1547" above, "0" below
+    assert set(rows) <= set(range(top - 8, top + 8)) | set(range(baseline - 8, baseline + 5))
+
+
+def test_a_long_run_shows_a_progress_line_per_model_quiet_under_q_ci_and_logs(pytester, models):
+    models("demo/lama_like.mnn", "collapse/healthy.mnn")
+    args = ["--mnn-only", *CPU, "--mnn-precisions", "high,low", "--mnn-model", "lama_like.mnn", "--mnn-model",
+            "healthy.mnn"]
+    shown = pytester.runpytest(*args, "--mnn-progress", "0.000001")  # a line after every item
+    shown.assert_outcomes(passed=4)
+    progress = [line for line in shown.outlines if line.startswith("mnn-parity progress: ")]
+    assert [re.sub(r", [\d.]+ s elapsed$", "", line) for line in progress] == [
+        f"mnn-parity progress: {model}: {done}/2 configurations done"
+        for model in ("lama_like.mnn", "healthy.mnn") for done in (1, 2)], shown.outlines
+    one = ["--mnn-only", *CPU, "--mnn-precisions", "high", "--mnn-model", "healthy.mnn"]
+    quiet = pytester.runpytest(*one, "--mnn-progress", "0.000001", "-q")
+    default = pytester.runpytest(*one)  # pytester's output is not a terminal
+    for result in (quiet, default):
+        result.assert_outcomes(passed=1)
+        assert not [line for line in result.outlines if "mnn-parity progress" in line]
+    from pytest_mnn_parity.plugin.progress import interval_for
+
+    assert interval_for(None, 0, isatty=True, environ={}) == 10.0  # an interactive terminal
+    assert interval_for(None, 1, isatty=True, environ={"CI": "true"}) is None
+    assert interval_for(None, 0, isatty=False, environ={}) is None
+    assert interval_for(5.0, 0, isatty=False, environ={"CI": "true"}) == 5.0  # asked for: a CI log gets it too
+    assert interval_for(5.0, -1, isatty=True, environ={}) is None  # -q
+    bad = pytester.runpytest(*one, "--mnn-progress", "-1")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR and "--mnn-progress: expected seconds >= 0" in bad.stderr.str()

@@ -73,7 +73,8 @@ def test_both_reproduce_command_reruns_the_item(pytester, models):
                                 "--mnn-api", "both")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["*zero_output on CPU-high (module API): output 'out'*"])
-    command = [line.split("reproduce: ", 1)[1] for line in result.outlines if "reproduce: " in line][-1]
+    command = next(line.split("reproduce: ", 1)[1] for line in result.outlines
+                   if "reproduce: " in line and "-k module-CPU-high" in line)
     argv = shlex.split(command)
     assert argv[argv.index("--mnn-api") + 1] == "both" and argv[argv.index("-k") + 1] == "module-CPU-high"
     again = pytester.runpytest(*argv[1:])

@@ -110,7 +110,8 @@ def test_extra_converter_flags_from_the_ini_key_reach_the_converter(pytester, mo
 
 
 @pytest.mark.parametrize(("args", "ini", "message"), [
-    (["--mnn-convert", "int4"], "", "--mnn-convert: unknown conversion variant 'int4'; known: fp32, fp16, int8"),
+    (["--mnn-convert", "int4"], "",
+     "--mnn-convert: unknown conversion variant 'int4' (did you mean 'int8'?); known: fp32, fp16, int8"),
     ([], "mnn_convert_flags = --fp16", "mnn_convert_flags: '--fp16' is set by pytest-mnn-parity itself"),
 ])
 def test_bad_conversion_options_are_usage_errors(pytester, args, ini, message):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from ..core.verdict import Category, judge_outputs
+from ..mnn.backends import did_you_mean
 from ..mnn.model import ModelError, model_key, remembered
 from ..mnn.module_runner import API_MODULE, API_SESSION, ModuleModel
 
@@ -44,7 +45,8 @@ NO_TRACE = ("not traced: pymnn has no per-op callbacks for the Module API, and t
 def parse_api(value: str) -> str:
     mode = str(value).strip().lower()
     if mode not in API_MODES:
-        raise ValueError(f"--mnn-api: expected one of {', '.join(API_MODES)}, got {value!r}")
+        raise ValueError(f"--mnn-api: expected one of {', '.join(API_MODES)}, got {value!r}"
+                         f"{did_you_mean(mode, API_MODES)}")
     return mode
 
 

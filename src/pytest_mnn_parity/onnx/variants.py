@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..mnn.backends import did_you_mean
 from ..mnn.library import mnn_version
 from .convert import ConversionError, convert_onnx
 
@@ -48,7 +49,8 @@ def parse_variants(items: Iterable[str]) -> list[str]:
             if not name:
                 continue
             if name not in VARIANTS:
-                raise ValueError(f"unknown conversion variant {part.strip()!r}; known: {', '.join(VARIANTS)}")
+                raise ValueError(f"unknown conversion variant {part.strip()!r}{did_you_mean(name, VARIANTS)}; known: "
+                                 f"{', '.join(VARIANTS)}")
             if name not in names:
                 names.append(name)
     if not names:

@@ -15,6 +15,7 @@ from ..report.scoreboard import terminal_lines
 from . import scaleout
 from .items import PARITY_RUN, ModelLoadFailure
 from .options import Options, add_options
+from .progress import Progress
 from .run import ParityRun
 
 # Fixtures and markers for users' own tests live in a plugin module of their own.
@@ -45,6 +46,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if getattr(config, "cache", None) is not None:  # absent with -p no:cacheprovider: a temporary folder then
         run.engine.settings.convert_cache = str(config.cache.mkdir("mnn-parity-convert"))
     scaleout.register_marker(config)
+    Progress.install(config, options.progress)
     for flag, path in (("--mnn-html", options.html), ("--mnn-artifacts", options.artifacts)):
         if path is not None:
             _check_writable(path, flag)

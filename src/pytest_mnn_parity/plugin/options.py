@@ -25,6 +25,7 @@ from ..mnn.backends import (
     PRECISIONS,
     canonical_backend,
     canonical_precision,
+    did_you_mean,
     gpu_mode_applies,
     parse_gpu_mode,
 )
@@ -116,6 +117,9 @@ def add_options(parser: pytest.Parser) -> None:
            "tune-heavy, tune-wide, tune-normal, tune-fast, buffer, image, record-op, record-batch, or several "
            "joined by + (image+record-batch); default: none, GPU sessions use the cheapest tuning (docs/gpu.md)",
            metavar="LIST")
+    option("progress", "while models run, a line at most every SECONDS: model, configurations done/total, elapsed "
+           "(default 10 on an interactive terminal, off when CI is set or the output is not a terminal; a value "
+           "given turns it on anywhere; -q and 0 turn it off)", metavar="SECONDS")
     group.addoption("--mnn-update-golden", action="store_true", dest="mnn_update_golden", default=False,
                     help="(re)write the goldens in --mnn-golden DIR instead of checking them")
     group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
@@ -157,6 +161,8 @@ class Options:
     gpu_modes: list[str] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)
     bisect: tuple[str, str] | None = None
+    # Seconds between progress lines; None: decided by the terminal (progress.py).
+    progress: float | None = None
     env_cache: Path | None = None
     rootpath: Path = Path(".")
     invocation_dir: Path = Path(".")
@@ -196,7 +202,8 @@ class Options:
         def choice(name: str, allowed, default: str) -> str:
             value = str(get(name) or default).strip().lower()
             if value not in allowed:
-                raise pytest.UsageError(f"{where(name)}: expected one of {', '.join(allowed)}, got {value!r}")
+                raise pytest.UsageError(f"{where(name)}: expected one of {', '.join(allowed)}, got "
+                                        f"{value!r}{did_you_mean(value, allowed)}")
             return value
 
         try:
@@ -241,10 +248,7 @@ class Options:
         except ValueError as exc:
             raise pytest.UsageError(f"mnn_convert_flags: {exc}") from None
         artifacts = get("artifacts")
-        artifacts_when = str(get("artifacts_when") or "on-failure").strip().lower()
-        if artifacts_when not in ARTIFACT_MODES:
-            raise pytest.UsageError(f"--mnn-artifacts-when: expected one of {', '.join(ARTIFACT_MODES)}, "
-                                    f"got {artifacts_when!r}")
+        artifacts_when = choice("artifacts_when", ARTIFACT_MODES, "on-failure")
         html = get("html")
         try:
             api = parse_api(get("api") or "auto")
@@ -264,7 +268,11 @@ class Options:
             raise pytest.UsageError("--mnn-versions and --mnn-bisect: give one of them (a bisection runs the releases "
                                     "it needs itself)")
         env_cache = get("env_cache")
+        progress = number("progress", float, None)
+        if progress is not None and not progress >= 0:
+            raise pytest.UsageError(f"{where('progress')}: expected seconds >= 0 (0: off), got {progress:g}")
         return cls(
+            progress=progress,
             gpu_modes=gpu_modes,
             versions=versions,
             bisect=bisect,

@@ -306,12 +306,20 @@ def error_histogram(target: np.ndarray, reference: np.ndarray, tolerance_abs: fl
             label = f"1e{decade}"
             draw.text((min(x - 10, w - 2 - draw.textlength(label, font=font)), h - bottom + 6), label,
                       fill=(0, 0, 0), font=font)
-    draw.text((4, h - bottom - 10), str(peak), fill=(0, 0, 0), font=font)
+    # The count axis: the peak count level with the tallest bar's top, 0 at the baseline (a count written at the
+    # baseline reads as the axis minimum).
+    draw.line([(left, top_margin), (left, h - bottom)], fill=(0, 0, 0))
+    for y, label in ((top_margin, str(peak)), (h - bottom, "0")):
+        draw.line([(left - 4, y), (left, y)], fill=(0, 0, 0))
+        box = draw.textbbox((0, 0), label, font=font)
+        draw.text((left - 6 - (box[2] - box[0]) - box[0], y - (box[1] + box[3]) / 2), label, fill=(0, 0, 0), font=font)
     if tolerance_abs is not None and tolerance_abs > 0 and lo <= math.log10(tolerance_abs) <= hi:
         x = left + (math.log10(tolerance_abs) - lo) * 4 * bar_w
         for y in range(top_margin, h - bottom, 6):
             draw.line([(x, y), (x, y + 3)], fill=(220, 0, 0))
-        draw.text((x + 3, top_margin), "atol", fill=(220, 0, 0), font=font)
+        # Left of the line where the right edge would cut the word off.
+        at = x + 3 if x + 3 + draw.textlength("atol", font=font) <= w else x - 3 - draw.textlength("atol", font=font)
+        draw.text((at, top_margin), "atol", fill=(220, 0, 0), font=font)
     draw.text((left, h - 14), "log10 |error|", fill=(0, 0, 0), font=font)
     return out
 
