@@ -121,7 +121,7 @@ def test_a_broken_model_is_explained_once_not_once_per_configuration(pytester):
                                  "CPU-Low_BF16 *",
                                  "*broken.mnn: MNN cannot load it (flatbuffer verification failed*"])
     for config in ("CPU-normal", "CPU-high", "CPU-low", "CPU-Low_BF16"):  # each item still has its own line
-        assert (f"model_error on {config}: broken.mnn cannot be tested (the same error on 4 configurations); "
+        assert (f"model_error on {config}: broken.mnn cannot be tested (the same message on 4 configurations); "
                 'explained once below, under "MNN parity: explained once"') in result.outlines
     records = read_report(pytester.path / "r.json")["results"]
     assert all("flatbuffer" in r["message"] for r in records)  # the report keeps every item's full message
@@ -354,3 +354,37 @@ def test_a_long_run_shows_a_progress_line_per_model_quiet_under_q_ci_and_logs(py
     assert interval_for(5.0, -1, isatty=True, environ={}) is None  # -q
     bad = pytester.runpytest(*one, "--mnn-progress", "-1")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR and "--mnn-progress: expected seconds >= 0" in bad.stderr.str()
+
+
+def test_shared_explanations_group_the_same_failures_whatever_order_the_items_finished_in():
+    """Under pytest-xdist items finish in any order: the groups (who is explained with whom) must not depend on it."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from pytest_mnn_parity.report.explained import failure_key, shared_failures
+
+    record = st.fixed_dictionaries({
+        "model": st.sampled_from(["a.mnn", "b.mnn"]),
+        "outcome": st.sampled_from(["failed", "error", "passed", "skipped"]),
+        "category": st.sampled_from(["zero_output", "mismatch", "model_error", "ok"]),
+        "first_divergent_layer": st.sampled_from([None, {"name": "conv"}, {"name": "relu"}]),
+        "outputs": st.sampled_from([{}, {"out": {"category": "zero_output"}}, {"out": {"category": "ok"}}]),
+        "message": st.sampled_from(["broken", "zero_output on X: ...\nreproduce: pytest x"]),
+    })
+
+    @hypothesis.settings(max_examples=60, deadline=None)
+    @hypothesis.given(st.lists(record, max_size=12), st.randoms(use_true_random=False))
+    def check(records, rnd):
+        records = [{**r, "nodeid": f"{r['model']}::parity[C{i}]"} for i, r in enumerate(records)]
+        shuffled = records[:]
+        rnd.shuffle(shuffled)
+        groups = {frozenset(g.nodeids) for g in shared_failures(records)}
+        assert groups == {frozenset(g.nodeids) for g in shared_failures(shuffled)}
+        by_id = {r["nodeid"]: r for r in records}
+        for members in groups:
+            assert len(members) >= 2 and len({failure_key(by_id[n]) for n in members}) == 1
+            assert all(by_id[n]["outcome"] in ("failed", "error") for n in members)
+        grouped = [n for members in groups for n in members]
+        assert len(grouped) == len(set(grouped))  # an item is explained in one place
+
+    check()

@@ -29,7 +29,7 @@ from ..onnx.variants import is_onnx
 from ..report.artifacts import ArtifactWriter
 from ..report.durable import IncrementalReport
 from ..report.html import write_html
-from ..report.explained import explained_lines, item_text, shared_failures
+from ..report.explained import SharedFailure, explained_lines, item_text, shared_failures
 from ..report.records import RECORD_FIELDS, build_report, record
 from ..report.scoreboard import build as build_scoreboard
 from .input_items import SidecarSupport, xfail_outcome
@@ -65,6 +65,7 @@ class ParityRun:
         # This process's failing reports with their records: their terminal text is settled once the run is
         # over (finish_reports), when it is known which explanations several items share.
         self._failing: list[tuple[pytest.TestReport, dict[str, Any]]] = []
+        self._shared: list[SharedFailure] = []
         self.inputs = SidecarSupport(self)
         self.writes_report = True
         self._report: IncrementalReport | None = None
@@ -268,16 +269,17 @@ class ParityRun:
         """Each explanation several items share is printed once (the terminal summary's "explained once"); those
         items show a short text of their own instead.  Run after every other reader of the reports (JUnit,
         pytest-html) took the whole message, before the terminal prints them."""
-        shared = {nodeid: group for group in shared_failures(self._records) for nodeid in group.nodeids}
-        for report, data in self._failing:
+        # Only failures whose text is the parity message (not a traceback, an xpass, a user test's assertion).
+        mine = [(report, data) for report, data in self._failing if str(report.longrepr) == data.get("message")]
+        self._shared = shared_failures(data for _, data in mine)
+        by_item = {nodeid: group for group in self._shared for nodeid in group.nodeids}
+        for report, data in mine:
             full = str(report.longrepr)
-            if full != data.get("message"):
-                continue  # a traceback, an xpass: pytest's own text
-            group = shared.get(data["nodeid"])
+            group = by_item.get(data["nodeid"])
             report.longrepr = ShownFailure(full, full if group is None else item_text(data, group))
 
     def explained_once(self) -> list[str]:
-        return explained_lines(shared_failures(self._records))
+        return explained_lines(self._shared)
 
     def records(self) -> list[dict[str, Any]]:
         return list(self._records)

@@ -33,6 +33,11 @@ class SharedFailure:
     record: dict[str, Any]
 
     @property
+    def same_message(self) -> bool:
+        """Grouped by an identical message (nothing was compared), not by category and first divergent layer."""
+        return len(self.key) == 3
+
+    @property
     def model(self) -> str:
         return str(self.record.get("model"))
 
@@ -60,12 +65,12 @@ def failure_key(rec: dict[str, Any]) -> tuple | None:
     category = rec.get("category")
     if category in ("ok", "internal_error"):
         return None  # a strict xpass, or a plugin bug whose traceback each item shows
-    if rec.get("backend") is None or category == "model_error":
-        # Nothing was compared: the message is the whole explanation, and only the same message is the same.
+    if not rec.get("outputs"):
+        # Nothing was compared (a model that cannot be tested, a crash, a timeout): the message is the whole
+        # explanation, and only the same message is the same.
         return rec.get("model"), category, rec.get("message")
     layer = (rec.get("first_divergent_layer") or {}).get("name")
-    failing = tuple(sorted(name for name, out in (rec.get("outputs") or {}).items()
-                           if out.get("category") not in (None, "ok")))
+    failing = tuple(sorted(name for name, out in rec["outputs"].items() if out.get("category") not in (None, "ok")))
     return rec.get("model"), category, layer, failing
 
 
@@ -87,9 +92,10 @@ def item_text(rec: dict[str, Any], shared: SharedFailure) -> str:
     lines = (rec.get("message") or "").splitlines()
     where = f'explained once below, under "{SECTION}"'
     count = f"{len(shared.labels)} configurations"
-    if len(shared.key) == 3:
-        return (f"{rec.get('category')} on {config_label(rec['nodeid'])}: {shared.model} cannot be tested (the same "
-                f"error on {count}); {where}")
+    if shared.same_message:
+        what = "cannot be tested" if rec.get("category") == "model_error" else "failed"
+        return (f"{rec.get('category')} on {config_label(rec['nodeid'])}: {shared.model} {what} (the same "
+                f"message on {count}); {where}")
     return "\n".join([lines[0], f"{where} (the same {shared.what} on {count})",
                       *(line for line in lines if line.startswith(_OWN_LINES))])
 
