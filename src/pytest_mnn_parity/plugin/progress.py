@@ -92,6 +92,10 @@ class Progress:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is None:
             return
+        if self.config.pluginmanager.has_plugin("dsession"):
+            # pytest-xdist's controller writes every result onto one line of dots, which the reporter does not
+            # track as a file's line: end it here.
+            reporter.write("\n")
         reporter.write_line(line)
         # The next result starts a line of its own with its file's name again, as after a new file.
         reporter.currentfspath = None
