@@ -147,6 +147,9 @@ class ParityResult:
     mnn_version: str | None = None
     # --mnn-bisect: the releases checked, their verdicts and metrics, the first release that changed.
     bisect: dict[str, Any] | None = None
+    # Where the check ran when not in this machine's own CPU (--mnn-cpu, --mnn-remote): the place's name, the
+    # emulated CPU or the host, and the CPU features MNN detected there (isolation/places.py).
+    place: dict[str, Any] | None = None
     # The outputs behind the verdict, with ``ParitySettings.keep_outputs`` only.
     computed: Computed | None = field(default=None, repr=False)
 

@@ -34,6 +34,7 @@ from ..engine.results import ParityResult, ParitySettings
 from ..mnn import backends
 from ..mnn.model import model_key
 from . import protocol
+from .launch import WorkerCommand
 from .process import Worker, WorkerDied, WorkerTimedOut
 
 PROBE_TIMEOUT = 60.0  # GPU session creation can take seconds (kernel compilation)
@@ -65,12 +66,18 @@ class IsolatedEngine(Checker):
 
     def __init__(self, settings: ParitySettings | None = None, *, timeout: float | None = None,
                  worker_per_model: bool = True, prespawn: bool = True, declarations: ParityEngine | None = None,
-                 python: os.PathLike | str | None = None):
-        # Another MNN release's environment (``envs.MnnEnv.python``): its workers run that MNN, so what they find
-        # about backends and arithmetic is theirs, kept here instead of in this process's shared caches.
+                 python: os.PathLike | str | None = None, command: WorkerCommand | None = None):
+        # Another MNN release's environment (``envs.MnnEnv.python``), or another place (``launch.py``: an
+        # emulated CPU, another machine): its workers run that MNN on that CPU, so what they find about backends
+        # and arithmetic is theirs, kept here instead of in this process's shared caches.
         self.python = python
-        self._statuses: dict[str, backends.BackendStatus] | None = None if python is None else {}
-        self._arithmetic: dict | None = None if python is None else {}
+        self.command = command
+        foreign = python is not None or command is not None
+        self._statuses: dict[str, backends.BackendStatus] | None = {} if foreign else None
+        self._arithmetic: dict | None = {} if foreign else None
+        # What MNN said about the CPU when the first worker imported it ("The device supports: fp16:1, ...").
+        self.device_features: dict[str, int] | None = None
+        self._prepared = self._banner_read = False
         self.settings = settings or ParitySettings()
         protocol.settings_to_wire(self.settings)  # a setting no worker can take fails here, not in the first check
         self.declarations = declarations
@@ -92,7 +99,15 @@ class IsolatedEngine(Checker):
 
     # -- workers ----------------------------------------------------------------
     def _new_worker(self) -> Worker:
-        return Worker(self.settings, python=self.python)
+        if self.command is not None and not self._prepared:
+            self.command.prepare()  # launch.LaunchError: the caller says why the place cannot run
+            self._prepared = True
+        return Worker(self.settings, python=self.python, command=self.command)
+
+    def _read_banner(self, worker: Worker) -> None:
+        if not self._banner_read:
+            self._banner_read = True
+            self.device_features = device_features(worker.hello.get("device", ""))
 
     def _take(self) -> Worker:
         spare, self._spare = self._spare, None
@@ -154,7 +169,8 @@ class IsolatedEngine(Checker):
         worker = self._worker_for(key)
         message = {"op": "check", "request": protocol.request_to_wire(request, self._files),
                    "backend_status": status.as_dict(), "arithmetic": self._known_arithmetic(),
-                   "reference": self._files.to_wire(reference), "release": self.python is not None,
+                   "reference": self._files.to_wire(reference),
+                   "release": self.python is not None or self.command is not None,
                    "declarations": declared, "artifact_label": getattr(self.settings.output_sink, "label", None),
                    "bundle": dict(bundle) if bundle and self.settings.keep_outputs else None,
                    "sidecar": self._files.to_wire(sidecar)}
@@ -162,6 +178,10 @@ class IsolatedEngine(Checker):
         try:
             worker.checks += 1
             worker.wait_ready()
+            self._read_banner(worker)
+            if worker.command.remote:
+                for put in protocol.put_messages(message, worker.sent):
+                    worker.send(put)
             started = time.monotonic()
             reply = worker.request(message, self.timeout)
         except WorkerTimedOut:
@@ -177,6 +197,7 @@ class IsolatedEngine(Checker):
         if not reply.get("ok"):
             raise WorkerError(f"the isolated worker (pid {worker.pid}) raised:\n{reply.get('error')}")
         result = protocol.result_from_wire(reply["result"])
+        result.model = str(model_path)  # a remote worker names its copy
         result.worker = {"pid": worker.pid, "index": worker.checks}
         if result.arithmetic is not None:  # measured once per run, not once per worker (seconds on a GPU)
             if self._arithmetic is not None:
@@ -253,6 +274,7 @@ class IsolatedEngine(Checker):
         started = time.monotonic()
         try:
             worker.wait_ready()
+            self._read_banner(worker)
             started = time.monotonic()
             reply = worker.request({"op": "probe", "backend": name}, timeout)
         except (WorkerTimedOut, WorkerDied) as exc:
@@ -290,7 +312,8 @@ class IsolatedEngine(Checker):
                 signame = f"signal {-returncode}"
         return {"kind": kind, "pid": worker.pid, "index": worker.checks, "returncode": returncode,
                 "signal": signame, "seconds": round(seconds, 3), "timeout": self.timeout,
-                "stderr_tail": worker.stderr_tail()}
+                "stderr_tail": worker.stderr_tail(), "where": worker.command.label,
+                "remote": worker.command.remote}
 
     def _fault_result(self, request: CheckRequest, fault: dict[str, Any],
                       labels: Mapping[str, Any] | None = None) -> ParityResult:
@@ -303,6 +326,21 @@ class IsolatedEngine(Checker):
             variant=request.variant, **labels)
         result.message = fault_message(result, model_path, request.reproduce)
         return result
+
+
+def device_features(text: str) -> dict[str, int] | None:
+    """MNN's start-up banner, ``The device supports: i8sdot:1, fp16:1, i8mm: 0, sve2: 0, sme2: 0``, as
+    {feature: 0/1}; None when the text has no banner (x86 builds print none)."""
+    for line in (text or "").splitlines():
+        _, found, rest = line.partition("The device supports:")
+        if found:
+            features = {}
+            for part in rest.split(","):
+                name, _, value = part.partition(":")
+                if name.strip() and value.strip().isdigit():
+                    features[name.strip()] = int(value.strip())
+            return features
+    return None
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -346,6 +384,11 @@ def fault_message(result: ParityResult, model_path, reproduce: str) -> str:
              f"{order}",
              f"inputs:    {result.input_set}" + (f" ({result.api} API)" if result.api else ""),
              "next:      this model's remaining configurations run in a fresh worker; other models are unaffected"]
+    if fault.get("remote") and fault.get("returncode") == 255:
+        lines.append(f"worker:    {fault.get('where')}: exit code 255 is ssh's own: the connection was lost or "
+                     "refused (ssh's last words below); the worker on the other side ended with it")
+    elif fault.get("where") and fault.get("where") != "this Python":
+        lines.append(f"worker:    {fault['where']}")
     lines += _tail_lines(fault)
     if reproduce:
         lines += ["", f"reproduce: {reproduce}"]

@@ -71,6 +71,8 @@ class Isolation(Checker):
         self._shared: IsolatedEngine | None = None
         # Other MNN releases' engines (``versions.ReleaseEngines``), when the run asks for them.
         self.releases = None
+        # Emulated CPUs and other machines (``places.PlaceEngines``), when the run asks for them.
+        self.places = None
         self._sinks: tempfile.TemporaryDirectory | None = None
 
     def _keep_last_words(self) -> None:
@@ -162,6 +164,8 @@ class Isolation(Checker):
                 isolated.release(model_path)
         if self.releases is not None:
             self.releases.release(model_path)
+        if self.places is not None:
+            self.places.release(model_path)
 
     def close(self) -> None:
         for isolated in (self._isolated, self._shared):
@@ -169,6 +173,8 @@ class Isolation(Checker):
                 isolated.close()
         if self.releases is not None:
             self.releases.close()
+        if self.places is not None:
+            self.places.close()
         if self._sinks is not None:
             if os.environ.get(native_output.SINK_DIR_ENV) == self._sinks.name:
                 del os.environ[native_output.SINK_DIR_ENV]

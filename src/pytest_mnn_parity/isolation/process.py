@@ -14,11 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 from ..engine.results import ParitySettings
 from . import protocol
+from .launch import LocalPython, WorkerCommand
 from .worker import PARENT_PID_ENV
 
 STARTUP_TIMEOUT = 120.0  # importing numpy and MNN; not part of any configuration's time
@@ -40,23 +40,31 @@ class WorkerTimedOut(Exception):
 class Worker:
     """One ``python -m pytest_mnn_parity.isolation.worker`` process and its pipes."""
 
-    def __init__(self, settings: ParitySettings, python: os.PathLike | str | None = None):
+    def __init__(self, settings: ParitySettings, python: os.PathLike | str | None = None,
+                 command: WorkerCommand | None = None):
         """``python``: another environment's interpreter (``envs.EnvCache``, one MNN release); it needs only
-        MNN and numpy, since this package is imported from our own source through ``PYTHONPATH``."""
-        self.python = os.fspath(python) if python is not None else sys.executable
+        MNN and numpy, since this package is imported from our own source through ``PYTHONPATH``.  ``command``:
+        how and where the worker starts (``launch.py``: an emulator, another machine); ``python`` is short for
+        ``launch.LocalPython(python)``."""
+        if command is None:
+            command = LocalPython(python=os.fspath(python)) if python is not None else LocalPython()
+        self.command = command
+        self.python = getattr(command, "python", sys.executable)
         self.stderr = tempfile.TemporaryFile(prefix="mnn-parity-worker-", suffix=".stderr")
-        env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env[PARENT_PID_ENV] = str(os.getpid())
-        self.proc = subprocess.Popen([self.python, "-m", "pytest_mnn_parity.isolation.worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, env=env)
+        worker_env = {PARENT_PID_ENV: str(os.getpid())} if command.child else {}
+        self.proc = subprocess.Popen(command.argv(worker_env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, env=command.environment(worker_env))
         self.pid = self.proc.pid
         self.checks = 0
         self.ready = False
+        self.hello: dict[str, Any] = {}  # the worker's first line: its pid, MNN's banner
+        # Paths of this machine whose files this (remote) worker already holds (``protocol.put_messages``).
+        self.sent: set[str] = set()
         self._buffer = b""
         try:
-            self._send({"op": "init", "settings": protocol.settings_to_wire(settings), "cwd": os.getcwd()})
+            # A remote worker has no such folder: it stays where ssh put it.
+            cwd = None if command.remote else os.getcwd()
+            self._send({"op": "init", "settings": protocol.settings_to_wire(settings), "cwd": cwd})
         except WorkerDied:
             pass  # it died starting up: the first request reports it, with its stderr
 
@@ -66,14 +74,19 @@ class Worker:
     def wait_ready(self) -> None:
         """Wait for the worker's imports (not part of any timeout); ``WorkerDied`` if it died starting."""
         if not self.ready:
-            hello = self._receive(STARTUP_TIMEOUT)
-            self.ready = bool(hello.get("ready"))
+            self.hello = self._receive(STARTUP_TIMEOUT)
+            self.ready = bool(self.hello.get("ready"))
 
     def request(self, message: Mapping[str, Any], timeout: float | None) -> dict[str, Any]:
         """Send one request and wait for its reply; ``WorkerDied`` / ``WorkerTimedOut`` otherwise."""
         self.wait_ready()
         self._send(message)
         return self._receive(timeout)
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        """One message that gets no reply (a file for a remote worker); ``WorkerDied`` if it is gone."""
+        self.wait_ready()
+        self._send(message)
 
     def _send(self, message: Mapping[str, Any]) -> None:
         try:
@@ -116,7 +129,7 @@ class Worker:
 
     def kill(self, dump_stack: bool = False) -> int | None:
         """Kill the worker; with ``dump_stack`` ask faulthandler for every thread's stack first."""
-        if self.alive() and dump_stack:
+        if self.alive() and dump_stack and self.command.signals_reach_worker:
             before = self._stderr_size()
             os.kill(self.pid, signal.SIGUSR1)
             end = time.monotonic() + STACK_DUMP_WAIT

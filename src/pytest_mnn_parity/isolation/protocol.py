@@ -27,11 +27,19 @@ would be in-process:
   outputs itself (``bundle_saver``), as they exist only there;
 * the picture writer's folder name for the item (``artifact_label``).
 
+A worker on another machine (``launch.OverSsh``) sees none of this machine's
+files: before a check, each file the message names (the model, the pickled
+input set, reference and sidecar) that this worker does not hold yet goes ahead
+of it as a ``put`` line, its bytes base64 in the JSON (``put_messages``); the
+worker keeps them in a folder of its own and reads the message's paths as its
+copies (``localise``).
+
 A result that comes back without an answer (``crashed``/``timeout``) gets
 the labels an in-process result would have (``fault_labels``).
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import json
@@ -340,6 +348,49 @@ def from_wire(data: Mapping[str, str] | None, cache: dict[str, Any]):
         with open(data["file"], "rb") as f:
             cache[data["file"]] = pickle.load(f)  # noqa: S301 - our own parent's file, in its private folder
     return cache[data["file"]]
+
+
+# -- files for a worker that cannot see ours --------------------------------------------
+
+def _file_fields(message: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """(container, key) of every path of this machine that a check message names."""
+    fields: list[tuple[dict[str, Any], str]] = []
+    request = message.get("request")
+    if isinstance(request, dict):
+        fields.append((request, "model"))
+        if request.get("input_set"):
+            fields.append((request["input_set"], "file"))
+    for key in ("reference", "sidecar"):
+        if message.get(key):
+            fields.append((message[key], "file"))
+    return fields
+
+
+def put_messages(message: dict[str, Any], held: set[str]) -> list[dict[str, Any]]:
+    """``put`` lines for the files ``message`` names that the worker does not hold yet (``held``, updated)."""
+    puts = []
+    for container, key in _file_fields(message):
+        path = container[key]
+        if path not in held:
+            data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+            puts.append({"op": "put", "path": path, "data": data})
+            held.add(path)
+    return puts
+
+
+def store_put(message: Mapping[str, Any], folder: Path, paths: dict[str, str]) -> None:
+    """The worker's side of a ``put``: the file under ``folder``, by its original name (MNN and the reports
+    name a model by it), remembered under the parent's path."""
+    target = folder / str(len(paths)) / Path(message["path"]).name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(base64.b64decode(message["data"]))
+    paths[message["path"]] = str(target)
+
+
+def localise(message: dict[str, Any], paths: Mapping[str, str]) -> None:
+    """The parent's paths in ``message`` replaced by this worker's copies, where it has them."""
+    for container, key in _file_fields(message):
+        container[key] = paths.get(container[key], container[key])
 
 
 def sidecar_problem(engine: ParityEngine, model_path: str, variant: str | None, sidecar) -> ModelError | None:

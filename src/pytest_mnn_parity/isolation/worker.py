@@ -61,17 +61,33 @@ def main() -> int:
     os.chdir(init.get("cwd") or os.getcwd())
     engine = ParityEngine(protocol.settings_from_wire(init["settings"]))
     _install_fault_injection(crash_log, proto)
-    proto.write(protocol.dumps({"ready": True, "pid": os.getpid()}))
+    from ..mnn.library import device_support_line  # noqa: PLC0415
+
+    # MNN's start-up banner ("The device supports: i8sdot:1, fp16:1, ..."): what this CPU computes with.
+    proto.write(protocol.dumps({"ready": True, "pid": os.getpid(), "device": device_support_line()}))
     done = 0
     input_sets: dict = {}  # the parent's pickled input sets and sidecars, read once each
     savers: dict = {}  # one bundle_saver.BundleSaver per bundle folder: each reference is saved once per worker
+    # A worker on another machine gets the parent's files as ``put`` lines: parent path -> the copy here.
+    copies: dict[str, str] = {}
+    copies_dir = None
     for line in stdin:
         request = protocol.loads(line)
         op = request.get("op")
         if op == "exit":
             break
+        if op == "put":  # no reply: the check that follows answers (one round trip per check on a slow link)
+            if copies_dir is None:
+                import tempfile  # noqa: PLC0415
+
+                copies_dir = tempfile.mkdtemp(prefix="mnn-parity-files-")
+            from pathlib import Path  # noqa: PLC0415
+
+            protocol.store_put(request, Path(copies_dir), copies)
+            continue
         try:
             if op == "check":
+                protocol.localise(request, copies)
                 _seed_backend(backends, request.get("backend_status"))
                 _seed_arithmetic(backends, request.get("arithmetic"))
                 check = protocol.request_from_wire(request["request"], input_sets)
@@ -81,7 +97,7 @@ def main() -> int:
                 result = _check(engine, check, request, input_sets, savers)
                 reply = {"ok": True, "result": protocol.result_to_wire(result)}
             elif op == "release":
-                engine.release(request["model"])
+                engine.release(copies.get(request["model"], request["model"]))
                 reply = {"ok": True}
             elif op == "probe":
                 crash_log.write(f"[mnn-parity worker {os.getpid()}] probing backend {request['backend']}\n")
@@ -94,6 +110,10 @@ def main() -> int:
             reply = {"ok": False, "error": traceback.format_exc()}
         proto.write(protocol.dumps(reply))
     proto.flush()
+    if copies_dir is not None:
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(copies_dir, ignore_errors=True)
     if sink is not None:
         try:
             os.remove(sink)

@@ -35,6 +35,9 @@ def pytest_configure(config: pytest.Config) -> None:
                                 "pytest --mnn-only --mnn-model fixtures/demo/lama_like.mnn")
     run = ParityRun(options)
     config.stash[PARITY_RUN] = run
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:  # an environment built during collection says so where the user looks
+        run.say = lambda line: reporter.write_line(f"mnn-parity: {line}")
     # Registered as a plugin of its own so it sees every report, including
     # those pytest-xdist workers send to the controller.
     config.pluginmanager.register(run, "mnn-parity-run")
@@ -120,6 +123,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     lines = matrix_lines(run.records()) + run.regression.summary_lines(run.records())
     if run.isolation.releases is not None:  # where each MNN release ran from (under xdist: its workers know)
         lines += run.isolation.releases.summary()
+    if run.isolation.places is not None:  # each emulated CPU or machine, and what MNN detected there
+        lines += run.isolation.places.summary()
     lines += terminal_lines(run.records())
     if lines:
         terminalreporter.write_sep("=", "MNN parity")

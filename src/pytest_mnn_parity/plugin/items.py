@@ -35,13 +35,16 @@ class Case:
     # process's MNN.  ``bisect``: (good, bad) of --mnn-bisect, the item searching the releases between them.
     mnn_version: str | None = None
     bisect: tuple[str, str] | None = None
+    # A place (--mnn-cpu, --mnn-remote: ``places.Place.name``, e.g. "arm64.a76") whose worker runs this item;
+    # None: this machine.
+    place: str | None = None
 
     @property
     def id(self) -> str:
         release = f"mnn{self.mnn_version}" if self.mnn_version else None
         search = f"bisect{self.bisect[0]}..{self.bisect[1]}" if self.bisect else None
-        return "-".join(part for part in (search, release, self.api, self.variant, self.input_set, self.config.id)
-                        if part)
+        return "-".join(part for part in (search, release, self.place, self.api, self.variant, self.input_set,
+                                          self.config.id) if part)
 
 
 class ModelFile(pytest.File):

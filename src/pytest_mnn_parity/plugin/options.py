@@ -19,6 +19,7 @@ from ..inputs.generate import parse_input_shapes
 from ..inputs.stream_spec import StreamSpec, parse_stream
 from ..isolation.policy import ISOLATE_MODES, WORKER_SCOPES
 from ..isolation.envs import version_key
+from ..isolation.places import Place, parse_cpu, parse_remote
 from ..mnn.backends import (
     DEFAULT_BACKENDS,
     GPU_MODE_BITS,
@@ -113,6 +114,15 @@ def add_options(parser: pytest.Parser) -> None:
            metavar="GOOD..BAD")
     option("env-cache", "where the per-release environments of --mnn-versions / --mnn-bisect live (default: "
            "mnn-parity-envs in pytest's cache folder); shared by runs and pytest-xdist workers", metavar="DIR")
+    option("cpu", "comma-separated emulated CPUs, each an axis value for the CPU configurations: arm64:cortex-a76 "
+           "(ARMv8.2 fp16 arithmetic, as phones run Precision_Low), arm64:cortex-a53 (none), ...; runs them under "
+           "qemu-aarch64 in an aarch64 environment built once in --mnn-env-cache (mnn-parity-env arm64), against "
+           "this machine's reference (parity[arm64.a76-CPU-low]; docs/arm.md)", metavar="LIST")
+    option("remote", "comma-separated other machines, each an axis value: [NAME=]ssh:[USER@]HOST[:PORT][:PYTHON]; "
+           "every configuration runs in a worker there (its Python needs MNN and numpy), against this machine's "
+           "reference (parity[ssh.NAME-CPU-low]; docs/arm.md)", metavar="LIST")
+    option("ssh-config", "an ssh_config file for --mnn-remote (ssh -F FILE): host aliases, keys, ports, known hosts",
+           metavar="FILE")
     option("gpu-modes", "comma-separated GPU modes, each an axis value for the backends it applies to: tune-none, "
            "tune-heavy, tune-wide, tune-normal, tune-fast, buffer, image, record-op, record-batch, or several "
            "joined by + (image+record-batch); default: none, GPU sessions use the cheapest tuning (docs/gpu.md)",
@@ -164,6 +174,10 @@ class Options:
     # Seconds between progress lines; None: decided by the terminal (progress.py).
     progress: float | None = None
     env_cache: Path | None = None
+    # Emulated CPUs (--mnn-cpu) and other machines (--mnn-remote): the place axis (isolation/places.py).
+    cpus: list[Place] = field(default_factory=list)
+    remotes: list[Place] = field(default_factory=list)
+    ssh_config: Path | None = None
     rootpath: Path = Path(".")
     invocation_dir: Path = Path(".")
 
@@ -268,12 +282,29 @@ class Options:
             raise pytest.UsageError("--mnn-versions and --mnn-bisect: give one of them (a bisection runs the releases "
                                     "it needs itself)")
         env_cache = get("env_cache")
+        cpus, remotes = listed("cpu", [], parse_cpu), listed("remote", [], parse_remote)
+        names = [place.name for place in cpus + remotes]
+        if len(set(names)) != len(names):
+            raise pytest.UsageError(f"{where('remote')}: two places share a name ({', '.join(names)}): name them "
+                                    "NAME=ssh:HOST")
+        if (cpus or remotes) and (versions or bisect):
+            raise pytest.UsageError("--mnn-cpu / --mnn-remote with --mnn-versions / --mnn-bisect: one axis at a time "
+                                    "(a place runs the MNN release installed there)")
+        ssh_config = get("ssh_config")
+        if ssh_config:
+            ssh_config = (config.invocation_params.dir / str(ssh_config)).resolve()
+            if not ssh_config.is_file():
+                raise pytest.UsageError(f"{where('ssh_config')}: {ssh_config} does not exist (an ssh_config file, "
+                                        "as ssh -F reads)")
         progress = number("progress", float, None)
         if progress is not None and not progress >= 0:
             raise pytest.UsageError(f"{where('progress')}: expected seconds >= 0 (0: off), got {progress:g}")
         return cls(
             progress=progress,
             gpu_modes=gpu_modes,
+            cpus=cpus,
+            remotes=remotes,
+            ssh_config=ssh_config or None,
             versions=versions,
             bisect=bisect,
             env_cache=((config.invocation_params.dir / str(env_cache)).resolve() if env_cache
@@ -315,11 +346,17 @@ class Options:
 
     def reproduce_command(self, model: str, backend: str, precision: str, variant: str | None = None,
                           input_set: str | None = None, api: str | None = None, gpu_mode: str | None = None,
-                          mnn_version: str | None = None, bisect: tuple[str, str] | None = None) -> str:
+                          mnn_version: str | None = None, bisect: tuple[str, str] | None = None,
+                          place: str | None = None) -> str:
         """A command that reruns exactly one configuration of one model (conversion variant, input set, API,
-        GPU mode, MNN release)."""
+        GPU mode, MNN release, place)."""
         parts = ["pytest", "--mnn-only", "--mnn-model", model, "--mnn-backends", backend,
                  "--mnn-precisions", precision, "--mnn-seed", str(self.seed)]
+        chosen = next((p for p in self.cpus + self.remotes if p.name == place), None)
+        if chosen is not None:
+            parts += [chosen.option, chosen.spec, "-k", chosen.name]
+            if chosen.kind == "ssh" and self.ssh_config is not None:
+                parts += ["--mnn-ssh-config", _shown_path(self.ssh_config, self.invocation_dir)]
         if gpu_mode:
             parts += ["--mnn-gpu-modes", gpu_mode]
         if mnn_version:
@@ -374,6 +411,7 @@ class Options:
                               else {"dir": str(self.artifacts), "when": self.artifacts_when}),
                 "html": None if self.html is None else str(self.html),
                 "gpu_modes": self.gpu_modes, "mnn_versions": self.versions,
+                "cpu": [p.spec for p in self.cpus], "remote": [p.spec for p in self.remotes],
                 "bisect": None if self.bisect is None else f"{self.bisect[0]}..{self.bisect[1]}"}
 
 

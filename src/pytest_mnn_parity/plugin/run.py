@@ -5,6 +5,8 @@ config's stash (``items.PARITY_RUN``) and hand every event to it.
 """
 from __future__ import annotations
 
+import platform
+import sys
 from collections import Counter
 from dataclasses import replace
 from typing import Any
@@ -18,6 +20,7 @@ from ..engine.request import CheckRequest
 from ..engine.results import ParityResult, ParitySettings
 from ..isolation.envs import EnvCache, EnvError, between
 from ..isolation.policy import DEFAULT_ISOLATED_TIMEOUT, Isolation
+from ..isolation.places import PlaceEngines
 from ..isolation.versions import ReleaseEngines, bisect, metrics_line, verdict_of
 from ..mnn import backends as backend_discovery
 from ..mnn.library import mnn_version
@@ -57,6 +60,15 @@ class ParityRun:
                 EnvCache(options.env_cache), self.engine.settings,
                 timeout=options.timeout if options.timeout is not None else DEFAULT_ISOLATED_TIMEOUT,
                 worker_per_model=options.worker_scope == "model", declarations=self.engine)
+        # Lines for the user while something slow happens outside any item (an environment being built); the
+        # hooks point it at the terminal.
+        self.say = lambda line: print(line, file=sys.stderr, flush=True)
+        if options.cpus or options.remotes:
+            self.isolation.places = PlaceEngines(
+                options.cpus + options.remotes, options.env_cache, self.engine.settings,
+                timeout=options.timeout if options.timeout is not None else DEFAULT_ISOLATED_TIMEOUT,
+                declarations=self.engine, ssh_config=None if options.ssh_config is None else str(options.ssh_config),
+                progress=lambda line: self.say(line))
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
@@ -118,11 +130,15 @@ class ParityRun:
             # it, it gets items of its own rather than being dropped without a word.
             sets = [*sets, None]
         releases = self.options.versions or [None]
+        # This machine first, then each place; an emulated CPU has the CPU backend only.
+        places = [None] + [p for p in self.options.cpus + self.options.remotes]
         return [Case(RunConfig(backend, precision, self.options.threads, mode), variant=variant,
-                     input_set=input_set, api=api, mnn_version=release, bisect=self.options.bisect)
-                for release in releases for api in apis for variant in variants for input_set in sets
-                for backend in self.options.backends for precision in self.options.precisions
-                for mode in self.modes_for(backend)]
+                     input_set=input_set, api=api, mnn_version=release, bisect=self.options.bisect,
+                     place=None if place is None else place.name)
+                for release in releases for place in places for api in apis for variant in variants
+                for input_set in sets for backend in self.options.backends
+                if place is None or not place.cpu_only or backend == "CPU"
+                for precision in self.options.precisions for mode in self.modes_for(backend)]
 
     def modes_for(self, backend: str) -> list[str | None]:
         """The GPU modes asked for that ``backend`` reads; [None] (its plain items) when it reads none."""
@@ -131,6 +147,8 @@ class ParityRun:
     def backend_status(self, backend: str, case: Case | None = None):
         if case is not None and case.mnn_version is not None:
             return self.isolation.releases.backend_status(case.mnn_version, backend)
+        if case is not None and case.place is not None:
+            return self.isolation.places.backend_status(case.place, backend)
         return self.isolation.backend_status(backend)
 
     def plan(self, items: list[pytest.Item]) -> None:
@@ -150,7 +168,7 @@ class ParityRun:
         reproduce = self.options.reproduce_command(model, config.backend, config.precision, variant,
                                                    input_set=item.case.input_set, api=item.case.api,
                                                    gpu_mode=config.gpu_mode, mnn_version=item.case.mnn_version,
-                                                   bisect=item.case.bisect)
+                                                   bisect=item.case.bisect, place=item.case.place)
         if isinstance(checks, ParityResult):
             result = checks
         else:
@@ -160,6 +178,8 @@ class ParityRun:
                                    api=item.case.api, **checks)
             if item.case.mnn_version is not None or item.case.bisect is not None:
                 result = self.check_releases(item, request, sidecar)
+            elif item.case.place is not None:
+                result = self.check_place(item, request, sidecar)
             else:
                 result = self.isolation.check_request(request, bundle=self.regression.bundle_spec(item, model),
                                                       sidecar=sidecar)
@@ -201,6 +221,18 @@ class ParityRun:
             found.unavailable[version] = results[version].message
         return bisection_result(request, found, results, chosen)
 
+    def check_place(self, item: ParityItem, request: CheckRequest, sidecar) -> ParityResult:
+        """An item at an emulated CPU or on another machine, judged against this machine's reference."""
+        if is_onnx(request.model):
+            return ParityResult(str(request.model), request.config, Category.BACKEND_UNAVAILABLE,
+                                f"{request.model}: --mnn-cpu / --mnn-remote run .mnn models; an .onnx model is "
+                                "converted by this machine's MNN, so convert it once (MNNConvert) and pass the .mnn "
+                                "with --mnn-reference model.onnx", variant=request.variant)
+        reference = self.shared_reference(request)
+        if reference is not None:
+            reference = replace(reference, description=f"{reference.description[:-1]}, {platform.machine()})")
+        return self.isolation.places.check_request(item.case.place, request, sidecar=sidecar, reference=reference)
+
     def shared_reference(self, request: CheckRequest):
         """The reference every MNN release is judged against: this process's, computed once (None when the
         reference is a bundle, which each release reads itself, or cannot be computed here: the worker says why)."""
@@ -239,6 +271,8 @@ class ParityRun:
                                   Category.BACKEND_UNAVAILABLE, _skip_reason(report), variant=item.case.variant,
                                   api=item.case.api, api_axis=item.case.api is not None,
                                   mnn_version=item.case.mnn_version)
+            if item.case.place is not None:
+                result.place = {"name": item.case.place}
             return record(item.nodeid, result, "skipped")
         if item.result is None:
             if not report.failed or report.when == "teardown":

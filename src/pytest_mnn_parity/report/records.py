@@ -17,7 +17,7 @@ RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "
                  "input_set", "input_detail", "outcome", "category", "message", "reference", "reference_label", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
                  "seconds", "search", "artifacts", "api", "api_reason", "api_axis", "backend_note", "cross_api",
-                 "stream", "inputs_nonfinite", "worker", "fault", "gpu_mode", "num_thread", "mnn_version", "bisect", "op_types")
+                 "stream", "inputs_nonfinite", "worker", "fault", "gpu_mode", "num_thread", "mnn_version", "bisect", "place", "op_types")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -67,6 +67,9 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         # The MNN release that ran the item when it was not the report's mnn_version (--mnn-versions).
         "mnn_version": getattr(result, "mnn_version", None),
         "bisect": getattr(result, "bisect", None),
+        # Where it ran when not on this machine's CPU (--mnn-cpu, --mnn-remote): name, emulated CPU or host, the
+        # CPU features MNN detected there, the MNN release there.
+        "place": getattr(result, "place", None),
         # The model's ONNX op types (set by the plugin, per model): what the conformance scoreboard counts by.
         "op_types": [],
     }
@@ -173,7 +176,8 @@ def _column(rec: dict[str, Any]) -> str:
     release = f"mnn{rec['mnn_version']}-" if rec.get("mnn_version") and not rec.get("bisect") else ""
     search = "bisect-" if rec.get("bisect") else ""
     mode = f"-{rec['gpu_mode']}" if rec.get("gpu_mode") else ""
-    return f"{search}{release}{api}{rec['backend']}-{rec['precision']}{mode}"
+    place = f"{rec['place']['name']}-" if rec.get("place") else ""
+    return f"{search}{release}{place}{api}{rec['backend']}-{rec['precision']}{mode}"
 
 
 def _cell(rec: dict[str, Any]) -> str:
