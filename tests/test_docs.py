@@ -138,6 +138,8 @@ def test_documented_command_runs_as_documented(line, shown, tmp_path):
     expect = _EXPECT.search(line)
     command = _EXPECT.sub("", line).strip()
     argv = shlex.split(command)
+    if "--mnn-cpu" in argv and shutil.which("qemu-aarch64") is None:
+        pytest.skip("an emulated ARM example needs qemu-user (apt-get install qemu-user; .ci/run installs it)")
     if gpu_backends_present() and "--mnn-backends" not in argv:
         # The docs show the CPU wheel's matrix; on a GPU build the default matrix
         # also runs MNN's GPU backends, whose own bugs (docs/gpu.md) would fail

@@ -114,6 +114,21 @@ def emulated_bf16_reason(features: Mapping[str, int] | None, place: Place) -> st
             "run as high and prove nothing about bf16")
 
 
+def place_message(message: str, config_id: str, place: Place, described: Mapping[str, Any]) -> str:
+    """The worker's message, which knows no place, saying where it ran: the id in its first line as the item's
+    (``on arm64.a76-CPU-low``) and a ``place:`` line under ``ran on:``."""
+    if not message:
+        return message
+    lines = message.splitlines()
+    lines[0] = lines[0].replace(f" on {config_id}", f" on {place.name}-{config_id}", 1)
+    where = (f"{place.target} emulated by {described.get('emulator')}" if place.kind == ARCH
+             else f"ssh {place.target}" + (f" -p {place.port}" if place.port else ""))
+    line = (f"place:     {place.name}: {where}, MNN {described.get('mnn_version') or '?'} there; MNN detects "
+            f"{_features_words(described.get('features'))}")
+    at = next((i + 1 for i, text in enumerate(lines) if text.startswith("ran on:")), 1)
+    return "\n".join(lines[:at] + [line] + lines[at:])
+
+
 def _features_words(features: Mapping[str, int] | None) -> str:
     return ", ".join(f"{k}:{v}" for k, v in (features or {}).items()) or "no features"
 
@@ -202,6 +217,7 @@ class PlaceEngines:
         result.place = self.describe(name)
         # The release the place ran goes with the place; mnn_version is the release axis (--mnn-versions).
         result.place["mnn_version"], result.mnn_version = result.mnn_version, None
+        result.message = place_message(result.message, request.config.id, place, result.place)
         return result
 
     def describe(self, name: str) -> dict[str, Any]:
