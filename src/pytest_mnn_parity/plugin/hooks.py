@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,9 @@ def pytest_configure(config: pytest.Config) -> None:
                                 "pytest --mnn-only --mnn-model fixtures/demo/lama_like.mnn")
     run = ParityRun(options)
     config.stash[PARITY_RUN] = run
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:  # an environment built during collection says so where the user looks
-        run.say = lambda line: reporter.write_line(f"mnn-parity: {line}")
+    # An environment built during collection says so where the user looks: the terminal (looked up when used,
+    # since pytest's terminal reporter may be configured after this plugin).
+    run.say = lambda line: _say(config, line)
     # Registered as a plugin of its own so it sees every report, including
     # those pytest-xdist workers send to the controller.
     config.pluginmanager.register(run, "mnn-parity-run")
@@ -60,6 +61,14 @@ def pytest_configure(config: pytest.Config) -> None:
     xdist_controller = run.writes_report and bool(getattr(config.option, "numprocesses", None))
     if run.active and not xdist_controller:
         run.isolation.start()  # after the settings are final: workers get a copy
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"mnn-parity: {line}")
+    else:
+        print(f"mnn-parity: {line}", file=sys.stderr, flush=True)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
