@@ -77,6 +77,7 @@ class IsolatedEngine(Checker):
         self._arithmetic: dict | None = {} if foreign else None
         # What MNN said about the CPU when the first worker imported it ("The device supports: fp16:1, ...").
         self.device_features: dict[str, int] | None = None
+        self.worker_mnn_version: str | None = None  # the MNN release the workers imported
         self._prepared = self._banner_read = False
         self.settings = settings or ParitySettings()
         protocol.settings_to_wire(self.settings)  # a setting no worker can take fails here, not in the first check
@@ -108,6 +109,7 @@ class IsolatedEngine(Checker):
         if not self._banner_read:
             self._banner_read = True
             self.device_features = device_features(worker.hello.get("device", ""))
+            self.worker_mnn_version = worker.hello.get("mnn")
 
     def _take(self) -> Worker:
         spare, self._spare = self._spare, None

@@ -216,7 +216,8 @@ class PlaceEngines:
                                 f"{place.name}: {exc}", variant=request.variant)
         result.place = self.describe(name)
         # The release the place ran goes with the place; mnn_version is the release axis (--mnn-versions).
-        result.place["mnn_version"], result.mnn_version = result.mnn_version, None
+        result.place["mnn_version"] = result.mnn_version or result.place["mnn_version"]
+        result.mnn_version = None
         result.message = place_message(result.message, request.config.id, place, result.place)
         return result
 
@@ -229,6 +230,7 @@ class PlaceEngines:
         else:
             data.update(host=place.target, port=place.port, python=place.python)
         data["features"] = engine.device_features if engine is not None else None
+        data["mnn_version"] = engine.worker_mnn_version if engine is not None else None
         return data
 
     def summary(self) -> list[str]:

@@ -61,10 +61,11 @@ def main() -> int:
     os.chdir(init.get("cwd") or os.getcwd())
     engine = ParityEngine(protocol.settings_from_wire(init["settings"]))
     _install_fault_injection(crash_log, proto)
-    from ..mnn.library import device_support_line  # noqa: PLC0415
+    from ..mnn.library import device_support_line, mnn_version  # noqa: PLC0415
 
     # MNN's start-up banner ("The device supports: i8sdot:1, fp16:1, ..."): what this CPU computes with.
-    proto.write(protocol.dumps({"ready": True, "pid": os.getpid(), "device": device_support_line()}))
+    proto.write(protocol.dumps({"ready": True, "pid": os.getpid(), "device": device_support_line(),
+                                "mnn": mnn_version()}))
     done = 0
     input_sets: dict = {}  # the parent's pickled input sets and sidecars, read once each
     savers: dict = {}  # one bundle_saver.BundleSaver per bundle folder: each reference is saved once per worker
