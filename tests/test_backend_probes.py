@@ -76,6 +76,7 @@ def test_a_probe_that_returns_its_input_unchanged_is_unknown_never_fp32():
 
 
 @pytest.mark.parametrize("output", [
+    np.full_like(X, np.nan),                   # NaN out of the probe
     X + np.float32(100),                       # off by more than any float format explains
     np.full_like(X, np.inf),
     np.zeros_like(X) - np.float32(5),

@@ -408,7 +408,8 @@ def classify_arithmetic(errors: dict[str, float]) -> Arithmetic:
     input) are unit-tested on recorded probe outputs (tests/test_backend_probes.py)."""
     if not errors:
         return Arithmetic("unknown", errors, "no probe ran")
-    worst = max(errors.values())
+    # np.max, not max(): a NaN error must win wherever it sits (max() keeps whichever comes first).
+    worst = float(np.max(list(errors.values())))
     if all(e == 0.0 for e in errors.values()):
         return Arithmetic("unknown", errors, "output equals the input exactly: no rounding at all, the backend "
                                              "may not have computed")
