@@ -188,7 +188,44 @@ def release_envs(request, tmp_path_factory) -> dict[str, Path]:
         made = list(pool.map(lambda v: cache.ensure(v, release_requirements(v)), (OLD_RELEASE, NEW_RELEASE)))
     for env in made:
         if not env.ok:
-            if "could not fetch" in env.reason:
-                pytest.skip(f"package registry unreachable: {env.reason}")
-            pytest.fail(env.reason)
+            # pip says "No matching distribution found" both offline and for a release without a wheel for this
+            # Python: ask the registry itself which of the two it is, so a real failure never skips.
+            fetch_failed = "could not fetch" in env.reason
+            reachable = not fetch_failed or registry_versions("pip") is not None
+            listed = registry_versions("mnn") if fetch_failed and reachable else None
+            action, message = release_env_problem(env.version, env.reason, reachable=reachable, listed=listed)
+            (pytest.skip if action == "skip" else pytest.fail)(message)
     return {env.version: env.python for env in made}
+
+
+def registry_versions(package: str) -> list[str] | None:
+    """The versions of ``package`` the package registry has for this Python and platform (``pip index
+    versions``), or None when pip could not get an answer from the registry."""
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pip", "index", "versions", package,
+                               "--disable-pip-version-check"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    import re
+
+    found = re.search(r"^Available versions:\s*(.*)$", proc.stdout, re.M)
+    return [v.strip() for v in found.group(1).split(",") if v.strip()] if found else []
+
+
+def release_env_problem(version: str, reason: str, *, reachable: bool, listed: list[str] | None) -> tuple[str, str]:
+    """("skip" or "fail", message) for a release environment that could not be made: skip only when the
+    registry cannot be reached, or it has no wheel of that release for this Python; fail on anything else."""
+    import platform
+
+    python = f"Python {platform.python_version()} ({platform.system()} {platform.machine()})"
+    if not reachable:
+        return "skip", f"package registry unreachable: {reason}"
+    if listed is not None and version not in listed:
+        return "skip", (f"mnn {version} has no wheel for {python} on the package registry (it has "
+                        f"{', '.join(listed) or 'none'} for this Python): {reason}")
+    return "fail", f"the package registry is reachable and lists mnn {version} for {python}, yet: {reason}"

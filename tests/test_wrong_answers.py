@@ -279,3 +279,26 @@ def test_a_fixture_broken_on_input_set_b_alone_fails_with_set_bs_numbers(pyteste
     out_a = results_by_nodeid(read_report(pytester.path / "r.json"))["dark_gate.fp16.mnn::parity[CPU-high]"]
     assert out_a["outputs"]["out"]["failing_set"] == "A"
     assert out_a["outputs"]["out"]["max_abs"] == pytest.approx(out["set_b"]["max_abs"])
+
+
+# -- 8. a release that cannot be installed -------------------------------------------------------------------------
+
+FETCH = "mnn 3.4.0: not in the environment cache /c, and pip could not fetch it (No matching distribution found)"
+
+
+@pytest.mark.parametrize(("reachable", "listed", "action", "words"), [
+    (False, None, "skip", "package registry unreachable: "),
+    # pip's "No matching distribution found" with the registry answering: no wheel for this Python.
+    (True, ["3.6.1", "3.5.0"], "skip", "mnn 3.4.0 has no wheel for Python "),
+    # Reachable and listed, yet not installed: a real failure, never a skip.
+    (True, ["3.6.1", "3.4.0"], "fail", "the package registry is reachable and lists mnn 3.4.0 for Python "),
+])
+def test_a_release_that_cannot_be_installed_skips_only_offline_or_without_a_wheel_for_this_python(
+        reachable, listed, action, words):
+    got, message = conftest.release_env_problem("3.4.0", FETCH, reachable=reachable, listed=listed)
+    assert (got, message.startswith(words), message.endswith(FETCH)) == (action, True, True), message
+
+
+def test_an_install_that_failed_for_another_reason_fails():
+    reason = "mnn 3.4.0 installed but cannot be used on Linux x86_64: import MNN failed (ImportError)"
+    assert conftest.release_env_problem("3.4.0", reason, reachable=True, listed=None)[0] == "fail"
