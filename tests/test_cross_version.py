@@ -5,7 +5,9 @@ Each environment gets the package's own dependencies (pyproject.toml) with MNN p
 checkout's plugin. They are made by the plugin's own environment cache (``isolation/envs.py``, locked between
 xdist workers) under pytest's cache directory (``.pytest_cache/d/mnn-parity-venvs``, keyed by the dependency
 list), shared with tests/test_versions.py, so only the first run pays for the installs (about half a minute).
-Without the package registry the test skips with the reason.
+Without the package registry the test skips with the reason, and so it does when the registry has no wheel of
+a release for this Python (named in the skip); any other failure to make an environment fails
+(conftest.release_env_problem: pip's "No matching distribution found" means either, so the registry is asked).
 """
 from __future__ import annotations
 

@@ -21,16 +21,15 @@ from pytest_mnn_parity.mnn.runner import LoadedModel
 from pytest_mnn_parity.core.verdict import Category
 from pytest_mnn_parity.isolation.worker import FAULT_INJECTION_ENV
 
-from conftest import COLLAPSE, DEMO, FIXTURES, read_report, results_by_nodeid
+from conftest import COLLAPSE, DEMO, FIXTURES, read_report, require_backend, required_gpus, results_by_nodeid
 
 pytestmark = pytest.mark.gpu
 GPU_BACKENDS = ["OPENCL", "VULKAN", "CUDA"]
 
 
 def require(backend: str) -> None:
-    status = backends.discover([backend])[backend]
-    if not status.available:
-        pytest.skip(status.reason)
+    # Fails instead of skipping for the backends MNN_PARITY_REQUIRE_GPU names (the device run sets it).
+    require_backend(backend)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -74,6 +73,8 @@ def test_precision_means_what_each_backend_computes():
     """Measured on the H100 (docs/gpu.md): OpenCL has no fp16 there; Vulkan uses fp16 below high."""
     arith = {}
     for backend in GPU_BACKENDS:
+        if backend in required_gpus():
+            require_backend(backend)
         if backends.discover([backend])[backend].available:
             arith[backend] = {p: backends.probe_arithmetic(backend, p).kind for p in ("high", "normal", "low")}
     if not arith:

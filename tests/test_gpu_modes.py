@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import COLLAPSE, FIXTURES, cpu_wheel_only, read_report, results_by_nodeid
+from conftest import COLLAPSE, FIXTURES, cpu_wheel_only, read_report, require_backend, results_by_nodeid
 from pytest_mnn_parity import backends
 from pytest_mnn_parity.mnn.backends import GPU_MODE_BITS, gpu_mode_number, parse_gpu_mode
 from pytest_mnn_parity.mnn.runner import NO_SHARED_RUNTIME_ENV, RunConfig
@@ -79,9 +79,7 @@ def test_a_mode_no_requested_backend_reads_is_a_usage_error_naming_who_reads_it(
 # -- on a GPU build (the lent device) --------------------------------------------------------------------------------
 
 def _require(backend: str) -> None:
-    status = backends.discover([backend])[backend]
-    if not status.available:
-        pytest.skip(status.reason)
+    require_backend(backend)  # fails where MNN_PARITY_REQUIRE_GPU requires the backend
 
 
 @pytest.mark.gpu

@@ -116,10 +116,14 @@ def test_user_test_with_real_inputs_joins_the_matrix_the_report_and_junit(pytest
     assert report["summary"] == {"passed": 8}
     rec = results_by_nodeid(report)["test_lama.py::test_psnr[CPU-low]"]
     assert (rec["outcome"], rec["category"], rec["checks"], rec["test"]) == ("passed", "ok", 1, "test_lama.py::test_psnr")
-    generated = results_by_nodeid(report)["lama_like.mnn::parity[CPU-low]"]
-    # One tier rule: a user's item and the generated item of the same configuration are held to the same tier.
+    # One tier rule: a user's item and the generated item of the same configuration are held to the same tier,
+    # chosen from the same measured arithmetic, on every configuration (no literal: the rule, not its numbers).
+    by_id = results_by_nodeid(report)
+    for config in ("CPU-normal", "CPU-high", "CPU-low", "CPU-Low_BF16"):
+        users, generated = by_id[f"test_lama.py::test_psnr[{config}]"], by_id[f"lama_like.mnn::parity[{config}]"]
+        assert users["tolerance"] == generated["tolerance"], config
+        assert users["arithmetic"] is not None and users["arithmetic"] == generated["arithmetic"], config
     assert rec["model"] == "lama_like.mnn" and rec["backend_used"] == "CPU"
-    assert rec["tolerance"]["tier"] == generated["tolerance"]["tier"]
     assert rec["input_set"].startswith("given by the test (") and rec["reference"].startswith("same model on CPU")
     assert rec["outputs"]["inpainted"]["cosine"] > 0.9999
     props = {}

@@ -228,7 +228,9 @@ class ModelUnderTest:
         result = ParityResult(self.label, config, verdict.category, "", backend_used, forward, tol, verdict,
                               reference=self.reference_description(), input_set=input_set,
                               rc=getattr(outputs, "rc", None), seconds=getattr(outputs, "seconds", 0.0),
-                              log=getattr(outputs, "log", ""), fp16_risks=list(getattr(reference, "fp16_risks", [])))
+                              log=getattr(outputs, "log", ""), fp16_risks=list(getattr(reference, "fp16_risks", [])),
+                              # What chose the tier, in the record as for a generated item (measured once a process).
+                              arithmetic=backends.probe_arithmetic(config.backend, config.precision))
         mode = self.engine.settings.layers
         if inputs is not None and (mode == "always" or (mode == "on-failure" and not result.passed)):
             self._trace(result, config, tol, inputs)

@@ -206,11 +206,15 @@ def _probe_model() -> Path:
     return path
 
 
+# The 2x+1 probe's input: values of both signs, one not a power of two.
+PROBE_INPUT = np.array([[0.5, -1.0, 2.0, 3.25]], dtype=np.float32)
+
+
 def probe_backend(name: str) -> BackendStatus:
     """Try ``name`` for real: create a session, check where it runs, run it."""
     name = canonical_backend(name)
     m = mnn()
-    x = np.array([[0.5, -1.0, 2.0, 3.25]], dtype=np.float32)
+    x = PROBE_INPUT
     with capture_native_output() as out:
         try:
             interpreter = m.Interpreter(str(_probe_model()))
@@ -232,16 +236,24 @@ def probe_backend(name: str) -> BackendStatus:
                 y = np.array(host.getNumpyData(), copy=True)
         except Exception as exc:  # a backend that throws is as absent as one that is missing
             return BackendStatus(name, False, None, f"{name}: session creation failed: {exc}", out.text)
+    return judge_probe(name, forward, rc, y, log=out.text)
+
+
+def judge_probe(name: str, forward: int, rc: int | None, y, *, log: str = "") -> BackendStatus:
+    """What a 2x+1 probe run says about ``name``: ``forward`` is the forward type its session reported, ``rc``
+    and ``y`` what running it on ``PROBE_INPUT`` gave (None where it did not run).  A pure function of the
+    recorded run, so the GPU-only verdicts (a wrong answer, a failed run) are unit-tested without a GPU."""
+    x = PROBE_INPUT
     if not runs_as(name, forward):
         return BackendStatus(name, False, forward,
-                             f"{name}: not in this MNN build (session fell back to {forward_name(forward)})", out.text)
+                             f"{name}: not in this MNN build (session fell back to {forward_name(forward)})", log)
     if rc != 0:
         return BackendStatus(name, False, forward, f"{name}: reports itself but its probe run failed (code {rc})",
-                             out.text)
+                             log)
     if y is None or not np.allclose(y, 2 * x + 1, rtol=1e-2, atol=1e-2):
         return BackendStatus(name, False, forward,
-                             f"{name}: reports itself but computed {y} for 2x+1 of {x} (unusable device?)", out.text)
-    return BackendStatus(name, True, forward, f"{name}: available (forward type {forward})", out.text)
+                             f"{name}: reports itself but computed {y} for 2x+1 of {x} (unusable device?)", log)
+    return BackendStatus(name, True, forward, f"{name}: available (forward type {forward})", log)
 
 
 def _unprobed(name: str, forward: int, log: str) -> BackendStatus:
@@ -310,7 +322,7 @@ class Arithmetic:
 
 # (x + 1024) - 1024 loses what the format cannot hold next to 1024: fp32 keeps
 # ~1e-4, fp16 rounds to 1 (error <= 0.5), bf16 to 8 (error < 1 for x < 1).
-_ARITH_X = np.array([[0.1, 0.2, 0.3, 0.45, 0.55, 0.7, 0.8, 0.95]], dtype=np.float32)
+ARITHMETIC_PROBE_INPUT = np.array([[0.1, 0.2, 0.3, 0.45, 0.55, 0.7, 0.8, 0.95]], dtype=np.float32)
 _ARITH_CACHE: dict[tuple[str, str], Arithmetic] = {}
 _ARITH_INTERPRETERS: list = []  # kept alive: destroying interpreters exhausts Vulkan devices
 
@@ -372,16 +384,32 @@ def _measure_arithmetic(backend: str, precision: str) -> Arithmetic:
                     return Arithmetic("unknown", {}, "this MNN's expression API saved the probe model without its "
                                                      "input")
                 interpreter.getSessionInput(session).copyFrom(
-                    m.Tensor((1, 8), m.Halide_Type_Float, _ARITH_X, m.Tensor_DimensionType_Caffe))
+                    m.Tensor((1, 8), m.Halide_Type_Float, ARITHMETIC_PROBE_INPUT, m.Tensor_DimensionType_Caffe))
                 if int(interpreter.runSession(session)) != 0:
                     return Arithmetic("unknown", {}, "the probe run failed")
                 out = interpreter.getSessionOutput(session)
                 host = m.Tensor(out, out.getDimensionType())
                 out.copyToHostTensor(host)
-                errors[kind] = float(np.max(np.abs(np.array(host.getNumpyData()) - _ARITH_X)))
+                errors.update(probe_errors({kind: np.array(host.getNumpyData())}))
     except Exception as exc:  # a probe must never take discovery down
         return Arithmetic("unknown", errors, f"probe failed: {exc}")
-    worst = max(errors.values())
+    return classify_arithmetic(errors)
+
+
+def probe_errors(outputs) -> dict[str, float]:
+    """Each arithmetic probe's error, from its raw output ({probe: array}) for ``ARITHMETIC_PROBE_INPUT``."""
+    return {kind: float(np.max(np.abs(np.asarray(y) - ARITHMETIC_PROBE_INPUT))) for kind, y in outputs.items()}
+
+
+def classify_arithmetic(errors: dict[str, float]) -> Arithmetic:
+    """The float format that explains the probes' errors (``probe_errors``): what survives next to 1024.
+
+    A pure function of the recorded errors, so the GPU-only outcomes (fp16, bf16, an output equal to its
+    input) are unit-tested on recorded probe outputs (tests/test_backend_probes.py)."""
+    if not errors:
+        return Arithmetic("unknown", errors, "no probe ran")
+    # np.max, not max(): a NaN error must win wherever it sits (max() keeps whichever comes first).
+    worst = float(np.max(list(errors.values())))
     if all(e == 0.0 for e in errors.values()):
         return Arithmetic("unknown", errors, "output equals the input exactly: no rounding at all, the backend "
                                              "may not have computed")

@@ -135,6 +135,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     if run.isolation.places is not None:  # each emulated CPU or machine, and what MNN detected there
         lines += run.isolation.places.summary()
     lines += terminal_lines(run.records())
+    lines += [f"required backend missing: {why}" for why in run.missing_required]
     if lines:
         terminalreporter.write_sep("=", "MNN parity")
         for line in lines:
@@ -160,6 +161,11 @@ def annotate_github(terminalreporter, records) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     if hasattr(session.config, "workerinput"):
         return  # xdist worker: the controller writes the report
+    run = session.config.stash[PARITY_RUN]
+    # A run that requires a backend this machine does not have fails, whatever ran (even nothing).
+    run.missing_required = run.required_missing()
+    if run.missing_required and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     # Before the terminal summary, which pytest prints after this hook.
     session.config.stash[PARITY_RUN].finish_reports()
     session.config.stash[PARITY_RUN].write_report()

@@ -71,8 +71,13 @@ class ParityItem(pytest.Item):
         self.result: ParityResult | None = None
         run = self.config.stash[PARITY_RUN]
         status = run.backend_status(run_config.backend, case)
+        # A required backend that is not there fails its items (setup), never a skip: a broken GPU box is red.
+        self.required_unavailable = ""
         if not status.available and not getattr(status, "fault", None):
-            self.add_marker(pytest.mark.skip(reason=status.reason))
+            if run.options.requires(run_config.backend):
+                self.required_unavailable = run.options.required_unavailable(run_config.backend, status.reason)
+            else:
+                self.add_marker(pytest.mark.skip(reason=status.reason))
         self.add_marker(pytest.mark.mnn_generated)
 
     @property
@@ -81,6 +86,12 @@ class ParityItem(pytest.Item):
 
     def setup(self) -> None:
         run = self.config.stash[PARITY_RUN]
+        if self.required_unavailable:
+            self.result = ParityResult(node_id_path(self.model_path, self.config.rootpath), self.run_config,
+                                       Category.BACKEND_UNAVAILABLE,
+                                       self.required_unavailable, variant=self.case.variant, api=self.case.api,
+                                       api_axis=self.case.api is not None, mnn_version=self.case.mnn_version)
+            return
         self.result = run.check(self)
         if self.result.category is Category.MODEL_ERROR:
             raise ModelLoadFailure(self.result.message)
@@ -88,7 +99,13 @@ class ParityItem(pytest.Item):
     def runtest(self) -> None:
         assert self.result is not None
         if self.result.skipped:
-            pytest.skip(self.result.message)
+            run = self.config.stash[PARITY_RUN]
+            if not run.options.requires(self.run_config.backend):
+                pytest.skip(self.result.message)
+            # Unavailable where the check ran (a worker's discovery): required, so a failure.
+            if not self.required_unavailable:
+                self.result.message = run.options.required_unavailable(self.run_config.backend, self.result.message)
+            raise ParityFailure(self.result.message)
         if not self.result.passed or (self.result.bisect or {}).get("changed"):
             # A bisection that found the release where the verdict changed fails with it, even for a fix:
             # that release is what was asked for.

@@ -57,6 +57,10 @@ def add_options(parser: pytest.Parser) -> None:
     option("backends", f"comma-separated backends to test (default: {','.join(DEFAULT_BACKENDS)})",
            metavar="LIST")
     option("precisions", f"comma-separated precisions (default: {','.join(PRECISIONS)})", metavar="LIST")
+    option("require-backends", "comma-separated backends that must really run, e.g. OPENCL,VULKAN,CUDA on a GPU "
+           "runner: their items fail instead of being skipped when the backend is unavailable (a fallback always "
+           "fails), and the run exits non-zero naming each one that is missing (default: none); a required backend "
+           "is tested even where --mnn-backends leaves it out", metavar="LIST")
     option("reference", "what outputs are compared against: 'cpu' (default: the same model on CPU, high "
            "precision, 1 thread; ONNX Runtime for an .onnx model), another .mnn file with the same inputs and "
            "outputs, an .onnx file run by ONNX Runtime, or an output bundle directory: DIR (its reference "
@@ -178,6 +182,9 @@ class Options:
     cpus: list[Place] = field(default_factory=list)
     remotes: list[Place] = field(default_factory=list)
     ssh_config: Path | None = None
+    # --mnn-require-backends: backends whose absence fails their items and the run, never a skip.
+    require_backends: list[str] = field(default_factory=list)
+    require_source: str = "--mnn-require-backends"
     rootpath: Path = Path(".")
     invocation_dir: Path = Path(".")
 
@@ -275,6 +282,9 @@ class Options:
             raise pytest.UsageError("--mnn-update-golden needs --mnn-golden DIR: the directory to write the goldens to")
         _check_reference(reference, save_outputs)
         backend_list = listed("backends", DEFAULT_BACKENDS, canonical_backend)
+        require_backends = listed("require_backends", [], canonical_backend)
+        # Required means tested: a required backend the list leaves out joins it (it cannot be missed quietly).
+        backend_list += [b for b in require_backends if b not in backend_list]
         gpu_modes = _gpu_modes(listed("gpu_modes", [], _parse_mode), backend_list, where("gpu_modes"))
         versions = listed("versions", [], _release)
         bisect = _bisect_range(get("bisect"), where("bisect"))
@@ -322,6 +332,8 @@ class Options:
             convert_flags=convert_flags,
             models=[str(m) for m in _as_list(get("model") or [])],
             backends=backend_list,
+            require_backends=require_backends,
+            require_source=f"{where('require_backends')} {','.join(require_backends)}",
             precisions=listed("precisions", PRECISIONS, canonical_precision),
             reference=str(reference) if reference is not None else None,
             seed=number("seed", int, 0),
@@ -343,6 +355,15 @@ class Options:
             rootpath=config.rootpath,
             invocation_dir=config.invocation_params.dir,
         )
+
+    def requires(self, backend: str) -> bool:
+        return backend in self.require_backends
+
+    def required_unavailable(self, backend: str, reason: str) -> str:
+        """The failure of an item (or run) whose required backend is not there."""
+        return (f"{backend} is required ({self.require_source}) but unavailable: {reason}. A required backend "
+                "fails instead of skipping: install an MNN build with it, or fix the machine's driver "
+                "(docs/gpu.md)")
 
     def reproduce_command(self, model: str, backend: str, precision: str, variant: str | None = None,
                           input_set: str | None = None, api: str | None = None, gpu_mode: str | None = None,

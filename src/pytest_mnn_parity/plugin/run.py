@@ -80,6 +80,8 @@ class ParityRun:
         self._shared: list[SharedFailure] = []
         self.inputs = SidecarSupport(self)
         self.writes_report = True
+        # Set at session end: why each backend of --mnn-require-backends is missing (hooks.pytest_sessionfinish).
+        self.missing_required: list[str] = []
         self._report: IncrementalReport | None = None
         self._final = False
         self.regression = Regression(options, self.engine)
@@ -150,6 +152,15 @@ class ParityRun:
         if case is not None and case.place is not None:
             return self.isolation.places.backend_status(case.place, backend)
         return self.isolation.backend_status(backend)
+
+    def required_missing(self) -> list[str]:
+        """Why each backend of --mnn-require-backends is not really there (empty: all are)."""
+        missing = []
+        for backend in self.options.require_backends:
+            status = self.backend_status(backend)
+            if not status.available:
+                missing.append(self.options.required_unavailable(backend, status.reason))
+        return missing
 
     def plan(self, items: list[pytest.Item]) -> None:
         self._remaining = Counter(item.model_path for item in items if isinstance(item, ParityItem))

@@ -45,6 +45,8 @@ class UserCase:
     error: ModelError | None = None
     id: str = ""
     reference_label: str | None = None
+    # Set when the configuration's backend is required (--mnn-require-backends) but unavailable: the item fails.
+    required_unavailable: str = ""
 
 
 class UserTests:
@@ -88,13 +90,17 @@ class UserTests:
             for run_config in configs:
                 marks = []
                 status = backend_discovery.discover([run_config.backend])[run_config.backend]
-                if not status.available:
+                missing = ""
+                if not status.available and self.options.requires(run_config.backend):
+                    missing = self.options.required_unavailable(run_config.backend, status.reason)
+                elif not status.available:
                     marks.append(pytest.mark.skip(reason=status.reason))
                 matching = [x for x in xfails if x.matches(run_config)]
                 if matching:
                     strict = {} if matching[0].strict is None else {"strict": matching[0].strict}
                     marks.append(pytest.mark.xfail(reason=matching[0].reason, **strict))
-                case = dataclasses.replace(base, config=run_config, id=prefix + run_config.id)
+                case = dataclasses.replace(base, config=run_config, id=prefix + run_config.id,
+                                           required_unavailable=missing)
                 params.append(pytest.param(case, id=case.id, marks=marks))
         return params
 

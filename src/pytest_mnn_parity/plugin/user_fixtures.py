@@ -34,6 +34,10 @@ from .user_report import (
     worst_result,
 )
 
+# Why a test fails without running: its configuration's backend (or one its mnn_requires_backend marker names)
+# is required by --mnn-require-backends and this machine lacks it.
+REQUIRED_MISSING = pytest.StashKey[str]()
+
 FIXTURES = ("mnn_config", "mnn_model", "mnn_run", "mnn_reference", "mnn_parity")
 
 
@@ -173,6 +177,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_collection_modifyitems(items: list) -> None:
     # A skip mark (not a skip raised later) so the skip is reported at the test's own location.
     for item in items:
+        case = matrix_case(item)
+        if case is not None and case.required_unavailable:
+            item.stash[REQUIRED_MISSING] = case.required_unavailable
         marks = list(item.iter_markers("mnn_requires_backend"))
         if not marks:
             continue
@@ -180,10 +187,23 @@ def pytest_collection_modifyitems(items: list) -> None:
             names = required_backends(marks, item.nodeid)
         except MarkerError:
             continue  # pytest_runtest_setup fails the test with the message
+        options = item.config.stash[USER_TESTS].options
         for status in backend_discovery.discover(names).values():
+            if not status.available and options.requires(status.name):
+                item.stash[REQUIRED_MISSING] = options.required_unavailable(status.name, status.reason)
+                break
             if not status.available:
                 item.add_marker(pytest.mark.skip(reason=status.reason))
                 break
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    # Before the test function: a configuration whose required backend is missing fails without running it.
+    missing = item.stash.get(REQUIRED_MISSING, "")
+    if missing:
+        item.stash[SETUP_FAILURE] = (Category.BACKEND_UNAVAILABLE.value, missing)
+        pytest.fail(missing, pytrace=False)
 
 
 @pytest.hookimpl(tryfirst=True)
