@@ -7,35 +7,37 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from ..core.files import json_safe
 from ..core.verdict import Category
-from ..engine.engine import ParityEngine
-from ..engine.request import CheckRequest
-from ..engine.results import ParityResult, ParitySettings
-from ..isolation.envs import EnvCache, EnvError, between
-from ..isolation.policy import DEFAULT_ISOLATED_TIMEOUT, Isolation
-from ..isolation.versions import ReleaseEngines, bisect, metrics_line, verdict_of
-from ..mnn import backends as backend_discovery
 from ..mnn.library import mnn_version
-from ..mnn.backends import gpu_mode_applies
-from ..mnn.model import ModelError, check_model_path, expand_model_args, is_model_file
-from ..mnn.runner import RunConfig
-from ..onnx.ops import op_types
-from ..onnx.variants import is_onnx
-from ..report.artifacts import ArtifactWriter
+from ..mnn.model import ModelError, is_model_file
 from ..report.durable import IncrementalReport
-from ..report.html import write_html
 from ..report.explained import SharedFailure, explained_lines, item_text, shared_failures
 from ..report.records import RECORD_FIELDS, build_report, record
 from ..report.scoreboard import build as build_scoreboard
-from .input_items import SidecarSupport, xfail_outcome
-from .items import Case, ModelErrorItem, ModelFile, ParityItem, ShownFailure, node_id_path
 from .options import Options
-from .regression import Regression
+from .state import is_parity_item, node_id_path
+
+# What checks a model (the engine, isolation, items, regression) is imported when a run first needs it: pytest
+# imports this module at every start-up, and most runs of a repository's own tests never check a model.
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.engine import ParityEngine
+    from ..engine.request import CheckRequest
+    from ..engine.results import ParityResult
+    from ..isolation.policy import Isolation
+    from ..report.artifacts import ArtifactWriter
+    from .input_items import SidecarSupport
+    from .items import Case, ModelErrorItem, ModelFile, ParityItem
+    from .regression import Regression
+
+
+# pytest's cache key of what backend discovery and the arithmetic probes found (``load_discovery``).
+DISCOVERY_CACHE = "mnn-parity/discovery"
 
 
 class ParityRun:
@@ -43,20 +45,6 @@ class ParityRun:
 
     def __init__(self, options: Options):
         self.options = options
-        self.writer = None if options.artifacts is None else ArtifactWriter(options.artifacts, options.artifacts_when)
-        self.engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
-                                                  reference=options.reference, threads=options.threads,
-                                                  layers=options.layers, converter_flags=options.convert_flags,
-                                                  output_sink=self.writer, api=options.api, streams=options.streams,
-                                                  max_input_mb=options.max_input_mb,
-                                                  keep_outputs=options.save_outputs is not None))
-        self.isolation = Isolation(self.engine, options.isolate, options.timeout, options.backends,
-                                   options.worker_scope)
-        if options.versions or options.bisect:
-            self.isolation.releases = ReleaseEngines(
-                EnvCache(options.env_cache), self.engine.settings,
-                timeout=options.timeout if options.timeout is not None else DEFAULT_ISOLATED_TIMEOUT,
-                worker_per_model=options.worker_scope == "model", declarations=self.engine)
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
@@ -66,14 +54,99 @@ class ParityRun:
         # over (finish_reports), when it is known which explanations several items share.
         self._failing: list[tuple[pytest.TestReport, dict[str, Any]]] = []
         self._shared: list[SharedFailure] = []
-        self.inputs = SidecarSupport(self)
         self.writes_report = True
         self._report: IncrementalReport | None = None
         self._final = False
-        self.regression = Regression(options, self.engine)
+        # pytest's cache folder for converted ONNX models (hooks.configure), read when the engine is made.
+        self.convert_cache: str | None = None
+
+    # The engine and what hangs off it are made on first use (see the imports above).
+    @cached_property
+    def writer(self) -> ArtifactWriter | None:
+        if self.options.artifacts is None:
+            return None
+        from ..report.artifacts import ArtifactWriter
+
+        return ArtifactWriter(self.options.artifacts, self.options.artifacts_when)
+
+    @cached_property
+    def engine(self) -> ParityEngine:
+        from ..engine.engine import ParityEngine
+        from ..engine.results import ParitySettings
+
+        options = self.options
+        engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
+                                             reference=options.reference, threads=options.threads,
+                                             layers=options.layers, converter_flags=options.convert_flags,
+                                             output_sink=self.writer, api=options.api, streams=options.streams,
+                                             max_input_mb=options.max_input_mb,
+                                             keep_outputs=options.save_outputs is not None))
+        if self.convert_cache is not None:
+            engine.settings.convert_cache = self.convert_cache
+        return engine
+
+    @cached_property
+    def isolation(self) -> Isolation:
+        from ..isolation.envs import EnvCache
+        from ..isolation.policy import DEFAULT_ISOLATED_TIMEOUT, Isolation
+        from ..isolation.versions import ReleaseEngines
+
+        options = self.options
+        isolation = Isolation(self.engine, options.isolate, options.timeout, options.backends, options.worker_scope)
+        if options.versions or options.bisect:
+            isolation.releases = ReleaseEngines(
+                EnvCache(options.env_cache), self.engine.settings,
+                timeout=options.timeout if options.timeout is not None else DEFAULT_ISOLATED_TIMEOUT,
+                worker_per_model=options.worker_scope == "model", declarations=self.engine)
+        return isolation
+
+    @cached_property
+    def inputs(self) -> SidecarSupport:
+        from .input_items import SidecarSupport
+
+        return SidecarSupport(self)
+
+    @cached_property
+    def regression(self) -> Regression:
+        from .regression import Regression
+
+        return Regression(self.options, self.engine)
+
+    # -- discovery kept between runs ---------------------------------------------------
+    def load_discovery(self, cache) -> None:
+        """What an earlier run's discovery and arithmetic probes found, from pytest's cache (``config.cache``),
+        when nothing that could change it has changed (``backends.discovery_key``); else this run probes."""
+        from ..mnn import backends
+
+        self._discovery_key = backends.discovery_key()
+        kept = cache.get(DISCOVERY_CACHE, None)
+        self._discovery_kept = None
+        if isinstance(kept, dict) and kept.get("key") == self._discovery_key:
+            try:
+                backends.remember_results(kept.get("results") or {})
+                self._discovery_kept = kept.get("results")
+            except (TypeError, ValueError):  # written by another version of the plugin: probe again
+                self._discovery_kept = None
+
+    def save_discovery(self, cache) -> None:
+        """Keep what this run's probes found for the next run (only when it found something new)."""
+        if getattr(self, "_discovery_key", None) is None:
+            return
+        from ..mnn import backends
+
+        results = backends.known_results()
+        if results["statuses"] or results["arithmetic"]:
+            if results != self._discovery_kept:
+                cache.set(DISCOVERY_CACHE, {"key": self._discovery_key, "results": results})
+
+    def made(self, name: str) -> bool:
+        """Whether the lazily made part ``name`` (engine, isolation, regression, ...) exists yet."""
+        return name in self.__dict__
 
     # -- collection -------------------------------------------------------------
     def collect(self, session: pytest.Session) -> list[pytest.Item]:
+        from ..mnn.model import expand_model_args
+
         if not self.options.models:
             return []
         if self.pasted:
@@ -91,6 +164,9 @@ class ParityRun:
 
     def model_file(self, parent: pytest.Collector, path, error: ModelError | None = None, **kwargs) -> ModelFile:
         """The collector of one model: its load error, or its sidecar read (the same for both ways in)."""
+        from ..mnn.model import check_model_path
+        from .items import ModelFile
+
         if error is None:
             try:
                 check_model_path(path)
@@ -110,6 +186,10 @@ class ParityRun:
         """Every item to generate for one model, in a stable order; an ONNX model once per conversion variant,
         each configuration once per API with --mnn-api both, per MNN release with --mnn-versions, per GPU mode
         (of the backends it applies to) with --mnn-gpu-modes."""
+        from ..mnn.runner import RunConfig
+        from ..onnx.variants import is_onnx
+        from .items import Case
+
         apis = ["session", "module"] if self.options.api == "both" else [None]
         variants = self.options.convert if is_onnx(model_path) else [None]
         sets = self.inputs.set_names(model_path)
@@ -126,6 +206,8 @@ class ParityRun:
 
     def modes_for(self, backend: str) -> list[str | None]:
         """The GPU modes asked for that ``backend`` reads; [None] (its plain items) when it reads none."""
+        from ..mnn.backends import gpu_mode_applies
+
         return [m for m in self.options.gpu_modes if gpu_mode_applies(m, backend)] or [None]
 
     def backend_status(self, backend: str, case: Case | None = None):
@@ -134,12 +216,19 @@ class ParityRun:
         return self.isolation.backend_status(backend)
 
     def plan(self, items: list[pytest.Item]) -> None:
+        if not any(is_parity_item(item) for item in items):
+            return  # no model to check: no engine, no worker to plan for
+        from .items import ParityItem
+
         self._remaining = Counter(item.model_path for item in items if isinstance(item, ParityItem))
         self.isolation.expect_models(len({item.model_path for item in items if isinstance(item, ParityItem)
                                           and self.isolation.per_model(item.run_config.backend)}))
 
     # -- running ----------------------------------------------------------------
     def check(self, item: ParityItem) -> ParityResult:
+        from ..engine.request import CheckRequest
+        from ..engine.results import ParityResult
+
         config = item.run_config
         model = node_id_path(item.model_path, item.config.rootpath)
         # Tolerance layers, input set; or a bad sidecar's error (checked by the worker for an isolated item).
@@ -171,6 +260,11 @@ class ParityRun:
 
     def check_releases(self, item: ParityItem, request: CheckRequest, sidecar) -> ParityResult:
         """An item of another MNN release (--mnn-versions), or the bisection between two (--mnn-bisect)."""
+        from ..engine.results import ParityResult
+        from ..isolation.envs import EnvError, between
+        from ..isolation.versions import bisect, verdict_of
+        from ..onnx.variants import is_onnx
+
         releases = self.isolation.releases
         if is_onnx(request.model):
             return ParityResult(str(request.model), request.config, Category.BACKEND_UNAVAILABLE,
@@ -214,6 +308,10 @@ class ParityRun:
         return replace(reference, description=f"{reference.description}, MNN {mnn_version()} (the test process)")
 
     def done(self, item: pytest.Item) -> None:
+        if not is_parity_item(item):
+            return
+        from .items import ParityItem
+
         if isinstance(item, ParityItem):
             self._remaining[item.model_path] -= 1
             if self._remaining[item.model_path] <= 0:
@@ -224,10 +322,18 @@ class ParityRun:
         data = self._record_for(item, report)
         if data is not None and not data.get("op_types"):
             # Read from the ONNX file alone (never through MNN), once per model: the scoreboard counts by them.
+            from ..onnx.ops import op_types
+
             data["op_types"] = list(op_types(getattr(item, "model_path", None) or item.path))
         return data
 
     def _record_for(self, item: pytest.Item, report: pytest.TestReport) -> dict[str, Any] | None:
+        if not is_parity_item(item):
+            return None
+        from ..engine.results import ParityResult
+        from .input_items import xfail_outcome
+        from .items import ModelErrorItem, ParityItem
+
         if isinstance(item, ModelErrorItem):
             if report.when != "setup":
                 return None
@@ -273,6 +379,8 @@ class ParityRun:
         mine = [(report, data) for report, data in self._failing if str(report.longrepr) == data.get("message")]
         self._shared = shared_failures(data for _, data in mine)
         by_item = {nodeid: group for group in self._shared for nodeid in group.nodeids}
+        if mine:
+            from .items import ShownFailure
         for report, data in mine:
             full = str(report.longrepr)
             group = by_item.get(data["nodeid"])
@@ -307,6 +415,8 @@ class ParityRun:
             writer.flush()
 
     def report_data(self) -> dict[str, Any]:
+        from ..mnn import backends as backend_discovery
+
         statuses = {name: {"available": s.available, "forward_type": s.forward_type, "reason": s.reason}
                     for name, s in backend_discovery.discover(self.options.backends).items()}
         return build_report(self.records(), mnn_version=mnn_version(), settings=self.options.settings_dict(),
@@ -315,12 +425,17 @@ class ParityRun:
     def write_html(self) -> None:
         if self.options.html is None or not self.active:
             return
+        from ..report.html import write_html
+
         # From the JSON form of the data, so a saved report renders the same page.
         write_html(self.options.html, json_safe(self.report_data()), self.options.artifacts)
 
 
 def bisection_result(request: CheckRequest, found, results: dict, chosen: list[str]) -> ParityResult:
     """The bisect item's result: the bad end's judgement, with what the search found in front of its message."""
+    from ..engine.results import ParityResult
+    from ..isolation.versions import metrics_line
+
     ran = [v for v in chosen if v in results and v not in found.unavailable]
     if not ran:
         base = ParityResult(str(request.model), request.config, Category.BACKEND_UNAVAILABLE,
