@@ -110,8 +110,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     return scaleout.make_scheduler(config, log)
 
 
-def pytest_runtest_teardown(item: pytest.Item) -> None:
-    item.config.stash[PARITY_RUN].done(item)
+def pytest_runtest_teardown(item: pytest.Item, nextitem) -> None:
+    item.config.stash[PARITY_RUN].done(item, nextitem)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

@@ -5,6 +5,7 @@ config's stash (``items.PARITY_RUN``) and hand every event to it.
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import replace
 from functools import cached_property
@@ -18,7 +19,7 @@ from ..mnn.library import mnn_version
 from ..mnn.model import ModelError, is_model_file
 from ..report.durable import IncrementalReport
 from ..report.explained import SharedFailure, explained_lines, item_text, shared_failures
-from ..report.records import RECORD_FIELDS, build_report, record
+from ..report.records import RECORD_FIELDS, build_report, peak_rss, record
 from ..report.scoreboard import build as build_scoreboard
 from .options import Options
 from .state import is_parity_item, node_id_path
@@ -307,14 +308,26 @@ class ParityRun:
             return None
         return replace(reference, description=f"{reference.description}, MNN {mnn_version()} (the test process)")
 
-    def done(self, item: pytest.Item) -> None:
+    def done(self, item: pytest.Item, nextitem: pytest.Item | None = None) -> None:
+        """After an item: a model whose items are over is let go (its interpreter and sessions, reference,
+        traces, inputs, conversions, in this process and in its isolated worker).
+
+        Without pytest-xdist a model's items run together, and the count says when the last one ran.  Under
+        pytest-xdist every worker collects every item but runs only those it is sent, so the count never reaches
+        zero there: a worker let go of nothing, and held every model it had touched (two workers were OOM-killed
+        at 13 and 18.5 GB on large models).  There a model is let go when the next item is of another model; if
+        more of its items come later (``--dist load`` sends them in chunks) it is loaded again: bounded memory
+        before speed.  ``--dist loadgroup`` sends a model's items to one worker together, and loads it once."""
         if not is_parity_item(item):
             return
         from .items import ParityItem
 
         if isinstance(item, ParityItem):
             self._remaining[item.model_path] -= 1
-            if self._remaining[item.model_path] <= 0:
+            over = self._remaining[item.model_path] <= 0
+            if not over and hasattr(item.config, "workerinput"):
+                over = getattr(nextitem, "model_path", None) != item.model_path
+            if over:
                 self.isolation.release(item.model_path)
 
     # -- reporting --------------------------------------------------------------
@@ -330,6 +343,12 @@ class ParityRun:
     def _record_for(self, item: pytest.Item, report: pytest.TestReport) -> dict[str, Any] | None:
         if not is_parity_item(item):
             return None
+        data = self._parity_record(item, report)
+        if data is not None:
+            data["process"] = this_process(item.config)
+        return data
+
+    def _parity_record(self, item: pytest.Item, report: pytest.TestReport) -> dict[str, Any] | None:
         from ..engine.results import ParityResult
         from .input_items import xfail_outcome
         from .items import ModelErrorItem, ParityItem
@@ -404,6 +423,7 @@ class ParityRun:
         statuses = {name: {"available": s.available, "forward_type": s.forward_type, "reason": s.reason}
                     for name, s in ((n, self.backend_status(n)) for n in self.options.backends)}
         header = build_report([], mnn_version=mnn_version(), settings=self.options.settings_dict(), backends=statuses)
+        header["peak_rss_mb"] = peak_rss(self._records)  # the records themselves are added by the writer
         if self._final:  # the scoreboard sums the whole run: written once, at the end (a killed run has none)
             header["scoreboard"] = build_scoreboard(self._records)
         return header
@@ -429,6 +449,16 @@ class ParityRun:
 
         # From the JSON form of the data, so a saved report renders the same page.
         write_html(self.options.html, json_safe(self.report_data()), self.options.artifacts)
+
+
+def this_process(config: pytest.Config) -> dict[str, Any]:
+    """Which pytest process ran an item (its pytest-xdist worker id, None without xdist) and its peak resident
+    memory so far, MiB: a worker holds at most the models it is running, and this shows it."""
+    import resource
+
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    return {"xdist_worker": worker, "pid": os.getpid(),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def bisection_result(request: CheckRequest, found, results: dict, chosen: list[str]) -> ParityResult:
