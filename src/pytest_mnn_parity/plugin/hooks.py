@@ -122,7 +122,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         for line in explained:
             terminalreporter.write_line(line)
     lines = matrix_lines(run.records())
-    if run.made("regression"):
+    # Goldens and bundles have lines of their own (the pytest-xdist controller reads them from the records).
+    if run.made("regression") or run.options.golden is not None or run.options.save_outputs is not None:
         lines += run.regression.summary_lines(run.records())
     # Where each MNN release ran from (under xdist: its workers know).
     if run.made("isolation") and run.isolation.releases is not None:
