@@ -63,7 +63,8 @@ def _capture_fn():
         import importlib.util
         import os
         where = importlib.util.find_spec("pytest_mnn_parity").submodule_search_locations[0]
-        spec = importlib.util.spec_from_file_location("_bench_native_output", os.path.join(where, "native_output.py"))
+        spec = importlib.util.spec_from_file_location(
+            "_bench_native_output", os.path.join(where, "mnn", "native_output.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules["_bench_native_output"] = module
         spec.loader.exec_module(module)
@@ -299,19 +300,30 @@ def bench_in_process(model: str, rounds: int, inner: int, log) -> dict:
 # ---------------------------------------------------------------------------- end to end
 
 def e2e_commands(model: str) -> dict[str, list[str]]:
+    """The children of the end-to-end comparison.  They run in an empty folder of their own (``bench_e2e``), as a
+    user's run in a model repository would: from this repository, pytest would also load tests/conftest.py (which
+    imports MNN, ONNX and ONNX Runtime for the test suite).  pytest's cache is on, as in a user's run: the warm
+    runs reuse the backend discovery kept there, ``pytest_plugin_cold`` starts with ``--cache-clear``."""
     py = sys.executable
+    model = str(Path(model).resolve())
     raw_code = RAW_SRC + "\nimport sys\nchild_main(sys.argv)\n"
     # Same as ``python -m pytest ...`` (runpy with alter_sys), plus the RSS hook.
-    pytest = [py, "-c", HWM_PRELUDE + "import runpy; runpy.run_module('pytest', run_name='__main__', alter_sys=True)",
-              "-p", "no:cacheprovider", "--mnn-only", "-q"]
+    bare = [py, "-c", HWM_PRELUDE + "import runpy; runpy.run_module('pytest', run_name='__main__', alter_sys=True)",
+            "-q"]
+    pytest = bare + ["--mnn-only"]
     # "solo": every other installed pytest11 plugin (hypothesis, xdist, benchmark, ...) switched off.
     solo = [arg for name in other_pytest_plugins() for arg in ("-p", f"no:{name}")]
     return {
         "python_startup": [py, "-c", HWM_PRELUDE],
         "import_numpy_mnn": [py, "-c", HWM_PRELUDE + "import numpy, MNN"],
         "raw_child": [py, "-c", HWM_PRELUDE + raw_code, model, "once"],
+        # pytest itself, with this plugin switched off (it collects nothing in the empty folder): the baseline
+        # the marginal cost is measured from.
+        "pytest_bare": bare + ["-p", "no:mnn_parity"],
         "pytest_no_model": pytest,
         "pytest_plugin": pytest + ["--mnn-model", model],
+        "pytest_plugin_cold": pytest + ["--mnn-model", model, "--cache-clear"],
+        "pytest_solo_bare": bare + solo + ["-p", "no:mnn_parity"],
         "pytest_solo_no_model": pytest + solo,
         "pytest_solo_plugin": pytest + solo + ["--mnn-model", model],
     }
@@ -326,15 +338,16 @@ def other_pytest_plugins() -> list[str]:
 def bench_e2e(model: str, rounds: int, log) -> dict:
     cmds = e2e_commands(model)
     names = list(cmds)
+    folder = tempfile.mkdtemp(prefix="bench-e2e-", dir=CHILD_TMPDIR)
     for name in names:  # warm the page cache and .pyc files
-        run_child(cmds[name], REPO)
+        run_child(cmds[name], folder)
     wall = {n: [] for n in names}
     rss = {n: [] for n in names}
     codes = {n: set() for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            w, m, rc = run_child(cmds[name], REPO)
+            w, m, rc = run_child(cmds[name], folder)
             wall[name].append(w)
             rss[name].append(m)
             codes[name].add(rc)
@@ -349,7 +362,33 @@ def bench_e2e(model: str, rounds: int, log) -> dict:
         "ratio_solo_pytest_over_raw": med["pytest_solo_plugin"] / med["raw_child"],
         "ratio_pytest_over_raw": med["pytest_plugin"] / med["raw_child"],
         "ratio_rss_pytest_over_raw": med_rss["pytest_plugin"] / med_rss["raw_child"],
+        # The headline (issue 22): what the plugin and the model add to a pytest run that was going to happen
+        # anyway, over what the same MNN work costs as a script of its own (interpreter start-up included).
+        "marginal_s": med["pytest_plugin"] - med["pytest_bare"],
+        "ratio_marginal_over_raw": (med["pytest_plugin"] - med["pytest_bare"]) / med["raw_child"],
+        "ratio_marginal_cold_over_raw": (med["pytest_plugin_cold"] - med["pytest_bare"]) / med["raw_child"],
+        "ratio_solo_marginal_over_raw": (med["pytest_solo_plugin"] - med["pytest_solo_bare"]) / med["raw_child"],
+        # Solo: with the other plugins on, the bare run collects the (empty) folder and hypothesis's plugin then
+        # imports hypothesis (~0.6 s), which --mnn-only's runs never do: the difference would read negative.
+        "plugin_startup_s": med["pytest_solo_no_model"] - med["pytest_solo_bare"],
+        "peak_rss_over_raw_mib": med_rss["pytest_plugin"] - med_rss["raw_child"],
     }
+
+
+def build_lama(size: int, folder: Path) -> Path:
+    """fixtures/build_fixtures.py's LaMa-like graph at ``size``, converted by the project's converter call."""
+    import importlib.util
+
+    import onnx
+
+    from pytest_mnn_parity.onnx.convert import convert_onnx
+
+    spec = importlib.util.spec_from_file_location("build_fixtures", REPO / "fixtures" / "build_fixtures.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    onnx_path = folder / f"lama_like_{size}.onnx"
+    onnx.save(builder.lama_like(size), str(onnx_path))
+    return convert_onnx(onnx_path, folder / f"lama_like_{size}.mnn").target
 
 
 # ---------------------------------------------------------------------------- profiling
@@ -557,7 +596,7 @@ def print_table(report: dict) -> None:
     ms = lambda s: f"{s * 1e3:9.1f}"  # noqa: E731
     for model, res in report["models"].items():
         ip = res.get("in_process")
-        print(f"\n== {model}")
+        print(f"\n== {res.get('label', model)}")
         if ip:
             m = ip["median_s"]
             lo = ip["min_s"]
@@ -582,6 +621,11 @@ def print_table(report: dict) -> None:
                   f"{e2e['ratio_rss_pytest_over_raw']:.2f}x RSS")
             print(f"    solo pytest / raw child  {e2e['ratio_solo_pytest_over_raw']:9.2f}x wall "
                   f"(solo: -p no: {', '.join(e2e['other_pytest_plugins_disabled_in_solo'])})")
+            print(f"    marginal / raw child     {e2e['ratio_marginal_over_raw']:9.2f}x   ((pytest_plugin - pytest_bare) "
+                  f"/ raw_child = {e2e['marginal_s'] * 1e3:.0f} ms / {m['raw_child'] * 1e3:.0f} ms)")
+            print(f"    marginal, cold discovery {e2e['ratio_marginal_cold_over_raw']:9.2f}x   (--cache-clear)")
+            print(f"    marginal, solo           {e2e['ratio_solo_marginal_over_raw']:9.2f}x")
+            print(f"    plugin start-up          {e2e['plugin_startup_s'] * 1e3:9.1f} ms (solo: pytest_solo_no_model - pytest_solo_bare)")
     d = report["discovery"]
     print(f"\n  backend discovery (7 backends): first in process {d['first_s'] * 1e3:.1f} ms, "
           f"cold median {d['cold_median_s'] * 1e3:.1f} ms, warm {d['warm_s'] * 1e6:.1f} us")
@@ -620,6 +664,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-e2e", action="store_true", help="skip the subprocess comparison")
     ap.add_argument("--e2e-models", choices=("demo", "all"), default="demo",
                     help="which models get the end-to-end comparison (default: the demo model only)")
+    ap.add_argument("--e2e-lama", type=int, action="append", metavar="SIZE",
+                    help="also compare end to end on a LaMa-like graph of SIZE x SIZE, built from "
+                         "fixtures/build_fixtures.py into a temporary folder (default: 128; 0: none)")
     ap.add_argument("--profile", action="store_true", help="cProfile the engine, the raw work and a pytest run")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     ap.add_argument("--quiet", action="store_true", help="no per-round progress lines")
@@ -667,9 +714,14 @@ def main(argv=None) -> int:
     CHILD_TMPDIR = tempfile.mkdtemp(prefix="bench-parity-tmp-")
     try:
         if not args.no_e2e:
-            for model in (models if args.e2e_models == "all" else [m for m in models if m == DEMO] or models[:1]):
+            e2e_models = models if args.e2e_models == "all" else [m for m in models if m == DEMO] or models[:1]
+            for size in [s for s in (args.e2e_lama or [128]) if s]:
+                built = build_lama(size, Path(CHILD_TMPDIR))
+                e2e_models.append(str(built))
+                report["models"].setdefault(str(built), {})["label"] = f"LaMa-like {size}x{size}"
+            for model in e2e_models:
                 log(f"end to end: {model}")
-                report["models"][model]["e2e"] = bench_e2e(model, e2e_rounds, log)
+                report["models"].setdefault(model, {})["e2e"] = bench_e2e(model, e2e_rounds, log)
         if args.profile:
             report["profile"] = {}
             for model in models:

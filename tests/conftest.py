@@ -17,6 +17,23 @@ mnn()
 import onnx  # noqa: E402,F401
 import onnxruntime  # noqa: E402,F401
 
+
+def _import_the_whole_plugin() -> None:
+    """The plugin imports its engine on first use (a pytest run without models never does).  Inside a pytester
+    run that first use would import a module that the run then drops again, and the next run's fresh copy is
+    another module: classes and functions pickled for the isolated workers no longer match.  So all of it now."""
+    import importlib
+    import pkgutil
+
+    import pytest_mnn_parity
+
+    for info in pkgutil.walk_packages(pytest_mnn_parity.__path__, "pytest_mnn_parity."):
+        if not info.name.endswith(".worker"):  # the worker's module runs as a script (python -m)
+            importlib.import_module(info.name)
+
+
+_import_the_whole_plugin()
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
 DEMO = FIXTURES / "demo" / "lama_like.mnn"

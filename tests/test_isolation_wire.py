@@ -105,7 +105,7 @@ def _assert_same(isolated: list[dict], local: list[dict]) -> None:
         assert a["worker"] is not None and a["worker"]["pid"] > 0, a["nodeid"]  # the worker really ran it
         assert b["worker"] is None, b["nodeid"]
         for key in set(a) | set(b):
-            if key in ("seconds", "worker"):
+            if key in ("seconds", "worker", "process"):
                 continue
             if key == "message":  # the reproduce command repeats --mnn-isolate
                 assert a[key].replace("=always", "=never") == b[key], a["nodeid"]

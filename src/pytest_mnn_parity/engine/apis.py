@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
+from ..core.choices import API_MODES
 from ..core.verdict import Category, judge_outputs
 from ..mnn.backends import did_you_mean
 from ..mnn.model import ModelError, model_key, remembered
@@ -35,7 +36,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..mnn.runner import RunConfig
     from .results import ParityResult
 
-API_MODES = ("auto", "session", "module", "both")
 TRACE_VIA_SESSION = ("through the session API on the same configuration, as pymnn has no per-op callbacks for "
                      "the Module API")
 NO_TRACE = ("not traced: pymnn has no per-op callbacks for the Module API, and the session API cannot run "

@@ -155,6 +155,15 @@ class ParityEngine(Checker):
         if self.bundle is not None:
             self.bundle.release(key)
 
+    def held_models(self) -> set[Path]:
+        """The models this engine holds anything of (an interpreter, a reference, a trace, inputs): what its
+        memory grows with, and what ``release`` lets go of."""
+        held: set[Path] = set()
+        for cache in (self._models, self._inputs, self._fingerprints, self._references, self._reference_traces,
+                      self._noise):
+            held.update(k[0] if isinstance(k, tuple) else k for k in cache)
+        return held
+
     def set_input_shapes(self, path: os.PathLike | str, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
         """Shapes for one model (a sidecar's [shapes]); ``--mnn-input-shape`` still wins per input."""
         key = model_key(path)

@@ -54,9 +54,6 @@ class ParitySettings:
     keep_outputs: bool = False
 
 
-LAYER_MODES = ("off", "on-failure", "always")
-
-
 class ReferenceRunError(ModelError):
     """The reference configuration itself could not run the model."""
 

@@ -200,7 +200,7 @@ class IsolatedEngine(Checker):
             raise WorkerError(f"the isolated worker (pid {worker.pid}) raised:\n{reply.get('error')}")
         result = protocol.result_from_wire(reply["result"])
         result.model = str(model_path)  # a remote worker names its copy
-        result.worker = {"pid": worker.pid, "index": worker.checks}
+        result.worker = {"pid": worker.pid, "index": worker.checks, "peak_rss_mb": reply.get("peak_rss_mb")}
         if result.arithmetic is not None:  # measured once per run, not once per worker (seconds on a GPU)
             if self._arithmetic is not None:
                 self._arithmetic[(config.backend, config.precision)] = result.arithmetic

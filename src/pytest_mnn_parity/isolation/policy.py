@@ -39,9 +39,6 @@ from ..mnn import backends, native_output
 from ..onnx.ops import op_types
 from .engine import IsolatedEngine
 
-ISOLATE_MODES = ("auto", "always", "never")
-# --mnn-worker-scope: "model" gives every model a fresh worker process, "run" keeps one for all models.
-WORKER_SCOPES = ("model", "run")
 # Isolated configurations without --mnn-timeout still get this bound, so a hung
 # GPU driver cannot stall CI until its job limit.
 DEFAULT_ISOLATED_TIMEOUT = 600.0

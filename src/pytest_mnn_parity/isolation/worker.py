@@ -96,7 +96,7 @@ def main() -> int:
                 crash_log.write(f"[mnn-parity worker {os.getpid()}] configuration #{done}: {check.config.id} of "
                                 f"{check.model}\n")
                 result = _check(engine, check, request, input_sets, savers)
-                reply = {"ok": True, "result": protocol.result_to_wire(result)}
+                reply = {"ok": True, "result": protocol.result_to_wire(result), "peak_rss_mb": peak_rss_mb()}
             elif op == "release":
                 engine.release(copies.get(request["model"], request["model"]))
                 reply = {"ok": True}
@@ -162,6 +162,13 @@ def _check(engine, check, message: dict, input_sets: dict, savers: dict):
                    set_name=bundle["set_name"])
         result.model = shown
     return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _seed_backend(backends, status) -> None:

@@ -14,10 +14,10 @@ from ..report.explained import SECTION
 from ..report.records import matrix_lines
 from ..report.scoreboard import terminal_lines
 from . import scaleout
-from .items import PARITY_RUN, ModelLoadFailure
 from .options import Options, add_options
 from .progress import Progress
 from .run import ParityRun
+from .state import PARITY_RUN
 
 # Fixtures and markers for users' own tests live in a plugin module of their own.
 pytest_plugins = ["pytest_mnn_parity.plugin.user_fixtures"]
@@ -46,9 +46,11 @@ def pytest_configure(config: pytest.Config) -> None:
         _check_writable(options.report)
     # xdist workers send their records to the controller, which writes the report.
     run.writes_report = not hasattr(config, "workerinput")
-    run.regression.configure(config)
+    if options.save_outputs is not None:
+        run.regression.configure(config)
     if getattr(config, "cache", None) is not None:  # absent with -p no:cacheprovider: a temporary folder then
-        run.engine.settings.convert_cache = str(config.cache.mkdir("mnn-parity-convert"))
+        run.convert_cache = str(config.cache.mkdir("mnn-parity-convert"))
+        run.load_discovery(config.cache)
     scaleout.register_marker(config)
     Progress.install(config, options.progress)
     for flag, path in (("--mnn-html", options.html), ("--mnn-artifacts", options.artifacts)):
@@ -73,8 +75,10 @@ def _say(config: pytest.Config, line: str) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     run = config.stash.get(PARITY_RUN, None)
-    if run is not None:
+    if run is not None and run.made("isolation"):
         run.isolation.close()
+    if run is not None and getattr(config, "cache", None) is not None:
+        run.save_discovery(config.cache)
 
 
 def pytest_ignore_collect(collection_path, config: pytest.Config):
@@ -103,7 +107,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
     report = yield
-    if call.excinfo is not None and isinstance(call.excinfo.value, ModelLoadFailure):
+    if call.excinfo is not None and _is_load_failure(call.excinfo.value):
         # Setup errors bypass repr_failure: pytest's own rendering would put the exception's
         # Python class path in the summary line. The message alone, as for a failing call.
         report.longrepr = str(call.excinfo.value)
@@ -118,8 +122,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     return scaleout.make_scheduler(config, log)
 
 
-def pytest_runtest_teardown(item: pytest.Item) -> None:
-    item.config.stash[PARITY_RUN].done(item)
+def pytest_runtest_teardown(item: pytest.Item, nextitem) -> None:
+    item.config.stash[PARITY_RUN].done(item, nextitem)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
@@ -129,8 +133,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         terminalreporter.write_sep("=", SECTION)
         for line in explained:
             terminalreporter.write_line(line)
-    lines = matrix_lines(run.records()) + run.regression.summary_lines(run.records())
-    if run.isolation.releases is not None:  # where each MNN release ran from (under xdist: its workers know)
+    lines = matrix_lines(run.records())
+    # Goldens and bundles have lines of their own (the pytest-xdist controller reads them from the records).
+    if run.made("regression") or run.options.golden is not None or run.options.save_outputs is not None:
+        lines += run.regression.summary_lines(run.records())
+    # Where each MNN release ran from (under xdist: its workers know).
+    if run.made("isolation") and run.isolation.releases is not None:
         lines += run.isolation.releases.summary()
     if run.isolation.places is not None:  # each emulated CPU or machine, and what MNN detected there
         lines += run.isolation.places.summary()
@@ -170,7 +178,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     session.config.stash[PARITY_RUN].finish_reports()
     session.config.stash[PARITY_RUN].write_report()
     session.config.stash[PARITY_RUN].write_html()
-    session.config.stash[PARITY_RUN].regression.finish()
+    if session.config.stash[PARITY_RUN].made("regression"):
+        session.config.stash[PARITY_RUN].regression.finish()
+
+
+def _is_load_failure(exc: BaseException) -> bool:
+    """A model that could not load (items.ModelLoadFailure), asked without importing items.py for other tests."""
+    if not type(exc).__module__.startswith("pytest_mnn_parity."):
+        return False
+    from .items import ModelLoadFailure
+
+    return isinstance(exc, ModelLoadFailure)
 
 
 def _check_writable(path, flag: str = "--mnn-report") -> None:

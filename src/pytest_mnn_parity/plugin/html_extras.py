@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from ..report.html import PICTURE_KINDS, group, result_fragment
 
 
 class HtmlExtras:
@@ -26,6 +25,10 @@ class HtmlExtras:
         data = getattr(report, "mnn_parity", None)
         if data is not None and data["outcome"] != "skipped":
             from pytest_html import extras
+
+            # Imported with the first record: registered whenever pytest-html is installed, also in runs that
+            # check no model.
+            from ..report.html import PICTURE_KINDS, result_fragment
 
             # pytest-html shows the failure message itself; the pictures go in as PNG extras.
             fragment = result_fragment(data, self.root, with_pictures=False, with_message=False)
@@ -51,6 +54,8 @@ class HtmlExtras:
         if data is None:
             cells.insert(2, "<td></td>")
         else:
+            from ..report.html import group
+
             cells.insert(2, f'<td class="mnn-{group(data)}">{escape(data["category"])}</td>')
 
 

@@ -1,7 +1,6 @@
 """The generated test items: one per model x backend x precision."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from ..core.verdict import Category
 from ..engine.results import ParityResult
 from ..mnn.model import ModelError
 from ..mnn.runner import RunConfig
+from .state import PARITY_RUN, node_id_path  # noqa: F401 (imported from here by the other item modules)
 
 
 class ParityFailure(Exception):
@@ -186,13 +186,3 @@ class ModelErrorItem(pytest.Item):
     def reportinfo(self):
         return self.path, 0, f"{self.parent.name}::{self.name} (MNN parity)"
 
-
-def node_id_path(path: Path, rootpath: Path) -> str:
-    """The model's part of the node id: relative to rootdir where possible."""
-    try:
-        return path.resolve().relative_to(rootpath.resolve()).as_posix()
-    except ValueError:
-        return Path(os.path.relpath(path.resolve(), rootpath.resolve())).as_posix()
-
-
-PARITY_RUN = pytest.StashKey["ParityRun"]()

@@ -9,15 +9,12 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ..engine.apis import API_MODES, parse_api
-from ..engine.results import LAYER_MODES
+from ..core.choices import API_MODES, ARTIFACT_MODES, ISOLATE_MODES, LAYER_MODES, WORKER_SCOPES
 from ..inputs.generate import parse_input_shapes
-from ..inputs.stream_spec import StreamSpec, parse_stream
-from ..isolation.policy import ISOLATE_MODES, WORKER_SCOPES
 from ..isolation.envs import version_key
 from ..isolation.places import Place, parse_cpu, parse_remote
 from ..mnn.backends import (
@@ -32,7 +29,9 @@ from ..mnn.backends import (
 )
 from ..mnn.limits import DEFAULT_MAX_INPUT_MB
 from ..onnx.variants import DEFAULT_VARIANTS, parse_converter_flags, parse_variants
-from ..report.artifacts import ARTIFACT_MODES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..inputs.stream_spec import StreamSpec
 
 TOLERANCE_OPTIONS = {
     "atol": "absolute tolerance as a fraction of each output's largest |reference| value",
@@ -272,8 +271,7 @@ class Options:
         artifacts_when = choice("artifacts_when", ARTIFACT_MODES, "on-failure")
         html = get("html")
         try:
-            api = parse_api(get("api") or "auto")
-            streams = tuple(parse_stream(text) for text in _as_list(get("stream") or []) if text.strip())
+            api, streams = _api_and_streams(get("api"), [t for t in _as_list(get("stream") or []) if t.strip()])
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
         save_outputs, golden = get("save_outputs"), get("golden")
@@ -436,6 +434,20 @@ class Options:
                 "bisect": None if self.bisect is None else f"{self.bisect[0]}..{self.bisect[1]}"}
 
 
+def _api_and_streams(api: str | None, streams: list[str]) -> tuple[str, tuple]:
+    """--mnn-api and --mnn-stream, parsed by the modules that act on them: imported only when given, since they
+    bring in MNN's Module API runner and the input generators, which a run that checks no model never needs."""
+    if api:
+        from ..engine.apis import parse_api
+
+        api = parse_api(api)
+    if not streams:
+        return api or "auto", ()
+    from ..inputs.stream_spec import parse_stream
+
+    return api or "auto", tuple(parse_stream(text) for text in streams)
+
+
 def _parse_mode(text: str) -> str:
     return parse_gpu_mode(text)
 
@@ -485,6 +497,8 @@ def _shown_path(path: Path, base: Path) -> str:
 
 def _check_reference(reference, save_outputs) -> None:
     """A bundle named by --mnn-reference must exist and be readable before anything runs."""
+    if reference is None:
+        return  # the live CPU reference: nothing to read (and the bundle code not to import)
     from ..engine.bundle import BundleError
     from ..engine.bundle_reference import parse_reference
 

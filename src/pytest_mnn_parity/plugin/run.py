@@ -5,40 +5,42 @@ config's stash (``items.PARITY_RUN``) and hand every event to it.
 """
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from collections import Counter
 from dataclasses import replace
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from ..core.files import json_safe
 from ..core.verdict import Category
-from ..engine.engine import ParityEngine
-from ..engine.request import CheckRequest
-from ..engine.results import ParityResult, ParitySettings
-from ..isolation.envs import EnvCache, EnvError, between
-from ..isolation.policy import DEFAULT_ISOLATED_TIMEOUT, Isolation
-from ..isolation.places import PlaceEngines
-from ..isolation.versions import ReleaseEngines, bisect, metrics_line, verdict_of
-from ..mnn import backends as backend_discovery
 from ..mnn.library import mnn_version
-from ..mnn.backends import gpu_mode_applies
-from ..mnn.model import ModelError, check_model_path, expand_model_args, is_model_file
-from ..mnn.runner import RunConfig
-from ..onnx.ops import op_types
-from ..onnx.variants import is_onnx
-from ..report.artifacts import ArtifactWriter
+from ..mnn.model import ModelError, is_model_file
 from ..report.durable import IncrementalReport
-from ..report.html import write_html
 from ..report.explained import SharedFailure, explained_lines, item_text, shared_failures
-from ..report.records import RECORD_FIELDS, build_report, record
+from ..report.records import RECORD_FIELDS, build_report, peak_rss, record
 from ..report.scoreboard import build as build_scoreboard
-from .input_items import SidecarSupport, xfail_outcome
-from .items import Case, ModelErrorItem, ModelFile, ParityItem, ShownFailure, node_id_path
 from .options import Options
-from .regression import Regression
+from .state import is_parity_item, node_id_path
+
+# What checks a model (the engine, isolation, items, regression) is imported when a run first needs it: pytest
+# imports this module at every start-up, and most runs of a repository's own tests never check a model.
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.engine import ParityEngine
+    from ..engine.request import CheckRequest
+    from ..engine.results import ParityResult
+    from ..isolation.policy import Isolation
+    from ..report.artifacts import ArtifactWriter
+    from .input_items import SidecarSupport
+    from .items import Case, ModelErrorItem, ModelFile, ParityItem
+    from .regression import Regression
+
+
+# pytest's cache key of what backend discovery and the arithmetic probes found (``load_discovery``).
+DISCOVERY_CACHE = "mnn-parity/discovery"
 
 
 class ParityRun:
@@ -46,29 +48,9 @@ class ParityRun:
 
     def __init__(self, options: Options):
         self.options = options
-        self.writer = None if options.artifacts is None else ArtifactWriter(options.artifacts, options.artifacts_when)
-        self.engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
-                                                  reference=options.reference, threads=options.threads,
-                                                  layers=options.layers, converter_flags=options.convert_flags,
-                                                  output_sink=self.writer, api=options.api, streams=options.streams,
-                                                  max_input_mb=options.max_input_mb,
-                                                  keep_outputs=options.save_outputs is not None))
-        self.isolation = Isolation(self.engine, options.isolate, options.timeout, options.backends,
-                                   options.worker_scope)
-        if options.versions or options.bisect:
-            self.isolation.releases = ReleaseEngines(
-                EnvCache(options.env_cache), self.engine.settings,
-                timeout=options.timeout if options.timeout is not None else DEFAULT_ISOLATED_TIMEOUT,
-                worker_per_model=options.worker_scope == "model", declarations=self.engine)
         # Lines for the user while something slow happens outside any item (an environment being built); the
         # hooks point it at the terminal.
         self.say = lambda line: print(line, file=sys.stderr, flush=True)
-        if options.cpus or options.remotes:
-            self.isolation.places = PlaceEngines(
-                options.cpus + options.remotes, options.env_cache, self.engine.settings,
-                timeout=options.timeout if options.timeout is not None else DEFAULT_ISOLATED_TIMEOUT,
-                declarations=self.engine, ssh_config=None if options.ssh_config is None else str(options.ssh_config),
-                progress=lambda line: self.say(line))
         self._remaining: Counter = Counter()
         self._records: list[dict[str, Any]] = []
         self.active = bool(options.models)
@@ -78,16 +60,109 @@ class ParityRun:
         # over (finish_reports), when it is known which explanations several items share.
         self._failing: list[tuple[pytest.TestReport, dict[str, Any]]] = []
         self._shared: list[SharedFailure] = []
-        self.inputs = SidecarSupport(self)
         self.writes_report = True
         # Set at session end: why each backend of --mnn-require-backends is missing (hooks.pytest_sessionfinish).
         self.missing_required: list[str] = []
         self._report: IncrementalReport | None = None
         self._final = False
-        self.regression = Regression(options, self.engine)
+        # pytest's cache folder for converted ONNX models (hooks.configure), read when the engine is made.
+        self.convert_cache: str | None = None
+
+    # The engine and what hangs off it are made on first use (see the imports above).
+    @cached_property
+    def writer(self) -> ArtifactWriter | None:
+        if self.options.artifacts is None:
+            return None
+        from ..report.artifacts import ArtifactWriter
+
+        return ArtifactWriter(self.options.artifacts, self.options.artifacts_when)
+
+    @cached_property
+    def engine(self) -> ParityEngine:
+        from ..engine.engine import ParityEngine
+        from ..engine.results import ParitySettings
+
+        options = self.options
+        engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
+                                             reference=options.reference, threads=options.threads,
+                                             layers=options.layers, converter_flags=options.convert_flags,
+                                             output_sink=self.writer, api=options.api, streams=options.streams,
+                                             max_input_mb=options.max_input_mb,
+                                             keep_outputs=options.save_outputs is not None))
+        if self.convert_cache is not None:
+            engine.settings.convert_cache = self.convert_cache
+        return engine
+
+    @cached_property
+    def isolation(self) -> Isolation:
+        from ..isolation.envs import EnvCache
+        from ..isolation.policy import DEFAULT_ISOLATED_TIMEOUT, Isolation
+        from ..isolation.versions import ReleaseEngines
+
+        options = self.options
+        isolation = Isolation(self.engine, options.isolate, options.timeout, options.backends, options.worker_scope)
+        if options.versions or options.bisect:
+            isolation.releases = ReleaseEngines(
+                EnvCache(options.env_cache), self.engine.settings,
+                timeout=options.timeout if options.timeout is not None else DEFAULT_ISOLATED_TIMEOUT,
+                worker_per_model=options.worker_scope == "model", declarations=self.engine)
+        if options.cpus or options.remotes:
+            from ..isolation.places import PlaceEngines
+
+            isolation.places = PlaceEngines(
+                options.cpus + options.remotes, options.env_cache, self.engine.settings,
+                timeout=options.timeout if options.timeout is not None else DEFAULT_ISOLATED_TIMEOUT,
+                declarations=self.engine, ssh_config=None if options.ssh_config is None else str(options.ssh_config),
+                progress=lambda line: self.say(line))
+        return isolation
+
+    @cached_property
+    def inputs(self) -> SidecarSupport:
+        from .input_items import SidecarSupport
+
+        return SidecarSupport(self)
+
+    @cached_property
+    def regression(self) -> Regression:
+        from .regression import Regression
+
+        return Regression(self.options, self.engine)
+
+    # -- discovery kept between runs ---------------------------------------------------
+    def load_discovery(self, cache) -> None:
+        """What an earlier run's discovery and arithmetic probes found, from pytest's cache (``config.cache``),
+        when nothing that could change it has changed (``backends.discovery_key``); else this run probes."""
+        from ..mnn import backends
+
+        self._discovery_key = backends.discovery_key()
+        kept = cache.get(DISCOVERY_CACHE, None)
+        self._discovery_kept = None
+        if isinstance(kept, dict) and kept.get("key") == self._discovery_key:
+            try:
+                backends.remember_results(kept.get("results") or {})
+                self._discovery_kept = kept.get("results")
+            except (TypeError, ValueError):  # written by another version of the plugin: probe again
+                self._discovery_kept = None
+
+    def save_discovery(self, cache) -> None:
+        """Keep what this run's probes found for the next run (only when it found something new)."""
+        if getattr(self, "_discovery_key", None) is None:
+            return
+        from ..mnn import backends
+
+        results = backends.known_results()
+        if results["statuses"] or results["arithmetic"]:
+            if results != self._discovery_kept:
+                cache.set(DISCOVERY_CACHE, {"key": self._discovery_key, "results": results})
+
+    def made(self, name: str) -> bool:
+        """Whether the lazily made part ``name`` (engine, isolation, regression, ...) exists yet."""
+        return name in self.__dict__
 
     # -- collection -------------------------------------------------------------
     def collect(self, session: pytest.Session) -> list[pytest.Item]:
+        from ..mnn.model import expand_model_args
+
         if not self.options.models:
             return []
         if self.pasted:
@@ -105,6 +180,9 @@ class ParityRun:
 
     def model_file(self, parent: pytest.Collector, path, error: ModelError | None = None, **kwargs) -> ModelFile:
         """The collector of one model: its load error, or its sidecar read (the same for both ways in)."""
+        from ..mnn.model import check_model_path
+        from .items import ModelFile
+
         if error is None:
             try:
                 check_model_path(path)
@@ -124,6 +202,10 @@ class ParityRun:
         """Every item to generate for one model, in a stable order; an ONNX model once per conversion variant,
         each configuration once per API with --mnn-api both, per MNN release with --mnn-versions, per GPU mode
         (of the backends it applies to) with --mnn-gpu-modes."""
+        from ..mnn.runner import RunConfig
+        from ..onnx.variants import is_onnx
+        from .items import Case
+
         apis = ["session", "module"] if self.options.api == "both" else [None]
         variants = self.options.convert if is_onnx(model_path) else [None]
         sets = self.inputs.set_names(model_path)
@@ -144,6 +226,8 @@ class ParityRun:
 
     def modes_for(self, backend: str) -> list[str | None]:
         """The GPU modes asked for that ``backend`` reads; [None] (its plain items) when it reads none."""
+        from ..mnn.backends import gpu_mode_applies
+
         return [m for m in self.options.gpu_modes if gpu_mode_applies(m, backend)] or [None]
 
     def backend_status(self, backend: str, case: Case | None = None):
@@ -163,12 +247,19 @@ class ParityRun:
         return missing
 
     def plan(self, items: list[pytest.Item]) -> None:
+        if not any(is_parity_item(item) for item in items):
+            return  # no model to check: no engine, no worker to plan for
+        from .items import ParityItem
+
         self._remaining = Counter(item.model_path for item in items if isinstance(item, ParityItem))
         self.isolation.expect_models(len({item.model_path for item in items if isinstance(item, ParityItem)
                                           and self.isolation.per_model(item.run_config.backend)}))
 
     # -- running ----------------------------------------------------------------
     def check(self, item: ParityItem) -> ParityResult:
+        from ..engine.request import CheckRequest
+        from ..engine.results import ParityResult
+
         config = item.run_config
         model = node_id_path(item.model_path, item.config.rootpath)
         # Tolerance layers, input set; or a bad sidecar's error (checked by the worker for an isolated item).
@@ -202,6 +293,11 @@ class ParityRun:
 
     def check_releases(self, item: ParityItem, request: CheckRequest, sidecar) -> ParityResult:
         """An item of another MNN release (--mnn-versions), or the bisection between two (--mnn-bisect)."""
+        from ..engine.results import ParityResult
+        from ..isolation.envs import EnvError, between
+        from ..isolation.versions import bisect, verdict_of
+        from ..onnx.variants import is_onnx
+
         releases = self.isolation.releases
         if is_onnx(request.model):
             return ParityResult(str(request.model), request.config, Category.BACKEND_UNAVAILABLE,
@@ -234,6 +330,9 @@ class ParityRun:
 
     def check_place(self, item: ParityItem, request: CheckRequest, sidecar) -> ParityResult:
         """An item at an emulated CPU or on another machine, judged against this machine's reference."""
+        from ..engine.results import ParityResult
+        from ..onnx.variants import is_onnx
+
         if is_onnx(request.model):
             return ParityResult(str(request.model), request.config, Category.BACKEND_UNAVAILABLE,
                                 f"{request.model}: --mnn-cpu / --mnn-remote run .mnn models; an .onnx model is "
@@ -256,10 +355,26 @@ class ParityRun:
             return None
         return replace(reference, description=f"{reference.description}, MNN {mnn_version()} (the test process)")
 
-    def done(self, item: pytest.Item) -> None:
+    def done(self, item: pytest.Item, nextitem: pytest.Item | None = None) -> None:
+        """After an item: a model whose items are over is let go (its interpreter and sessions, reference,
+        traces, inputs, conversions, in this process and in its isolated worker).
+
+        Without pytest-xdist a model's items run together, and the count says when the last one ran.  Under
+        pytest-xdist every worker collects every item but runs only those it is sent, so the count never reaches
+        zero there: a worker let go of nothing, and held every model it had touched (two workers were OOM-killed
+        at 13 and 18.5 GB on large models).  There a model is let go when the next item is of another model; if
+        more of its items come later (``--dist load`` sends them in chunks) it is loaded again: bounded memory
+        before speed.  ``--dist loadgroup`` sends a model's items to one worker together, and loads it once."""
+        if not is_parity_item(item):
+            return
+        from .items import ParityItem
+
         if isinstance(item, ParityItem):
             self._remaining[item.model_path] -= 1
-            if self._remaining[item.model_path] <= 0:
+            over = self._remaining[item.model_path] <= 0
+            if not over and hasattr(item.config, "workerinput"):
+                over = getattr(nextitem, "model_path", None) != item.model_path
+            if over:
                 self.isolation.release(item.model_path)
 
     # -- reporting --------------------------------------------------------------
@@ -267,10 +382,24 @@ class ParityRun:
         data = self._record_for(item, report)
         if data is not None and not data.get("op_types"):
             # Read from the ONNX file alone (never through MNN), once per model: the scoreboard counts by them.
+            from ..onnx.ops import op_types
+
             data["op_types"] = list(op_types(getattr(item, "model_path", None) or item.path))
         return data
 
     def _record_for(self, item: pytest.Item, report: pytest.TestReport) -> dict[str, Any] | None:
+        if not is_parity_item(item):
+            return None
+        data = self._parity_record(item, report)
+        if data is not None:
+            data["process"] = this_process(item.config)
+        return data
+
+    def _parity_record(self, item: pytest.Item, report: pytest.TestReport) -> dict[str, Any] | None:
+        from ..engine.results import ParityResult
+        from .input_items import xfail_outcome
+        from .items import ModelErrorItem, ParityItem
+
         if isinstance(item, ModelErrorItem):
             if report.when != "setup":
                 return None
@@ -318,6 +447,8 @@ class ParityRun:
         mine = [(report, data) for report, data in self._failing if str(report.longrepr) == data.get("message")]
         self._shared = shared_failures(data for _, data in mine)
         by_item = {nodeid: group for group in self._shared for nodeid in group.nodeids}
+        if mine:
+            from .items import ShownFailure
         for report, data in mine:
             full = str(report.longrepr)
             group = by_item.get(data["nodeid"])
@@ -341,6 +472,7 @@ class ParityRun:
         statuses = {name: {"available": s.available, "forward_type": s.forward_type, "reason": s.reason}
                     for name, s in ((n, self.backend_status(n)) for n in self.options.backends)}
         header = build_report([], mnn_version=mnn_version(), settings=self.options.settings_dict(), backends=statuses)
+        header["peak_rss_mb"] = peak_rss(self._records)  # the records themselves are added by the writer
         if self._final:  # the scoreboard sums the whole run: written once, at the end (a killed run has none)
             header["scoreboard"] = build_scoreboard(self._records)
         return header
@@ -352,6 +484,8 @@ class ParityRun:
             writer.flush()
 
     def report_data(self) -> dict[str, Any]:
+        from ..mnn import backends as backend_discovery
+
         statuses = {name: {"available": s.available, "forward_type": s.forward_type, "reason": s.reason}
                     for name, s in backend_discovery.discover(self.options.backends).items()}
         return build_report(self.records(), mnn_version=mnn_version(), settings=self.options.settings_dict(),
@@ -360,12 +494,27 @@ class ParityRun:
     def write_html(self) -> None:
         if self.options.html is None or not self.active:
             return
+        from ..report.html import write_html
+
         # From the JSON form of the data, so a saved report renders the same page.
         write_html(self.options.html, json_safe(self.report_data()), self.options.artifacts)
 
 
+def this_process(config: pytest.Config) -> dict[str, Any]:
+    """Which pytest process ran an item (its pytest-xdist worker id, None without xdist) and its peak resident
+    memory so far, MiB: a worker holds at most the models it is running, and this shows it."""
+    import resource
+
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    return {"xdist_worker": worker, "pid": os.getpid(),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
 def bisection_result(request: CheckRequest, found, results: dict, chosen: list[str]) -> ParityResult:
     """The bisect item's result: the bad end's judgement, with what the search found in front of its message."""
+    from ..engine.results import ParityResult
+    from ..isolation.versions import metrics_line
+
     ran = [v for v in chosen if v in results and v not in found.unavailable]
     if not ran:
         base = ParityResult(str(request.model), request.config, Category.BACKEND_UNAVAILABLE,

@@ -12,16 +12,18 @@ import shlex
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from ..engine.engine import ParityEngine
-from ..engine.user_inputs import ModelRegistry
 from ..mnn import backends as backend_discovery
 from ..mnn.model import ModelError, expand_model_args
 from ..mnn.runner import RunConfig
-from .items import PARITY_RUN, node_id_path
+from .state import PARITY_RUN, node_id_path
 from .user_markers import MarkerError, ParitySpec, parity_spec, select, xfail_specs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.user_inputs import ModelRegistry
 
 CASE = "_mnn_parity_case"
 USER_TESTS = pytest.StashKey["UserTests"]()
@@ -64,6 +66,10 @@ class UserTests:
     @property
     def registry(self) -> ModelRegistry:
         if self._registry is None:
+            # Imported here: pytest imports this module at every start-up, the engine only a test that uses it needs.
+            from ..engine.engine import ParityEngine
+            from ..engine.user_inputs import ModelRegistry
+
             # An engine of its own: the generated items free their models when
             # their last item ran, which must not pull a model from under a test.
             settings = dataclasses.replace(self.config.stash[PARITY_RUN].engine.settings)

@@ -10,16 +10,14 @@ joins the terminal matrix and the JSON report, also from pytest-xdist workers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import pytest
 
 from ..core.verdict import Category
-from ..engine.results import ParityResult
-from ..engine.user_inputs import MnnInputError, MnnOutputs, MnnRunError, ModelUnderTest
 from ..mnn import backends as backend_discovery
 from ..mnn.model import ModelError
-from ..mnn.runner import LoadedModel, RunConfig
+from ..mnn.runner import RunConfig
 from .user_cases import CASE, USER_TESTS, MissingModel, UserCase, UserTests
 from .user_markers import MARKER_HELP, MARKER_SOURCE, MarkerError, required_backends
 from .user_report import (
@@ -37,6 +35,12 @@ from .user_report import (
 # Why a test fails without running: its configuration's backend (or one its mnn_requires_backend marker names)
 # is required by --mnn-require-backends and this machine lacks it.
 REQUIRED_MISSING = pytest.StashKey[str]()
+
+# The engine is imported by the fixtures that use it: pytest imports this module at every start-up.
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.results import ParityResult
+    from ..engine.user_inputs import MnnOutputs, ModelUnderTest
+    from ..mnn.runner import LoadedModel
 
 FIXTURES = ("mnn_config", "mnn_model", "mnn_run", "mnn_reference", "mnn_parity")
 
@@ -87,6 +91,8 @@ class user_errors:
 
     def __exit__(self, kind, exc, tb):
         __tracebackhide__ = True
+        from ..engine.user_inputs import MnnInputError, MnnRunError
+
         if isinstance(exc, ModelError):
             exc = _explained(self.case, exc)
         elif not isinstance(exc, (MnnRunError, MnnInputError, MissingModel)):

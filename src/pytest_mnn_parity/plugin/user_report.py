@@ -7,18 +7,19 @@ generated items' ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from ..core.verdict import CATEGORY_ORDER, Category
-from ..engine.results import ParityResult
-from ..engine.user_inputs import MnnRunError
 from ..mnn import backends as backend_discovery
 from ..mnn.model import ModelError
 from ..report.records import record
 from .user_cases import CASE, MissingModel, UserCase
 from .user_markers import MarkerError, matrix_row, required_backends
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.results import ParityResult
 
 RESULTS = pytest.StashKey[list]()
 LAST_RUN = pytest.StashKey["RunSummary"]()
@@ -37,6 +38,8 @@ class RunSummary:
 
 def user_record(item, case: UserCase, report, category: str, message: str) -> dict[str, Any]:
     """The report entry of one user test item; the layout of generated items' plus ``test`` and ``checks``."""
+    from ..engine.results import ParityResult
+
     results = item.stash.get(RESULTS, [])
     worst = worst_result(results)
     base = worst if worst is not None else ParityResult(case.model_label, case.config, Category.OK, "")
@@ -52,6 +55,8 @@ def user_record(item, case: UserCase, report, category: str, message: str) -> di
 
 def classify(excinfo, results: list[ParityResult], unavailable: set[str]) -> tuple[str, str]:
     """A user test's category: its worst comparison, else how it stopped."""
+    from ..engine.user_inputs import MnnRunError
+
     worst = worst_result(results)
     exc = excinfo.value if excinfo is not None else None
     if worst is not None and not worst.passed:

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
+from ..core.choices import ARTIFACT_MODES
 from ..trace.capture import LayerArrays
 from .pictures import write_pictures
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.results import ParityResult
 
-ARTIFACT_MODES = ("on-failure", "always")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\-\[\]@=+,]+")
 
 

@@ -25,9 +25,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image, ImageFont
 
 MAX_CHANNEL_TILES = 64
 MAX_BATCH_ITEMS = 8
@@ -152,6 +155,7 @@ def _tile_planes(a: np.ndarray, layout: ImageLayout) -> list[np.ndarray]:
 
 def _assemble(tiles: list[np.ndarray], layout: ImageLayout) -> Image.Image:
     """Paste [H, W, 3] uint8 tiles, scaled up, into the layout's grid."""
+    from PIL import Image
     cols, rows = layout.grid()
     s = layout.scale
     tw, th = layout.width * s, layout.height * s
@@ -228,10 +232,12 @@ def error_heatmap(target: np.ndarray, reference: np.ndarray, layout: ImageLayout
 
 
 def _font() -> ImageFont.ImageFont:
+    from PIL import ImageFont
     return ImageFont.load_default()
 
 
 def _with_colour_scale(grid: Image.Image, top: float, all_bad: bool = False) -> Image.Image:
+    from PIL import Image, ImageDraw
     width = max(grid.width, 200)
     out = Image.new("RGB", (width, grid.height + 34), (255, 255, 255))
     out.paste(grid, (0, 0))
@@ -271,6 +277,7 @@ def error_histogram(target: np.ndarray, reference: np.ndarray, tolerance_abs: fl
     A red line marks ``tolerance_abs`` (atol x reference scale), the error
     every element is allowed before rtol adds to it.
     """
+    from PIL import Image, ImageDraw
     err, bad = abs_error(target, reference)
     err, bad = err.ravel(), bad.ravel()
     exact = int(np.count_nonzero(err == 0))

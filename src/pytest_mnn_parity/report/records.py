@@ -17,7 +17,8 @@ RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "
                  "input_set", "input_detail", "outcome", "category", "message", "reference", "reference_label", "tolerance", "outputs",
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
                  "seconds", "search", "artifacts", "api", "api_reason", "api_axis", "backend_note", "cross_api",
-                 "stream", "inputs_nonfinite", "worker", "fault", "gpu_mode", "num_thread", "mnn_version", "bisect", "place", "op_types")
+                 "stream", "inputs_nonfinite", "worker", "fault", "gpu_mode", "num_thread", "mnn_version", "bisect", "place", "op_types",
+                 "process")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -59,6 +60,8 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "stream": result.stream,
         "inputs_nonfinite": getattr(result, "inputs_nonfinite", None),
         "worker": getattr(result, "worker", None),
+        # The pytest process that ran the item (set by the plugin): its pytest-xdist worker id and peak RSS.
+        "process": None,
         "fault": getattr(result, "fault", None),
         # The GPU mode that ran (None: the backend reads none, or the default cheapest tuning) and the
         # numThread value the session was created with (threads on the CPU, mode flags on a GPU backend).
@@ -90,8 +93,27 @@ def build_report(records: Iterable[dict[str, Any]], *, mnn_version: str, setting
         "summary": counts,
         # By ONNX op type, per configuration (scoreboard.py); None when no model has op types (.mnn files only).
         "scoreboard": build_scoreboard(records),
+        "peak_rss_mb": peak_rss(records),
         "results": records,
     }
+
+
+def peak_rss(records: list[dict[str, Any]]) -> dict[str, float]:
+    """The peak resident memory (MiB) of each process that ran items: ``main`` (or the pytest-xdist worker id,
+    ``gw0``...) for the pytest processes, ``isolated PID`` for each isolated worker."""
+    peaks: dict[str, float] = {}
+    for r in records:
+        for name, value in _rss_of(r):
+            peaks[name] = max(peaks.get(name, 0.0), value)
+    return dict(sorted(peaks.items()))
+
+
+def _rss_of(rec: dict[str, Any]):
+    process, worker = rec.get("process") or {}, rec.get("worker") or {}
+    if process.get("peak_rss_mb") is not None:
+        yield process.get("xdist_worker") or "main", process["peak_rss_mb"]
+    if worker.get("peak_rss_mb") is not None:
+        yield f"isolated {worker.get('pid')}", worker["peak_rss_mb"]
 
 
 # -- terminal matrix ----------------------------------------------------------------

@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Scale-out: wall time of a pytest run over a suite of N small models, against N (issue 22).
+
+The suite is made of copies of the shipped small fixtures (the demo LaMa-like graph, the multi-input model,
+the deep fixture, ...), each under a name of its own in a temporary folder, so every copy is a model of its
+own to the plugin (loaded, referenced and released on its own).  Each N runs as a fresh ``python -m pytest
+--mnn-only --mnn-model DIR`` with ``-n WORKERS`` (pytest-xdist) from an empty folder, with pytest's cache warm
+(a first run per N is not timed), as CI or a developer's second run would be.  Reported, never asserted.
+
+Usage::
+
+    python benchmarks/bench_scaleout.py                          # N = 10, 20, 40 with -n auto
+    python benchmarks/bench_scaleout.py --workers 16 --counts 16,32,48 --json out.json   # the device's CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# Small models that pass on the CPU (a suite a team would run): copied round-robin.
+SOURCES = ("fixtures/demo/lama_like.mnn", "fixtures/multi_io.mnn", "fixtures/deep/deep_fp32.mnn",
+           "fixtures/inputs/lama_like.mnn")
+
+
+def make_suite(count: int, folder: Path) -> Path:
+    suite = folder / f"suite-{count}"
+    suite.mkdir()
+    sources = [REPO / s for s in SOURCES if (REPO / s).exists()]
+    for i in range(count):
+        src = sources[i % len(sources)]
+        shutil.copyfile(src, suite / f"m{i:03d}_{src.stem}.mnn")
+    return suite
+
+
+def run(suite: Path, workers: str, cwd: Path, extra: list[str]) -> tuple[float, int, str]:
+    cmd = [sys.executable, "-m", "pytest", "--mnn-only", "--mnn-model", str(suite), "-q", "-p", "no:randomly",
+           *(["-n", workers] if workers != "0" else []), *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    return wall, proc.returncode, (proc.stdout.strip().splitlines() or [""])[-1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--counts", default="10,20,40", help="model counts, comma-separated (default 10,20,40)")
+    ap.add_argument("--workers", default="auto", help="pytest-xdist -n value (default auto; 0: no xdist)")
+    ap.add_argument("--rounds", type=int, default=1, help="timed runs per count (median reported)")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    ap.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
+    args = ap.parse_args(argv)
+    counts = [int(c) for c in args.counts.split(",") if c.strip()]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as tmp:
+        folder = Path(tmp)
+        for count in counts:
+            suite = make_suite(count, folder)
+            cwd = folder / f"run-{count}"
+            cwd.mkdir()
+            run(suite, args.workers, cwd, args.pytest_args)  # warms pytest's cache (discovery), .pyc, page cache
+            walls, last = [], ""
+            for _ in range(args.rounds):
+                wall, rc, last = run(suite, args.workers, cwd, args.pytest_args)
+                walls.append(wall)
+            wall = statistics.median(walls)
+            rows.append({"models": count, "wall_s": wall, "per_model_s": wall / count, "exit_code": rc,
+                         "summary": last})
+            print(f"{count:4d} models  {wall:7.2f} s  {wall / count * 1e3:7.1f} ms/model  rc {rc}  {last}",
+                  flush=True)
+    if len(rows) >= 2:
+        a, b = rows[0], rows[-1]
+        print(f"slope {((b['wall_s'] - a['wall_s']) / (b['models'] - a['models'])) * 1e3:.0f} ms per added model; "
+              f"fixed {a['wall_s'] - a['models'] * (b['wall_s'] - a['wall_s']) / (b['models'] - a['models']):.2f} s")
+    report = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                          "affinity": len(os.sched_getaffinity(0)), "loadavg_at_end": os.getloadavg()},
+              "workers": args.workers, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
