@@ -29,7 +29,8 @@ from pytest_mnn_parity.isolation import protocol
 from pytest_mnn_parity.isolation.arm_env import ArmEnvBuilder, find_qemu
 from pytest_mnn_parity.isolation.engine import device_features
 from pytest_mnn_parity.isolation.launch import REMOTE_SOURCE_DIR, source_digest
-from pytest_mnn_parity.isolation.places import PlaceError, emulated_bf16_reason, parse_cpu, parse_remote
+from pytest_mnn_parity.isolation.place_spec import PlaceError, parse_cpu, parse_remote
+from pytest_mnn_parity.isolation.places import emulated_bf16_reason
 
 OVERFLOW = "risk/overflow_activation.mnn"
 ARM_CACHE = "mnn-parity-envs"  # the plugin's default --mnn-env-cache folder name, in pytest's cache

@@ -259,9 +259,9 @@ def test_xdist_gives_the_same_ids_and_one_merged_report(pytester, models, dist):
     two = results_by_nodeid(read_report(pytester.path / "parallel.json"))
     assert one.keys() == two.keys() and len(one) == n
     for nodeid, rec in one.items():
-        # Everything but the timing and the worker's pid: metrics, messages, first layers, picture links.
-        assert {k: v for k, v in rec.items() if k not in ("seconds", "worker")} == {
-            k: v for k, v in two[nodeid].items() if k not in ("seconds", "worker")}
+        # Everything but the timing and the process that ran it (pid, peak RSS): metrics, messages, layers, pictures.
+        assert {k: v for k, v in rec.items() if k not in ("seconds", "worker", "process")} == {
+            k: v for k, v in two[nodeid].items() if k not in ("seconds", "worker", "process")}
     assert "MNN parity" in parallel.stdout.str()
     single.assert_outcomes(passed=n // 2, skipped=n // 2, deselected=16 - n)
     html_one, html_two = (parse_html((pytester.path / f"{name}.html").read_text()) for name in ("single", "parallel"))

@@ -140,7 +140,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     # Where each MNN release ran from (under xdist: its workers know).
     if run.made("isolation") and run.isolation.releases is not None:
         lines += run.isolation.releases.summary()
-    if run.isolation.places is not None:  # each emulated CPU or machine, and what MNN detected there
+    if run.made("isolation") and run.isolation.places is not None:  # each emulated CPU or machine, and what MNN detected there
         lines += run.isolation.places.summary()
     lines += terminal_lines(run.records())
     lines += [f"required backend missing: {why}" for why in run.missing_required]

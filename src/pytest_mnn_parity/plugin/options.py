@@ -16,7 +16,7 @@ import pytest
 from ..core.choices import API_MODES, ARTIFACT_MODES, ISOLATE_MODES, LAYER_MODES, WORKER_SCOPES
 from ..inputs.generate import parse_input_shapes
 from ..isolation.envs import version_key
-from ..isolation.places import Place, parse_cpu, parse_remote
+from ..isolation.place_spec import Place, parse_cpu, parse_remote
 from ..mnn.backends import (
     DEFAULT_BACKENDS,
     GPU_MODE_BITS,
