@@ -6,6 +6,7 @@ with the GPU build (see docs/gpu.md) they all run.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -291,3 +292,47 @@ def test_many_isolated_models_never_fall_back_from_vulkan(pytester, models):
         assert r["category"] not in ("backend_fallback", "crashed", "timeout"), r["message"]
         assert r["backend_used"] == "VULKAN" and r["worker"] is not None
     assert len({r["worker"]["pid"] for r in results}) >= 15  # one worker per model
+
+
+def test_a_real_vulkan_fallback_is_never_a_pass(pytester, models, tmp_path, monkeypatch):
+    """A real GPU fallback, made by MNN itself on the GPU build: with the Vulkan loader pointed at no driver
+    (VK_ICD_FILENAMES), MNN cannot create its Vulkan runtime and every session silently runs on the CPU.
+
+    Twice: (1) discovery sees it and every Vulkan item skips, saying why (or fails where it is required);
+    (2) discovery is stale (pytest's cache, kept from a run where Vulkan worked, rewritten under this
+    environment's key, as an earlier driver state would leave it), so the items run and their sessions fall
+    back in the worker: each must fail as backend_fallback, and none may pass. MNN's own Vulkan limit (about
+    ten runtimes per process on the H100) did not recur on the H200 (test_gpu_modes.py), so this is the real
+    GPU fallback the item-level check meets."""
+    require("VULKAN")
+    from pytest_mnn_parity.mnn import backends as discovery
+
+    models("demo/lama_like.mnn", "multi_io.mnn")
+    args = ("--mnn-only", "--mnn-backends", "VULKAN", "--mnn-precisions", "high,low", "--mnn-model", ".",
+            "-o", f"cache_dir={tmp_path / 'cache'}")
+    working = pytester.runpytest_subprocess(*args, "--mnn-report", "ok.json")
+    assert {r["outcome"] for r in read_report(pytester.path / "ok.json")["results"]} == {"passed"}, \
+        working.stdout.str()
+    kept_file = tmp_path / "cache" / "v" / "mnn-parity" / "discovery"
+    kept = json.loads(kept_file.read_text())
+    assert kept["results"]["statuses"]["VULKAN"]["available"] is True
+
+    no_driver = tmp_path / "no-vulkan-driver.json"  # a loader manifest that names no driver
+    monkeypatch.setenv("VK_ICD_FILENAMES", str(no_driver))
+    monkeypatch.setenv("VK_DRIVER_FILES", str(no_driver))
+    fresh = pytester.runpytest_subprocess(*args, "--cache-clear", "--mnn-report", "fresh.json")
+    for r in read_report(pytester.path / "fresh.json")["results"]:
+        assert r["outcome"] == "skipped" and "CPU" in r["message"], (r["nodeid"], r["message"])
+    assert fresh.ret == 0
+
+    kept["key"] = discovery.discovery_key()  # this environment's key, with the working run's findings
+    kept_file.write_text(json.dumps(kept))
+    stale = pytester.runpytest_subprocess(*args, "--mnn-report", "stale.json")
+    results = read_report(pytester.path / "stale.json")["results"]
+    assert len(results) == 4, stale.stdout.str()
+    # The first item that falls back fails; later ones may skip on what it taught discovery: none passes.
+    assert {r["outcome"] for r in results} <= {"failed", "skipped"}, [(r["nodeid"], r["outcome"]) for r in results]
+    failed = [r for r in results if r["outcome"] == "failed"]
+    assert failed and all(r["category"] == "backend_fallback" for r in failed), [r["message"] for r in failed]
+    assert all(backends.FORWARD_NAMES.get(r["forward_type"]) == "CPU" for r in failed)
+    assert stale.ret == 1
