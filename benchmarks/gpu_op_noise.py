@@ -126,8 +126,15 @@ def cases():
     return out
 
 
+# Kept alive: MNN's Vulkan runtime cannot be created again after about ten interpreters in one process (on the
+# H200 too: the 10th Vulkan interpreter of this script said "Invalide device for support vulkan" and every later
+# Vulkan session ran on the CPU, forward type 13).
+INTERPRETERS: list = []
+
+
 def run(path: Path, x: np.ndarray, backend: str, threads: int) -> tuple[np.ndarray | None, int, str]:
     it = MNN.Interpreter(str(path))
+    INTERPRETERS.append(it)
     session = it.createSession({"backend": backend, "precision": "high", "numThread": threads})
     forward = int(it.getSessionInfo(session, 2))
     inp = it.getSessionInput(session)

@@ -302,8 +302,9 @@ def test_a_real_vulkan_fallback_is_never_a_pass(pytester, models, tmp_path, monk
     (2) discovery is stale (pytest's cache, kept from a run where Vulkan worked, rewritten under this
     environment's key, as an earlier driver state would leave it), so the items run and their sessions fall
     back in the worker: each must fail as backend_fallback, and none may pass. MNN's own Vulkan limit (about
-    ten runtimes per process on the H100) did not recur on the H200 (test_gpu_modes.py), so this is the real
-    GPU fallback the item-level check meets."""
+    ten runtimes per process, seen with raw MNN on the H100 and the H200) is never reached by the plugin, which
+    shares its runtimes (test_gpu_modes.py drives a worker past that count), so this is the real GPU fallback
+    the item-level check meets."""
     require("VULKAN")
     from pytest_mnn_parity.mnn import backends as discovery
 
@@ -315,7 +316,7 @@ def test_a_real_vulkan_fallback_is_never_a_pass(pytester, models, tmp_path, monk
         working.stdout.str()
     kept_file = tmp_path / "cache" / "v" / "mnn-parity" / "discovery"
     kept = json.loads(kept_file.read_text())
-    assert kept["results"]["statuses"]["VULKAN"]["available"] is True
+    assert any(s["name"] == "VULKAN" and s["available"] for s in kept["results"]["statuses"]), kept
 
     no_driver = tmp_path / "no-vulkan-driver.json"  # a loader manifest that names no driver
     monkeypatch.setenv("VK_ICD_FILENAMES", str(no_driver))
