@@ -145,9 +145,10 @@ class SweepResult:
                     f"reference's exact inputs, so the error accumulates over layers (first out of tolerance "
                     f"in the graph: {first.label} ({first.type}))")
         else:
-            text = "no op is wrong alone among those swept"
+            ran = [row for row in self.rows if row.verdict != NOT_CUT]
+            text = f"no op is wrong alone: {len(ran)} op(s) ran alone, each within tolerance"
         if self.not_cut:
-            text += f"; {len(self.not_cut)} op(s) could not be run alone (see the sweep table)"
+            text += f"; {len(self.not_cut)} op(s) could not be run alone (the table says why)"
         return text
 
     def as_dict(self) -> dict[str, Any]:
