@@ -228,8 +228,9 @@ def _issue(repro: Repro, numbers, result, config: RunConfig, tol: Tolerance, rep
         device.append(f"- device: {result.backend_note}")
     swept = result.op_sweep.conclusion() if result.op_sweep is not None else ""
     lines = [f"# Wrong result on {config.backend} precision {config.precision}: {result.category.value}", "",
-             f"`model.mnn` is {repro.what}, cut from `{result.model}`"
-             + (" (a conversion of the `.onnx` beside it)" if repro.onnx is not None else "") + ".", "",
+             f"`model.mnn` is {repro.what} of `{result.model}`"
+             + (f" (its {result.variant or 'fp32'} conversion)" if result.conversion else "")
+             + ("; `model.onnx` is the same graph in ONNX" if repro.onnx is not None else "") + ".", "",
              f"Run on {config.backend} at precision {config.precision}, its outputs differ from `expected.npz` "
              f"(the same graph's tensors from {result.reference}):", "", *rows, "",
              f"Tolerance: {tol.describe()}.", ""]
