@@ -16,3 +16,5 @@ ISOLATE_MODES = ("auto", "always", "never")
 WORKER_SCOPES = ("model", "run")
 # --mnn-artifacts-when (report/artifacts.py)
 ARTIFACT_MODES = ("on-failure", "always")
+# --mnn-op-sweep (trace/sweep.py): which ops run alone
+SWEEP_MODES = ("off", "flagged", "all")

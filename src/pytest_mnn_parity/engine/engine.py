@@ -79,10 +79,12 @@ class ParityEngine(Checker):
         from .apis import ApiSide  # noqa: PLC0415
         from .onnx_side import OnnxSide  # noqa: PLC0415 - it uses this module's types
         from .stream import StreamSide  # noqa: PLC0415
+        from .sweep_side import SweepSide  # noqa: PLC0415
 
         self.onnx = OnnxSide(self)
         self.apis = ApiSide(self)
         self.streams = StreamSide(self)
+        self.sweeps = SweepSide(self)
         # A bundle directory as --mnn-reference: its saved outputs replace the reference run.
         self.bundle = open_bundle_reference(self.settings.reference)
 
@@ -472,6 +474,8 @@ class ParityEngine(Checker):
         mode = self.settings.layers
         if result.category in _TRACEABLE and (mode == "always" or (mode == "on-failure" and not result.passed)):
             self._trace(result, model, config, tol, inputs_a, input_set, layer_tolerances)
+        if result.category in _TRACEABLE:
+            self.sweeps.after_check(result, model, config, tol, inputs_a, input_set, layer_tolerances, reproduce)
         if self.settings.output_sink is not None:
             self._to_sink(result, model, config, run_a.outputs, reference.outputs_a, inputs_a, input_set)
         if not result.passed:

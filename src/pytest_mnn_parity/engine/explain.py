@@ -61,6 +61,12 @@ def failure_message(result: "ParityResult", model: "LoadedModel", *, error: str 
     if result.trace is not None:
         lines.append("")
         lines.extend(trace_lines(result))
+    if result.op_sweep is not None:
+        lines.append("")
+        lines.extend(sweep_lines(result))
+    if result.repro:
+        lines.append("")
+        lines.append(f"repro:     {result.repro.get('dir') or result.repro.get('error')}")
     reduced = config.precision in ("low", "Low_BF16") or (result.tolerance is not None
                                                          and result.tolerance.tier != "fp32")
     if result.fp16_risks and reduced:
@@ -100,11 +106,44 @@ def trace_lines(result: "ParityResult") -> list[str]:
         return lines
     blame = "its inputs were within tolerance" if first.inputs_ok else _diverged_inputs(first)
     health = f" [{', '.join(first.health)}]" if first.health else ""
-    lines.append(f"first divergent layer: {first.name} ({first.type}, #{first.index}){health}; {blame}")
+    proven = trace.proven_layer
+    if proven is not None:
+        # The sweep's verdict replaces the guess: the op proven wrong alone comes first, the guess after it.
+        sweep = result.op_sweep.culprit if result.op_sweep is not None else None
+        alone = f" [{sweep.category} alone]" if sweep is not None else ""
+        lines.append(f"broken op: {proven.name} ({proven.type}, #{proven.index}){alone}; wrong when run alone on "
+                     "the reference's exact inputs (op sweep, below)")
+        if proven is not first:
+            guess = next((row for row in result.op_sweep.rows if row.op == first.name
+                          and row.occurrence == first.occurrence), None) if result.op_sweep else None
+            said = f": the op sweep finds it {guess.verdict} ({guess.reason})" if guess is not None else ""
+            lines.append(f"first out of tolerance in the graph: {first.name} ({first.type}, #{first.index}){health}; "
+                         f"{blame}{said}")
+    else:
+        lines.append(f"first divergent layer: {first.name} ({first.type}, #{first.index}){health}; {blame}")
     flip = trace.first_health_flip
-    if flip is not None and flip is not first:
+    if flip is not None and flip is not first and flip is not proven:
         lines.append(f"first health flip: {flip.name} ({flip.type}, #{flip.index}) became {', '.join(flip.health)}")
     lines.extend("  " + row for row in layer_table(trace))
+    return lines
+
+
+def sweep_lines(result: "ParityResult") -> list[str]:
+    """The op sweep's part of a failure message: its conclusion, then its table of the flagged ops."""
+    from ..trace.sweep import table_lines
+
+    swept = result.op_sweep
+    lines = [f"op sweep:  {swept.conclusion()}"]
+    if swept.note:
+        return lines
+    rows = swept.flagged()
+    if not rows:
+        return lines
+    lines.append(f"           {len(swept.rows)} op(s) swept: {swept.method}")
+    shown = rows[:12]
+    lines.extend("  " + row for row in table_lines(shown))
+    if len(rows) > len(shown):
+        lines.append(f"  ... and {len(rows) - len(shown)} more flagged op(s) (see the JSON report)")
     return lines
 
 

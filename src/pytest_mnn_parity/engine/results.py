@@ -22,6 +22,7 @@ from ..mnn.model import ModelError
 from ..mnn.runner import LoadedModel, RunConfig, RunOutput
 from ..mnn.weights import WeightRisk
 from ..trace.record import ActivationRisk, TraceResult
+from ..trace.sweep import SweepResult
 
 
 @dataclass
@@ -52,6 +53,10 @@ class ParitySettings:
     # Keep each result's outputs (``ParityResult.computed``) for the caller to save
     # (--mnn-save-outputs); the plugin writes and drops them right after the check.
     keep_outputs: bool = False
+    # The op sweep (trace.sweep): "off", "flagged" (the ops a failing item's trace flagged) or "all" (every
+    # op of every item); and where failing items' repro bundles go (engine.repro), None for none.
+    op_sweep: str = "off"
+    repro: str | None = None
 
 
 class ReferenceRunError(ModelError):
@@ -147,6 +152,10 @@ class ParityResult:
     # Where the check ran when not in this machine's own CPU (--mnn-cpu, --mnn-remote): the place's name, the
     # emulated CPU or the host, and the CPU features MNN detected there (isolation/places.py).
     place: dict[str, Any] | None = None
+    # --mnn-op-sweep: each op alone against the reference's output of it (trace.sweep.SweepResult).
+    op_sweep: SweepResult | None = None
+    # --mnn-repro: where this item's repro bundle was written, or why it was not ({"dir"} or {"error"}).
+    repro: dict[str, Any] | None = None
     # The outputs behind the verdict, with ``ParitySettings.keep_outputs`` only.
     computed: Computed | None = field(default=None, repr=False)
 

@@ -66,6 +66,7 @@ from ..mnn.runner import RunConfig
 from ..mnn.weights import WeightRisk
 from ..onnx.variants import is_onnx
 from ..trace.record import ActivationRisk, LayerRecord, TensorJudgement, TraceResult
+from ..trace.sweep import SweepResult
 
 
 def dumps(message: dict[str, Any]) -> bytes:
@@ -173,6 +174,7 @@ def result_from_wire(data: dict[str, Any]) -> ParityResult:
         data["verdict"] = _verdict(data["verdict"])
     if data.get("trace") is not None:
         data["trace"] = _trace(data["trace"])
+    data["op_sweep"] = SweepResult.from_dict(data.get("op_sweep"))
     data["fp16_risks"] = [ActivationRisk(**risk) for risk in data.get("fp16_risks") or []]
     if "weight_risks" in data:
         data["weight_risks"] = [WeightRisk(**risk) for risk in data["weight_risks"] or []]
@@ -230,7 +232,8 @@ def _trace(data: dict[str, Any]) -> TraceResult:
     common = (layers, list(data.get("unmatched_target", [])), list(data.get("unmatched_reference", [])),
               data.get("method", TraceResult.__dataclass_fields__["method"].default))
     if not onnx:
-        return TraceResult(*common, not_observable=dict(data.get("not_observable") or {}))
+        return TraceResult(*common, not_observable=dict(data.get("not_observable") or {}),
+                           proven=data.get("proven", ""))
     blamed = next((layer for layer in layers if layer.index == data.get("blamed_index")), None)
     return OnnxTraceResult(*common, blamed=blamed, candidates=data.get("candidates", 0), probes=data.get("probes", 0),
                            notes=list(data.get("notes", [])))

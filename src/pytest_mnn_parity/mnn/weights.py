@@ -30,6 +30,7 @@ _NET_BIZCODE, _NET_OPLISTS, _NET_OUTPUTNAME, _NET_TENSORNAME, _NET_SUBGRAPHS = 0
 _SUBGRAPH_NODES = 4  # SubGraphProto: name, inputs, outputs, tensors, nodes
 # Op: inputIndexes 0, main_type 1, main 2, name 3, outputIndexes 4, type 5.
 _OP_MAIN_TYPE, _OP_MAIN, _OP_NAME, _OP_TYPE = 1, 2, 3, 5
+_OP_INPUTS, _OP_OUTPUTS = 0, 4
 # Convolution2D (CaffeOp.fbs): common 0, weight 1, bias 2, quanParameter 3,
 # symmetricQuan 4, sparseParameter 5, external 6.
 _CONV_WEIGHT, _CONV_BIAS, _CONV_QUAN, _CONV_SYMQUAN, _CONV_EXTERNAL = 1, 2, 3, 4, 6
@@ -238,6 +239,26 @@ def op_names(path) -> list[str]:
             r.fail("its subgraphs reference more ops than the file can hold")
     return list(dict.fromkeys(r.string(op, _OP_NAME) for op in ops))
 
+
+
+def op_tensors(path) -> dict[str, tuple[list[str], list[str]]]:
+    """Each main-graph op's input and output tensor names, by op name (the first op of a repeated name):
+    how a per-op callback's op is found among the file's tensors.  Raise ValueError on a malformed file."""
+    path = Path(path)
+    data = path.read_bytes()
+    r = _Reader(data, path.name)
+    if len(data) < 8:
+        r.fail("shorter than a FlatBuffers header")
+    net = r.deref(0)
+    names = [r.text(pos) for pos in r.tables(net, _NET_TENSORNAME)]
+
+    def tensor_names(op: int, fid: int) -> list[str]:
+        return [names[i] if 0 <= i < len(names) else f"#{i}" for i in r.array(op, fid, "<i4").tolist()]
+
+    found: dict[str, tuple[list[str], list[str]]] = {}
+    for op in r.tables(net, _NET_OPLISTS):
+        found.setdefault(r.string(op, _OP_NAME), (tensor_names(op, _OP_INPUTS), tensor_names(op, _OP_OUTPUTS)))
+    return found
 
 def _conv(r: _Reader, external: _External, name: str, conv: int, op_type: str) -> Iterator[WeightTensor]:
     compressed = r.field(conv, _CONV_QUAN) is not None or r.field(conv, _CONV_SYMQUAN) is not None

@@ -13,6 +13,7 @@ from ..report.durable import report_path_problem
 from ..report.explained import SECTION
 from ..report.records import matrix_lines
 from ..report.scoreboard import terminal_lines
+from ..report.sweep_table import terminal_lines as sweep_terminal_lines
 from . import scaleout
 from .options import Options, add_options
 from .progress import Progress
@@ -144,6 +145,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         lines += run.isolation.places.summary()
     lines += terminal_lines(run.records())
     lines += [f"required backend missing: {why}" for why in run.missing_required]
+    lines += sweep_terminal_lines(run.records())
     if lines:
         terminalreporter.write_sep("=", "MNN parity")
         for line in lines:

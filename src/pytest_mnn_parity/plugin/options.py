@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ..core.choices import API_MODES, ARTIFACT_MODES, ISOLATE_MODES, LAYER_MODES, WORKER_SCOPES
+from ..core.choices import API_MODES, ARTIFACT_MODES, ISOLATE_MODES, LAYER_MODES, SWEEP_MODES, WORKER_SCOPES
 from ..inputs.generate import parse_input_shapes
 from ..isolation.envs import version_key
 from ..isolation.place_spec import Place, parse_cpu, parse_remote
@@ -133,6 +133,12 @@ def add_options(parser: pytest.Parser) -> None:
     option("progress", "while models run, a line at most every SECONDS: model, configurations done/total, elapsed "
            "(default 10 on an interactive terminal, off when CI is set or the output is not a terminal; a value "
            "given turns it on anywhere; -q and 0 turn it off)", metavar="SECONDS")
+    option("op-sweep", "run ops alone on the reference's recorded inputs to prove which op is broken: flagged "
+           "(the default when the option is given without a value: the ops a failing item's trace flagged), all "
+           "(every op of every item) or off (the default)", nargs="?", const="flagged", metavar="MODE")
+    option("repro", "for each failing item, write a directory that plain MNN can run (the smallest graph that "
+           "still fails as .mnn, inputs and reference outputs as .npz, repro.py, ISSUE.md) under this directory",
+           metavar="DIR")
     group.addoption("--mnn-update-golden", action="store_true", dest="mnn_update_golden", default=False,
                     help="(re)write the goldens in --mnn-golden DIR instead of checking them")
     group.addoption("--mnn-only", action="store_true", dest="mnn_only", default=False,
@@ -176,6 +182,8 @@ class Options:
     bisect: tuple[str, str] | None = None
     # Seconds between progress lines; None: decided by the terminal (progress.py).
     progress: float | None = None
+    op_sweep: str = "off"
+    repro: Path | None = None
     env_cache: Path | None = None
     # Emulated CPUs (--mnn-cpu) and other machines (--mnn-remote): the place axis (isolation/places.py).
     cpus: list[Place] = field(default_factory=list)
@@ -307,8 +315,13 @@ class Options:
         progress = number("progress", float, None)
         if progress is not None and not progress >= 0:
             raise pytest.UsageError(f"{where('progress')}: expected seconds >= 0 (0: off), got {progress:g}")
+        op_sweep = choice("op_sweep", SWEEP_MODES, "off")
+        repro = get("repro")
         return cls(
             progress=progress,
+            op_sweep=op_sweep,
+            # Absolute, as the pictures' folder: every worker process writes into the same one.
+            repro=(config.invocation_params.dir / str(repro)).resolve() if repro else None,
             gpu_modes=gpu_modes,
             cpus=cpus,
             remotes=remotes,
@@ -409,6 +422,8 @@ class Options:
             parts += [f"--mnn-{name.replace('_', '-')}", f"{value:g}"]
         if input_set is not None:
             parts += ["--mnn-input-sets", input_set]
+        if self.op_sweep != "off":
+            parts += [f"--mnn-op-sweep={self.op_sweep}"]
         if self.artifacts is not None:
             parts += ["--mnn-artifacts", _shown_path(self.artifacts, self.invocation_dir)]
             if self.artifacts_when != "on-failure":
@@ -429,6 +444,7 @@ class Options:
                 "artifacts": (None if self.artifacts is None
                               else {"dir": str(self.artifacts), "when": self.artifacts_when}),
                 "html": None if self.html is None else str(self.html),
+                "op_sweep": self.op_sweep, "repro": None if self.repro is None else str(self.repro),
                 "gpu_modes": self.gpu_modes, "mnn_versions": self.versions,
                 "cpu": [p.spec for p in self.cpus], "remote": [p.spec for p in self.remotes],
                 "bisect": None if self.bisect is None else f"{self.bisect[0]}..{self.bisect[1]}"}

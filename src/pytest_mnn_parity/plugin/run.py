@@ -88,7 +88,9 @@ class ParityRun:
                                              layers=options.layers, converter_flags=options.convert_flags,
                                              output_sink=self.writer, api=options.api, streams=options.streams,
                                              max_input_mb=options.max_input_mb,
-                                             keep_outputs=options.save_outputs is not None))
+                                             keep_outputs=options.save_outputs is not None,
+                                             op_sweep=options.op_sweep,
+                                             repro=None if options.repro is None else str(options.repro)))
         if self.convert_cache is not None:
             engine.settings.convert_cache = self.convert_cache
         return engine

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..core.files import atomic_write
-from . import scoreboard
+from . import scoreboard, sweep_table
 from .layercurve import fmt, layer_curve_svg, number
 from .records import key_metric
 
@@ -264,7 +264,11 @@ def result_fragment(rec: dict[str, Any], root: Path | None = None, with_pictures
         blame = "its inputs were within tolerance" if not any(i.get("failed") for i in first.get("inputs") or []) \
             else "its inputs had already diverged"
         health = f" [{', '.join(first.get('health') or [])}]" if first.get("health") else ""
-        parts.append(f"<h3>First divergent layer</h3><p class='first-layer'><b>{escape(first['name'])}</b> "
+        if first.get("proven_by"):  # the op sweep proved it: its verdict replaces the trace's guess
+            blame = (f"wrong when run alone on the reference's exact inputs (op sweep); the trace's guess was "
+                     f"{escape(first.get('trace_guess') or '-')}")
+        heading = "Broken op (proven alone)" if first.get("proven_by") else "First divergent layer"
+        parts.append(f"<h3>{heading}</h3><p class='first-layer'><b>{escape(first['name'])}</b> "
                      f"({escape(first['type'])}, #{first['index']}){escape(health)}; {blame}; max|d| "
                      f"{fmt(first.get('max_abs'))}, cosine {fmt(first.get('cosine'), '.6f')}</p>")
     if rec.get("layers"):
@@ -272,6 +276,9 @@ def result_fragment(rec: dict[str, Any], root: Path | None = None, with_pictures
         parts.append("<h3>Per-layer error</h3>" + layer_curve_svg(rec["layers"], number(tol.get("atol")),
                                                                    first["index"] if first else None))
     parts.append(pictures_html(artifacts, root, "layers"))
+    if rec.get("op_sweep"):
+        parts.append(f"<h3>Op sweep</h3><p class='sweep'>{escape(rec['op_sweep'].get('conclusion') or '')}</p>"
+                     + sweep_table.html_table([rec], flagged_only=False, with_model=False))
     risks = [f"{r['layer']} ({r['type']}): {r['kind']}, max |x| {fmt(r['max_abs'], '.3g')}"
              for r in rec.get("fp16_risks") or []]
     risks += [f"{r['op']} {r['role']}: {r['kind']} under --fp16 ({r['count']}/{r['total']})"
@@ -313,6 +320,9 @@ def render(data: dict[str, Any], artifacts_root: os.PathLike | str | None = None
     body += ["<h2>Matrix</h2>", matrix(records, settings), f"<p>{legend}</p>", skipped_summary(records)]
     if data.get("scoreboard"):
         body += ["<h2>Conformance by ONNX op type</h2>", scoreboard_table(data["scoreboard"])]
+    swept = sweep_table.html_table(records)
+    if swept:
+        body += ["<h2>Op sweep: flagged ops run alone</h2>", swept]
     body.append("<h2>Results</h2>")
     for rec in sorted((r for r in records if r["outcome"] != "skipped"), key=lambda r: _sort_key(r, columns)):
         metric = key_metric(rec)

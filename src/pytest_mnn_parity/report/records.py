@@ -18,7 +18,7 @@ RECORD_FIELDS = ("nodeid", "model", "backend", "backend_used", "forward_type", "
                  "first_divergent_layer", "layer_trace", "layers", "fp16_risks", "fp16_weight_risks", "rc",
                  "seconds", "search", "artifacts", "api", "api_reason", "api_axis", "backend_note", "cross_api",
                  "stream", "inputs_nonfinite", "worker", "fault", "gpu_mode", "num_thread", "mnn_version", "bisect", "place", "op_types",
-                 "process")
+                 "process", "op_sweep", "repro")
 
 
 def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
@@ -59,6 +59,8 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "cross_api": result.cross_api,
         "stream": result.stream,
         "inputs_nonfinite": getattr(result, "inputs_nonfinite", None),
+        "op_sweep": None if getattr(result, "op_sweep", None) is None else result.op_sweep.as_dict(),
+        "repro": getattr(result, "repro", None),
         "worker": getattr(result, "worker", None),
         # The pytest process that ran the item (set by the plugin): its pytest-xdist worker id and peak RSS.
         "process": None,

@@ -42,6 +42,10 @@ def capture_layers(trace: TraceResult | None, model: LoadedModel, config: RunCon
     if trace is None:
         return []
     chosen = [("first divergent", trace.first_divergent), ("first health flip", trace.first_health_flip)]
+    proven = trace.proven_layer
+    if proven is not None:  # the op sweep's verdict replaces the trace's guess: its layer is drawn first
+        chosen = [("broken alone (op sweep)", proven)] + [(role, layer) for role, layer in chosen
+                                                           if layer is not proven]
     chosen = [(role, layer) for role, layer in chosen if layer is not None]
     if not chosen:
         return []

@@ -185,6 +185,9 @@ def _table_rows(trace: TraceResult, neighbours: int = 2, worst: int = 3):
     # Failing layers only: a passing layer ranked among the worst used to take a row and show nothing.
     ranked = sorted((layer for layer in trace.layers if layer not in chosen and layer.failed),
                     key=lambda layer: layer.worst_cosine())
+    proven = trace.proven_layer
+    if proven is not None and proven not in chosen:  # the op the sweep proved broken is always shown
+        ranked = [proven] + [layer for layer in ranked if layer is not proven]
     return chosen, ranked[:worst], first
 
 
@@ -195,6 +198,8 @@ def layer_table(trace: TraceResult, neighbours: int = 2, worst: int = 3) -> list
     for layer in chosen + chosen_worst:
         m = layer.outputs[0].metrics if layer.outputs and layer.outputs[0].metrics is not None else None
         mark = "<- first divergent" if layer is first else ("(worst)" if layer in chosen_worst else "")
+        if layer is trace.proven_layer:
+            mark = "<- broken alone (op sweep)" + ("; first divergent in the graph" if layer is first else "")
         health = ",".join(layer.health) or ("FAIL" if layer.failed else "ok")
         if layer.not_observable:
             health = "not observable"

@@ -141,6 +141,13 @@ class TraceResult:
     method: str = METHOD
     # "op#occurrence out|in index" -> why its tensor cannot be judged (``observability``).
     not_observable: dict[str, str] = field(default_factory=dict)
+    # "op#occurrence" of the op the op sweep proved wrong alone (trace.sweep): it replaces the guess where a
+    # failure is shown (the layer table's rows, the pictures); "" when no sweep proved one.
+    proven: str = ""
+
+    @property
+    def proven_layer(self) -> LayerRecord | None:
+        return next((layer for layer in self.layers if layer_key(layer.name, layer.occurrence) == self.proven), None)
 
     @property
     def compared(self) -> int:
@@ -160,7 +167,7 @@ class TraceResult:
 
     def summary(self) -> dict[str, Any]:
         flip = self.first_health_flip
-        return {"method": self.method, "compared": self.compared, "unmatched_target": self.unmatched_target,
+        return {"method": self.method, "compared": self.compared, "proven": self.proven, "unmatched_target": self.unmatched_target,
                 "unmatched_reference": self.unmatched_reference, "not_observable": self.not_observable,
                 "first_health_flip": None if flip is None else {"name": flip.name, "type": flip.type,
                                                                 "health": flip.health}}
