@@ -69,8 +69,8 @@ def write_repro(side, result, model: LoadedModel, config: RunConfig, tol: Tolera
         chosen.notes = notes + chosen.notes
         _write(folder, chosen, numbers, result, config, tol, reproduce, engine)
         result.repro = {"dir": str(folder), "what": chosen.what, "failed": True}
-    except (OSError, RuntimeError, ModelError, ValueError) as exc:
-        result.repro = {"error": f"no repro bundle for this item: {exc}"}
+    except Exception as exc:  # noqa: BLE001 - a bundle that cannot be made is said in the report, never a crash
+        result.repro = {"error": f"no repro bundle for this item: {type(exc).__name__}: {exc}"}
 
 
 def _item_folder(result) -> str:
@@ -91,8 +91,9 @@ def _candidates(side, result, model: LoadedModel, tol: Tolerance, inputs, input_
         reference = engine.reference_trace(session, inputs, input_set)
     culprit = result.op_sweep.culprit if result.op_sweep is not None else None
     if culprit is not None and reference is not None:
-        cut = side.cache.cut(session.path, culprit.op)
         key = layer_key(culprit.op, culprit.occurrence)
+        side.cache.declare_inputs(session.path, session.shapes)
+        cut = side.cache.cut(session.path, culprit.op, reference.input_shapes(key))
         if cut.path is not None:
             fed = {name: np.asarray(reference.load(key, "in", index)) for name, index in cut.inputs.items()}
             expected = {name: np.asarray(reference.load(key, "out", i)) for i, name in enumerate(cut.outputs)}

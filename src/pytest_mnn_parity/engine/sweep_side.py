@@ -35,7 +35,11 @@ class SweepSide:
                     reproduce: str) -> None:
         settings = self.engine.settings
         if settings.op_sweep != "off" and (not result.passed or settings.op_sweep == "all"):
-            result.op_sweep = self._sweep(result, model, config, tol, inputs, input_set, layer_tolerances)
+            try:
+                result.op_sweep = self._sweep(result, model, config, tol, inputs, input_set, layer_tolerances)
+            except Exception as exc:  # noqa: BLE001 - the sweep explains a verdict; it must never cost the item it
+                result.op_sweep = SweepResult(settings.op_sweep, note=(
+                    f"not swept: the sweep failed ({type(exc).__name__}: {exc}); the item's verdict stands"))
         if settings.repro and not result.passed:
             from .repro import write_repro  # noqa: PLC0415 - only with --mnn-repro
 
@@ -64,6 +68,7 @@ class SweepSide:
         if trace is None:
             # --mnn-op-sweep all on a passing item (or --mnn-layers off): the in-graph column needs the trace.
             trace = trace_target(reference, session, config, inputs, tol, layer_tolerances)
+        self.cache.declare_inputs(session.path, session.shapes)
         swept = sweep(self.cache, session.path, reference, trace, config, tol, engine.settings.op_sweep,
                       layer_tolerances)
         culprit = swept.culprit

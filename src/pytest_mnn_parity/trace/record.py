@@ -351,6 +351,11 @@ class ReferenceTrace(OpObserver):
     def keys(self) -> set[str]:
         return {layer_key(n, o) for n, _, o in self.order}
 
+    def input_shapes(self, key: str) -> dict[int, tuple[int, ...]]:
+        """The shapes of the inputs recorded for op ``key`` (input index -> shape), from the files' headers."""
+        return {index: tuple(np.load(path, mmap_mode="r").shape)
+                for (op, kind, index), path in self.files.items() if op == key and kind == "in"}
+
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -207,16 +207,28 @@ class CutCache:
         self._by_content: dict[str, Path] = {}
         self._models: dict[Path, LoadedModel | ModelError] = {}
         self.made = 0
+        # The graph inputs' sizes each model ran with (``declare_inputs``): a file with dynamic dimensions gives
+        # Express no shape anywhere downstream until its inputs are resized.
+        self._input_shapes: dict[Path, dict[str, tuple[int, ...]]] = {}
+
+    def declare_inputs(self, model_path: Path, shapes: Mapping[str, Any]) -> None:
+        self._input_shapes.setdefault(Path(model_path), {name: tuple(shape) for name, shape in shapes.items()})
 
     def close(self) -> None:
         self._models.clear()
         self._graphs.clear()
         self._finalizer()
 
-    def cut(self, model_path: Path, op: str) -> Cut:
-        key = (Path(model_path), op)
+    def cut(self, model_path: Path, op: str, shapes: Mapping[int, tuple[int, ...]] | None = None) -> Cut:
+        """The op ``op`` of ``model_path`` alone; ``shapes`` are its inputs' shapes as the reference recorded them
+        (they win over the file's: a file may declare none, or a broadcast MNN expanded at session time)."""
+        shapes = dict(shapes or {})
+        key = (Path(model_path), op, tuple(sorted(shapes.items())))
         if key not in self._cuts:
-            self._cuts[key] = self._cut(Path(model_path), op)
+            try:
+                self._cuts[key] = self._cut(Path(model_path), op, shapes)
+            except Exception as exc:  # noqa: BLE001 - one op that cannot be cut is a row that says so, not a crash
+                self._cuts[key] = Cut(None, reason=f"cutting it failed ({type(exc).__name__}: {exc})")
         return self._cuts[key]
 
     def model(self, cut: Cut) -> LoadedModel:
@@ -240,10 +252,14 @@ class CutCache:
                 tensors = {}
             with capture_native_output():
                 variables = mnn().expr.load_as_dict(str(model_path)) if tensors else {}
+                for name, shape in self._input_shapes.get(model_path, {}).items():
+                    var = variables.get(name)
+                    if var is not None and var.op_type == "Input" and list(var.shape or []) != list(shape):
+                        var.resize(list(shape))
             self._graphs[model_path] = (tensors, variables)
         return self._graphs[model_path]
 
-    def _cut(self, model_path: Path, op: str) -> Cut:
+    def _cut(self, model_path: Path, op: str, shapes: Mapping[int, tuple[int, ...]]) -> Cut:
         tensors, variables = self._graph(model_path)
         if not tensors:
             return Cut(None, reason="MNN's Express API cannot load this file as variables")
@@ -267,7 +283,13 @@ class CutCache:
             if var.op_type == "Const":  # weights stay in the cut, as they are in the file (fp16 included)
                 replaced.append(var)
                 continue
-            shape = list(var.shape)
+            # A PP-OCR classifier's file declares no shape for any op input (Express gives None): the recorded
+            # tensor's shape is what the op really got.
+            declared = var.shape
+            shape = list(shapes[index]) if index in shapes else None if declared is None else list(declared)
+            if shape is None:
+                return Cut(None, reason=f"input {index} ({input_names[index]}) has no shape in the file and the "
+                                        "reference recorded none")
             if any(d <= 0 for d in shape):
                 return Cut(None, reason=f"input {index} ({input_names[index]}) has no static shape {shape}")
             fmt = var.data_format
@@ -313,12 +335,12 @@ def run_alone(cache: CutCache, model_path: Path, reference: ReferenceTrace, name
     """One op alone on ``config``, fed and judged with what ``reference`` recorded for it."""
     row = SweepRow(name, op_type, occurrence, config.backend, config.precision, NOT_CUT,
                    in_graph=None if layer is None else _in_graph(layer))
-    cut = cache.cut(model_path, name)
+    key = layer_key(name, occurrence)
+    cut = cache.cut(model_path, name, reference.input_shapes(key))
     if cut.path is None:
         row.reason = cut.reason
         return row
     row.cut = "cached" if cut.cached else "mnn-express"
-    key = layer_key(name, occurrence)
     inputs = {}
     for placeholder, index in cut.inputs.items():
         recorded = reference.load(key, "in", index)
