@@ -13,15 +13,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_mnn_parity.mnn import backends
+from pytest_mnn_parity.mnn import backends, weights
 from pytest_mnn_parity.mnn.backends import (
     ARITHMETIC_PROBE_INPUT,
     FORWARD_TYPES,
+    KERNEL_FP32_LIMIT,
+    KERNEL_PROBE_INPUT,
+    KERNEL_PROBES,
+    KERNEL_WEIGHTS,
     PROBE_INPUT,
+    Arithmetic,
     classify_arithmetic,
     judge_probe,
+    kernel_probe_errors,
+    model_kernels,
     probe_errors,
 )
+
+from conftest import FIXTURES
 
 X = ARITHMETIC_PROBE_INPUT
 
@@ -108,6 +117,127 @@ def test_the_classification_follows_the_worst_probe_error(errors):
         assert tighter == "unknown" or order.index(tighter) <= order.index(kind)
         assert (kind == "fp32") == (worst <= 1e-3)
         assert (kind == "broken") == (worst > 4.0)
+
+
+# -- the kernel probes: a depthwise and a regular convolution, each output one input times one weight ------------
+
+def _kernel_output(activations: str = "fp32", weights_in: str = "fp32") -> np.ndarray:
+    """What a kernel probe returns when its activations (input and output) and its weights are stored in the
+    given formats and its products are exact: "fp16" is numpy's half (also what a 10-bit-mantissa TF32 multiply
+    keeps of these values), "bf16" rounds fp32's mantissa to 8 bits."""
+    def stored(a, fmt):
+        a = np.asarray(a, np.float32)
+        if fmt == "fp16":
+            return a.astype(np.float16).astype(np.float32)
+        return _bf16(a) if fmt == "bf16" else a
+
+    w = stored(KERNEL_WEIGHTS, weights_in)[None, :, None, None]
+    x = stored(KERNEL_PROBE_INPUT, activations)
+    return stored(x.astype(np.float64) * w.astype(np.float64), activations)
+
+
+def _errors(**kernels: np.ndarray) -> dict[str, float]:
+    """The probes' errors: the elementwise ones of fp32 unless given, each kernel's from its recorded output."""
+    base = kernels.pop("base", _recorded("fp32"))
+    return probe_errors(base) | kernel_probe_errors({k: kernels.get(k, _kernel_output()) for k in KERNEL_PROBES})
+
+
+def test_the_kernel_recordings_round_as_the_formats_do():
+    """Half-precision weights lose 0.375 of a product next to 1024 (invisible with weight 1, so the probe has
+    weights fp16 cannot hold); half-precision activations lose up to 0.45 of 1024.45; bf16 weights 2, bf16
+    throughout up to 4."""
+    # Exact in fp32: every product here fits fp32's mantissa.
+    assert kernel_probe_errors({"depthwise": _kernel_output()})["depthwise"] == 0
+    assert 0.3 < kernel_probe_errors({"d": _kernel_output(weights_in="fp16")})["d"] <= 0.5
+    assert 0.4 < kernel_probe_errors({"d": _kernel_output(activations="fp16")})["d"] <= 0.5
+    assert kernel_probe_errors({"d": _kernel_output(weights_in="bf16")})["d"] == 2  # 1 + 2**-9 is 1 in bf16
+    assert 0.5 < kernel_probe_errors({"d": _kernel_output(weights_in="bf16", activations="bf16")})["d"] <= 4
+
+
+@pytest.mark.parametrize(("errors", "kind", "kernels"), [
+    # CUDA high on the H200 (issue 20): elementwise and MatMul fp32, depthwise weights kept in half precision.
+    (_errors(depthwise=_kernel_output(weights_in="fp16")), "fp32", {"depthwise": "fp16"}),
+    # A TF32-like multiply rounds both operands to a 10-bit mantissa: the same finding.
+    (_errors(depthwise=_kernel_output(activations="fp16", weights_in="fp16")), "fp32", {"depthwise": "fp16"}),
+    (_errors(conv=_kernel_output(weights_in="bf16")), "fp32", {"conv": "bf16"}),
+    (_errors(depthwise=_kernel_output(activations="fp16"), conv=_kernel_output(weights_in="fp16")), "fp32",
+     {"depthwise": "fp16", "conv": "fp16"}),
+    # Everything in fp16 (Vulkan low): the kernels round as the rest, nothing to single out.
+    (_errors(base=_recorded("fp16"), depthwise=_kernel_output("fp16", "fp16"), conv=_kernel_output("fp16", "fp16")),
+     "fp16", {}),
+    # fp16 elementwise with a bf16 kernel: the kernel is still looser than the rest.
+    (_errors(base=_recorded("fp16"), conv=_kernel_output("bf16", "bf16")), "fp16", {"conv": "bf16"}),
+    (_errors(), "fp32", {}),
+])
+def test_a_kernel_that_rounds_looser_than_the_elementwise_path_is_named_with_its_format(errors, kind, kernels):
+    arithmetic = classify_arithmetic(errors)
+    assert (arithmetic.kind, arithmetic.kernels) == (kind, kernels), arithmetic.describe()
+    assert set(arithmetic.errors) == {"add", "matmul", *KERNEL_PROBES}  # every probe's error stays on record
+
+
+def test_a_depthwise_probe_off_by_half_at_1024_is_an_fp16_kernel_and_the_message_says_so():
+    errors = {"add": 4.88e-05, "matmul": 4.88e-05, "depthwise": 0.5, "conv": 2.4e-4}
+    arithmetic = classify_arithmetic(errors)
+    assert arithmetic == Arithmetic("fp32", errors, "", {"depthwise": "fp16"})
+    assert arithmetic.describe() == ("fp32; depthwise convolution rounds like fp16 (probe errors: add 4.88e-05, "
+                                     "matmul 4.88e-05, depthwise 0.5, conv 0.00024)")
+
+
+@pytest.mark.parametrize("output", [np.full_like(KERNEL_PROBE_INPUT, np.nan), KERNEL_PROBE_INPUT + 100,
+                                    np.zeros_like(KERNEL_PROBE_INPUT)])
+def test_a_broken_kernel_probe_widens_nothing_and_is_noted(output):
+    """A kernel off by more than any float format explains is no format: the items that run it must fail, so it
+    raises no tier; the note says what the probe saw."""
+    arithmetic = classify_arithmetic(_errors(depthwise=output))
+    assert arithmetic.kind == "fp32" and arithmetic.kernels == {}
+    assert "the depthwise convolution probe was off by" in arithmetic.note
+    assert "more than any float format explains" in arithmetic.note
+
+
+def test_no_kernel_is_singled_out_where_the_elementwise_path_is_unknown_or_broken():
+    """Then the tier comes from the backend x precision table, and a kernel finding has nothing to refine."""
+    same = {"add": X.copy(), "matmul": X.copy()}
+    unknown = classify_arithmetic(probe_errors(same) | kernel_probe_errors({"depthwise": _kernel_output("fp16")}))
+    assert unknown.kind == "unknown" and unknown.kernels == {}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0, 0.6, allow_nan=False), st.dictionaries(st.sampled_from(sorted(KERNEL_PROBES)),
+                                                            st.floats(0, 6, allow_nan=False)))
+def test_a_named_kernel_is_always_looser_than_the_elementwise_format(base_error, kernel_errors):
+    base = max(base_error, 1e-5)
+    arithmetic = classify_arithmetic({"add": base, "matmul": base} | kernel_errors)
+    order = ["fp32", "fp16", "bf16"]
+    for name, kind in arithmetic.kernels.items():
+        assert order.index(kind) > order.index(arithmetic.kind)
+        assert kind == backends.kernel_format(kernel_errors[name])
+    for name, error in kernel_errors.items():
+        if name not in arithmetic.kernels:  # left out: as tight as the rest, or no format at all
+            fmt = backends.kernel_format(error)
+            assert fmt == "broken" or order.index(fmt) <= order.index(arithmetic.kind)
+
+
+def test_the_real_cpu_kernel_probes_are_fp32_and_run_the_op_types_converted_models_have():
+    """On this CPU every kernel computes fp32 at every precision; the probe model holds the same op types a
+    converted model holds (weights stored in the op, not fed as inputs, which MNN runs with other kernels)."""
+    assert set(weights.op_types(backends.kernel_probe_model())) >= {
+        op for probe in KERNEL_PROBES.values() for op in probe.op_types}
+    for precision in backends.PRECISIONS:
+        measured = backends.probe_arithmetic("CPU", precision)
+        assert measured.kind == "fp32" and measured.kernels == {}, measured.describe()
+        assert all(0 <= measured.errors[k] <= KERNEL_FP32_LIMIT for k in KERNEL_PROBES), measured.errors
+        assert classify_arithmetic(measured.errors) == measured
+
+
+def test_a_model_is_matched_to_the_reduced_kernels_it_really_runs():
+    cuda_high = Arithmetic("fp32", {}, "", {"depthwise": "fp16"})
+    mobile = weights.op_types(FIXTURES / "depthwise" / "mobile_block.mnn")
+    deep = weights.op_types(FIXTURES / "deep" / "deep_fp32.mnn")
+    assert "ConvolutionDepthwise" in mobile and "ConvolutionDepthwise" not in deep
+    assert model_kernels(cuda_high, mobile) == {"depthwise convolution (ConvolutionDepthwise)": "fp16"}
+    assert model_kernels(cuda_high, deep) == {}
+    assert model_kernels(backends.probe_arithmetic("CPU", "high"), mobile) == {}
+    assert model_kernels(None, mobile) == {}
 
 
 # -- the 2x+1 probe of discovery --------------------------------------------------------------------------

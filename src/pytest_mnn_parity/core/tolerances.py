@@ -4,7 +4,11 @@ Resolution order, later wins, field by field:
 
 1. **Built-in tier**, chosen by the arithmetic a probe measured for the
    backend x precision (fp32, fp16 or bf16); when the probe cannot tell, by
-   the backend x precision table below.
+   the backend x precision table below.  Raised, where the model runs a
+   kernel that its own probe found rounding in a looser format (a depthwise
+   convolution keeping half-precision weights on an otherwise fp32 backend),
+   to that kernel's tier (``kernel_tier``; the tolerance's ``tier_reason``
+   says so).  A conversion variant raises it to at least its own tier.
 2. **ini / pyproject**: ``mnn_atol``, ``mnn_rtol``, ``mnn_min_cosine``,
    ``mnn_max_outside_fraction`` in ``[tool.pytest.ini_options]``.
 3. **Marker** on a user's test: ``@pytest.mark.mnn_parity(atol=..., rtol=...)``,
@@ -33,8 +37,9 @@ An output passes (``verdict.tolerance_decision`` names the bound that decided):
 tier       used for                                     atol   rtol   min_cosine  outside  abs_floor  outlier
 =========  ==========================================  =====  =====  ==========  =======  =========  =======
 fp32       measured fp32; else ``high``, CPU ``normal``  5e-4   1e-3   0.9999      1e-3     1e-6       10
-fp16       measured fp16; else CPU ``low``, GPU/NPU     2e-2   2e-2   0.999       1e-2     1e-3       10
-           ``normal`` and ``low``
+fp16       measured fp16; a model running a kernel      2e-2   2e-2   0.999       1e-2     1e-3       10
+           measured fp16 (on fp32 elementwise); else
+           CPU ``low``, GPU/NPU ``normal`` and ``low``
 bf16       measured bf16; else CPU ``Low_BF16``         6e-2   6e-2   0.995       2e-2     8e-3       10
 int8       an ``int8`` conversion variant               5e-2   5e-2   0.995       2e-2     4e-3       10
 =========  ==========================================  =====  =====  ==========  =======  =========  =======
@@ -81,6 +86,9 @@ class Tolerance:
     outlier_limit: float = 10.0
     tier: str = "custom"
     sources: tuple[str, ...] = ()
+    # Why the tier is looser than the configuration's measured arithmetic ("" when it is not), e.g. a depthwise
+    # convolution that rounds like fp16 on this backend while its elementwise ops are fp32 (``kernel_tier``).
+    tier_reason: str = ""
     # The fields a source set (an explicit ``abs_floor`` also replaces the measured noise floor).
     overridden: tuple[str, ...] = ()
 
@@ -92,7 +100,8 @@ class Tolerance:
 
     def describe(self) -> str:
         origin = f" (overridden by {', '.join(self.sources)})" if self.sources else ""
-        return (f"tier {self.tier}{origin}: atol {self.atol:g} x ref scale, rtol {self.rtol:g}, "
+        reason = f" ({self.tier_reason})" if self.tier_reason else ""
+        return (f"tier {self.tier}{reason}{origin}: atol {self.atol:g} x ref scale, rtol {self.rtol:g}, "
                 f"min cosine {self.min_cosine:g}, max outside {self.max_outside_fraction:g} "
                 f"(each within {self.outlier_limit:g}x), abs floor {self.abs_floor:g}")
 
@@ -137,18 +146,37 @@ def variant_tier(tier: str, variant: str | None) -> str:
     return max(tier, floor, key=TIER_ORDER.index)
 
 
+def kernel_tier(tier: str, kernels: Mapping[str, str] | None) -> tuple[str, str]:
+    """``tier`` raised to the loosest format of ``kernels`` ({what the model runs: the format its probe measured},
+    e.g. {"depthwise convolution (ConvolutionDepthwise)": "fp16"}), with why ("" when no kernel needs a looser
+    tier).  Anything but a tier's name (a ``broken`` probe) raises nothing: a kernel off by more than any float
+    format explains must fail the items that run it, not widen their tolerance."""
+    raising = {what: kind for what, kind in (kernels or {}).items()
+               if kind in TIERS and TIER_ORDER.index(kind) > TIER_ORDER.index(tier)}
+    if not raising:
+        return tier, ""
+    loosest = max(raising.values(), key=TIER_ORDER.index)
+    named = ", ".join(f"{what} rounds like {kind}" for what, kind in raising.items())
+    return loosest, f"raised from {tier}: this configuration's {named}, and the model runs it"
+
+
 def resolve(backend: str, precision: str, *layers: tuple[str, Mapping[str, Any] | None],
-            arithmetic: str | None = None, variant: str | None = None) -> Tolerance:
+            arithmetic: str | None = None, variant: str | None = None,
+            kernels: Mapping[str, str] | None = None) -> Tolerance:
     """The tier for ``backend`` x ``precision`` (and conversion ``variant``) with ``layers`` of overrides.
 
     ``arithmetic`` is what a probe measured the configuration to compute in
     (``backends.probe_arithmetic``): when known it picks the tier, so an fp32
     path (``low`` on an x86 CPU, anything on OpenCL without fp16) is held to
-    fp32 tolerances.  Each layer is ``(source_name, {field: value})``; ``None``
+    fp32 tolerances.  ``kernels`` are the model's kernels measured to round in
+    another format (``backends.model_kernels``): they raise the tier
+    (``kernel_tier``).  Each layer is ``(source_name, {field: value})``; ``None``
     values are ignored so an option that was not given does not clobber a lower layer.
     """
     measured = arithmetic if arithmetic in ("fp32", "fp16", "bf16") else tier_for(backend, precision)
-    tol = TIERS[variant_tier(measured, variant)]
+    tier = variant_tier(measured, variant)
+    raised, reason = kernel_tier(tier, kernels)
+    tol = replace(TIERS[raised], tier_reason=reason)
     for source, overrides in layers:
         if not overrides:
             continue

@@ -28,7 +28,7 @@ from ..mnn.failures import SHAPES_HINT, last_lines, mnn_said, runtime_error_text
 from ..mnn.limits import nonfinite_inputs
 from ..mnn.model import ModelError, model_key, remembered
 from ..mnn.runner import LoadedModel, RunConfig, check_same_interface, reference_config
-from ..mnn.weights import WeightRisk, fp16_weight_risks, op_names
+from ..mnn.weights import WeightRisk, fp16_weight_risks, op_names, op_types
 from ..onnx.variants import is_onnx
 from ..trace.capture import capture_layers
 from ..trace.compare import trace_target
@@ -354,13 +354,16 @@ class ParityEngine(Checker):
 
     # -- the check --------------------------------------------------------------
     def tolerance(self, config: RunConfig, layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
-                  variant: str | None = None, reference_arithmetic: str | None = None) -> Tolerance:
+                  variant: str | None = None, reference_arithmetic: str | None = None,
+                  model_path: os.PathLike | str | None = None) -> Tolerance:
         """The tolerance ``config`` is judged by, with ``layers`` of overrides: the one place a tier is chosen
-        (from the arithmetic measured for ``config``, the conversion ``variant``, and the arithmetic of a
-        saved reference computed at reduced precision)."""
+        (from the arithmetic measured for ``config``, the kernels of the ``.mnn`` at ``model_path`` that this
+        configuration computes in a looser format, the conversion ``variant``, and the arithmetic of a saved
+        reference computed at reduced precision)."""
         arithmetic = backends.probe_arithmetic(config.backend, config.precision)
         kind = looser_tier(arithmetic.kind, config.backend, config.precision, reference_arithmetic)
-        return resolve(config.backend, config.precision, *layers, arithmetic=kind, variant=variant)
+        kernels = backends.model_kernels(arithmetic, op_types(model_path)) if model_path is not None else {}
+        return resolve(config.backend, config.precision, *layers, arithmetic=kind, variant=variant, kernels=kernels)
 
     def check_request(self, request: CheckRequest) -> ParityResult:
         """Run ``request.config`` and judge it (``check(model, config, ...)`` builds the request).
@@ -402,10 +405,10 @@ class ParityEngine(Checker):
                                 input_set=input_set.name if input_set is not None else "", **api_fields)
         arithmetic = backends.probe_arithmetic(config.backend, config.precision)
         ref_arith = reference.arithmetic
-        tol = self.tolerance(config, request.tolerance_layers, variant, ref_arith)
-        output_tolerances = {k: self.tolerance(config, v, variant, ref_arith)
+        tol = self.tolerance(config, request.tolerance_layers, variant, ref_arith, model.path)
+        output_tolerances = {k: self.tolerance(config, v, variant, ref_arith, model.path)
                              for k, v in (request.output_tolerances or {}).items()}
-        layer_tolerances = {k: self.tolerance(config, v, variant, ref_arith)
+        layer_tolerances = {k: self.tolerance(config, v, variant, ref_arith, model.path)
                             for k, v in (request.layer_tolerances or {}).items()}
         inputs_a, inputs_b = self.inputs(model, input_set)
         if input_set is not None:

@@ -218,7 +218,7 @@ class ModelUnderTest:
             reference = self.reference(inputs)
         # The tier from the measured arithmetic, as for generated items: one rule for both (an x86 CPU computes
         # ``low`` in fp32 and is held to fp32).
-        tol = self.engine.tolerance(config, tolerance_layers)
+        tol = self.engine.tolerance(config, tolerance_layers, model_path=self.model.path)
         targets = {str(k): np.asarray(v) for k, v in outputs.items()}
         references = {str(k): np.asarray(v) for k, v in reference.items()}
         verdict = judge_outputs(targets, references, tol)

@@ -13,6 +13,7 @@ are declaration order in MNN's ``schema/default/*.fbs`` (a union takes two ids:
 """
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,7 +241,6 @@ def op_names(path) -> list[str]:
     return list(dict.fromkeys(r.string(op, _OP_NAME) for op in ops))
 
 
-
 def op_tensors(path) -> dict[str, tuple[list[str], list[str]]]:
     """Each main-graph op's input and output tensor names, by op name (the first op of a repeated name):
     how a per-op callback's op is found among the file's tensors.  Raise ValueError on a malformed file."""
@@ -259,6 +259,42 @@ def op_tensors(path) -> dict[str, tuple[list[str], list[str]]]:
     for op in r.tables(net, _NET_OPLISTS):
         found.setdefault(r.string(op, _OP_NAME), (tensor_names(op, _OP_INPUTS), tensor_names(op, _OP_OUTPUTS)))
     return found
+
+
+# MNN's OpType numbers (schema/default/MNN.fbs) for the ops the plugin decides by: the convolutions whose kernels
+# the arithmetic probes measure (backends.KERNEL_PROBES).  Others are named by number.
+OP_TYPE_NAMES = {11: "Const", 34: "Input", 129: "ConvertTensor", **_CONV_TYPES}
+
+
+def op_types(path) -> tuple[str, ...]:
+    """The distinct MNN op types of a ``.mnn`` file in first-use order (main graph, then subgraphs), by name where
+    ``OP_TYPE_NAMES`` has one (``op type 39`` otherwise); () for a file this reader cannot read (MNN reports why
+    when it loads it).  Cached per file version: it is asked once per checked configuration."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return ()
+    return _op_types(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _op_types(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    try:
+        data = Path(path).read_bytes()
+        r = _Reader(data, Path(path).name)
+        if len(data) < 8:
+            r.fail("shorter than a FlatBuffers header")
+        net = r.deref(0)
+        ops = r.tables(net, _NET_OPLISTS)
+        for graph in r.tables(net, _NET_SUBGRAPHS):
+            ops += r.tables(graph, _SUBGRAPH_NODES)
+            if len(ops) > len(data) // 8:
+                r.fail("its subgraphs reference more ops than the file can hold")
+        numbers = dict.fromkeys(r.scalar(op, _OP_TYPE, "<i", 0) for op in ops)
+    except (OSError, ValueError, struct.error):
+        return ()
+    return tuple(OP_TYPE_NAMES.get(n, f"op type {n}") for n in numbers)
+
 
 def _conv(r: _Reader, external: _External, name: str, conv: int, op_type: str) -> Iterator[WeightTensor]:
     compressed = r.field(conv, _CONV_QUAN) is not None or r.field(conv, _CONV_SYMQUAN) is not None

@@ -178,12 +178,13 @@ class SidecarSupport:
         engine = self.run.engine
         input_set: InputSet | None = prepared["input_set"]
         variant = item.case.variant
-        tol = engine.tolerance(config, prepared["tolerance_layers"], variant)
-        own = {k: engine.tolerance(config, v, variant) for k, v in prepared.get("output_tolerances", {}).items()}
         try:
             if input_set is not None and input_set.error is not None:
                 raise input_set.error
             path = self._mnn_path(item)
+            tol = engine.tolerance(config, prepared["tolerance_layers"], variant, model_path=path)
+            own = {k: engine.tolerance(config, v, variant, model_path=path)
+                   for k, v in prepared.get("output_tolerances", {}).items()}
             engine.reference(engine.model(path), input_set)  # the model and its reference can run
             outcome = search(engine, path, config, tol, max_examples=self.options.hypothesis, seed=seed,
                              input_set=input_set, output_tolerances=own)

@@ -192,11 +192,13 @@ def _outputs_table(outputs: dict[str, Any]) -> str:
 def _facts(rec: dict[str, Any]) -> str:
     tol = rec.get("tolerance") or {}
     arithmetic = rec.get("arithmetic") or {}
+    reason = f" ({tol['tier_reason']})" if tol.get("tier_reason") else ""
     facts = [
         ("configuration", f"{rec.get('backend')} {rec.get('precision')}, {rec.get('threads')} thread(s)"),
         ("ran on", f"{rec.get('backend_used')} (forward type {rec.get('forward_type')})"),
-        ("arithmetic", arithmetic.get("kind", "-")),
-        ("tolerance", f"tier {tol.get('tier')}: atol {fmt(tol.get('atol'))} x ref scale, rtol {fmt(tol.get('rtol'))}, "
+        ("arithmetic", arithmetic.get("kind", "-") + "".join(
+            f"; {kernel} rounds like {kind}" for kernel, kind in (arithmetic.get("kernels") or {}).items())),
+        ("tolerance", f"tier {tol.get('tier')}{reason}: atol {fmt(tol.get('atol'))} x ref scale, rtol {fmt(tol.get('rtol'))}, "
                       f"min cosine {fmt(tol.get('min_cosine'))}" if tol else "-"),
         ("reference", rec.get("reference") or "-"),
         ("inputs", rec.get("input_set") or "-"),

@@ -32,7 +32,8 @@ def record(nodeid: str, result, outcome: str) -> dict[str, Any]:
         "precision": result.config.precision,
         "threads": result.config.threads,
         "arithmetic": None if result.arithmetic is None else {
-            "kind": result.arithmetic.kind, "probe_errors": result.arithmetic.errors, "note": result.arithmetic.note},
+            "kind": result.arithmetic.kind, "probe_errors": result.arithmetic.errors, "note": result.arithmetic.note,
+            "kernels": dict(result.arithmetic.kernels)},
         "variant": result.variant,
         "input_set": result.input_set,
         "input_detail": getattr(result, "input_detail", ""),
