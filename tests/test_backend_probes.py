@@ -121,10 +121,10 @@ def test_the_classification_follows_the_worst_probe_error(errors):
 
 # -- the kernel probes: a depthwise and a regular convolution, each output one input times one weight ------------
 
-def _kernel_output(activations: str = "fp32", weights_in: str = "fp32") -> np.ndarray:
+def _kernel_output(activations: str = "fp32", weights_in: str = "fp32", stride: int = 1) -> np.ndarray:
     """What a kernel probe returns when its activations (input and output) and its weights are stored in the
     given formats and its products are exact: "fp16" is numpy's half (also what a 10-bit-mantissa TF32 multiply
-    keeps of these values), "bf16" rounds fp32's mantissa to 8 bits."""
+    keeps of these values), "bf16" rounds fp32's mantissa to 8 bits; ``stride`` 2 is the regular convolution's."""
     def stored(a, fmt):
         a = np.asarray(a, np.float32)
         if fmt == "fp16":
@@ -132,14 +132,15 @@ def _kernel_output(activations: str = "fp32", weights_in: str = "fp32") -> np.nd
         return _bf16(a) if fmt == "bf16" else a
 
     w = stored(KERNEL_WEIGHTS, weights_in)[None, :, None, None]
-    x = stored(KERNEL_PROBE_INPUT, activations)
+    x = stored(KERNEL_PROBE_INPUT, activations)[:, :, ::stride, ::stride]
     return stored(x.astype(np.float64) * w.astype(np.float64), activations)
 
 
 def _errors(**kernels: np.ndarray) -> dict[str, float]:
     """The probes' errors: the elementwise ones of fp32 unless given, each kernel's from its recorded output."""
     base = kernels.pop("base", _recorded("fp32"))
-    return probe_errors(base) | kernel_probe_errors({k: kernels.get(k, _kernel_output()) for k in KERNEL_PROBES})
+    return probe_errors(base) | kernel_probe_errors(
+        {k: kernels.get(k, _kernel_output(stride=backends.KERNEL_STRIDES[k])) for k in KERNEL_PROBES})
 
 
 def test_the_kernel_recordings_round_as_the_formats_do():
@@ -148,10 +149,13 @@ def test_the_kernel_recordings_round_as_the_formats_do():
     throughout up to 4."""
     # Exact in fp32: every product here fits fp32's mantissa.
     assert kernel_probe_errors({"depthwise": _kernel_output()})["depthwise"] == 0
-    assert 0.3 < kernel_probe_errors({"d": _kernel_output(weights_in="fp16")})["d"] <= 0.5
-    assert 0.4 < kernel_probe_errors({"d": _kernel_output(activations="fp16")})["d"] <= 0.5
-    assert kernel_probe_errors({"d": _kernel_output(weights_in="bf16")})["d"] == 2  # 1 + 2**-9 is 1 in bf16
-    assert 0.5 < kernel_probe_errors({"d": _kernel_output(weights_in="bf16", activations="bf16")})["d"] <= 4
+    assert 0.3 < kernel_probe_errors({"depthwise": _kernel_output(weights_in="fp16")})["depthwise"] <= 0.5
+    assert 0.4 < kernel_probe_errors({"depthwise": _kernel_output(activations="fp16")})["depthwise"] <= 0.5
+    assert kernel_probe_errors({"depthwise": _kernel_output(weights_in="bf16")})["depthwise"] == 2  # 1 + 2**-9 is 1 in bf16
+    assert 0.5 < kernel_probe_errors({"depthwise": _kernel_output(weights_in="bf16", activations="bf16")})["depthwise"] <= 4
+    # The regular convolution reads every other pixel (stride 2): still every way of losing precision.
+    assert 0.4 < kernel_probe_errors({"conv": _kernel_output(activations="fp16", stride=2)})["conv"] <= 0.5
+    assert 0.3 < kernel_probe_errors({"conv": _kernel_output(weights_in="fp16", stride=2)})["conv"] <= 0.5
 
 
 @pytest.mark.parametrize(("errors", "kind", "kernels"), [
@@ -159,14 +163,14 @@ def test_the_kernel_recordings_round_as_the_formats_do():
     (_errors(depthwise=_kernel_output(weights_in="fp16")), "fp32", {"depthwise": "fp16"}),
     # A TF32-like multiply rounds both operands to a 10-bit mantissa: the same finding.
     (_errors(depthwise=_kernel_output(activations="fp16", weights_in="fp16")), "fp32", {"depthwise": "fp16"}),
-    (_errors(conv=_kernel_output(weights_in="bf16")), "fp32", {"conv": "bf16"}),
-    (_errors(depthwise=_kernel_output(activations="fp16"), conv=_kernel_output(weights_in="fp16")), "fp32",
+    (_errors(conv=_kernel_output(weights_in="bf16", stride=2)), "fp32", {"conv": "bf16"}),
+    (_errors(depthwise=_kernel_output(activations="fp16"), conv=_kernel_output(weights_in="fp16", stride=2)), "fp32",
      {"depthwise": "fp16", "conv": "fp16"}),
     # Everything in fp16 (Vulkan low): the kernels round as the rest, nothing to single out.
-    (_errors(base=_recorded("fp16"), depthwise=_kernel_output("fp16", "fp16"), conv=_kernel_output("fp16", "fp16")),
-     "fp16", {}),
+    (_errors(base=_recorded("fp16"), depthwise=_kernel_output("fp16", "fp16"),
+             conv=_kernel_output("fp16", "fp16", stride=2)), "fp16", {}),
     # fp16 elementwise with a bf16 kernel: the kernel is still looser than the rest.
-    (_errors(base=_recorded("fp16"), conv=_kernel_output("bf16", "bf16")), "fp16", {"conv": "bf16"}),
+    (_errors(base=_recorded("fp16"), conv=_kernel_output("bf16", "bf16", stride=2)), "fp16", {"conv": "bf16"}),
     (_errors(), "fp32", {}),
 ])
 def test_a_kernel_that_rounds_looser_than_the_elementwise_path_is_named_with_its_format(errors, kind, kernels):

@@ -74,9 +74,9 @@ def test_tier_follows_the_measured_arithmetic(precision):
     arithmetic = backends.probe_arithmetic("CPU", precision)
     result = ParityEngine().check(DEMO, RunConfig("CPU", precision))
     assert result.arithmetic is arithmetic and result.tolerance.tier == arithmetic.kind
-    assert set(arithmetic.errors) == {"add", "matmul"}
+    assert set(arithmetic.errors) == {"add", "matmul", *backends.KERNEL_PROBES}
     if "fp16:0" in device_support_line():
-        assert arithmetic.kind == "fp32" and max(arithmetic.errors.values()) < 1e-3
+        assert arithmetic.kind == "fp32" and max(arithmetic.errors.values()) < 1e-3 and arithmetic.kernels == {}
     failing = ParityEngine(ParitySettings(reference=str(COLLAPSE / "zero.mnn"))).check(
         COLLAPSE / "zero.fp16.mnn", RunConfig("CPU", precision))
     assert f"arithmetic: {arithmetic.kind} (probe errors: add " in failing.message

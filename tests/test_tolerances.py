@@ -83,3 +83,66 @@ def test_variant_tiers_as_documented():
     assert resolve("CPU", "high", variant="int8").tier == "int8"
     assert resolve("CPU", "Low_BF16", variant="int8").tier == "bf16"
     assert resolve("CPU", "high", ("command line", {"atol": 0.5}), variant="int8").atol == 0.5
+
+
+# -- kernels measured to round looser than the configuration's elementwise path (backends.KERNEL_PROBES) ----------
+
+DEPTHWISE = "depthwise convolution (ConvolutionDepthwise)"
+
+
+def test_a_model_running_a_reduced_kernel_gets_that_kernels_tier_and_the_reason():
+    """CUDA high on the H200: fp32 elementwise, depthwise weights in half precision. A MobileNet gets fp16."""
+    from pytest_mnn_parity.core.tolerances import kernel_tier
+
+    tier, reason = kernel_tier("fp32", {DEPTHWISE: "fp16"})
+    assert tier == "fp16"
+    assert reason == ("raised from fp32: this configuration's depthwise convolution (ConvolutionDepthwise) rounds "
+                      "like fp16, and the model runs it")
+    tol = resolve("CUDA", "high", arithmetic="fp32", kernels={DEPTHWISE: "fp16"})
+    assert (tol.tier, tol.atol, tol.tier_reason) == ("fp16", TIERS["fp16"].atol, reason)
+    assert tol.describe().startswith(f"tier fp16 ({reason}): atol 0.02 x ref scale")
+    # The same backend, a model without the kernel: fp32, nothing to say.
+    plain = resolve("CUDA", "high", arithmetic="fp32", kernels={})
+    assert (plain.tier, plain.tier_reason) == ("fp32", "") and plain.describe().startswith("tier fp32: atol")
+
+
+@pytest.mark.parametrize(("tier", "kernels", "expected"), [
+    ("fp16", {DEPTHWISE: "fp16"}, "fp16"),          # already that loose: no reason
+    ("fp32", {DEPTHWISE: "broken"}, "fp32"),        # no format: the items must fail, not loosen
+    ("fp32", {DEPTHWISE: "unknown"}, "fp32"),
+    ("bf16", {DEPTHWISE: "fp16"}, "bf16"),          # never tightened
+])
+def test_kernels_never_tighten_and_only_a_format_raises(tier, kernels, expected):
+    from pytest_mnn_parity.core.tolerances import kernel_tier
+
+    assert kernel_tier(tier, kernels) == (expected, "")
+
+
+def test_explicit_tolerances_still_win_over_a_kernel_raised_tier_and_both_are_named():
+    tol = resolve("CUDA", "high", ("ini", {"atol": 1e-3}), ("command line", {"min_cosine": 0.99999}),
+                  arithmetic="fp32", kernels={DEPTHWISE: "fp16"})
+    assert (tol.atol, tol.min_cosine, tol.rtol) == (1e-3, 0.99999, TIERS["fp16"].rtol)
+    assert tol.tier == "fp16" and tol.sources == ("ini", "command line")
+    assert tol.describe().startswith("tier fp16 (raised from fp32: this configuration's depthwise convolution "
+                                     "(ConvolutionDepthwise) rounds like fp16, and the model runs it) "
+                                     "(overridden by ini, command line): atol 0.001")
+
+
+kinds = st.sampled_from(["fp32", "fp16", "bf16", "broken", "unknown"])
+
+
+@given(st.sampled_from(["fp32", "fp16", "bf16"]), st.sampled_from([None, "fp32", "fp16", "int8"]),
+       st.dictionaries(st.sampled_from([DEPTHWISE, "convolution (Convolution)"]), kinds))
+def test_the_tier_is_between_the_base_arithmetics_and_the_loosest_probed_kernels(base, variant, kernels):
+    """Never tighter than what the elementwise arithmetic (and the variant) need, never looser than the loosest
+    kernel the model runs; a reason exactly when a kernel moved it."""
+    from pytest_mnn_parity.core.tolerances import TIER_ORDER
+
+    without = resolve("CUDA", "high", arithmetic=base, variant=variant)
+    tol = resolve("CUDA", "high", arithmetic=base, variant=variant, kernels=kernels)
+    rank = TIER_ORDER.index
+    assert rank(tol.tier) >= rank(without.tier)
+    measured = [k for k in kernels.values() if k in TIERS]
+    assert rank(tol.tier) <= max([rank(without.tier)] + [rank(k) for k in measured])
+    assert (tol.tier != without.tier) == bool(tol.tier_reason)
+    assert tol.atol >= without.atol and tol.min_cosine <= without.min_cosine

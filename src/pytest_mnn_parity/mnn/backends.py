@@ -340,7 +340,7 @@ class KernelProbe:
 
 # Why these kernels: on the H200, CUDA 'high' computes elementwise ops and MatMul in fp32 but its depthwise
 # convolution keeps its weights in half precision (2.5e-4 of the output range, 1000x the CPU: issue 20's residue);
-# a regular convolution runs other kernels (im2col, Winograd) that the elementwise probes never reach either.
+# a regular convolution runs other kernels (im2col and GEMM, with weights of their own) than the MatMul probe reaches.
 KERNEL_PROBES: dict[str, KernelProbe] = {
     "depthwise": KernelProbe("depthwise convolution", ("ConvolutionDepthwise",)),
     "conv": KernelProbe("convolution", ("Convolution",)),
@@ -355,26 +355,33 @@ _ARITH_INTERPRETERS: list = []  # kept alive: destroying interpreters exhausts V
 _KERNEL_INTERPRETERS: list = []
 
 
-# The kernel probes' input, shape (1, 8, 4, 4), and weights (3x3, only the centre tap set, so each output is one
+# The kernel probes' input, shape (1, 8, 8, 8), and weights (3x3, only the centre tap set, so each output is one
 # product): channels 0-3 carry 1024 + a fraction times weight 1 (what a half-precision *activation* loses, as the
 # (x + 1024) - 1024 probe); channels 4-6 carry 1024 + an integer (exact in fp16) times a weight that fp16 cannot
 # hold (invisible with weight 1): 1 + a few 2**-13, below half of fp16's step above 1, so a half-precision weight
 # is 1, its product an integer again, and the loss 0.125-0.38 next to 1024.  (Weights just below 1 would round to
 # fp16's finer step there and the product round again: 0.62 in all.)  Channel 7 carries 1024 times 1 + 2**-9,
 # exact in fp16 but 1 in bf16 (a loss of 2).  So half precision anywhere (weights, activations or both; a
-# 10-bit-mantissa TF32 multiply alike) stays within 0.5 and bf16 within 4: the bounds classify_arithmetic reads
-# the elementwise probes by.
-KERNEL_CHANNELS, KERNEL_SIZE = 8, 4
+# 10-bit-mantissa TF32 multiply alike) stays within 0.5 and bf16 within 4 (3.4 at most): the bounds
+# classify_arithmetic reads the elementwise probes by.
+KERNEL_CHANNELS, KERNEL_SIZE = 8, 8
 KERNEL_WEIGHTS = np.array([1.0, 1.0, 1.0, 1.0, 1 + 3 * 2.0 ** -13, 1 + 2.0 ** -12, 1 + 2.0 ** -13, 1 + 2.0 ** -9],
                           dtype=np.float32)
 KERNEL_PROBE_INPUT = np.concatenate([
     1024 + np.resize(ARITHMETIC_PROBE_INPUT, (4, KERNEL_SIZE, KERNEL_SIZE)),
     1024 + np.resize(np.arange(4, dtype=np.float32), (3, KERNEL_SIZE, KERNEL_SIZE)),
     np.full((1, KERNEL_SIZE, KERNEL_SIZE), 1024, np.float32)])[None].astype(np.float32)
-# What an exact kernel returns (float64): each output element is its input times its channel's weight.
-KERNEL_PROBE_EXPECTED = KERNEL_PROBE_INPUT.astype(np.float64) * KERNEL_WEIGHTS.astype(np.float64)[None, :, None, None]
-# A kernel sums its taps in its own order (9 here, most of them zero; Winograd transforms on a GPU): up to
-# 80 of fp32's ulps next to 1024 still read as fp32, 50x below the smallest error half precision gives here (0.2).
+# The regular convolution runs at stride 2: a probe of the format, not of Winograd, whose transforms (stride 1
+# only) multiply the rounding (MNN's fp16 CPU on an emulated Cortex-A76 read 1.45 next to 1024 at stride 1: about
+# three fp16 roundings, which would read as bf16).  Its output (c, y, x) is input (c, 2y, 2x) times weight c.
+KERNEL_STRIDES = {"depthwise": 1, "conv": 2}
+# What an exact kernel returns (float64): each output element is one input times its channel's weight.
+KERNEL_PROBE_EXPECTED = {
+    kind: (KERNEL_PROBE_INPUT.astype(np.float64)[:, :, ::stride, ::stride]
+           * KERNEL_WEIGHTS.astype(np.float64)[None, :, None, None])
+    for kind, stride in KERNEL_STRIDES.items()}
+# A kernel sums its taps in its own order (9 here, most of them zero): up to 80 of fp32's ulps next to 1024 still
+# read as fp32, 10x below the least that half precision loses in any element here (0.1).
 KERNEL_FP32_LIMIT = 1e-2
 
 
@@ -398,8 +405,9 @@ def _build_kernel_model(path: Path) -> None:
     x.name = "x"
     outputs = []
     for kind in KERNEL_PROBES:
-        conv = nn.conv(KERNEL_CHANNELS, KERNEL_CHANNELS, [3, 3], depthwise=kind == "depthwise", bias=True,
-                       padding_mode=expr.Padding_Mode.SAME)
+        stride = KERNEL_STRIDES[kind]
+        conv = nn.conv(KERNEL_CHANNELS, KERNEL_CHANNELS, [3, 3], [stride, stride], [1, 1],
+                       depthwise=kind == "depthwise", bias=True, padding_mode=expr.Padding_Mode.CAFFE)
         weights = _kernel_weights(kind)
         # The module's parameters are (bias, weight) in MNN 3.x; matched by shape so another order still loads.
         by_shape = {(KERNEL_CHANNELS,): np.zeros(KERNEL_CHANNELS, np.float32), weights.shape: weights}
@@ -533,10 +541,12 @@ def probe_errors(outputs) -> dict[str, float]:
 def kernel_probe_errors(outputs) -> dict[str, float]:
     """Each kernel probe's error, from its raw output ({kernel: array}) for ``KERNEL_PROBE_INPUT``: the largest
     distance from the exact products, on the scale of 1024 as ``probe_errors``."""
-    expected = KERNEL_PROBE_EXPECTED
-    with np.errstate(invalid="ignore", over="ignore"):
-        return {kind: float(np.max(np.abs(np.asarray(y, np.float64).reshape(expected.shape) - expected)))
-                for kind, y in outputs.items()}
+    errors = {}
+    for kind, y in outputs.items():
+        expected = KERNEL_PROBE_EXPECTED[kind]
+        with np.errstate(invalid="ignore", over="ignore"):
+            errors[kind] = float(np.max(np.abs(np.asarray(y, np.float64).reshape(expected.shape) - expected)))
+    return errors
 
 
 # Tightest first: a kernel is reported when it rounds in a later format than the elementwise path.
