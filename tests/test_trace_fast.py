@@ -128,3 +128,15 @@ def test_quick_pass_never_accepts_what_compare_fails(size, scale, noise, seed):
         assert quick.max_abs == m.max_abs and m.cosine >= quick.cosine_min
     if noise == 0:
         assert quick is not None  # identical tensors always take the quick path
+
+
+@pytest.mark.parametrize("pair", [PAIRS.index((DEMO, DEMO)), len(PAIRS) - 1])
+def test_recorded_tensors_read_back_as_numpy_reads_them(pair):
+    """The trace maps its files without parsing their headers again: same shape, dtype, bytes, still read-only."""
+    _, trace, _ = _setup(pair)
+    assert trace.files
+    for key, kind, index in trace.files:
+        fast = trace.load(key, kind, index)
+        slow = np.load(trace.files[(key, kind, index)], mmap_mode="r")
+        assert fast.shape == slow.shape and fast.dtype == slow.dtype
+        assert np.array_equal(fast, slow, equal_nan=fast.dtype.kind == "f") and not fast.flags.writeable
