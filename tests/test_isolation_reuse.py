@@ -90,3 +90,22 @@ def test_a_trace_with_quick_passed_and_unobservable_tensors_survives_the_worker_
     for key in set(a) | set(b):
         if key not in ("seconds", "worker"):
             assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("cores, cuda, workers", [(8, True, 2), (8, False, 1), (2, True, 1)])
+def test_auto_starts_a_kept_available_gpu_backends_worker_beside_the_cpu_one(monkeypatch, cores, cuda, workers):
+    """Discovery kept from an earlier run says CUDA is there: its per-model worker imports while pytest collects
+    and the CPU items run, instead of after them; not when the backend is not there, nor on 2 cores."""
+    from pytest_mnn_parity.isolation.policy import Isolation
+
+    monkeypatch.setattr(backends, "_CACHE", {"CUDA": backends.BackendStatus("CUDA", cuda, 2 if cuda else None, "kept")})
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    isolation = Isolation(ParityEngine(), "auto", None, ["CPU", "CUDA"])
+    try:
+        isolation.start()
+        started = [engine._spare for engine in (isolation._shared, isolation._isolated) if engine is not None]
+        assert len(started) == workers and all(w is not None and w.alive() for w in started)
+        started[-1].wait_ready()  # a real worker, importing MNN
+        assert started[-1].hello["ready"]
+    finally:
+        isolation.close()

@@ -128,3 +128,34 @@ def test_quick_pass_never_accepts_what_compare_fails(size, scale, noise, seed):
         assert quick.max_abs == m.max_abs and m.cosine >= quick.cosine_min
     if noise == 0:
         assert quick is not None  # identical tensors always take the quick path
+
+
+@pytest.mark.parametrize("pair", [PAIRS.index((DEMO, DEMO)), len(PAIRS) - 1])
+def test_recorded_tensors_read_back_as_numpy_reads_them(pair):
+    """The trace maps its files without parsing their headers again: same shape, dtype, bytes, still read-only."""
+    _, trace, _ = _setup(pair)
+    assert trace.files
+    for key, kind, index in trace.files:
+        fast = trace.load(key, kind, index)
+        slow = np.load(trace.files[(key, kind, index)], mmap_mode="r")
+        assert fast.shape == slow.shape and fast.dtype == slow.dtype
+        assert np.array_equal(fast, slow, equal_nan=fast.dtype.kind == "f") and not fast.flags.writeable
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from([0.0, 1e-7, 1e-5, 1e-3]), st.integers(-1, 5),
+       st.sampled_from([None, np.nan, np.inf, 1.0]), st.sampled_from([2, 3, 4]))
+@settings(max_examples=25, deadline=None)
+def test_quick_pass_in_threads_answers_as_in_one(seed, noise, spike_at, spike, workers):
+    """The spans of a large tensor read by threads give the very same answer, max_abs bit for bit, whether a
+    difference beyond the bound (or a NaN/Inf) sits in the first span, the last or none."""
+    from pytest_mnn_parity.core.metrics import CHUNK
+
+    rng = np.random.default_rng(seed)
+    size = 2 * workers * CHUNK + int(rng.integers(0, CHUNK))
+    ref = rng.standard_normal(size).astype(np.float32)
+    target = ref + (rng.standard_normal(size) * noise).astype(np.float32)
+    if spike is not None and spike_at >= 0:
+        target[min(size - 1, spike_at * size // 5)] += np.float32(spike)
+    tol = TIERS["fp32"]
+    stats = ref_stats(ref)
+    assert quick_pass(target, ref, stats, tol, workers=workers) == quick_pass(target, ref, stats, tol, workers=1)

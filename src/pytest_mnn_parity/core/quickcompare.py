@@ -18,6 +18,8 @@ the full comparison, so verdicts are unchanged.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,8 +71,14 @@ class QuickMetrics:
                 "outside_fraction": 0.0, "cosine_min": self.cosine_min, "metrics": "quick"}
 
 
-def quick_pass(target: np.ndarray, ref: np.ndarray, stats: RefStats | None, tol: Tolerance) -> QuickMetrics | None:
-    """``QuickMetrics`` when ``target`` certainly passes ``tol`` against ``ref`` (same shape), else None."""
+def quick_pass(target: np.ndarray, ref: np.ndarray, stats: RefStats | None, tol: Tolerance, *,
+               workers: int | None = None) -> QuickMetrics | None:
+    """``QuickMetrics`` when ``target`` certainly passes ``tol`` against ``ref`` (same shape), else None.
+
+    ``workers`` (default: ``parallel_workers()``) splits a large tensor into that many spans read by threads at
+    once (numpy lets go of the GIL in these loops); the largest difference is the same whichever order the spans
+    finish in, so the answer is too.
+    """
     if stats is None or not stats.finite or target.dtype != np.float32 or ref.dtype != np.float32:
         return None
     size = int(target.size)
@@ -78,16 +86,17 @@ def quick_pass(target: np.ndarray, ref: np.ndarray, stats: RefStats | None, tol:
         return None
     bound = np.float32(tol.atol * stats.scale)  # as compare: the bound in the working precision
     t_all, r_all = target.reshape(-1), np.asarray(ref).reshape(-1)
-    buf = np.empty(min(CHUNK, size), dtype=np.float32)
-    top = 0.0
-    for i in range(0, size, CHUNK):
-        n = min(CHUNK, size - i)
-        d = np.subtract(t_all[i:i + n], r_all[i:i + n], out=buf[:n])
-        np.abs(d, out=d)
-        m = d.max()
-        if not m <= bound:  # also NaN: a new non-finite value
-            return None
-        top = max(top, float(m))
+    workers = parallel_workers() if workers is None else workers
+    chunks = -(-size // CHUNK)
+    if workers > 1 and chunks >= 2 * workers:
+        per = -(-chunks // workers) * CHUNK
+        spans = [(lo, min(lo + per, size)) for lo in range(0, size, per)]
+        tops = list(_pool().map(lambda span: _largest_difference(t_all, r_all, *span, bound), spans))
+        top = None if any(t is None for t in tops) else max(tops)
+    else:
+        top = _largest_difference(t_all, r_all, 0, size, bound)
+    if top is None:
+        return None
     if stats.sum_sq == 0.0:
         cosine_min = 1.0 if top == 0.0 else 0.0
     else:
@@ -97,3 +106,34 @@ def quick_pass(target: np.ndarray, ref: np.ndarray, stats: RefStats | None, tol:
         return None
     # Reported less the margin: a bound on the cosine compare would compute, rounding included.
     return QuickMetrics(tuple(target.shape), top, stats.scale, cosine_min - COSINE_MARGIN)
+
+
+def _largest_difference(t_all: np.ndarray, r_all: np.ndarray, start: int, stop: int, bound) -> float | None:
+    """max |t - r| over [start, stop), or None as soon as a chunk is beyond ``bound`` (or NaN)."""
+    buf = np.empty(min(CHUNK, stop - start), dtype=np.float32)
+    top = 0.0
+    for i in range(start, stop, CHUNK):
+        n = min(CHUNK, stop - i)
+        d = np.subtract(t_all[i:i + n], r_all[i:i + n], out=buf[:n])
+        # max|d| is max(max d, -min d), bit for bit: two reads instead of an |d| pass that writes the chunk.
+        hi, lo = d.max(), d.min()
+        if not (hi <= bound and -lo <= bound):  # also NaN: a new non-finite value
+            return None
+        top = max(top, float(hi), float(-lo))
+    return top
+
+
+# Threads for one quick pass: none below 4 usable cores, where they would only take turns with MNN's own.
+MAX_WORKERS = 4
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def parallel_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(MAX_WORKERS, cores) if cores >= 4 else 1
+
+
+def _pool() -> ThreadPoolExecutor:
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="mnn-parity-quick"))
+    return _POOL[0]

@@ -92,7 +92,7 @@ class IsolatedEngine(Checker):
         self._retired: list[Worker] = []
         self._taken = 0
         self.expected_models: int | None = None
-        self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self._closed = False
         atexit.register(self.close)
         if prespawn:
@@ -119,7 +119,7 @@ class IsolatedEngine(Checker):
         self._taken += 1
         # A run-scoped worker serves every model: a spare is only wanted after a crash, so none waits.
         more = self.worker_per_model and (self.expected_models is None or self._taken < self.expected_models)
-        if self.prespawn and more and self._cores >= SPARE_MIN_CORES:
+        if self.prespawn and more and self.cores >= SPARE_MIN_CORES:
             self._spare = self._new_worker()
         return worker
 
@@ -165,8 +165,7 @@ class IsolatedEngine(Checker):
         if status.fault:
             return self._fault_result(request, status.fault, labels)
         if not status.available:
-            return ParityResult(str(model_path), config, Category.BACKEND_UNAVAILABLE, status.reason,
-                                forward_type=status.forward_type, variant=request.variant)
+            return unavailable_result(request, status)
         key = model_key(model_path)
         worker = self._worker_for(key)
         message = {"op": "check", "request": protocol.request_to_wire(request, self._files),
@@ -328,6 +327,12 @@ class IsolatedEngine(Checker):
             variant=request.variant, **labels)
         result.message = fault_message(result, model_path, request.reproduce)
         return result
+
+
+def unavailable_result(request: CheckRequest, status: backends.BackendStatus) -> ParityResult:
+    """A configuration of a backend discovery found missing: skipped with the reason, no worker involved."""
+    return ParityResult(str(request.model), request.config, Category.BACKEND_UNAVAILABLE, status.reason,
+                        forward_type=status.forward_type, variant=request.variant)
 
 
 def device_features(text: str) -> dict[str, int] | None:
