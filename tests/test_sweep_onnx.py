@@ -110,3 +110,14 @@ def test_onnx_op_sweep_reports_terminal_json_and_a_repro_that_runs(pytester, mod
     (folder / "model.mnn").write_bytes(fp32.read_bytes())
     passing = subprocess.run([sys.executable, "repro.py"], cwd=folder, capture_output=True, text=True, timeout=120)
     assert passing.returncode == 0, passing.stdout + passing.stderr
+
+
+def test_a_given_mnn_against_its_onnx_says_a_sweep_without_its_flags_proves_nothing():
+    # broken.fp16.mnn was made with --fp16, which the run cannot know: its nodes are converted without it.
+    engine = ParityEngine(ParitySettings(op_sweep="flagged", reference=str(ONNX / "sweep_broken.onnx")))
+    result = engine.check(FIXTURES / "sweep" / "broken.fp16.mnn", CPU_LOW)
+    assert result.category.value == "zero_output"
+    swept = result.op_sweep
+    assert swept.culprit is None and swept.rows and "without variant flags" in swept.method
+    assert swept.note.startswith("not proven: no op is wrong alone")
+    assert "--mnn-model " + str(ONNX / "sweep_broken.onnx") + " --mnn-convert <variant>" in result.message

@@ -1,7 +1,8 @@
 """The engine's op sweep (``--mnn-op-sweep``) and repro bundles (``--mnn-repro``), after a check's trace.
 
 The sweep runs each flagged op (or every op) of the tested ``.mnn`` alone on the item's configuration, fed
-the reference's recorded inputs of that op (``trace.sweep``).  When it proves an op broken, that op replaces
+the reference's recorded inputs of that op (``trace.sweep``); for an item judged against ONNX Runtime, each
+flagged ONNX node cut from the ONNX model and converted alone, fed ONNX Runtime's inputs of it (``onnx.sweep``).  When it proves an op broken, that op replaces
 the trace's guess as the item's first divergent layer (message, JSON report, pictures, HTML); the guess is
 kept in the sweep's record with what the sweep found it to be.
 """
@@ -76,6 +77,11 @@ class SweepSide:
                            method_note="without variant flags: this .mnn was not converted by this run" if note
                            else "")
         swept, graph = found.result, found.graph
+        if note and swept.culprit is None:
+            # Converted without the flags the .mnn was made with, a node right alone proves nothing about it.
+            swept.note = (f"not proven: {swept.conclusion()}; but this .mnn was not converted by this run, so each "
+                          f"node was converted without variant flags: sweep the ONNX file itself with --mnn-model "
+                          f"{engine.onnx.reference_path(model)} --mnn-convert <variant>")
         if found.proofs:
             self.onnx_proofs[id(result)] = found.proofs
         culprit = swept.culprit
