@@ -230,6 +230,17 @@ class OnnxSide:
         return RuntimeSteps(runtime, model)
 
     # -- localisation -----------------------------------------------------------
+    def probe_flags(self, model: LoadedModel) -> tuple[tuple[str, ...], str]:
+        """The MNNConvert flags that re-convert ``model``'s ONNX reference as ``model`` was made (the variant's,
+        for a conversion of this run), and a note when they are a guess ("" otherwise)."""
+        source = self._sources.get(model_key(model.path))
+        if source is not None and not self.engine.settings.reference:
+            return self.cache.flags(source[1]), ""
+        return self.cache.extra_flags, (
+            f"{model.path} was not converted by this run: probes convert {self.reference_path(model)} without "
+            f"variant flags; if the failure is not reproduced, test the ONNX file itself with --mnn-model "
+            f"{self.reference_path(model)} --mnn-convert <variant>")
+
     def localise(self, result: "ParityResult", model: LoadedModel, config: RunConfig, tol: Tolerance,
                  inputs: Mapping[str, np.ndarray], layer_tolerances: Mapping[str, Tolerance] | None = None) -> None:
         """Fill ``result.trace`` and ``first_divergent_layer`` with the ONNX node to blame."""
@@ -241,14 +252,7 @@ class OnnxSide:
         if failing is None:
             return
         onnx_path = self.reference_path(model)
-        source = self._sources.get(model_key(model.path))
-        if source is not None and not self.engine.settings.reference:
-            flags, note = self.cache.flags(source[1]), None
-        else:
-            flags = self.cache.extra_flags
-            note = (f"{model.path} was not converted by this run: probes convert {onnx_path} without variant "
-                    f"flags; if the failure is not reproduced, test the ONNX file itself with --mnn-model "
-                    f"{onnx_path} --mnn-convert <variant>")
+        flags, note = self.probe_flags(model)
         try:
             # The shapes the model itself was loaded with (--mnn-input-shape over a sidecar's [shapes]): probes
             # of a dynamic model need them as much as the model did.

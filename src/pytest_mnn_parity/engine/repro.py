@@ -90,6 +90,12 @@ def _candidates(side, result, model: LoadedModel, tol: Tolerance, inputs, input_
             and engine.bundle is None:
         reference = engine.reference_trace(session, inputs, input_set)
     culprit = result.op_sweep.culprit if result.op_sweep is not None else None
+    proof = side.onnx_proofs.pop(id(result), {}).get(culprit.op) if culprit is not None else None
+    if proof is not None:  # judged against ONNX Runtime: the node cut from the ONNX model, and its conversion
+        cut, fed, expected = proof
+        how = " ".join(side.engine.onnx.probe_flags(model)[0]) or "no flags"
+        found.append(Repro(f"the node {culprit.op} ({culprit.type}) alone, cut from the ONNX model (`model.onnx`) "
+                           f"and converted by MNNConvert ({how})", cut.mnn, fed, expected, 0.0, onnx=cut.onnx))
     if culprit is not None and reference is not None:
         key = layer_key(culprit.op, culprit.occurrence)
         side.cache.declare_inputs(session.path, session.shapes)

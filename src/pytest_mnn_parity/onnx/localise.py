@@ -270,31 +270,37 @@ class Prober:
         return TensorJudgement(0, m, failed, health_flags(target, ref, m, tol) if failed else [])
 
     def _write_copy(self, tensors: Sequence[str]) -> Path:
-        import onnx  # noqa: PLC0415
-        from onnx import helper  # noqa: PLC0415
+        return write_copy(self.base, self.onnx_path, tensors, Path(self.cache.folder) / "probes")
 
-        copy = onnx.ModelProto()
-        copy.CopyFrom(self.base)
-        present = {o.name for o in copy.graph.output}
-        for tensor in tensors:
-            if tensor not in present:
-                copy.graph.output.append(helper.make_empty_tensor_value_info(tensor))
-        data = copy.SerializeToString()
-        folder = Path(self.cache.folder) / "probes"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{self.onnx_path.stem}.{hashlib.sha256(data).hexdigest()[:24]}.onnx"
-        if not path.is_file():
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        from .variants import external_data_files  # noqa: PLC0415
 
-        for external in external_data_files(self.onnx_path):  # the copy refers to them by relative path
-            link = folder / external.relative_to(self.onnx_path.parent)
-            if not link.exists():
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(external.resolve())
-        return path
+def write_copy(base, onnx_path: Path, tensors: Sequence[str], folder: Path) -> Path:
+    """A copy of ``base`` (the model of ``onnx_path``) with ``tensors`` added as graph outputs, in ``folder``, named
+    by its content (written once); its external-data files are linked beside it."""
+    import onnx  # noqa: PLC0415
+    from onnx import helper  # noqa: PLC0415
+
+    onnx_path = Path(onnx_path)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(base)
+    present = {o.name for o in copy.graph.output}
+    for tensor in tensors:
+        if tensor not in present:
+            copy.graph.output.append(helper.make_empty_tensor_value_info(tensor))
+    data = copy.SerializeToString()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{onnx_path.stem}.{hashlib.sha256(data).hexdigest()[:24]}.onnx"
+    if not path.is_file():
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    from .variants import external_data_files  # noqa: PLC0415
+
+    for external in external_data_files(onnx_path):  # the copy refers to them by relative path
+        link = folder / external.relative_to(onnx_path.parent)
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(external.resolve())
+    return path
 
 
 @dataclass

@@ -334,7 +334,7 @@ def run_alone(cache: CutCache, model_path: Path, reference: ReferenceTrace, name
               occurrence: int, config: RunConfig, tol: Tolerance, layer: LayerRecord | None = None) -> SweepRow:
     """One op alone on ``config``, fed and judged with what ``reference`` recorded for it."""
     row = SweepRow(name, op_type, occurrence, config.backend, config.precision, NOT_CUT,
-                   in_graph=None if layer is None else _in_graph(layer))
+                   in_graph=None if layer is None else in_graph_of(layer))
     key = layer_key(name, occurrence)
     cut = cache.cut(model_path, name, reference.input_shapes(key))
     if cut.path is None:
@@ -366,13 +366,22 @@ def run_alone(cache: CutCache, model_path: Path, reference: ReferenceTrace, name
     if not run.ok:
         row.reason = f"the op alone failed to run ({run.error})"
         return row
-    worst = None
+    pairs = []
     for i, out_name in enumerate(cut.outputs):
-        ref = reference.load(key, "out", i)
-        target = run.outputs.get(out_name)
-        if ref is None or target is None or target.size != ref.size:
+        ref, target = reference.load(key, "out", i), run.outputs.get(out_name)
+        if ref is not None and target is not None:
+            pairs.append((target, np.asarray(ref)))
+    return conclude(row, pairs, tol, layer)
+
+
+def conclude(row: SweepRow, pairs: list[tuple[np.ndarray, np.ndarray]], tol: Tolerance,
+             layer: LayerRecord | None) -> SweepRow:
+    """Judge an op alone from its (output alone, reference output) ``pairs``, and say what that makes of it
+    given how it fared in the graph (``layer``; None when its output was not compared there)."""
+    worst = None
+    for target, ref in pairs:
+        if target.size != ref.size:
             continue
-        ref = np.asarray(ref)
         target = target.reshape(ref.shape)
         # As the trace judges op tensors (trace.compare): no absolute floor, an op's tensor may be tiny.
         m = compare(target, ref, atol=tol.atol, rtol=tol.rtol)
@@ -389,7 +398,9 @@ def run_alone(cache: CutCache, model_path: Path, reference: ReferenceTrace, name
     if failed:
         row.verdict, row.reason = BROKEN, "wrong alone with the reference's exact inputs"
     elif layer is None or not layer.failed:
-        row.verdict, row.reason = OK, "right alone" + ("" if layer is None else " and in the graph")
+        row.verdict = OK
+        row.reason = "right alone" + (" (its output was not compared in the graph)" if layer is None else
+                                      " and in the graph")
     elif layer.inputs_ok:
         row.verdict = ACCUMULATED
         row.reason = ("right alone; in the graph its inputs were within tolerance but carried small errors that "
@@ -403,7 +414,7 @@ def _worse(a: float, b: float) -> bool:
     return (a != a) or (b == b and a < b)
 
 
-def _in_graph(layer: LayerRecord) -> dict[str, Any]:
+def in_graph_of(layer: LayerRecord) -> dict[str, Any]:
     m = layer.outputs[0].metrics if layer.outputs and layer.outputs[0].metrics is not None else None
     return {"failed": layer.failed, "inputs_ok": layer.inputs_ok, "health": layer.health,
             "max_abs": None if m is None else m.max_abs, "cosine": None if m is None else m.cosine}
