@@ -265,23 +265,36 @@ def _stack_lines(message: str) -> list[str]:
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_a_real_sigsegv_during_gpu_work_is_one_crashed_result_and_the_gpu_serves_a_fresh_worker(backend):
-    """The signal comes from outside (this test), a third into configuration #3's GPU work."""
+    """The signal comes from outside (this test), a third into configuration #3's GPU work.
+
+    Configuration #3 can be quicker than #2, whose duration sets the delay (on the H200 under six parallel
+    test workers Vulkan's #3 finished before a third of #2 had passed, and passed): a signal that comes too
+    late is no test of a crash, so it is tried again, sooner, in a fresh worker."""
     require(backend)
-    engine = _isolated_engine()
+    for attempt, fraction in enumerate((3, 10, 30)):
+        engine = _isolated_engine()
+        try:
+            delay = _warm_worker_and_time_gpu_work(engine, backend) / fraction
+            sent: list[int] = []
+
+            def kill():
+                worker = _wait_for(engine, DEMO, "configuration #3")
+                time.sleep(delay)
+                os.kill(worker.pid, signal.SIGSEGV)
+                sent.append(worker.pid)
+
+            killer = threading.Thread(target=kill)
+            killer.start()
+            crashed = engine.check(DEMO, RunConfig(backend, "low"), reproduce="pytest again")
+            killer.join()
+        except BaseException:
+            engine.close()
+            raise
+        if crashed.category is not Category.OK or attempt == 2:
+            break
+        print(f"{backend}: the check ended before the signal ({delay * 1e3:.1f} ms): again, sooner")
+        engine.close()
     try:
-        delay = _warm_worker_and_time_gpu_work(engine, backend) / 3
-        sent: list[int] = []
-
-        def kill():
-            worker = _wait_for(engine, DEMO, "configuration #3")
-            time.sleep(delay)
-            os.kill(worker.pid, signal.SIGSEGV)
-            sent.append(worker.pid)
-
-        killer = threading.Thread(target=kill)
-        killer.start()
-        crashed = engine.check(DEMO, RunConfig(backend, "low"), reproduce="pytest again")
-        killer.join()
         assert sent and crashed.category is Category.CRASHED, crashed.message
         assert crashed.fault["signal"] == "SIGSEGV" and crashed.fault["pid"] == sent[0]
         assert "Fatal Python error: Segmentation fault" in crashed.message and "reproduce: pytest again" in crashed.message
