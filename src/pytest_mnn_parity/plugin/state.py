@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import pytest
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .run import ParityRun
-
-PARITY_RUN: pytest.StashKey[ParityRun] = pytest.StashKey()
+# The run's state, a ``run.ParityRun``; typed loosely so that this module, which every item module imports, does
+# not import ``run`` even for type checkers (``run`` imports the item modules: a circle).
+PARITY_RUN: pytest.StashKey[Any] = pytest.StashKey()
 
 
 def node_id_path(path: Path, rootpath: Path) -> str:
