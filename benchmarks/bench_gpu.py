@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from pytest_mnn_parity import ParityEngine, RunConfig, backends
+from pytest_mnn_parity.mnn import arithmetic as mnn_arithmetic
 from pytest_mnn_parity.mnn.library import mnn, mnn_version
 from pytest_mnn_parity.mnn.native_output import capture_native_output
 from pytest_mnn_parity.isolation import engine as isolated_engine
@@ -223,7 +224,7 @@ def main() -> int:
     all_configs = [RunConfig(b, p) for b in backends.DEFAULT_BACKENDS for p in backends.PRECISIONS]
     available = [c for c in all_configs if status[c.backend].available]
     t0 = time.perf_counter()
-    arithmetic = {c.id: backends.probe_arithmetic(c.backend, c.precision).kind for c in available}
+    arithmetic = {c.id: mnn_arithmetic.probe_arithmetic(c.backend, c.precision).kind for c in available}
     arithmetic_s = time.perf_counter() - t0
     probe = ParityEngine()
     model = probe.model(DEMO)

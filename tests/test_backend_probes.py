@@ -14,20 +14,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_mnn_parity.mnn import backends, weights
-from pytest_mnn_parity.mnn.backends import (
+from pytest_mnn_parity.mnn import arithmetic as mnn_arithmetic
+from pytest_mnn_parity.mnn.arithmetic import (
     ARITHMETIC_PROBE_INPUT,
-    FORWARD_TYPES,
     KERNEL_FP32_LIMIT,
     KERNEL_PROBE_INPUT,
     KERNEL_PROBES,
     KERNEL_WEIGHTS,
-    PROBE_INPUT,
     Arithmetic,
     classify_arithmetic,
-    judge_probe,
     kernel_probe_errors,
     model_kernels,
     probe_errors,
+)
+from pytest_mnn_parity.mnn.backends import (
+    FORWARD_TYPES,
+    PROBE_INPUT,
+    judge_probe,
 )
 
 from conftest import FIXTURES
@@ -97,7 +100,7 @@ def test_a_probe_off_by_more_than_any_float_format_is_broken(output):
 
 def test_the_real_cpu_probe_agrees_with_the_classifier_on_its_own_errors():
     """The refactor kept the measurement: the CPU's real probe is what the classifier says of its errors."""
-    measured = backends.probe_arithmetic("CPU", "high")
+    measured = mnn_arithmetic.probe_arithmetic("CPU", "high")
     assert measured.kind == classify_arithmetic(measured.errors).kind == "fp32"
 
 
@@ -140,7 +143,7 @@ def _errors(**kernels: np.ndarray) -> dict[str, float]:
     """The probes' errors: the elementwise ones of fp32 unless given, each kernel's from its recorded output."""
     base = kernels.pop("base", _recorded("fp32"))
     return probe_errors(base) | kernel_probe_errors(
-        {k: kernels.get(k, _kernel_output(stride=backends.KERNEL_STRIDES[k])) for k in KERNEL_PROBES})
+        {k: kernels.get(k, _kernel_output(stride=mnn_arithmetic.KERNEL_STRIDES[k])) for k in KERNEL_PROBES})
 
 
 def test_the_kernel_recordings_round_as_the_formats_do():
@@ -216,20 +219,20 @@ def test_a_named_kernel_is_always_looser_than_the_elementwise_format(base_error,
     order = ["fp32", "fp16", "bf16"]
     for name, kind in arithmetic.kernels.items():
         assert order.index(kind) > order.index(arithmetic.kind)
-        assert kind == backends.kernel_format(kernel_errors[name])
+        assert kind == mnn_arithmetic.kernel_format(kernel_errors[name])
     for name, error in kernel_errors.items():
         if name not in arithmetic.kernels:  # left out: as tight as the rest, or no format at all
-            fmt = backends.kernel_format(error)
+            fmt = mnn_arithmetic.kernel_format(error)
             assert fmt == "broken" or order.index(fmt) <= order.index(arithmetic.kind)
 
 
 def test_the_real_cpu_kernel_probes_are_fp32_and_run_the_op_types_converted_models_have():
     """On this CPU every kernel computes fp32 at every precision; the probe model holds the same op types a
     converted model holds (weights stored in the op, not fed as inputs, which MNN runs with other kernels)."""
-    assert set(weights.op_types(backends.kernel_probe_model())) >= {
+    assert set(weights.op_types(mnn_arithmetic.kernel_probe_model())) >= {
         op for probe in KERNEL_PROBES.values() for op in probe.op_types}
     for precision in backends.PRECISIONS:
-        measured = backends.probe_arithmetic("CPU", precision)
+        measured = mnn_arithmetic.probe_arithmetic("CPU", precision)
         assert measured.kind == "fp32" and measured.kernels == {}, measured.describe()
         assert all(0 <= measured.errors[k] <= KERNEL_FP32_LIMIT for k in KERNEL_PROBES), measured.errors
         assert classify_arithmetic(measured.errors) == measured
@@ -242,7 +245,7 @@ def test_a_model_is_matched_to_the_reduced_kernels_it_really_runs():
     assert "ConvolutionDepthwise" in mobile and "ConvolutionDepthwise" not in deep
     assert model_kernels(cuda_high, mobile) == {"depthwise convolution (ConvolutionDepthwise)": "fp16"}
     assert model_kernels(cuda_high, deep) == {}
-    assert model_kernels(backends.probe_arithmetic("CPU", "high"), mobile) == {}
+    assert model_kernels(mnn_arithmetic.probe_arithmetic("CPU", "high"), mobile) == {}
     assert model_kernels(None, mobile) == {}
 
 

@@ -1,5 +1,5 @@
 """Backend discovery and the arithmetic probes are kept in pytest's cache between runs (issue 22): a GPU's take
-seconds every run.  The key is what can change their results (``backends.discovery_key``).  Probes are counted
+seconds every run.  The key is what can change their results (``kept_results.discovery_key``).  Probes are counted
 in every process that makes one (the run's workers too) through ``MNN_PARITY_PROBE_LOG``."""
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 from conftest import read_report
 
 from pytest_mnn_parity.mnn import backends
+from pytest_mnn_parity.mnn import arithmetic as mnn_arithmetic
+from pytest_mnn_parity.mnn import kept_results
 
 ARGS = ("--mnn-only", "--mnn-model", "lama_like.mnn", "--mnn-backends", "CPU,OPENCL", "--mnn-precisions",
         "high,low", "--mnn-report", "r.json")
@@ -43,7 +45,7 @@ def test_a_second_run_probes_nothing_and_judges_the_same(pytester, models, monke
     assert warm == [], f"the second run probed again: {warm}"
     assert second == first
     kept = json.loads((pytester.path / ".pytest_cache" / "v" / "mnn-parity" / "discovery").read_text())
-    assert kept["key"] == backends.discovery_key()
+    assert kept["key"] == kept_results.discovery_key()
     assert {s["name"] for s in kept["results"]["statuses"]} >= {"CPU", "OPENCL"}
 
     # --cache-clear empties pytest's cache: everything is probed again (in-process now: the cheaper run).
@@ -62,23 +64,23 @@ def test_a_second_run_probes_nothing_and_judges_the_same(pytester, models, monke
 def test_the_key_names_what_can_change_a_probe(monkeypatch):
     monkeypatch.delenv("MNN_PARITY_DISABLE_BACKENDS", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    plain = backends.discovery_key()
+    plain = kept_results.discovery_key()
     assert "_mnncengine" in plain["mnn"], plain  # the MNN build: the extension's file
     monkeypatch.setenv("MNN_PARITY_DISABLE_BACKENDS", "VULKAN")
-    assert backends.discovery_key() != plain
+    assert kept_results.discovery_key() != plain
     monkeypatch.delenv("MNN_PARITY_DISABLE_BACKENDS")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    assert backends.discovery_key() != plain
+    assert kept_results.discovery_key() != plain
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert backends.discovery_key() == plain
+    assert kept_results.discovery_key() == plain
 
 
 def test_results_survive_their_json_form():
     """What is kept is what was found: the JSON round trip gives the same statuses and arithmetic back."""
     status = backends.discover(["CPU"])["CPU"]
-    arithmetic = backends.probe_arithmetic("CPU", "high")
-    data = json.loads(json.dumps(backends.known_results()))
+    arithmetic = mnn_arithmetic.probe_arithmetic("CPU", "high")
+    data = json.loads(json.dumps(kept_results.known_results()))
     kept = {s["name"]: backends.BackendStatus(**s) for s in data["statuses"]}
     assert kept["CPU"] == status
-    found = {(b, p): backends.Arithmetic(**a) for b, p, a in data["arithmetic"]}
+    found = {(b, p): mnn_arithmetic.Arithmetic(**a) for b, p, a in data["arithmetic"]}
     assert found[("CPU", "high")] == arithmetic

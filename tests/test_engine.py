@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pytest_mnn_parity import backends
+from pytest_mnn_parity.mnn import arithmetic as mnn_arithmetic
 from pytest_mnn_parity.mnn.library import device_support_line
 from pytest_mnn_parity.mnn.model import ModelError
 from pytest_mnn_parity.core.tolerances import TIERS
@@ -71,10 +72,10 @@ def test_fp16_healthy_build_passes_fp16_tolerances_but_not_fp32_ones():
 @pytest.mark.parametrize("precision", backends.PRECISIONS)
 def test_tier_follows_the_measured_arithmetic(precision):
     """x86 CPUs compute every precision in fp32 (MNN prints fp16:0): all are held to the fp32 tier."""
-    arithmetic = backends.probe_arithmetic("CPU", precision)
+    arithmetic = mnn_arithmetic.probe_arithmetic("CPU", precision)
     result = ParityEngine().check(DEMO, RunConfig("CPU", precision))
     assert result.arithmetic is arithmetic and result.tolerance.tier == arithmetic.kind
-    assert set(arithmetic.errors) == {"add", "matmul", *backends.KERNEL_PROBES}
+    assert set(arithmetic.errors) == {"add", "matmul", *mnn_arithmetic.KERNEL_PROBES}
     if "fp16:0" in device_support_line():
         assert arithmetic.kind == "fp32" and max(arithmetic.errors.values()) < 1e-3 and arithmetic.kernels == {}
     failing = ParityEngine(ParitySettings(reference=str(COLLAPSE / "zero.mnn"))).check(

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig, backends
+from pytest_mnn_parity.mnn import arithmetic as mnn_arithmetic
 from pytest_mnn_parity.isolation.engine import IsolatedEngine
 from pytest_mnn_parity.report.records import record
 from pytest_mnn_parity.mnn.runner import LoadedModel
@@ -77,7 +78,7 @@ def test_precision_means_what_each_backend_computes():
         if backend in required_gpus():
             require_backend(backend)
         if backends.discover([backend])[backend].available:
-            arith[backend] = {p: backends.probe_arithmetic(backend, p).kind for p in ("high", "normal", "low")}
+            arith[backend] = {p: mnn_arithmetic.probe_arithmetic(backend, p).kind for p in ("high", "normal", "low")}
     if not arith:
         pytest.skip("no GPU backend in this MNN build")
     for backend, kinds in arith.items():
@@ -99,7 +100,7 @@ def test_kernel_probes_and_the_tier_of_a_depthwise_model_follow_what_the_gpu_mea
     from pytest_mnn_parity.mnn.weights import op_types
 
     require(backend)
-    found = {p: backends.probe_arithmetic(backend, p) for p in backends.PRECISIONS}
+    found = {p: mnn_arithmetic.probe_arithmetic(backend, p) for p in backends.PRECISIONS}
     if os.environ.get("OUT"):
         path = os.path.join(os.environ["OUT"], "kernel_probes.json")
         kept = json.load(open(path)) if os.path.exists(path) else {}
@@ -110,15 +111,15 @@ def test_kernel_probes_and_the_tier_of_a_depthwise_model_follow_what_the_gpu_mea
     for precision, arith in found.items():
         print(f"{backend}-{precision}: {arith.describe()}")
         if arith.kind in ("fp32", "fp16", "bf16"):
-            assert set(backends.KERNEL_PROBES) <= set(arith.errors), f"kernel probes did not run: {arith.note}"
-        assert backends.classify_arithmetic(arith.errors).kernels == arith.kernels
+            assert set(mnn_arithmetic.KERNEL_PROBES) <= set(arith.errors), f"kernel probes did not run: {arith.note}"
+        assert mnn_arithmetic.classify_arithmetic(arith.errors).kernels == arith.kernels
     arith = found["high"]
     engine = ParityEngine()
     for path in (FIXTURES / "depthwise" / "mobile_block.mnn", FIXTURES / "deep" / "deep_fp32.mnn"):
         result = engine.check(path, RunConfig(backend, "high"))
         _assert_ran_on(result, backend)
         assert result.category is Category.OK, result.message
-        kernels = backends.model_kernels(arith, op_types(path))
+        kernels = mnn_arithmetic.model_kernels(arith, op_types(path))
         expected = resolve(backend, "high", arithmetic=arith.kind, kernels=kernels)
         assert (result.tolerance.tier, result.tolerance.tier_reason) == (expected.tier, expected.tier_reason)
         if "depthwise" in arith.kernels and "ConvolutionDepthwise" in op_types(path):
@@ -142,7 +143,7 @@ def _gpu_name() -> str:
 def test_fp16_overflow_of_a_model_healthy_in_fp32_is_caught_at_low_precision(backend):
     """overflow_activation passes on every fp32 path but its 1e6 activation overflows real fp16."""
     require(backend)
-    if backends.probe_arithmetic(backend, "low").kind != "fp16":
+    if mnn_arithmetic.probe_arithmetic(backend, "low").kind != "fp16":
         pytest.skip(f"{backend} low does not compute in fp16 here")
     engine = ParityEngine()
     path = FIXTURES / "risk" / "overflow_activation.mnn"
@@ -359,7 +360,7 @@ def test_a_real_vulkan_fallback_is_never_a_pass(pytester, models, tmp_path, monk
     shares its runtimes (test_gpu_modes.py drives a worker past that count), so this is the real GPU fallback
     the item-level check meets."""
     require("VULKAN")
-    from pytest_mnn_parity.mnn import backends as discovery
+    from pytest_mnn_parity.mnn import kept_results
 
     models("demo/lama_like.mnn", "multi_io.mnn")
     args = ("--mnn-only", "--mnn-backends", "VULKAN", "--mnn-precisions", "high,low", "--mnn-model", ".",
@@ -379,7 +380,7 @@ def test_a_real_vulkan_fallback_is_never_a_pass(pytester, models, tmp_path, monk
         assert r["outcome"] == "skipped" and "CPU" in r["message"], (r["nodeid"], r["message"])
     assert fresh.ret == 0
 
-    kept["key"] = discovery.discovery_key()  # this environment's key, with the working run's findings
+    kept["key"] = kept_results.discovery_key()  # this environment's key, with the working run's findings
     kept_file.write_text(json.dumps(kept))
     stale = pytester.runpytest_subprocess(*args, "--mnn-report", "stale.json")
     results = read_report(pytester.path / "stale.json")["results"]

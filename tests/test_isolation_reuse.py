@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_mnn_parity import backends
+from pytest_mnn_parity.mnn import arithmetic as mnn_arithmetic
 from pytest_mnn_parity.isolation.engine import IsolatedEngine
 from pytest_mnn_parity.engine.engine import ParityEngine
 from pytest_mnn_parity.engine.results import ParitySettings
@@ -19,7 +20,7 @@ def test_a_configurations_arithmetic_is_measured_once_per_run_not_once_per_worke
     """Each arithmetic probe creates sessions on the backend (seconds per GPU configuration, per process).
     A worker reuses what the parent knows; what a worker measured is remembered by the parent."""
     cache: dict = {}
-    monkeypatch.setattr(backends, "_ARITH_CACHE", cache)
+    monkeypatch.setattr(mnn_arithmetic, "_ARITH_CACHE", cache)
     engine = IsolatedEngine(ParitySettings(), prespawn=False)
     try:
         first = engine.check(DEMO, RunConfig("CPU", "low"))
@@ -27,7 +28,7 @@ def test_a_configurations_arithmetic_is_measured_once_per_run_not_once_per_worke
         measured = cache[("CPU", "low")]
         assert measured == first.arithmetic and measured.kind == "fp32"
         # A marker the worker could not have measured itself shows that the next worker reused it.
-        cache[("CPU", "low")] = backends.Arithmetic("fp32", dict(measured.errors), "MARKER: known to the parent")
+        cache[("CPU", "low")] = mnn_arithmetic.Arithmetic("fp32", dict(measured.errors), "MARKER: known to the parent")
         second = engine.check(COLLAPSE / "healthy.mnn", RunConfig("CPU", "low"))
         assert second.worker["pid"] != first.worker["pid"]
         assert second.arithmetic.note == "MARKER: known to the parent"

@@ -17,7 +17,8 @@ from pytest_mnn_parity.core.verdict import Category
 from pytest_mnn_parity.engine.explain import failure_message
 from pytest_mnn_parity.isolation.engine import IsolatedEngine
 from pytest_mnn_parity.isolation.protocol import result_from_wire, result_to_wire
-from pytest_mnn_parity.mnn import backends
+from pytest_mnn_parity.mnn import arithmetic as mnn_arithmetic
+from pytest_mnn_parity.mnn import kept_results
 from pytest_mnn_parity.report.records import record
 
 from conftest import FIXTURES
@@ -28,11 +29,11 @@ REASON = ("raised from fp32: this configuration's depthwise convolution (Convolu
           "and the model runs it")
 
 
-def _simulated_cuda_high() -> backends.Arithmetic:
+def _simulated_cuda_high() -> mnn_arithmetic.Arithmetic:
     """The CPU's own measurement with the depthwise probe's error replaced by what half-precision weights give
     (0.375 next to 1024), classified by the real classifier: fp32 except depthwise convolutions."""
-    measured = backends.probe_arithmetic("CPU", "high")
-    return backends.classify_arithmetic(measured.errors | {"depthwise": 0.375})
+    measured = mnn_arithmetic.probe_arithmetic("CPU", "high")
+    return mnn_arithmetic.classify_arithmetic(measured.errors | {"depthwise": 0.375})
 
 
 def test_on_this_cpu_a_depthwise_model_keeps_the_fp32_tier():
@@ -47,7 +48,7 @@ def test_on_this_cpu_a_depthwise_model_keeps_the_fp32_tier():
 def test_a_depthwise_model_gets_the_tier_of_the_reduced_kernel_and_the_report_says_why(monkeypatch):
     simulated = _simulated_cuda_high()
     assert simulated.kind == "fp32" and simulated.kernels == {"depthwise": "fp16"}
-    monkeypatch.setattr(backends, "probe_arithmetic", lambda backend, precision: simulated)
+    monkeypatch.setattr(mnn_arithmetic, "probe_arithmetic", lambda backend, precision: simulated)
     engine = ParityEngine()
     mobile = engine.check(MOBILE, RunConfig("CPU", "high"))
     assert mobile.category is Category.OK, mobile.message
@@ -74,12 +75,12 @@ def test_the_finding_crosses_the_worker_protocol_and_a_real_worker_judges_by_it(
     """The parent hands the arithmetic it knows to a fresh worker (which then probes nothing); the worker's
     verdict, tier and reason come back through the JSON line as they were."""
     simulated = _simulated_cuda_high()
-    monkeypatch.setattr(backends, "probe_arithmetic", lambda backend, precision: simulated)
+    monkeypatch.setattr(mnn_arithmetic, "probe_arithmetic", lambda backend, precision: simulated)
     local = ParityEngine().check(MOBILE, RunConfig("CPU", "high"))
     back = result_from_wire(json.loads(json.dumps(result_to_wire(local))))
     assert back.arithmetic == simulated and back.tolerance == local.tolerance
 
-    monkeypatch.setattr(backends, "known_arithmetic", lambda: {("CPU", "high"): simulated})
+    monkeypatch.setattr(mnn_arithmetic, "known_arithmetic", lambda: {("CPU", "high"): simulated})
     log = tmp_path / "probes.log"
     monkeypatch.setenv("MNN_PARITY_PROBE_LOG", str(log))
     engine = IsolatedEngine(ParitySettings(), prespawn=False)
@@ -99,7 +100,7 @@ def test_the_finding_crosses_the_worker_protocol_and_a_real_worker_judges_by_it(
 def test_kept_results_of_an_older_format_are_probed_again(cached, monkeypatch):
     """Kept arithmetic without kernel probes (format 1) must not stand for a measurement that has them: the key
     holds the format, so an older run's cache is never read back."""
-    key = backends.discovery_key()
-    assert key["format"] == str(backends.DISCOVERY_FORMAT) == "2"
-    monkeypatch.setattr(backends, "DISCOVERY_FORMAT", cached)
-    assert (backends.discovery_key() == key) == (cached == 2)
+    key = kept_results.discovery_key()
+    assert key["format"] == str(kept_results.DISCOVERY_FORMAT) == "2"
+    monkeypatch.setattr(kept_results, "DISCOVERY_FORMAT", cached)
+    assert (kept_results.discovery_key() == key) == (cached == 2)

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from pytest_mnn_parity import backends
+from pytest_mnn_parity.mnn import arithmetic as mnn_arithmetic
 from onnx import TensorProto, helper, numpy_helper
 
 from pytest_mnn_parity import ParityEngine, ParitySettings, RunConfig
@@ -41,7 +41,7 @@ def test_healthy_fp32_and_fp16_variants_pass_against_onnx_runtime_with_default_t
             result = engine.check(ONNX / f"{name}.onnx", config, variant=variant)
             assert result.category is Category.OK, result.message
             assert result.variant == variant and result.reference.startswith("ONNX Runtime ")
-            measured = backends.probe_arithmetic(config.backend, config.precision).kind
+            measured = mnn_arithmetic.probe_arithmetic(config.backend, config.precision).kind
             assert result.tolerance.tier == ("fp16" if variant == "fp16" or measured == "fp16" else "fp32")
             worst[variant] = max(v.metrics.max_abs for v in result.verdict.outputs)
     # The fp16 variant really stores half weights: it is measurably further from ONNX than fp32.

@@ -85,7 +85,7 @@ def test_variant_tiers_as_documented():
     assert resolve("CPU", "high", ("command line", {"atol": 0.5}), variant="int8").atol == 0.5
 
 
-# -- kernels measured to round looser than the configuration's elementwise path (backends.KERNEL_PROBES) ----------
+# -- kernels measured to round looser than the configuration's elementwise path (arithmetic.KERNEL_PROBES) ----------
 
 DEPTHWISE = "depthwise convolution (ConvolutionDepthwise)"
 

@@ -166,10 +166,10 @@ def resolve(backend: str, precision: str, *layers: tuple[str, Mapping[str, Any] 
     """The tier for ``backend`` x ``precision`` (and conversion ``variant``) with ``layers`` of overrides.
 
     ``arithmetic`` is what a probe measured the configuration to compute in
-    (``backends.probe_arithmetic``): when known it picks the tier, so an fp32
+    (``arithmetic.probe_arithmetic``): when known it picks the tier, so an fp32
     path (``low`` on an x86 CPU, anything on OpenCL without fp16) is held to
     fp32 tolerances.  ``kernels`` are the model's kernels measured to round in
-    another format (``backends.model_kernels``): they raise the tier
+    another format (``arithmetic.model_kernels``): they raise the tier
     (``kernel_tier``).  Each layer is ``(source_name, {field: value})``; ``None``
     values are ignored so an option that was not given does not clobber a lower layer.
     """

@@ -24,6 +24,7 @@ from ..core.verdict import Category, Verdict, judge_outputs, worst
 from ..inputs.generate import fingerprint, generate_inputs
 from ..inputs.sets import InputSet
 from ..mnn import backends
+from ..mnn import arithmetic as mnn_arithmetic
 from ..mnn.failures import SHAPES_HINT, last_lines, mnn_said, runtime_error_text, runtime_hint
 from ..mnn.limits import nonfinite_inputs
 from ..mnn.model import ModelError, model_key, remembered
@@ -360,9 +361,9 @@ class ParityEngine(Checker):
         (from the arithmetic measured for ``config``, the kernels of the ``.mnn`` at ``model_path`` that this
         configuration computes in a looser format, the conversion ``variant``, and the arithmetic of a saved
         reference computed at reduced precision)."""
-        arithmetic = backends.probe_arithmetic(config.backend, config.precision)
+        arithmetic = mnn_arithmetic.probe_arithmetic(config.backend, config.precision)
         kind = looser_tier(arithmetic.kind, config.backend, config.precision, reference_arithmetic)
-        kernels = backends.model_kernels(arithmetic, op_types(model_path)) if model_path is not None else {}
+        kernels = mnn_arithmetic.model_kernels(arithmetic, op_types(model_path)) if model_path is not None else {}
         return resolve(config.backend, config.precision, *layers, arithmetic=kind, variant=variant, kernels=kernels)
 
     def check_request(self, request: CheckRequest) -> ParityResult:
@@ -403,7 +404,7 @@ class ParityEngine(Checker):
             # A broken input set keeps its name: its items are its own row, as docs/report.md says.
             return ParityResult(model_label, config, Category.MODEL_ERROR, text, log=exc.log,
                                 input_set=input_set.name if input_set is not None else "", **api_fields)
-        arithmetic = backends.probe_arithmetic(config.backend, config.precision)
+        arithmetic = mnn_arithmetic.probe_arithmetic(config.backend, config.precision)
         ref_arith = reference.arithmetic
         tol = self.tolerance(config, request.tolerance_layers, variant, ref_arith, model.path)
         output_tolerances = {k: self.tolerance(config, v, variant, ref_arith, model.path)

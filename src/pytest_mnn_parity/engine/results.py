@@ -15,7 +15,7 @@ import numpy as np
 from ..core.tolerances import Tolerance
 from ..core.verdict import Category, Verdict
 from ..inputs.sets import InputSet
-from ..mnn import backends
+from ..mnn import arithmetic as mnn_arithmetic
 from ..mnn.failures import run_failure, runtime_hint
 from ..mnn.limits import DEFAULT_MAX_INPUT_MB
 from ..mnn.model import ModelError
@@ -114,7 +114,7 @@ class ParityResult:
     log: str = ""
     first_divergent_layer: dict[str, Any] | None = None
     variant: str | None = None
-    arithmetic: backends.Arithmetic | None = None
+    arithmetic: mnn_arithmetic.Arithmetic | None = None
     trace: TraceResult | None = None
     fp16_risks: list[ActivationRisk] = field(default_factory=list)
     # {input name: {"nan", "inf", "size", "sets"}} when an input set holds NaN/Inf (allowed, but reported).

@@ -26,6 +26,7 @@ import numpy as np
 from ..core.verdict import Category, judge_outputs
 from ..inputs.generate import fingerprint
 from ..mnn import backends
+from ..mnn import arithmetic as mnn_arithmetic
 from ..mnn.failures import last_lines, runtime_error_text
 from ..mnn.model import model_key
 from ..mnn.runner import LoadedModel, RunConfig, check_same_interface
@@ -230,7 +231,7 @@ class ModelUnderTest:
                               rc=getattr(outputs, "rc", None), seconds=getattr(outputs, "seconds", 0.0),
                               log=getattr(outputs, "log", ""), fp16_risks=list(getattr(reference, "fp16_risks", [])),
                               # What chose the tier, in the record as for a generated item (measured once a process).
-                              arithmetic=backends.probe_arithmetic(config.backend, config.precision))
+                              arithmetic=mnn_arithmetic.probe_arithmetic(config.backend, config.precision))
         mode = self.engine.settings.layers
         if inputs is not None and (mode == "always" or (mode == "on-failure" and not result.passed)):
             self._trace(result, config, tol, inputs)

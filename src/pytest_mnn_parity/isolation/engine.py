@@ -32,6 +32,7 @@ from ..engine.engine import ParityEngine
 from ..engine.request import Checker, CheckRequest
 from ..engine.results import ParityResult, ParitySettings
 from ..mnn import backends
+from ..mnn import arithmetic as mnn_arithmetic
 from ..mnn.model import model_key
 from . import protocol
 from .launch import WorkerCommand
@@ -204,7 +205,7 @@ class IsolatedEngine(Checker):
             if self._arithmetic is not None:
                 self._arithmetic[(config.backend, config.precision)] = result.arithmetic
             else:
-                backends.remember_arithmetic(config.backend, config.precision, result.arithmetic)
+                mnn_arithmetic.remember_arithmetic(config.backend, config.precision, result.arithmetic)
         return result
 
     def release(self, model_path: os.PathLike | str) -> None:
@@ -296,7 +297,7 @@ class IsolatedEngine(Checker):
     def _known_arithmetic(self) -> list[list[Any]]:
         """What is known of each configuration's arithmetic (in this MNN release), for a worker to reuse instead
         of probing."""
-        return _arithmetic_wire(backends.known_arithmetic() if self._arithmetic is None else self._arithmetic)
+        return _arithmetic_wire(mnn_arithmetic.known_arithmetic() if self._arithmetic is None else self._arithmetic)
 
     def _drop_spare(self, worker: Worker) -> None:
         if self._spare is worker:

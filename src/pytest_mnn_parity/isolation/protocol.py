@@ -60,7 +60,7 @@ from ..engine.engine import ParityEngine
 from ..engine.request import CheckRequest
 from ..engine.results import ParityResult, ParitySettings
 from ..inputs.stream_spec import StreamSpec, spec_for, stream_input_label
-from ..mnn.backends import Arithmetic
+from ..mnn.arithmetic import Arithmetic
 from ..mnn.model import ModelError
 from ..mnn.runner import RunConfig
 from ..mnn.weights import WeightRisk

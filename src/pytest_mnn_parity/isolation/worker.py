@@ -179,8 +179,10 @@ def _seed_backend(backends, status) -> None:
 
 def _seed_arithmetic(backends, known) -> None:
     """Reuse the arithmetic an earlier worker measured: each probe creates GPU sessions (seconds per worker)."""
+    from ..mnn import arithmetic as mnn_arithmetic  # noqa: PLC0415 - after the fds are safe, as in main()
+
     for backend, precision, arith in known or ():
-        backends.remember_arithmetic(backend, precision, backends.Arithmetic(**arith))
+        mnn_arithmetic.remember_arithmetic(backend, precision, mnn_arithmetic.Arithmetic(**arith))
 
 
 def _die_with_parent() -> None:

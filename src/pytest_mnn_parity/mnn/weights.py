@@ -262,7 +262,7 @@ def op_tensors(path) -> dict[str, tuple[list[str], list[str]]]:
 
 
 # MNN's OpType numbers (schema/default/MNN.fbs) for the ops the plugin decides by: the convolutions whose kernels
-# the arithmetic probes measure (backends.KERNEL_PROBES).  Others are named by number.
+# the arithmetic probes measure (arithmetic.KERNEL_PROBES).  Others are named by number.
 OP_TYPE_NAMES = {11: "Const", 34: "Input", 129: "ConvertTensor", **_CONV_TYPES}
 
 

@@ -133,15 +133,15 @@ class ParityRun:
     # -- discovery kept between runs ---------------------------------------------------
     def load_discovery(self, cache) -> None:
         """What an earlier run's discovery and arithmetic probes found, from pytest's cache (``config.cache``),
-        when nothing that could change it has changed (``backends.discovery_key``); else this run probes."""
-        from ..mnn import backends
+        when nothing that could change it has changed (``kept_results.discovery_key``); else this run probes."""
+        from ..mnn import kept_results
 
-        self._discovery_key = backends.discovery_key()
+        self._discovery_key = kept_results.discovery_key()
         kept = cache.get(DISCOVERY_CACHE, None)
         self._discovery_kept = None
         if isinstance(kept, dict) and kept.get("key") == self._discovery_key:
             try:
-                backends.remember_results(kept.get("results") or {})
+                kept_results.remember_results(kept.get("results") or {})
                 self._discovery_kept = kept.get("results")
             except (TypeError, ValueError):  # written by another version of the plugin: probe again
                 self._discovery_kept = None
@@ -150,9 +150,9 @@ class ParityRun:
         """Keep what this run's probes found for the next run (only when it found something new)."""
         if getattr(self, "_discovery_key", None) is None:
             return
-        from ..mnn import backends
+        from ..mnn import kept_results
 
-        results = backends.known_results()
+        results = kept_results.known_results()
         if results["statuses"] or results["arithmetic"]:
             if results != self._discovery_kept:
                 cache.set(DISCOVERY_CACHE, {"key": self._discovery_key, "results": results})

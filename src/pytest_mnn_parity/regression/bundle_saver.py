@@ -19,6 +19,7 @@ from ..engine.engine import ParityEngine
 from ..engine.results import Computed, ParityResult, Reference
 from ..inputs.generate import fingerprint
 from ..mnn import backends
+from ..mnn import arithmetic as mnn_arithmetic
 from ..mnn.library import mnn_version
 from ..mnn.model import file_sha256
 from ..mnn.runner import LoadedModel, RunConfig
@@ -68,7 +69,7 @@ class BundleSaver:
             ref_model = engine.reference_model(model)
             forward, _ = ref_model.session_backend(engine.reference_config)
             described = f"{engine.settings.reference or label} on {engine.reference_config.describe()}"
-            backend, arithmetic = backends.forward_name(forward), backends.probe_arithmetic("CPU", "high")
+            backend, arithmetic = backends.forward_name(forward), mnn_arithmetic.probe_arithmetic("CPU", "high")
             ref_sha = ref_model.info.sha256
             if self.layers == "always":
                 # The engine traced the reference while checking (layers "always"): reuse its recording.
