@@ -153,6 +153,11 @@ def test_op_sweep_option_reports_the_table_in_terminal_json_and_html(pytester, m
     assert swept["trace_blamed"] == "enc3_conv"
     assert rec["first_divergent_layer"]["name"] == "tiny_conv"
     assert {row["verdict"] for row in swept["rows"]} == {"broken", "accumulated", "upstream", "not_cut"}
+    # MNN's session-made layout copy is a row of the JSON; the message and the terminal table count it instead.
+    made = [row for row in swept["rows"] if row["verdict"] == "not_cut" and row["type"] == "Raster"]
+    assert made and "not cut: made by MNN at session time" not in out
+    assert f"and {len(made)} flagged tensor(s) MNN made at session time" in out
+    assert f"(and {len(made)} flagged tensor(s) MNN made at session time" in out
     page = (pytester.path / "r.html").read_text()
     assert "Op sweep: flagged ops run alone" in page and "Broken op (proven alone)" in page
     assert 'class="sweep-broken" data-op="tiny_conv"' in page

@@ -321,3 +321,13 @@ def judge_outputs(targets: Mapping[str, np.ndarray], references: Mapping[str, np
                        f"the reference's outputs are degenerate on both input sets ({notes}): the outputs agree, "
                        "but these inputs test nothing")
     return Verdict(category, verdicts)
+
+
+# The op sweep (trace/sweep.py): the start of a not_cut reason for a tensor MNN made while creating the session (a
+# layout copy, part of a decomposed op).  The file has no such op, so there is nothing to cut; the tables leave these
+# rows out and count them (engine/explain.py, report/sweep_table.py, which must not import the sweep at start-up).
+SESSION_MADE = "made by MNN at session time"
+
+
+def session_made(reason: str) -> bool:
+    return reason.startswith(SESSION_MADE)

@@ -130,20 +130,28 @@ def trace_lines(result: "ParityResult") -> list[str]:
 
 def sweep_lines(result: "ParityResult") -> list[str]:
     """The op sweep's part of a failure message: its conclusion, then its table of the flagged ops."""
-    from ..trace.sweep import table_lines
+    from ..core.verdict import session_made
+    from ..trace.sweep import NOT_CUT, table_lines
 
     swept = result.op_sweep
     lines = [f"op sweep:  {swept.conclusion()}"]
     if swept.note:
         return lines
-    rows = swept.flagged()
-    if not rows:
+    flagged = swept.flagged()
+    # MNN's session-time layout copies have no op in the file: a row each only hides the ops that matter.
+    rows = [row for row in flagged if not (row.verdict == NOT_CUT and session_made(row.reason))]
+    made = len(flagged) - len(rows)
+    if not flagged:
         return lines
     lines.append(f"           {len(swept.rows)} op(s) swept: {swept.method}")
     shown = rows[:12]
-    lines.extend("  " + row for row in table_lines(shown))
+    if shown:
+        lines.extend("  " + row for row in table_lines(shown))
     if len(rows) > len(shown):
         lines.append(f"  ... and {len(rows) - len(shown)} more flagged op(s) (see the JSON report)")
+    if made:
+        lines.append(f"  and {made} flagged tensor(s) MNN made at session time (layout copies, parts of decomposed "
+                     "ops): not in the file, so not run alone (the JSON report lists them)")
     return lines
 
 

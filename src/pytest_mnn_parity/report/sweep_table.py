@@ -11,11 +11,18 @@ from __future__ import annotations
 from html import escape
 from typing import Any, Iterable
 
+from ..core.verdict import session_made
+
 COLUMNS = ("model", "op", "type", "config", "alone", "max_abs", "cosine", "outside", "in graph", "verdict")
 
 
 def _flagged(row: dict[str, Any]) -> bool:
     return bool((row.get("in_graph") or {}).get("failed")) or row.get("verdict") == "broken"
+
+
+def _session_made(row: dict[str, Any]) -> bool:
+    """A tensor MNN made at session time (trace/sweep.py SESSION_MADE): nothing in the file to cut."""
+    return row.get("verdict") == "not_cut" and session_made(row.get("reason") or "")
 
 
 def rows(records: Iterable[dict[str, Any]], flagged_only: bool = True) -> list[tuple[str, ...]]:
@@ -26,7 +33,7 @@ def rows(records: Iterable[dict[str, Any]], flagged_only: bool = True) -> list[t
         if not swept:
             continue
         for row in swept.get("rows") or []:
-            if flagged_only and not _flagged(row):
+            if flagged_only and (not _flagged(row) or _session_made(row)):
                 continue
             graph = row.get("in_graph") or {}
             in_graph = ",".join(graph.get("health") or []) or ("FAIL" if graph.get("failed") else
@@ -62,6 +69,10 @@ def terminal_lines(records: list[dict[str, Any]]) -> list[str]:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
     else:
         lines.append("  no op was flagged")
+    made = sum(1 for rec in swept for row in rec["op_sweep"].get("rows") or [] if _flagged(row) and _session_made(row))
+    if made:
+        lines.append(f"  (and {made} flagged tensor(s) MNN made at session time, layout copies or parts of decomposed "
+                     "ops: not in the file, so not run alone; the JSON report lists them)")
     for rec in swept:
         config = f"{rec.get('backend')}-{rec.get('precision')}"
         lines.append(f"  {rec.get('model')} {config}: {rec['op_sweep'].get('conclusion', '')}")

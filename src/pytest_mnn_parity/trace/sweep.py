@@ -27,7 +27,7 @@ import numpy as np
 
 from ..core.metrics import compare
 from ..core.tolerances import Tolerance
-from ..core.verdict import fails_tolerance
+from ..core.verdict import SESSION_MADE, fails_tolerance
 from ..mnn.library import mnn
 from ..mnn.model import ModelError
 from ..mnn.native_output import capture_native_output
@@ -264,8 +264,8 @@ class CutCache:
         if not tensors:
             return Cut(None, reason="MNN's Express API cannot load this file as variables")
         if op not in tensors:
-            return Cut(None, reason="made by MNN at session time (a layout copy or part of a decomposed op): no op "
-                                    "of that name in the file")
+            return Cut(None, reason=f"{SESSION_MADE} (a layout copy or part of a decomposed op): no op of that "
+                                    "name in the file")
         input_names, output_names = tensors[op]
         outputs = [variables.get(name) for name in output_names]
         if not outputs or any(v is None for v in outputs):
