@@ -56,13 +56,11 @@ class IncrementalReport:
             self._counts[record["outcome"]] = self._counts.get(record["outcome"], 0) + 1
             self._head = head
             self._dirty = True
-            wait = 0.0 if self._last_end is None else self._last_end + self.ratio * self._last_cost - time.monotonic()
+            wait = self._wait()
             if wait <= 0:
                 self._write()
             elif self._timer is None:
-                self._timer = threading.Timer(wait, self._on_timer)
-                self._timer.daemon = True
-                self._timer.start()
+                self._start_timer(wait)
 
     def flush(self) -> None:
         """Write the report now (also with no records: the final write of an empty run)."""
@@ -74,10 +72,26 @@ class IncrementalReport:
             self._head = head
             self._write()
 
+    def _wait(self) -> float:
+        """Seconds until the next rewrite is due (the last one's cost times ``ratio`` after it ended)."""
+        return 0.0 if self._last_end is None else self._last_end + self.ratio * self._last_cost - time.monotonic()
+
+    def _start_timer(self, wait: float) -> None:
+        self._timer = threading.Timer(wait, self._on_timer)
+        self._timer.daemon = True
+        self._timer.start()
+
     def _on_timer(self) -> None:
         with self._lock:
             self._timer = None
-            if self._dirty:
+            if not self._dirty:
+                return
+            # A record that came after the timer was set may have been written already, and that write set a new
+            # due time: a timer set for the write before it must not rewrite early (found by the throttle's test).
+            wait = self._wait()
+            if wait > 0:
+                self._start_timer(wait)
+            else:
                 self._write()
 
     def _write(self) -> None:
