@@ -188,23 +188,34 @@ class _External:
             return np.frombuffer(f.read(nbytes), "<f4")
 
 
-def iter_weights(path) -> Iterator[WeightTensor]:
-    """Yield the tensors ``--fp16`` rewrites (conv weights, float Consts) plus conv biases,
-    in op order (main graph, then subgraphs).  Raise ValueError on a malformed file."""
-    path = Path(path)
+def _open(path: Path) -> tuple[_Reader, int]:
+    """A reader of the file and its net table; ValueError when it cannot even hold a FlatBuffers header."""
     data = path.read_bytes()
     r = _Reader(data, path.name)
     if len(data) < 8:
         r.fail("shorter than a FlatBuffers header")
+    return r, r.deref(0)
+
+
+def _with_subgraphs(r: _Reader, net: int, ops: list[int]) -> list[int]:
+    """``ops`` followed by every subgraph's ops (the order MNN's file lists them)."""
+    for graph in r.tables(net, _NET_SUBGRAPHS):
+        ops += r.tables(graph, _SUBGRAPH_NODES)
+        if len(ops) > r.size // 8:  # more ops than bytes allow: shared vectors, would loop on
+            r.fail("its subgraphs reference more ops than the file can hold")
+    return ops
+
+
+def iter_weights(path) -> Iterator[WeightTensor]:
+    """Yield the tensors ``--fp16`` rewrites (conv weights, float Consts) plus conv biases,
+    in op order (main graph, then subgraphs).  Raise ValueError on a malformed file."""
+    path = Path(path)
+    r, net = _open(path)
     external = _External(path)
-    net = r.deref(0)
     ops = r.tables(net, _NET_OPLISTS)
     if not ops:
         r.fail("the net has no ops")
-    for graph in r.tables(net, _NET_SUBGRAPHS):
-        ops += r.tables(graph, _SUBGRAPH_NODES)
-        if len(ops) > len(data) // 8:  # more ops than bytes allow: shared vectors, would loop on
-            r.fail("its subgraphs reference more ops than the file can hold")
+    ops = _with_subgraphs(r, net, ops)
     # Data we do not need, read anyway so that truncation past the weights is caught.
     r.string(net, _NET_BIZCODE)
     for pos in r.tables(net, _NET_OUTPUTNAME) + r.tables(net, _NET_TENSORNAME):
@@ -227,29 +238,15 @@ def iter_weights(path) -> Iterator[WeightTensor]:
 def op_names(path) -> list[str]:
     """Every op's name in file order (main graph, then subgraphs): the names a per-layer tolerance
     (``[tolerance.layers.NAME]``) can match.  Raise ValueError on a malformed file."""
-    path = Path(path)
-    data = path.read_bytes()
-    r = _Reader(data, path.name)
-    if len(data) < 8:
-        r.fail("shorter than a FlatBuffers header")
-    net = r.deref(0)
-    ops = r.tables(net, _NET_OPLISTS)
-    for graph in r.tables(net, _NET_SUBGRAPHS):
-        ops += r.tables(graph, _SUBGRAPH_NODES)
-        if len(ops) > len(data) // 8:
-            r.fail("its subgraphs reference more ops than the file can hold")
+    r, net = _open(Path(path))
+    ops = _with_subgraphs(r, net, r.tables(net, _NET_OPLISTS))
     return list(dict.fromkeys(r.string(op, _OP_NAME) for op in ops))
 
 
 def op_tensors(path) -> dict[str, tuple[list[str], list[str]]]:
     """Each main-graph op's input and output tensor names, by op name (the first op of a repeated name):
     how a per-op callback's op is found among the file's tensors.  Raise ValueError on a malformed file."""
-    path = Path(path)
-    data = path.read_bytes()
-    r = _Reader(data, path.name)
-    if len(data) < 8:
-        r.fail("shorter than a FlatBuffers header")
-    net = r.deref(0)
+    r, net = _open(Path(path))
     names = [r.text(pos) for pos in r.tables(net, _NET_TENSORNAME)]
 
     def tensor_names(op: int, fid: int) -> list[str]:
@@ -280,16 +277,8 @@ def op_types(path) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=256)
 def _op_types(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
     try:
-        data = Path(path).read_bytes()
-        r = _Reader(data, Path(path).name)
-        if len(data) < 8:
-            r.fail("shorter than a FlatBuffers header")
-        net = r.deref(0)
-        ops = r.tables(net, _NET_OPLISTS)
-        for graph in r.tables(net, _NET_SUBGRAPHS):
-            ops += r.tables(graph, _SUBGRAPH_NODES)
-            if len(ops) > len(data) // 8:
-                r.fail("its subgraphs reference more ops than the file can hold")
+        r, net = _open(Path(path))
+        ops = _with_subgraphs(r, net, r.tables(net, _NET_OPLISTS))
         numbers = dict.fromkeys(r.scalar(op, _OP_TYPE, "<i", 0) for op in ops)
     except (OSError, ValueError, struct.error):
         return ()

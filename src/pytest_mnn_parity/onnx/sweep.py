@@ -32,7 +32,7 @@ from ..core.tolerances import Tolerance
 from ..mnn.model import ModelError
 from ..mnn.runner import LoadedModel, RunConfig
 from ..trace.record import LayerRecord, TensorJudgement
-from ..trace.sweep import NOT_CUT, SweepResult, SweepRow, conclude, in_graph_of
+from ..trace.sweep import NOT_CUT, SweepResult, SweepRow, conclude, in_graph_of, run_cut
 from .convert import ConversionError
 from .localise import Graph, Node, Prober, graph_from_onnx, write_copy
 from .runtime import OnnxRuntimeModel, as_mnn_dtype
@@ -325,15 +325,12 @@ def _run(cache: OnnxCutCache, cut: NodeCut, row: SweepRow, recorded: Mapping[str
             row.reason = (f"the converter changed the node's inputs ({sorted(names)} where the cut has "
                           f"{sorted(feeds)})")
             return row
-        if model.falls_back(config):
-            row.reason = f"the one-node model's session fell back from {config.backend} to another backend"
-            return row
-        run = model.run(config, feeds)
     except ModelError as exc:
         row.reason = f"MNN could not run the node alone: {exc.reason}"
         return row
-    if not run.ok:
-        row.reason = f"the node alone failed to run ({run.error})"
+    run = run_cut(model, config, feeds, "node")
+    if isinstance(run, str):
+        row.reason = run
         return row
     pairs = [(run.outputs[k], as_mnn_dtype(np.asarray(recorded[t]))) for k, t in cut.outputs.items()
              if k in run.outputs]

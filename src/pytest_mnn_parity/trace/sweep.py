@@ -330,6 +330,20 @@ def _category(health: list[str], failed: bool) -> str:
     return next((_HEALTH_CATEGORY[h] for h in health if h in _HEALTH_CATEGORY), "mismatch")
 
 
+def run_cut(model: LoadedModel, config: RunConfig, feeds: Mapping[str, np.ndarray], what: str):
+    """Run a one-``what`` (op, node) model on ``config``: its run, or why it could not run alone (a not_cut
+    reason).  A session that falls back to another backend did not run it on ``config``."""
+    try:
+        if model.falls_back(config):
+            return f"the one-{what} model's session fell back from {config.backend} to another backend"
+        run = model.run(config, feeds)
+    except ModelError as exc:
+        return f"MNN could not run the {what} alone: {exc.reason}"
+    if not run.ok:
+        return f"the {what} alone failed to run ({run.error})"
+    return run
+
+
 def run_alone(cache: CutCache, model_path: Path, reference: ReferenceTrace, name: str, op_type: str,
               occurrence: int, config: RunConfig, tol: Tolerance, layer: LayerRecord | None = None) -> SweepRow:
     """One op alone on ``config``, fed and judged with what ``reference`` recorded for it."""
@@ -356,15 +370,12 @@ def run_alone(cache: CutCache, model_path: Path, reference: ReferenceTrace, name
                 row.reason = (f"input {cut.inputs[spec.name]}: recorded shape {inputs[spec.name].shape} vs the "
                               f"cut's {model.shapes[spec.name]}")
                 return row
-        if model.falls_back(config):
-            row.reason = f"the one-op model's session fell back from {config.backend} to another backend"
-            return row
-        run = model.run(config, inputs)
     except ModelError as exc:
         row.reason = f"MNN could not run the op alone: {exc.reason}"
         return row
-    if not run.ok:
-        row.reason = f"the op alone failed to run ({run.error})"
+    run = run_cut(model, config, inputs, "op")
+    if isinstance(run, str):
+        row.reason = run
         return row
     pairs = []
     for i, out_name in enumerate(cut.outputs):
