@@ -5,8 +5,11 @@
 * ``auto`` (default): every configuration runs in a worker process.  CPU ones
   share one warm worker for the whole run (replaced after a crash, so the next
   model gets a fresh one), where the other backends' probes run too, before
-  any model; every other backend's configurations get a worker per model (or
-  per run, ``--mnn-worker-scope``).
+  any model; every other backend gets workers of its own, a worker per model
+  (or per run, ``--mnn-worker-scope``), so backends never wait for each other:
+  each worker creates its backend's runtimes for the run's configurations as
+  soon as it has imported MNN (``IsolatedEngine(warm=...)``), side by side with
+  the other backends' and with the CPU items.
 * ``always``: everything runs in workers, CPU included, by ``--mnn-worker-scope``
   (by default a fresh process per model: no state carried from one model to the
   next).
@@ -29,7 +32,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..core.verdict import Category
 from ..engine.engine import ParityEngine
@@ -66,6 +69,12 @@ class Isolation(Checker):
         self.isolated_set = isolated_backends(mode, [backends.canonical_backend(n) for n in names], timeout)
         self._isolated: IsolatedEngine | None = None
         self._shared: IsolatedEngine | None = None
+        # auto: one engine per non-CPU backend, each with workers of its own.
+        self._by_backend: dict[str, IsolatedEngine] = {}
+        # The run's configurations (``start``): what each backend's workers create runtimes for ahead.
+        self._planned: Sequence | Callable[[], Sequence] = ()
+        self._planned_apis: tuple[str, ...] = ("session",)
+        self._expected_models: int | None = None
         # Other MNN releases' engines (``versions.ReleaseEngines``), when the run asks for them.
         self.releases = None
         # Emulated CPUs and other machines (``places.PlaceEngines``), when the run asks for them.
@@ -97,32 +106,57 @@ class Isolation(Checker):
                                           declarations=self.engine)
         return self._shared
 
+    def backend_engine(self, backend: str) -> IsolatedEngine:
+        """auto's engine for one non-CPU backend: workers of its own, which create the runtimes of that
+        backend's planned configurations ahead (``start``)."""
+        engine = self._by_backend.get(backend)
+        if engine is None:
+            from .protocol import warm_to_wire  # noqa: PLC0415
+
+            self._keep_last_words()
+            if callable(self._planned):
+                self._planned = tuple(self._planned())
+            warm = warm_to_wire([c for c in self._planned if c.backend == backend], self._planned_apis)
+            engine = self._by_backend[backend] = IsolatedEngine(
+                self.engine.settings, timeout=self._timeout(), worker_per_model=self.worker_scope == "model",
+                declarations=self.engine, warm=warm)
+            engine.expected_models = self._expected_models
+        return engine
+
     def _timeout(self) -> float:
         return self.timeout if self.timeout is not None else DEFAULT_ISOLATED_TIMEOUT
 
     def _engine_for(self, backend: str) -> IsolatedEngine:
-        if self.mode == "auto" and backend == SHARED_WORKER_BACKEND:
-            return self.shared
+        if self.mode == "auto":
+            return self.shared if backend == SHARED_WORKER_BACKEND else self.backend_engine(backend)
         return self.isolated
 
-    def start(self) -> None:
+    def _engines(self) -> list[IsolatedEngine]:
+        return [e for e in (self._isolated, self._shared, *self._by_backend.values()) if e is not None]
+
+    def start(self, planned: Sequence | Callable[[], Sequence] = (), apis: Sequence[str] = ("session",)) -> None:
         """Start the first worker now, so its imports overlap pytest's collection.
 
-        In ``auto``, when discovery kept from an earlier run (pytest's cache) already says another isolated
-        backend is available, its per-model worker starts now too, beside the CPU one: otherwise the first GPU
-        item waits for Python, numpy and MNN to import after the CPU items ran (about half a second on the H200
-        machine).  Only on machines with cores to spare (``engine.SPARE_MIN_CORES``), as for any spare worker.
+        ``planned``: the run's configurations (``RunConfig``; or a function that lists them, called only when a
+        GPU worker starts: a CPU-only run never needs them), and ``apis`` the MNN APIs they run on.  In
+        ``auto``, each other isolated backend that discovery kept from an earlier run (pytest's cache) says is
+        available gets its worker now too, beside the CPU one, and that worker creates the backend's runtimes
+        for its planned configurations at once: on the H200 machine a fresh process spends 0.2-0.9 s per GPU
+        backend and precision there (driver and runtime set-up), which otherwise came one backend after
+        another, each at its first item.  Only on machines with cores to spare (``engine.SPARE_MIN_CORES``),
+        as for any spare worker.
         """
+        self._planned, self._planned_apis = planned, tuple(apis) or ("session",)
         if not self.isolated_set:
             return
         if self.mode != "auto":
             self.isolated  # noqa: B018 - starts a worker
             return
         self.shared  # noqa: B018 - starts a worker
-        if self.shared.cores >= SPARE_MIN_CORES and any(
-                name != SHARED_WORKER_BACKEND and getattr(backends.known_status(name), "available", False)
-                for name in sorted(self.isolated_set)):
-            self.isolated  # noqa: B018 - starts the first GPU model's worker
+        if self.shared.cores >= SPARE_MIN_CORES:
+            for name in sorted(self.isolated_set):
+                if name != SHARED_WORKER_BACKEND and getattr(backends.known_status(name), "available", False):
+                    self.backend_engine(name)  # starts its first worker, which warms up
 
     def isolates(self, backend: str) -> bool:
         return backend in self.isolated_set
@@ -134,7 +168,11 @@ class Isolation(Checker):
     def expect_models(self, count: int) -> None:
         """How many models will run in per-model workers: no spare worker is started for a model that will not
         come."""
-        if count or self._isolated is not None:
+        self._expected_models = count
+        if self.mode == "auto":
+            for engine in self._by_backend.values():
+                engine.expected_models = count
+        elif count or self._isolated is not None:
             self.isolated.expected_models = count
 
     def backend_status(self, name: str) -> backends.BackendStatus:
@@ -155,7 +193,7 @@ class Isolation(Checker):
         and has checked the sidecar itself."""
         backend = backends.canonical_backend(request.config.backend)
         if self.isolates(backend):
-            if self._isolated is None and self.mode == "auto" and backend != SHARED_WORKER_BACKEND:
+            if self.mode == "auto" and backend != SHARED_WORKER_BACKEND and backend not in self._by_backend:
                 # Making the per-model engine starts a worker ahead of need: on a machine without the backend
                 # (a CPU-only one: every GPU item is skipped) that worker would import MNN for nothing, beside
                 # the run's CPU work.  The status is the one the engine would read (probed in the warm worker).
@@ -177,18 +215,19 @@ class Isolation(Checker):
 
     def release(self, model_path: os.PathLike | str) -> None:
         self.engine.release(model_path)
-        for isolated in (self._isolated, self._shared):
-            if isolated is not None:
-                isolated.release(model_path)
+        for isolated in self._engines():
+            isolated.release(model_path)
         if self.releases is not None:
             self.releases.release(model_path)
         if self.places is not None:
             self.places.release(model_path)
 
     def close(self) -> None:
-        for isolated in (self._isolated, self._shared):
-            if isolated is not None:
-                isolated.close()
+        engines = self._engines()
+        for isolated in engines:  # every worker told to exit first: they end side by side, not one by one
+            isolated.retire_workers()
+        for isolated in engines:
+            isolated.close()
         if self.releases is not None:
             self.releases.close()
         if self.places is not None:

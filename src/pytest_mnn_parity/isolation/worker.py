@@ -23,12 +23,15 @@ import traceback
 # Test fault injection, inert unless this variable is set.  "SIGSEGV:CPU-low"
 # makes the worker send itself that signal right before each session run of
 # configuration CPU-low (of any model); "SIGSEGV:probe-OPENCL" right before
-# probing backend OPENCL; "GARBAGE:CPU-low" writes bytes that are not a reply
+# probing backend OPENCL; "SIGSEGV:warm-CUDA-low" right before the warm-up
+# creates that configuration's runtime; "GARBAGE:CPU-low" writes bytes that are not a reply
 # on the protocol channel instead; several are separated by commas.  The tests use it to
 # kill a worker by a real signal at a known point.
 FAULT_INJECTION_ENV = "MNN_PARITY_TEST_FAULT_INJECTION"
 # Set by the parent to its pid: the worker ends itself when the parent dies (Linux).
 PARENT_PID_ENV = "MNN_PARITY_PARENT_PID"
+# Called before each runtime the warm-up creates; only fault injection sets it ("SIGSEGV:warm-CUDA-low").
+_warm_hook = None
 _PR_SET_PDEATHSIG = 1
 
 
@@ -66,6 +69,8 @@ def main() -> int:
     # MNN's start-up banner ("The device supports: i8sdot:1, fp16:1, ..."): what this CPU computes with.
     proto.write(protocol.dumps({"ready": True, "pid": os.getpid(), "device": device_support_line(),
                                 "mnn": mnn_version()}))
+    if init.get("warm"):
+        proto.write(protocol.dumps(_warm_up(init["warm"], crash_log)))
     done = 0
     input_sets: dict = {}  # the parent's pickled input sets and sidecars, read once each
     savers: dict = {}  # one bundle_saver.BundleSaver per bundle folder: each reference is saved once per worker
@@ -164,6 +169,37 @@ def _check(engine, check, message: dict, input_sets: dict, savers: dict):
     return result
 
 
+def _warm_up(planned: list, crash_log) -> dict:
+    """Create the planned configurations' runtimes now, before the first request: they are shared by every
+    session of this process (``runner.shared_runtime``), so a check later finds its runtime made.  Nothing is
+    judged here: a runtime that cannot be made is left for the check that needs it, which meets the same
+    failure and reports it as that item's."""
+    import time  # noqa: PLC0415
+
+    from ..mnn import module_runner, runner  # noqa: PLC0415
+    from ..mnn.native_output import capture_native_output  # noqa: PLC0415
+    from . import protocol  # noqa: PLC0415
+
+    started, made, failed = time.perf_counter(), [], []
+    for entry in planned:
+        config = protocol.config_from_wire(entry["config"])
+        label = f"{config.id} ({entry['api']} API)"
+        crash_log.write(f"[mnn-parity worker {os.getpid()}] creating the runtime of {label} ahead\n")
+        if _warm_hook is not None:
+            _warm_hook(config)
+        try:
+            with capture_native_output():
+                if entry["api"] == "module":
+                    module_runner.runtime_manager(config)
+                else:
+                    runner.shared_runtime(config)
+        except Exception as exc:  # noqa: BLE001 - the check that needs this runtime reports it
+            failed.append(f"{label}: {exc}")
+        else:
+            made.append(label)
+    return {"warm": True, "made": made, "failed": failed, "seconds": round(time.perf_counter() - started, 3)}
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, MiB (Linux reports KiB)."""
     import resource
@@ -232,6 +268,8 @@ def _install_fault_injection(log, proto) -> None:
 
     backends.probe_backend = probe
     runner.LoadedModel.run = run
+    global _warm_hook
+    _warm_hook = lambda config: inject(f"warm-{config.id}", f"creating the runtime of {config.id} ahead")  # noqa: E731
 
 
 if __name__ == "__main__":
