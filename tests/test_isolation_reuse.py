@@ -1,6 +1,8 @@
 """What isolated workers reuse from the parent instead of measuring again in every worker."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pytest_mnn_parity import backends
@@ -165,9 +167,11 @@ def test_a_warm_worker_has_made_the_planned_runtimes_and_no_result_changes():
     finally:
         warmed.close()
         plain.close()
-    assert [w["made"] for w in warmed.warm_ups] == [["CPU-low (session API)", "CPU-low (module API)",
-                                                      "CPU-high (session API)", "CPU-high (module API)"]]
-    assert warmed.warm_ups[0]["failed"] == [] and warmed.warm_up_fault is None
+    report, = warmed.warm_ups
+    # What was made before the first check came, then what was left to the checks, in the checks' order.
+    assert report["made"] + report["left"] == ["CPU-low (session API)", "CPU-low (module API)",
+                                               "CPU-high (session API)", "CPU-high (module API)"]
+    assert report["failed"] == [] and warmed.warm_up_fault is None
     assert a.category is Category.OK and m.category is Category.OK
     ra, rb = record("n", a, "passed"), record("n", b, "passed")
     for key in set(ra) | set(rb):
@@ -180,8 +184,8 @@ def test_a_warm_up_that_kills_its_worker_costs_no_item(monkeypatch):
     worker that warms nothing, and the engine keeps what happened (signal, MNN's and faulthandler's words)."""
     from pytest_mnn_parity.isolation.protocol import warm_to_wire
 
-    monkeypatch.setenv(FAULT_INJECTION_ENV, "SIGSEGV:warm-CPU-high")
-    warm = warm_to_wire([RunConfig("CPU", "low"), RunConfig("CPU", "high")], ["module"])
+    monkeypatch.setenv(FAULT_INJECTION_ENV, "SIGSEGV:warm-CPU-high")  # the first runtime it would make
+    warm = warm_to_wire([RunConfig("CPU", "high"), RunConfig("CPU", "low")], ["module"])
     engine = IsolatedEngine(ParitySettings(), warm=warm)
     try:
         first_pid = engine._spare.pid
@@ -193,5 +197,23 @@ def test_a_warm_up_that_kills_its_worker_costs_no_item(monkeypatch):
     assert result.worker["pid"] != first_pid and again.worker["pid"] == result.worker["pid"]
     fault = engine.warm_up_fault
     assert fault["kind"] == "crashed" and fault["signal"] == "SIGSEGV" and fault["pid"] == first_pid
-    assert "creating the runtime of CPU-high (module API) ahead" in fault["stderr_tail"]
+    assert "TEST FAULT INJECTION: SIGSEGV before creating the runtime of CPU-high ahead" in fault["stderr_tail"]
     assert engine.warm == [] and engine.warm_ups == []
+
+
+def test_the_warm_up_makes_runtimes_in_the_checks_order_and_stops_when_a_request_waits():
+    """In the worker's own terms: a check never waits for more than the runtime being made when it came."""
+    from pytest_mnn_parity.isolation import worker
+    from pytest_mnn_parity.isolation.protocol import warm_to_wire
+
+    planned = warm_to_wire([RunConfig("CPU", p) for p in ("high", "low", "normal")], ["module"])
+    asked = []
+
+    def request_after_two() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    report = worker._warm_up(planned, open(os.devnull, "w"), stop=request_after_two)
+    assert report["made"] == ["CPU-high (module API)", "CPU-low (module API)"]
+    assert report["left"] == ["CPU-normal (module API)"] and report["failed"] == []
+    assert len(asked) == 3  # not asked again once stopped

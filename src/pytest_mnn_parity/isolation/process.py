@@ -82,21 +82,24 @@ class Worker:
             self.ready = bool(self.hello.get("ready"))
 
     def wait_warm(self, timeout: float = WARM_UP_TIMEOUT) -> None:
-        """Wait for the warm-up asked for at start (``warm``) to end; ``WorkerDied`` if it killed the worker,
-        ``WorkerTimedOut`` if it did not end in ``timeout`` (the caller decides what either means)."""
-        self.wait_ready()
+        """End the warm-up asked for at start (``warm``): a request makes the worker stop after the runtime
+        it is making, and report; ``WorkerDied`` if the warm-up killed the worker, ``WorkerTimedOut`` if that
+        runtime did not come in ``timeout`` (the caller decides what either means)."""
         if self.warming:
-            self.warm_report = self._receive(timeout)
-            self.warming = False
+            self.request({"op": "ping"}, timeout)
 
     def request(self, message: Mapping[str, Any], timeout: float | None) -> dict[str, Any]:
         """Send one request and wait for its reply; ``WorkerDied`` / ``WorkerTimedOut`` otherwise."""
-        self.wait_warm()
+        self.wait_ready()
         self._send(message)
+        if self.warming:  # the warm-up's report comes first: the request ended it
+            self.warm_report = self._receive(WARM_UP_TIMEOUT if timeout is None else max(timeout, WARM_UP_TIMEOUT))
+            self.warming = False
         return self._receive(timeout)
 
     def send(self, message: Mapping[str, Any]) -> None:
         """One message that gets no reply (a file for a remote worker); ``WorkerDied`` if it is gone."""
+        self.wait_ready()
         self.wait_warm()
         self._send(message)
 

@@ -45,7 +45,7 @@ def main() -> int:
     faulthandler.enable(file=crash_log, all_threads=True)
     faulthandler.register(signal.SIGUSR1, file=crash_log, all_threads=True)
     _die_with_parent()
-    stdin = sys.stdin.buffer
+    stdin = _Requests(sys.stdin.fileno())
 
     from ..engine.engine import ParityEngine  # noqa: PLC0415
     from ..mnn import backends  # noqa: PLC0415 - after the fds are safe
@@ -70,14 +70,14 @@ def main() -> int:
     proto.write(protocol.dumps({"ready": True, "pid": os.getpid(), "device": device_support_line(),
                                 "mnn": mnn_version()}))
     if init.get("warm"):
-        proto.write(protocol.dumps(_warm_up(init["warm"], crash_log)))
+        proto.write(protocol.dumps(_warm_up(init["warm"], crash_log, stop=stdin.pending)))
     done = 0
     input_sets: dict = {}  # the parent's pickled input sets and sidecars, read once each
     savers: dict = {}  # one bundle_saver.BundleSaver per bundle folder: each reference is saved once per worker
     # A worker on another machine gets the parent's files as ``put`` lines: parent path -> the copy here.
     copies: dict[str, str] = {}
     copies_dir = None
-    for line in stdin:
+    for line in stdin.lines():
         request = protocol.loads(line)
         op = request.get("op")
         if op == "exit":
@@ -102,6 +102,8 @@ def main() -> int:
                                 f"{check.model}\n")
                 result = _check(engine, check, request, input_sets, savers)
                 reply = {"ok": True, "result": protocol.result_to_wire(result), "peak_rss_mb": peak_rss_mb()}
+            elif op == "ping":  # the parent's way to end a warm-up and hear how it went (process.Worker.wait_warm)
+                reply = {"ok": True}
             elif op == "release":
                 engine.release(copies.get(request["model"], request["model"]))
                 reply = {"ok": True}
@@ -169,24 +171,64 @@ def _check(engine, check, message: dict, input_sets: dict, savers: dict):
     return result
 
 
-def _warm_up(planned: list, crash_log) -> dict:
-    """Create the planned configurations' runtimes now, before the first request: they are shared by every
-    session of this process (``runner.shared_runtime``), so a check later finds its runtime made.  Nothing is
-    judged here: a runtime that cannot be made is left for the check that needs it, which meets the same
-    failure and reports it as that item's."""
+class _Requests:
+    """The parent's request lines, read from the pipe by hand so the warm-up can ask whether one is waiting
+    (a buffered file object may hold a line that ``select`` cannot see)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buffer = b""
+
+    def pending(self) -> bool:
+        if b"\n" in self.buffer:
+            return True
+        import select  # noqa: PLC0415
+
+        return bool(select.select([self.fd], [], [], 0)[0])
+
+    def readline(self) -> bytes:
+        while b"\n" not in self.buffer:
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:  # the parent closed the pipe
+                line, self.buffer = self.buffer, b""
+                return line
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
+
+    def lines(self):
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+
+def _warm_up(planned: list, crash_log, stop=lambda: False) -> dict:
+    """Create the planned configurations' runtimes now, in the order the checks will need them, until the
+    parent's first request comes (``stop``): they are shared by every session of this process
+    (``runner.shared_runtime``), so a check later finds its runtime made, and a check never waits for more
+    than the one runtime being made when it came.  Nothing is judged here: a runtime that cannot be made is
+    left for the check that needs it, which meets the same failure and reports it as that item's."""
     import time  # noqa: PLC0415
 
     from ..mnn import module_runner, runner  # noqa: PLC0415
     from ..mnn.native_output import capture_native_output  # noqa: PLC0415
     from . import protocol  # noqa: PLC0415
 
-    started, made, failed = time.perf_counter(), [], []
+    started, made, failed, left = time.perf_counter(), [], [], []
     for entry in planned:
         config = protocol.config_from_wire(entry["config"])
         label = f"{config.id} ({entry['api']} API)"
-        crash_log.write(f"[mnn-parity worker {os.getpid()}] creating the runtime of {label} ahead\n")
+        if left:
+            left.append(label)
+            continue
         if _warm_hook is not None:
             _warm_hook(config)
+        if stop():  # a request waits: its check makes what it needs
+            left.append(label)
+            continue
+        crash_log.write(f"[mnn-parity worker {os.getpid()}] creating the runtime of {label} ahead\n")
         try:
             with capture_native_output():
                 if entry["api"] == "module":
@@ -197,7 +239,8 @@ def _warm_up(planned: list, crash_log) -> dict:
             failed.append(f"{label}: {exc}")
         else:
             made.append(label)
-    return {"warm": True, "made": made, "failed": failed, "seconds": round(time.perf_counter() - started, 3)}
+    return {"warm": True, "made": made, "failed": failed, "left": left,
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 def peak_rss_mb() -> float:
