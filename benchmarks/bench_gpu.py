@@ -20,9 +20,7 @@ is per process and which per model: ``raw_fresh`` (the raw matrix in a fresh int
 included, against ``import_only``) and ``isolated_run_warm`` (one isolation with run-scoped workers
 kept across rounds, as a second model of a run with ``--mnn-worker-scope run`` sees it).
 ``isolated_gpu_worker_later`` is the default path as it was before the GPU worker started with the
-CPU one (at the first GPU check instead), and ``isolated_no_warm`` the default's workers (one per GPU
-backend, started with the run) without their warm-up (each runtime made at its first check), measured
-in the same rounds; each backend's warm-up seconds, measured in its worker, are in the breakdown.
+CPU one (at the first GPU check instead), measured in the same rounds.
 """
 from __future__ import annotations
 
@@ -82,23 +80,17 @@ def isolated_matrix(all_configs, timers: "Timers | None" = None, variant: str = 
     """What the plugin does by default (--mnn-isolate auto): CPU configurations in the run's warm worker, every
     other backend's in a worker process per model (started, importing MNN, building its own GPU runtimes),
     closed at the end as the plugin does.  ``variant``: ``default`` (the plugin now: each GPU backend's worker
-    starts with the run and creates its runtimes for the planned configurations at once); ``no_warm`` (the same
-    workers, told no plan: each runtime is made at its configuration's first check); ``gpu_worker_later`` (only
-    the CPU worker at start, as before issue 22's second round: GPU workers start at their first check)."""
+    starts with the run); ``gpu_worker_later`` (only the CPU worker at start, as before issue 22's second
+    round: GPU workers start at their first check)."""
     t = timers or Timers()
     with t.span("isolation start (spawn the workers)"):
         isolation = Isolation(ParityEngine(), "auto", None, backends.DEFAULT_BACKENDS)
         if variant == "default":
-            isolation.start(all_configs)
-        elif variant == "no_warm":
             isolation.start()
         else:
             isolation.shared  # noqa: B018 - the CPU worker alone
     for config in all_configs:
         isolation.check(DEMO, config)
-    for name, engine in isolation._by_backend.items():
-        for report in engine.warm_ups:  # measured in the worker, side by side with everything else
-            t.add(f"{name}: warm-up in its worker (runtimes made ahead; overlaps)", report["seconds"])
     with t.span("release (retire the per-model worker)"):
         isolation.release(DEMO)
     with t.span("close (workers exit)"):
@@ -132,7 +124,6 @@ class Timers:
 def instrument(timers: Timers):
     """Wrap Worker start/ready and IsolatedEngine.check_request; returns a function that undoes it."""
     worker_init, wait_ready = worker_process.Worker.__init__, worker_process.Worker.wait_ready
-    wait_warm = worker_process.Worker.wait_warm
     check_request = isolated_engine.IsolatedEngine.check_request
 
     def init(self, *args, **kwargs):
@@ -151,19 +142,8 @@ def instrument(timers: Timers):
             timers.add("waiting for a worker's imports", now - t0)
             timers.add("worker spawn -> ready (imports; overlaps other work)", now - self._bench_spawned)
 
-    def warm(self, timeout=worker_process.WARM_UP_TIMEOUT):
-        if not self.warming:
-            return wait_warm(self, timeout)
-        self.wait_ready()
-        t0 = time.perf_counter()
-        try:
-            return wait_warm(self, timeout)
-        finally:
-            timers.add("waiting for a worker's warm-up", time.perf_counter() - t0)
-
     def waited() -> float:
-        return sum(timers.parts.get(k, 0.0) for k in ("waiting for a worker's imports",
-                                                       "waiting for a worker's warm-up"))
+        return timers.parts.get("waiting for a worker's imports", 0.0)
 
     def check(self, request, *args, **kwargs):
         backend = request.config.backend
@@ -181,12 +161,10 @@ def instrument(timers: Timers):
         return result
 
     worker_process.Worker.__init__, worker_process.Worker.wait_ready = init, ready
-    worker_process.Worker.wait_warm = warm
     isolated_engine.IsolatedEngine.check_request = check
 
     def undo():
         worker_process.Worker.__init__, worker_process.Worker.wait_ready = worker_init, wait_ready
-        worker_process.Worker.wait_warm = wait_warm
         isolated_engine.IsolatedEngine.check_request = check_request
     return undo
 
@@ -261,7 +239,7 @@ def main() -> int:
     print(f"MNN {mnn_version()}: {len(available)} available configs of {len(all_configs)}; "
           f"discovery (cold) {discovery_s:.3f} s, arithmetic probes (cold) {arithmetic_s:.3f} s", flush=True)
     warm = Isolation(ParityEngine(), "auto", None, backends.DEFAULT_BACKENDS, worker_scope="run")
-    warm.start(all_configs)
+    warm.start()
     for config in all_configs:  # untimed: workers imported, GPU runtimes created, as for a run's second model
         warm.check(DEMO, config)
     warm.release(DEMO)
@@ -284,7 +262,7 @@ def main() -> int:
             times["isolated"].append(time.perf_counter() - t0)
         finally:
             undo()
-        for variant in ("no_warm", "gpu_worker_later"):
+        for variant in ("gpu_worker_later",):
             t0 = time.perf_counter()
             isolated_matrix(all_configs, variant=variant)
             times[f"isolated_{variant}"].append(time.perf_counter() - t0)
@@ -316,14 +294,11 @@ def main() -> int:
         "isolated_s": times["isolated"], "isolated_median_s": iso, "isolated_over_raw": iso / raw,
         "isolated_run_warm_s": times["isolated_run_warm"], "isolated_run_warm_median_s": med["isolated_run_warm"],
         "isolated_gpu_worker_later_s": times["isolated_gpu_worker_later"],
-        "isolated_no_warm_s": times["isolated_no_warm"], "isolated_no_warm_median_s": med["isolated_no_warm"],
         "isolated_breakdown": breakdown, "fresh_processes": fresh,
     }
     print(f"raw matrix    median {raw:.3f} s  {['%.3f' % t for t in times['raw']]}")
     print(f"engine matrix median {eng:.3f} s  {['%.3f' % t for t in times['engine']]}")
     print(f"isolated (plugin default, GPU in workers) median {iso:.3f} s  {['%.3f' % t for t in times['isolated']]}")
-    print(f"isolated, GPU workers per backend without the warm-up median {med['isolated_no_warm']:.3f} s "
-          f"({med['isolated_no_warm'] / raw:.2f}x raw)")
     print(f"isolated, the GPU worker started at the first GPU check (before) median "
           f"{med['isolated_gpu_worker_later']:.3f} s ({med['isolated_gpu_worker_later'] / raw:.2f}x raw)")
     print(f"isolated, run-scoped workers already warm (a run's next model) median {med['isolated_run_warm']:.3f} s")
@@ -339,7 +314,7 @@ def main() -> int:
     for name, part in breakdown.items():
         print(f"  {part['s_per_matrix']:7.3f} s  x{part['calls_per_matrix']:<5.1f} {name}")
     accounted = sum(p["s_per_matrix"] for n, p in breakdown.items()
-                    if "spawn -> ready" not in n and "overlaps" not in n)
+                    if "spawn -> ready" not in n)
     print(f"  {iso - accounted:7.3f} s         the rest (CPU/unavailable checks' own Python, pipes)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

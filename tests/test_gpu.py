@@ -393,56 +393,27 @@ def test_a_real_vulkan_fallback_is_never_a_pass(pytester, models, tmp_path, monk
     assert stale.ret == 1
 
 
-def _gpu_isolation():
+
+def test_each_gpu_backend_runs_in_workers_of_its_own_with_the_in_process_verdicts():
+    """The default isolation on a GPU machine: one worker per GPU backend, started with the run (discovery is
+    known), each running only its backend's checks, with the verdicts the in-process engine gives."""
     from pytest_mnn_parity.isolation.policy import Isolation
 
     for backend in GPU_BACKENDS:
         require(backend)
     if len(os.sched_getaffinity(0)) < 4:
         pytest.skip("GPU workers start with the run only on 4 or more cores (isolation.engine.SPARE_MIN_CORES)")
-    return Isolation(ParityEngine(), "auto", None, ["CPU", *GPU_BACKENDS])
-
-
-def test_each_gpu_backends_worker_makes_its_runtimes_ahead_and_the_checks_run_there():
-    """The default isolation on a GPU machine: one worker per GPU backend, started with the run, each creating
-    its own backend's runtimes for the planned precisions at once; every check then runs on its backend in
-    that worker, with the verdict the in-process engine gives."""
-    isolation = _gpu_isolation()
-    planned = [RunConfig(b, p) for b in ["CPU", *GPU_BACKENDS] for p in ("high", "low")]
+    isolation = Isolation(ParityEngine(), "auto", None, ["CPU", *GPU_BACKENDS])
+    configs = [RunConfig(b, p) for b in GPU_BACKENDS for p in ("high", "low")]
     try:
-        isolation.start(planned)
-        results = {c.id: isolation.check(DEMO, c) for c in planned}
-        warm = {b: isolation._by_backend[b].warm_ups for b in GPU_BACKENDS}
+        isolation.start()
+        assert sorted(isolation._by_backend) == sorted(GPU_BACKENDS)
+        results = {c.id: isolation.check(DEMO, c) for c in configs}
     finally:
         isolation.close()
     local = ParityEngine()
-    for config in planned:
-        result = results[config.id]
-        _assert_ran_on(result, config.backend)
-        assert result.category is local.check(DEMO, config).category, (config.id, result.message)
-    for backend in GPU_BACKENDS:
-        pids = {results[f"{backend}-{p}"].worker["pid"] for p in ("high", "low")}
-        assert len(pids) == 1, backend
-        assert [w["pid"] for w in warm[backend]] == list(pids)
-        report = warm[backend][0]
-        assert report["made"] + report["left"] == [f"{backend}-high (session API)", f"{backend}-low (session API)"]
-        assert report["failed"] == []
-    assert len({results[f"{b}-high"].worker["pid"] for b in ["CPU", *GPU_BACKENDS]}) == 4
-
-
-def test_a_gpu_warm_up_that_crashes_its_worker_costs_no_item(monkeypatch):
-    """A real SIGSEGV while the Vulkan worker makes its runtimes ahead: no item crashes; the Vulkan items run on
-    Vulkan in a fresh worker that warms nothing, and the isolation keeps what happened."""
-    monkeypatch.setenv(FAULT_INJECTION_ENV, "SIGSEGV:warm-VULKAN-low")
-    isolation = _gpu_isolation()
-    planned = [RunConfig("VULKAN", p) for p in ("low", "high", "normal")]  # low first: its runtime is made
-    try:
-        isolation.start(planned)
-        results = [isolation.check(DEMO, c) for c in planned]
-        engine = isolation._by_backend["VULKAN"]
-    finally:
-        isolation.close()
-    for config, result in zip(planned, results):
-        _assert_ran_on(result, "VULKAN")
-    assert engine.warm_up_fault["signal"] == "SIGSEGV" and engine.warm == []
-    assert "SIGSEGV before creating the runtime of VULKAN-low ahead" in engine.warm_up_fault["stderr_tail"]
+    for config in configs:
+        _assert_ran_on(results[config.id], config.backend)
+        assert results[config.id].category is local.check(DEMO, config).category, results[config.id].message
+    pids = {b: {results[f"{b}-{p}"].worker["pid"] for p in ("high", "low")} for b in GPU_BACKENDS}
+    assert all(len(p) == 1 for p in pids.values()) and len(set.union(*pids.values())) == 3

@@ -1,8 +1,6 @@
 """What isolated workers reuse from the parent instead of measuring again in every worker."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from pytest_mnn_parity import backends
@@ -114,106 +112,23 @@ def test_auto_starts_a_kept_available_gpu_backends_worker_beside_the_cpu_one(mon
         isolation.close()
 
 
-def test_each_kept_available_gpu_backend_gets_its_own_worker_which_creates_only_its_runtimes(monkeypatch):
-    """Backends set up side by side: each available non-CPU backend's worker starts with the run and is given its
-    own planned configurations to create runtimes for, and no other backend's."""
+
+def test_each_kept_available_gpu_backend_gets_its_own_worker(monkeypatch):
+    """Backends never wait for each other's imports: each available non-CPU backend's worker starts with the
+    run, in a process of its own."""
     from pytest_mnn_parity.isolation.policy import Isolation
 
     kept = {name: backends.BackendStatus(name, True, 2, "kept") for name in ("CUDA", "OPENCL")}
     monkeypatch.setattr(backends, "_CACHE", kept)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
-    planned = [RunConfig(b, p) for b in ("CPU", "OPENCL", "CUDA") for p in ("high", "low")]
-    asked = []
-    isolation = Isolation(ParityEngine(), "auto", None, ["CPU", "OPENCL", "CUDA"])
+    isolation = Isolation(ParityEngine(), "auto", None, ["CPU", "OPENCL", "CUDA", "VULKAN"])
     try:
-        isolation.start(lambda: asked.append(1) or planned, ["session"])
+        isolation.start()
         engines = isolation._by_backend
-        assert sorted(engines) == ["CUDA", "OPENCL"] and asked == [1]  # the plan is made once, when needed
-        for name, engine in engines.items():
-            assert [w["config"]["backend"] for w in engine.warm] == [name, name]
-            assert [w["config"]["precision"] for w in engine.warm] == ["high", "low"]
-            assert engine._spare is not None and engine._spare.alive()
-        pids = {engine._spare.pid for engine in engines.values()} | {isolation.shared._spare.pid}
-        assert len(pids) == 3
+        assert sorted(engines) == ["CUDA", "OPENCL"]  # VULKAN: nothing kept says it is there
+        spares = [engine._spare for engine in engines.values()] + [isolation.shared._spare]
+        assert all(w is not None and w.alive() for w in spares) and len({w.pid for w in spares}) == 3
     finally:
         isolation.close()
-    assert all(not engine._spare for engine in engines.values())
-
-
-def test_a_cpu_only_run_never_asks_for_the_plan(monkeypatch):
-    from pytest_mnn_parity.isolation.policy import Isolation
-
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
-    isolation = Isolation(ParityEngine(), "auto", None, ["CPU"])
-    try:
-        isolation.start(lambda: pytest.fail("the plan was computed for a CPU-only run"))
-        assert isolation._by_backend == {}
-    finally:
-        isolation.close()
-
-
-def test_a_warm_worker_has_made_the_planned_runtimes_and_no_result_changes():
-    """The warm-up creates runtimes the checks then share; it judges nothing, so a result is the same as in a
-    worker that warmed nothing.  (On this CPU wheel the Module API's runtime manager is the one a CPU
-    configuration really makes ahead; GPU runtimes are checked on the device, tests/test_gpu.py.)"""
-    from pytest_mnn_parity.isolation.protocol import warm_to_wire
-
-    settings, config = ParitySettings(), RunConfig("CPU", "low")
-    warm = warm_to_wire([config, RunConfig("CPU", "high")], ["session", "module"])
-    warmed, plain = IsolatedEngine(settings, prespawn=False, warm=warm), IsolatedEngine(settings, prespawn=False)
-    try:
-        a, b = warmed.check(DEMO, config), plain.check(DEMO, config)
-        m = warmed.check(DEMO, config, api="module")
-    finally:
-        warmed.close()
-        plain.close()
-    report, = warmed.warm_ups
-    # What was made before the first check came, then what was left to the checks, in the checks' order.
-    assert report["made"] + report["left"] == ["CPU-low (session API)", "CPU-low (module API)",
-                                               "CPU-high (session API)", "CPU-high (module API)"]
-    assert report["failed"] == [] and warmed.warm_up_fault is None
-    assert a.category is Category.OK and m.category is Category.OK
-    ra, rb = record("n", a, "passed"), record("n", b, "passed")
-    for key in set(ra) | set(rb):
-        if key not in ("seconds", "worker"):
-            assert ra[key] == rb[key], key
-
-
-def test_a_warm_up_that_kills_its_worker_costs_no_item(monkeypatch):
-    """A runtime that crashes its worker while being made ahead is nobody's item: the check runs in a fresh
-    worker that warms nothing, and the engine keeps what happened (signal, MNN's and faulthandler's words)."""
-    from pytest_mnn_parity.isolation.protocol import warm_to_wire
-
-    monkeypatch.setenv(FAULT_INJECTION_ENV, "SIGSEGV:warm-CPU-high")  # the first runtime it would make
-    warm = warm_to_wire([RunConfig("CPU", "high"), RunConfig("CPU", "low")], ["module"])
-    engine = IsolatedEngine(ParitySettings(), warm=warm)
-    try:
-        first_pid = engine._spare.pid
-        result = engine.check(DEMO, RunConfig("CPU", "high"))
-        again = engine.check(DEMO, RunConfig("CPU", "low"))
-    finally:
-        engine.close()
-    assert result.category is Category.OK and again.category is Category.OK
-    assert result.worker["pid"] != first_pid and again.worker["pid"] == result.worker["pid"]
-    fault = engine.warm_up_fault
-    assert fault["kind"] == "crashed" and fault["signal"] == "SIGSEGV" and fault["pid"] == first_pid
-    assert "TEST FAULT INJECTION: SIGSEGV before creating the runtime of CPU-high ahead" in fault["stderr_tail"]
-    assert engine.warm == [] and engine.warm_ups == []
-
-
-def test_the_warm_up_makes_runtimes_in_the_checks_order_and_stops_when_a_request_waits():
-    """In the worker's own terms: a check never waits for more than the runtime being made when it came."""
-    from pytest_mnn_parity.isolation import worker
-    from pytest_mnn_parity.isolation.protocol import warm_to_wire
-
-    planned = warm_to_wire([RunConfig("CPU", p) for p in ("high", "low", "normal")], ["module"])
-    asked = []
-
-    def request_after_two() -> bool:
-        asked.append(1)
-        return len(asked) > 2
-
-    report = worker._warm_up(planned, open(os.devnull, "w"), stop=request_after_two)
-    assert report["made"] == ["CPU-high (module API)", "CPU-low (module API)"]
-    assert report["left"] == ["CPU-normal (module API)"] and report["failed"] == []
-    assert len(asked) == 3  # not asked again once stopped
+    assert all(engine._spare is None for engine in engines.values())
+    assert all(not w.alive() for w in spares)

@@ -24,7 +24,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from ..core.tolerances import resolve
 from ..core.verdict import Category
@@ -63,18 +63,11 @@ class IsolatedEngine(Checker):
     ``declarations``: an in-process engine whose per-model declarations (a
     sidecar's ``[shapes]`` and ``[stream]``, see ``protocol.declarations``)
     the workers get with each check of that model.
-
-    ``warm`` (``protocol.warm_to_wire``): runtimes each new worker creates as soon as it has imported MNN,
-    before its first check (the GPU backends' driver and runtime set-up, seconds per configuration on a
-    cold process), so that set-up overlaps the run.  A warm-up that kills or hangs a worker costs no item:
-    the worker is replaced by one that warms nothing, and the check that needs that runtime meets the
-    failure itself; ``warm_up_fault`` keeps what happened.
     """
 
     def __init__(self, settings: ParitySettings | None = None, *, timeout: float | None = None,
                  worker_per_model: bool = True, prespawn: bool = True, declarations: ParityEngine | None = None,
-                 python: os.PathLike | str | None = None, command: WorkerCommand | None = None,
-                 warm: Sequence[Mapping[str, Any]] = ()):
+                 python: os.PathLike | str | None = None, command: WorkerCommand | None = None):
         # Another MNN release's environment (``envs.MnnEnv.python``), or another place (``launch.py``: an
         # emulated CPU, another machine): its workers run that MNN on that CPU, so what they find about backends
         # and arithmetic is theirs, kept here instead of in this process's shared caches.
@@ -94,9 +87,6 @@ class IsolatedEngine(Checker):
         self.timeout = timeout
         self.worker_per_model = worker_per_model
         self.prespawn = prespawn
-        self.warm = list(warm)
-        self.warm_up_fault: dict[str, Any] | None = None
-        self.warm_ups: list[dict[str, Any]] = []  # each worker's word on its warm-up (seconds, what failed)
         self._workers: dict[Path, Worker] = {}
         self._shared: Worker | None = None
         self._spare: Worker | None = None
@@ -114,7 +104,7 @@ class IsolatedEngine(Checker):
         if self.command is not None and not self._prepared:
             self.command.prepare()  # launch.LaunchError: the caller says why the place cannot run
             self._prepared = True
-        return Worker(self.settings, python=self.python, command=self.command, warm=self.warm)
+        return Worker(self.settings, python=self.python, command=self.command)
 
     def _read_banner(self, worker: Worker) -> None:
         if not self._banner_read:
@@ -179,8 +169,6 @@ class IsolatedEngine(Checker):
             return unavailable_result(request, status)
         key = model_key(model_path)
         worker = self._worker_for(key)
-        if worker.warming:
-            worker = self._past_warm_up(key, worker)
         message = {"op": "check", "request": protocol.request_to_wire(request, self._files),
                    "backend_status": status.as_dict(), "arithmetic": self._known_arithmetic(),
                    "reference": self._files.to_wire(reference),
@@ -219,31 +207,6 @@ class IsolatedEngine(Checker):
             else:
                 mnn_arithmetic.remember_arithmetic(config.backend, config.precision, result.arithmetic)
         return result
-
-    def _past_warm_up(self, key: Path, worker: Worker) -> Worker:
-        """``worker`` once its warm-up has ended; a fresh worker that warms nothing if the warm-up killed it or
-        hung (what a check needs is then made, and fails, in that check: the item reports it as its own)."""
-        try:
-            worker.wait_ready()
-        except WorkerDied:
-            return worker  # it died importing, not warming: the check reports that, as without a warm-up
-        started = time.monotonic()
-        try:
-            worker.wait_warm(max(self.timeout or 0.0, PROBE_TIMEOUT))
-        except (WorkerDied, WorkerTimedOut) as exc:
-            if isinstance(exc, WorkerTimedOut):
-                kind, returncode = "timeout", worker.kill(dump_stack=True)
-            else:
-                kind, returncode = "crashed", exc.returncode
-            self.warm_up_fault = self._fault(worker, kind, returncode, time.monotonic() - started)
-            self.warm = []
-            self._forget(key, worker)
-            spare, self._spare = self._spare, None
-            if spare is not None:
-                spare.close(kill=True)  # it was started warming the same runtimes
-            return self._worker_for(key)
-        self.warm_ups.append(dict(worker.warm_report, pid=worker.pid))
-        return worker
 
     def release(self, model_path: os.PathLike | str) -> None:
         key = model_key(model_path)

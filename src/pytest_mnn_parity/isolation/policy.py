@@ -6,10 +6,9 @@
   share one warm worker for the whole run (replaced after a crash, so the next
   model gets a fresh one), where the other backends' probes run too, before
   any model; every other backend gets workers of its own, a worker per model
-  (or per run, ``--mnn-worker-scope``), so backends never wait for each other:
-  each worker creates its backend's runtimes for the run's configurations as
-  soon as it has imported MNN (``IsolatedEngine(warm=...)``), side by side with
-  the other backends' and with the CPU items.
+  (or per run, ``--mnn-worker-scope``): each imports Python, numpy and MNN
+  side by side with the others', and a backend's driver state never meets
+  another backend's in one process.
 * ``always``: everything runs in workers, CPU included, by ``--mnn-worker-scope``
   (by default a fresh process per model: no state carried from one model to the
   next).
@@ -32,7 +31,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..core.verdict import Category
 from ..engine.engine import ParityEngine
@@ -71,9 +70,6 @@ class Isolation(Checker):
         self._shared: IsolatedEngine | None = None
         # auto: one engine per non-CPU backend, each with workers of its own.
         self._by_backend: dict[str, IsolatedEngine] = {}
-        # The run's configurations (``start``): what each backend's workers create runtimes for ahead.
-        self._planned: Sequence | Callable[[], Sequence] = ()
-        self._planned_apis: tuple[str, ...] = ("session",)
         self._expected_models: int | None = None
         # Other MNN releases' engines (``versions.ReleaseEngines``), when the run asks for them.
         self.releases = None
@@ -107,19 +103,13 @@ class Isolation(Checker):
         return self._shared
 
     def backend_engine(self, backend: str) -> IsolatedEngine:
-        """auto's engine for one non-CPU backend: workers of its own, which create the runtimes of that
-        backend's planned configurations ahead (``start``)."""
+        """auto's engine for one non-CPU backend: workers of its own."""
         engine = self._by_backend.get(backend)
         if engine is None:
-            from .protocol import warm_to_wire  # noqa: PLC0415
-
             self._keep_last_words()
-            if callable(self._planned):
-                self._planned = tuple(self._planned())
-            warm = warm_to_wire([c for c in self._planned if c.backend == backend], self._planned_apis)
             engine = self._by_backend[backend] = IsolatedEngine(
                 self.engine.settings, timeout=self._timeout(), worker_per_model=self.worker_scope == "model",
-                declarations=self.engine, warm=warm)
+                declarations=self.engine)
             engine.expected_models = self._expected_models
         return engine
 
@@ -134,19 +124,19 @@ class Isolation(Checker):
     def _engines(self) -> list[IsolatedEngine]:
         return [e for e in (self._isolated, self._shared, *self._by_backend.values()) if e is not None]
 
-    def start(self, planned: Sequence | Callable[[], Sequence] = (), apis: Sequence[str] = ("session",)) -> None:
+    def start(self) -> None:
         """Start the first worker now, so its imports overlap pytest's collection.
 
-        ``planned``: the run's configurations (``RunConfig``; or a function that lists them, called only when a
-        GPU worker starts: a CPU-only run never needs them), and ``apis`` the MNN APIs they run on.  In
-        ``auto``, each other isolated backend that discovery kept from an earlier run (pytest's cache) says is
-        available gets its worker now too, beside the CPU one, and that worker creates the backend's runtimes
-        for its planned configurations at once: on the H200 machine a fresh process spends 0.2-0.9 s per GPU
-        backend and precision there (driver and runtime set-up), which otherwise came one backend after
-        another, each at its first item.  Only on machines with cores to spare (``engine.SPARE_MIN_CORES``),
-        as for any spare worker.
+        In ``auto``, each other isolated backend that discovery kept from an earlier run (pytest's cache) says
+        is available gets its worker now too, beside the CPU one: otherwise each backend's first item waits for
+        Python, numpy and MNN to import in a fresh process (about half a second on the H200 machine).  Only on
+        machines with cores to spare (``engine.SPARE_MIN_CORES``), as for any spare worker.
+
+        Not done: creating each backend's runtimes ahead in these workers.  Measured on the H200 (demo, full
+        matrix), it made the isolated matrix slower, 5.4 s against 4.4 s without it, even when it stopped at
+        the first check: the drivers serialise the backends' context set-up, so making Vulkan's runtimes ahead
+        delayed OpenCL's and CUDA's checks more than it saved Vulkan's.
         """
-        self._planned, self._planned_apis = planned, tuple(apis) or ("session",)
         if not self.isolated_set:
             return
         if self.mode != "auto":
@@ -156,7 +146,7 @@ class Isolation(Checker):
         if self.shared.cores >= SPARE_MIN_CORES:
             for name in sorted(self.isolated_set):
                 if name != SHARED_WORKER_BACKEND and getattr(backends.known_status(name), "available", False):
-                    self.backend_engine(name)  # starts its first worker, which warms up
+                    self.backend_engine(name)  # starts its first worker
 
     def isolates(self, backend: str) -> bool:
         return backend in self.isolated_set

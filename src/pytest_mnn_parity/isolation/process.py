@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from ..engine.results import ParitySettings
 from . import protocol
@@ -22,7 +22,6 @@ from .launch import LocalPython, WorkerCommand
 from .worker import PARENT_PID_ENV
 
 STARTUP_TIMEOUT = 120.0  # importing numpy and MNN; not part of any configuration's time
-WARM_UP_TIMEOUT = 120.0  # creating the planned GPU runtimes ahead (seconds each on a cold driver)
 STACK_DUMP_WAIT = 1.0
 TAIL_LINES = 25
 
@@ -42,7 +41,7 @@ class Worker:
     """One ``python -m pytest_mnn_parity.isolation.worker`` process and its pipes."""
 
     def __init__(self, settings: ParitySettings, python: os.PathLike | str | None = None,
-                 command: WorkerCommand | None = None, warm: Sequence[Mapping[str, Any]] = ()):
+                 command: WorkerCommand | None = None):
         """``python``: another environment's interpreter (``envs.EnvCache``, one MNN release); it needs only
         MNN and numpy, since this package is imported from our own source through ``PYTHONPATH``.  ``command``:
         how and where the worker starts (``launch.py``: an emulator, another machine); ``python`` is short for
@@ -58,8 +57,6 @@ class Worker:
         self.pid = self.proc.pid
         self.checks = 0
         self.ready = False
-        self.warming = bool(warm)
-        self.warm_report: dict[str, Any] = {}  # the worker's word on its warm-up: seconds, what failed
         self.hello: dict[str, Any] = {}  # the worker's first line: its pid, MNN's banner
         # Paths of this machine whose files this (remote) worker already holds (``protocol.put_messages``).
         self.sent: set[str] = set()
@@ -67,8 +64,7 @@ class Worker:
         try:
             # A remote worker has no such folder: it stays where ssh put it.
             cwd = None if command.remote else os.getcwd()
-            self._send({"op": "init", "settings": protocol.settings_to_wire(settings), "cwd": cwd,
-                        "warm": list(warm)})
+            self._send({"op": "init", "settings": protocol.settings_to_wire(settings), "cwd": cwd})
         except WorkerDied:
             pass  # it died starting up: the first request reports it, with its stderr
 
@@ -81,26 +77,15 @@ class Worker:
             self.hello = self._receive(STARTUP_TIMEOUT)
             self.ready = bool(self.hello.get("ready"))
 
-    def wait_warm(self, timeout: float = WARM_UP_TIMEOUT) -> None:
-        """End the warm-up asked for at start (``warm``): a request makes the worker stop after the runtime
-        it is making, and report; ``WorkerDied`` if the warm-up killed the worker, ``WorkerTimedOut`` if that
-        runtime did not come in ``timeout`` (the caller decides what either means)."""
-        if self.warming:
-            self.request({"op": "ping"}, timeout)
-
     def request(self, message: Mapping[str, Any], timeout: float | None) -> dict[str, Any]:
         """Send one request and wait for its reply; ``WorkerDied`` / ``WorkerTimedOut`` otherwise."""
         self.wait_ready()
         self._send(message)
-        if self.warming:  # the warm-up's report comes first: the request ended it
-            self.warm_report = self._receive(WARM_UP_TIMEOUT if timeout is None else max(timeout, WARM_UP_TIMEOUT))
-            self.warming = False
         return self._receive(timeout)
 
     def send(self, message: Mapping[str, Any]) -> None:
         """One message that gets no reply (a file for a remote worker); ``WorkerDied`` if it is gone."""
         self.wait_ready()
-        self.wait_warm()
         self._send(message)
 
     def _send(self, message: Mapping[str, Any]) -> None:

@@ -133,12 +133,6 @@ def config_from_wire(data: dict[str, Any]) -> RunConfig:
     return RunConfig(**data)
 
 
-def warm_to_wire(configs: Sequence[RunConfig], apis: Sequence[str] = ("session",)) -> list[dict[str, Any]]:
-    """What a worker creates ahead (``process.Worker(warm=...)``): each configuration's runtime, per MNN API
-    (a session runtime and a Module runtime manager are different objects)."""
-    return [{"config": config_to_wire(config), "api": api} for config in configs for api in apis]
-
-
 # -- the request -------------------------------------------------------------------------
 
 def request_to_wire(request: CheckRequest, files: PickleFiles) -> dict[str, Any]:

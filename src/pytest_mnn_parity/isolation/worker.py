@@ -23,15 +23,12 @@ import traceback
 # Test fault injection, inert unless this variable is set.  "SIGSEGV:CPU-low"
 # makes the worker send itself that signal right before each session run of
 # configuration CPU-low (of any model); "SIGSEGV:probe-OPENCL" right before
-# probing backend OPENCL; "SIGSEGV:warm-CUDA-low" right before the warm-up
-# creates that configuration's runtime; "GARBAGE:CPU-low" writes bytes that are not a reply
+# probing backend OPENCL; "GARBAGE:CPU-low" writes bytes that are not a reply
 # on the protocol channel instead; several are separated by commas.  The tests use it to
 # kill a worker by a real signal at a known point.
 FAULT_INJECTION_ENV = "MNN_PARITY_TEST_FAULT_INJECTION"
 # Set by the parent to its pid: the worker ends itself when the parent dies (Linux).
 PARENT_PID_ENV = "MNN_PARITY_PARENT_PID"
-# Called before each runtime the warm-up creates; only fault injection sets it ("SIGSEGV:warm-CUDA-low").
-_warm_hook = None
 _PR_SET_PDEATHSIG = 1
 
 
@@ -45,7 +42,7 @@ def main() -> int:
     faulthandler.enable(file=crash_log, all_threads=True)
     faulthandler.register(signal.SIGUSR1, file=crash_log, all_threads=True)
     _die_with_parent()
-    stdin = _Requests(sys.stdin.fileno())
+    stdin = sys.stdin.buffer
 
     from ..engine.engine import ParityEngine  # noqa: PLC0415
     from ..mnn import backends  # noqa: PLC0415 - after the fds are safe
@@ -69,15 +66,13 @@ def main() -> int:
     # MNN's start-up banner ("The device supports: i8sdot:1, fp16:1, ..."): what this CPU computes with.
     proto.write(protocol.dumps({"ready": True, "pid": os.getpid(), "device": device_support_line(),
                                 "mnn": mnn_version()}))
-    if init.get("warm"):
-        proto.write(protocol.dumps(_warm_up(init["warm"], crash_log, stop=stdin.pending)))
     done = 0
     input_sets: dict = {}  # the parent's pickled input sets and sidecars, read once each
     savers: dict = {}  # one bundle_saver.BundleSaver per bundle folder: each reference is saved once per worker
     # A worker on another machine gets the parent's files as ``put`` lines: parent path -> the copy here.
     copies: dict[str, str] = {}
     copies_dir = None
-    for line in stdin.lines():
+    for line in stdin:
         request = protocol.loads(line)
         op = request.get("op")
         if op == "exit":
@@ -102,8 +97,6 @@ def main() -> int:
                                 f"{check.model}\n")
                 result = _check(engine, check, request, input_sets, savers)
                 reply = {"ok": True, "result": protocol.result_to_wire(result), "peak_rss_mb": peak_rss_mb()}
-            elif op == "ping":  # the parent's way to end a warm-up and hear how it went (process.Worker.wait_warm)
-                reply = {"ok": True}
             elif op == "release":
                 engine.release(copies.get(request["model"], request["model"]))
                 reply = {"ok": True}
@@ -169,78 +162,6 @@ def _check(engine, check, message: dict, input_sets: dict, savers: dict):
                    set_name=bundle["set_name"])
         result.model = shown
     return result
-
-
-class _Requests:
-    """The parent's request lines, read from the pipe by hand so the warm-up can ask whether one is waiting
-    (a buffered file object may hold a line that ``select`` cannot see)."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.buffer = b""
-
-    def pending(self) -> bool:
-        if b"\n" in self.buffer:
-            return True
-        import select  # noqa: PLC0415
-
-        return bool(select.select([self.fd], [], [], 0)[0])
-
-    def readline(self) -> bytes:
-        while b"\n" not in self.buffer:
-            chunk = os.read(self.fd, 1 << 20)
-            if not chunk:  # the parent closed the pipe
-                line, self.buffer = self.buffer, b""
-                return line
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line + b"\n"
-
-    def lines(self):
-        while True:
-            line = self.readline()
-            if not line:
-                return
-            yield line
-
-
-def _warm_up(planned: list, crash_log, stop=lambda: False) -> dict:
-    """Create the planned configurations' runtimes now, in the order the checks will need them, until the
-    parent's first request comes (``stop``): they are shared by every session of this process
-    (``runner.shared_runtime``), so a check later finds its runtime made, and a check never waits for more
-    than the one runtime being made when it came.  Nothing is judged here: a runtime that cannot be made is
-    left for the check that needs it, which meets the same failure and reports it as that item's."""
-    import time  # noqa: PLC0415
-
-    from ..mnn import module_runner, runner  # noqa: PLC0415
-    from ..mnn.native_output import capture_native_output  # noqa: PLC0415
-    from . import protocol  # noqa: PLC0415
-
-    started, made, failed, left = time.perf_counter(), [], [], []
-    for entry in planned:
-        config = protocol.config_from_wire(entry["config"])
-        label = f"{config.id} ({entry['api']} API)"
-        if left:
-            left.append(label)
-            continue
-        if _warm_hook is not None:
-            _warm_hook(config)
-        if stop():  # a request waits: its check makes what it needs
-            left.append(label)
-            continue
-        crash_log.write(f"[mnn-parity worker {os.getpid()}] creating the runtime of {label} ahead\n")
-        try:
-            with capture_native_output():
-                if entry["api"] == "module":
-                    module_runner.runtime_manager(config)
-                else:
-                    runner.shared_runtime(config)
-        except Exception as exc:  # noqa: BLE001 - the check that needs this runtime reports it
-            failed.append(f"{label}: {exc}")
-        else:
-            made.append(label)
-    return {"warm": True, "made": made, "failed": failed, "left": left,
-            "seconds": round(time.perf_counter() - started, 3)}
 
 
 def peak_rss_mb() -> float:
@@ -311,8 +232,6 @@ def _install_fault_injection(log, proto) -> None:
 
     backends.probe_backend = probe
     runner.LoadedModel.run = run
-    global _warm_hook
-    _warm_hook = lambda config: inject(f"warm-{config.id}", f"creating the runtime of {config.id} ahead")  # noqa: E731
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(HtmlExtras(options.artifacts), "mnn-parity-html-extras")
     xdist_controller = run.writes_report and bool(getattr(config.option, "numprocesses", None))
     if run.active and not xdist_controller:
-        run.isolation.start(run.planned_configs, run.planned_apis())  # after the settings are final
+        run.isolation.start()  # after the settings are final: workers get a copy
 
 
 def _say(config: pytest.Config, line: str) -> None:

@@ -226,18 +226,6 @@ class ParityRun:
                 if place is None or not place.cpu_only or backend == "CPU"
                 for precision in self.options.precisions for mode in self.modes_for(backend)]
 
-    def planned_configs(self) -> list:
-        """Every configuration this run's items may run on this machine (``cases`` without models): what the
-        isolation's GPU workers create runtimes for while pytest collects (``Isolation.start``)."""
-        from ..mnn.runner import RunConfig
-
-        return [RunConfig(backend, precision, self.options.threads, mode) for backend in self.options.backends
-                for precision in self.options.precisions for mode in self.modes_for(backend)]
-
-    def planned_apis(self) -> list[str]:
-        """The MNN APIs of ``planned_configs``: auto runs sessions but for models that need the Module API."""
-        return {"both": ["session", "module"], "module": ["module"]}.get(self.options.api, ["session"])
-
     def modes_for(self, backend: str) -> list[str | None]:
         """The GPU modes asked for that ``backend`` reads; [None] (its plain items) when it reads none."""
         from ..mnn.backends import gpu_mode_applies
