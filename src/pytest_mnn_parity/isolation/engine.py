@@ -24,7 +24,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ..core.tolerances import resolve
 from ..core.verdict import Category
@@ -335,6 +335,22 @@ class IsolatedEngine(Checker):
             variant=request.variant, **labels)
         result.message = fault_message(result, model_path, request.reproduce)
         return result
+
+
+def release_all(engines: Iterable[IsolatedEngine], model_path: os.PathLike | str) -> None:
+    """``model_path`` is done: each engine lets it go (a per-model worker retires)."""
+    for engine in engines:
+        engine.release(model_path)
+
+
+def close_all(engines: Iterable[IsolatedEngine]) -> None:
+    """Close several engines: every worker is told to exit before any is waited for, so they end side by side
+    (a GPU process's driver teardown takes a fraction of a second)."""
+    engines = list(engines)
+    for engine in engines:
+        engine.retire_workers()
+    for engine in engines:
+        engine.close()
 
 
 def unavailable_result(request: CheckRequest, status: backends.BackendStatus) -> ParityResult:

@@ -28,7 +28,7 @@ from ..engine.request import CheckRequest
 from ..engine.results import ParityResult, ParitySettings
 from ..mnn import backends
 from .arm_env import ARCH, ArmEnv, ArmEnvBuilder
-from .engine import IsolatedEngine
+from .engine import IsolatedEngine, close_all, release_all
 from .launch import LaunchError, OverSsh, WorkerCommand
 from .place_spec import Place
 
@@ -174,10 +174,8 @@ class PlaceEngines:
         return lines
 
     def release(self, model_path: os.PathLike | str) -> None:
-        for engine in self._engines.values():
-            engine.release(model_path)
+        release_all(self._engines.values(), model_path)
 
     def close(self) -> None:
-        for engine in self._engines.values():
-            engine.close()
+        close_all(self._engines.values())
         self._engines.clear()

@@ -39,7 +39,7 @@ from ..engine.request import Checker, CheckRequest
 from ..engine.results import ParityResult
 from ..mnn import backends, native_output
 from ..onnx.ops import op_types
-from .engine import SPARE_MIN_CORES, IsolatedEngine, unavailable_result
+from .engine import SPARE_MIN_CORES, IsolatedEngine, close_all, release_all, unavailable_result
 
 # Isolated configurations without --mnn-timeout still get this bound, so a hung
 # GPU driver cannot stall CI until its job limit.
@@ -205,19 +205,14 @@ class Isolation(Checker):
 
     def release(self, model_path: os.PathLike | str) -> None:
         self.engine.release(model_path)
-        for isolated in self._engines():
-            isolated.release(model_path)
+        release_all(self._engines(), model_path)
         if self.releases is not None:
             self.releases.release(model_path)
         if self.places is not None:
             self.places.release(model_path)
 
     def close(self) -> None:
-        engines = self._engines()
-        for isolated in engines:  # every worker told to exit first: they end side by side, not one by one
-            isolated.retire_workers()
-        for isolated in engines:
-            isolated.close()
+        close_all(self._engines())
         if self.releases is not None:
             self.releases.close()
         if self.places is not None:

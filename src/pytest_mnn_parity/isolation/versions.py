@@ -21,7 +21,7 @@ from ..engine.engine import ParityEngine
 from ..engine.request import CheckRequest
 from ..engine.results import ParityResult, ParitySettings
 from ..mnn import backends
-from .engine import IsolatedEngine
+from .engine import IsolatedEngine, close_all, release_all
 from .envs import EnvCache, MnnEnv
 
 
@@ -85,12 +85,10 @@ class ReleaseEngines:
         return lines
 
     def release(self, model_path: os.PathLike | str) -> None:
-        for engine in self._engines.values():
-            engine.release(model_path)
+        release_all(self._engines.values(), model_path)
 
     def close(self) -> None:
-        for engine in self._engines.values():
-            engine.close()
+        close_all(self._engines.values())
         self._engines.clear()
 
 
