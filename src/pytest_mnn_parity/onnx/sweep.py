@@ -161,11 +161,7 @@ def one_node_model(base, node_proto, recorded: Mapping[str, np.ndarray], live: s
         value = recorded.get(name)
         if value is None:
             return f"ONNX Runtime recorded no value for its input {name}"
-        placeholder = f"in{len(inputs)}"
-        inputs[placeholder] = name
-        names.append(placeholder)
-        graph_inputs.append(helper.make_tensor_value_info(
-            placeholder, helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype), list(np.shape(value))))
+        names.append(_placeholder("in", inputs, name, value, graph_inputs))
     outputs, out_names, graph_outputs = {}, [], []
     for name in node_proto.output:
         if not name:
@@ -174,11 +170,7 @@ def one_node_model(base, node_proto, recorded: Mapping[str, np.ndarray], live: s
         value = recorded.get(name)
         if value is None:
             return f"ONNX Runtime recorded no value for its output {name}"
-        placeholder = f"out{len(outputs)}"
-        outputs[placeholder] = name
-        out_names.append(placeholder)
-        graph_outputs.append(helper.make_tensor_value_info(
-            placeholder, helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype), list(np.shape(value))))
+        out_names.append(_placeholder("out", outputs, name, value, graph_outputs))
     if not inputs:
         return "it has no input computed from the model's inputs: both sides fold it into a constant"
     node = onnx.NodeProto()
@@ -190,6 +182,18 @@ def one_node_model(base, node_proto, recorded: Mapping[str, np.ndarray], live: s
     graph = helper.make_graph([node], "cut", graph_inputs, graph_outputs, consts)
     model = helper.make_model(graph, opset_imports=list(base.opset_import), ir_version=base.ir_version)
     return model, inputs, outputs
+
+
+def _placeholder(prefix: str, table: dict[str, str], name: str, value, value_infos: list) -> str:
+    """A cut graph's name for the model's tensor ``name`` (``in0``, ``out1``): kept in ``table`` (placeholder ->
+    the model's name), declared with the recorded value's dtype and shape in ``value_infos``."""
+    from onnx import helper  # noqa: PLC0415 - as in one_node_model, its one caller
+
+    placeholder = f"{prefix}{len(table)}"
+    table[placeholder] = name
+    value_infos.append(helper.make_tensor_value_info(
+        placeholder, helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype), list(np.shape(value))))
+    return placeholder
 
 
 def record(onnx_path: Path, base, tensors: Sequence[str], inputs: Mapping[str, np.ndarray],
