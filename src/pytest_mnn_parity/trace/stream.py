@@ -34,11 +34,13 @@ T = TypeVar("T")
 
 # Comparisons queued or running at once: enough to bridge a run of small ops, bounded besides by bytes.
 MAX_JOBS = 8
-# The bytes bound in units of the reference's largest tensor.  The trace in the callback held 2 (one copy and the
-# reference tensor it mapped) and its budget is 3 (benchmarks/bench_trace.py: plain + 3 x the largest
-# intermediate); 2.5 lets a comparison of the largest tensor run beside the copy of a tensor half its size, and
-# leaves the rest of the budget to what the trace holds besides (its tables, the quick pass's chunks).
-HELD = 2.5
+# The bytes bound in units of the reference's largest tensor: what the trace held in the callback at its largest
+# tensor (its copy and the reference tensor it mapped), so a comparison of a tensor half that size runs beside the
+# next copy of one as large.  2.5 measured 10 MB over 2 at 512 (bench_trace.py), past the budget of 3 x the
+# largest intermediate on the 2-core VM: the recording's own peak leaves less than the budget's 3.
+HELD = 2.0
+# Host copies kept for reuse once their comparison is done: one, as before streaming; more kept none faster.
+KEEP = 1
 
 _WORKER: list[ThreadPoolExecutor] = []
 
@@ -156,6 +158,8 @@ class ComparisonStream:
     def _give_back(self, key: tuple, host: Any, nbytes: int) -> None:
         self.held -= nbytes  # the reference tensor the comparison mapped is let go
         self._free.append((key, host, nbytes))
+        while len(self._free) > KEEP:
+            self.held -= self._free.pop(0)[2]
 
 
 def _done(judge: Callable[[np.ndarray], T], array: np.ndarray) -> Future:
