@@ -73,8 +73,8 @@ class ComparisonStream:
     def __init__(self, max_jobs: int | None = MAX_JOBS, max_bytes: int | None = None):
         self.max_jobs = max_jobs
         self.max_bytes = max_bytes
-        # (host tensor key, host tensor, bytes), oldest first: reused by the next tensor of the same shape, as an
-        # allocation and its page faults per op would cost more than the copy.
+        # (host tensor key, host tensor, bytes): reused by the next tensor of the same shape (consecutive ops often
+        # share one), which saves an allocation and its page faults.
         self._free: list[tuple[tuple, Any, int]] = []
         self._pending: deque[tuple[Future, tuple, Any, int]] = deque()
         # Host copies held, plus each unfinished comparison's reference tensor (as large as its copy).
@@ -128,20 +128,16 @@ class ComparisonStream:
         if self.max_jobs is not None:
             while len(self._pending) >= max(self.max_jobs, 1):
                 self._retire()
-        if self.max_bytes is None:
-            return
         while True:
             reuse = any(item[0] == key for item in self._free)
-            if self.held + (nbytes if reuse else 2 * nbytes) <= self.max_bytes:
-                return
-            # A kept host tensor of another shape goes first (oldest first), before waiting on a comparison.
-            spare = next((i for i, item in enumerate(self._free) if item[0] != key), None)
-            if spare is not None:
-                self.held -= self._free.pop(spare)[2]
-            elif self._pending:
-                self._retire()
-            else:
-                return  # nothing else held: one tensor is always allowed
+            if not reuse:
+                # Freed before another is made, as before streaming: two copies at once would be a new peak.
+                self.held -= sum(item[2] for item in self._free)
+                self._free.clear()
+            need = self.held + (nbytes if reuse else 2 * nbytes)
+            if self.max_bytes is None or not self._pending or need <= self.max_bytes:
+                return  # with nothing else held, one tensor is always allowed
+            self._retire()
 
     def _take(self, key: tuple) -> Any:
         for i, item in enumerate(self._free):
