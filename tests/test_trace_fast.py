@@ -241,3 +241,19 @@ def test_an_error_in_the_comparison_thread_is_raised_by_the_trace():
             pytest.raises(MemoryError, match="third comparison"):
         trace_target(trace, target, RunConfig("CPU", "high"), inputs, resolve("CPU", "high"), stream=stream)
     assert stream.pending == 0 and len(calls) > 3
+
+
+@given(st.integers(1, 1 << 16), st.integers(0, 2**32 - 1))
+@settings(max_examples=30, deadline=None)
+def test_an_earlier_output_is_known_by_its_address_until_its_bytes_change(size, seed):
+    """The byte sample behind input reuse (read without letting go of the GIL, for the comparison thread's sake)
+    still tells an unchanged tensor from one written since: the first byte is always sampled."""
+    from pytest_mnn_parity.trace.tensor_ids import Producers, TensorInfo
+
+    buffer = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+    info = TensorInfo((size,), np.dtype(np.uint8), buffer.ctypes.data)
+    producers = Producers()
+    producers.wrote(info, "op#0 out 0")
+    assert producers.find(info) == "op#0 out 0"
+    buffer[0] ^= 0xFF
+    assert producers.find(info) is None
