@@ -206,8 +206,11 @@ def trace_target(reference: ReferenceTrace, model: LoadedModel, config: RunConfi
     bound and when it streams).
     """
     identity = config.backend == "CPU" or model.falls_back(config)
+    largest = getattr(reference, "largest_tensor_bytes", None)
     if stream is None:
-        stream = default_stream(reference.largest_tensor_bytes(), config.threads)
+        # A saved bundle's trace (engine.bundle) reads one zip archive, which the callback reads too (graph inputs):
+        # it is judged in the callback, by one thread.
+        stream = default_stream(largest(), config.threads) if largest is not None else ComparisonStream(0)
     comparer = TargetComparer(reference, tol, layer_tolerances, fast=fast, identity=identity, stream=stream)
     try:
         model.run(config, inputs, observer=comparer)
