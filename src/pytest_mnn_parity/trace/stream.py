@@ -36,8 +36,8 @@ T = TypeVar("T")
 MAX_JOBS = 8
 # The bytes bound in units of the reference's largest tensor: what the trace held in the callback at its largest
 # tensor (its copy and the reference tensor it mapped), so a comparison of a tensor half that size runs beside the
-# next copy of one as large.  2.5 measured 10 MB over 2 at 512 (bench_trace.py), past the budget of 3 x the
-# largest intermediate on the 2-core VM: the recording's own peak leaves less than the budget's 3.
+# next copy of one as large.  2.5, with a copy kept per shape, measured 284 MB at 512 on the 2-core VM against a
+# budget of 277 (bench_trace.py: plain + 3 x the largest intermediate); 2 measured 266-271 MB streamed.
 HELD = 2.0
 # Host copies kept for reuse once their comparison is done: one, as before streaming; more kept none faster.
 KEEP = 1
@@ -48,9 +48,9 @@ _WORKER: list[ThreadPoolExecutor] = []
 def default_stream(largest: int, mnn_threads: int) -> "ComparisonStream":
     """Streamed where a core is left beside MNN's threads for the comparison thread, in the callback elsewhere.
 
-    On the 2-core development VM, with MNN's 4 threads, the streamed trace at 512 was 5-8% slower than the one in
-    the callback (the comparison only took turns with MNN and took the GIL from the callbacks); the bound keeps
-    its memory as it is either way.
+    On the 2-core development VM, with MNN's 4 threads, the streamed trace at 512 was up to 8% slower than the one
+    in the callback in three rounds of four (the comparison only takes turns with MNN's threads there); the bound
+    keeps its memory as it is either way.
     """
     jobs = MAX_JOBS if usable_cores() > mnn_threads else 0
     return ComparisonStream(jobs, int(HELD * largest) if largest > 0 else None)
