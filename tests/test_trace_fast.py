@@ -176,8 +176,8 @@ def _everything(result) -> str:
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pair=st.integers(0, len(PAIRS) - 1), config=st.sampled_from(CONFIGS), fast=st.booleans(),
        jobs=st.sampled_from([1, 2, None]), bytes_bound=st.sampled_from([None, 0.5, 1.0, HELD]),
-       seed=st.integers(0, 2**16))
-def test_streamed_trace_does_not_depend_on_thread_timing(pair, config, fast, jobs, bytes_bound, seed):
+       seed=st.integers(0, 2**16), workers=st.sampled_from([None, 1, 3]))
+def test_streamed_trace_does_not_depend_on_thread_timing(pair, config, fast, jobs, bytes_bound, seed, workers):
     """The comparison thread, slowed at random before each judgement, under a queue of one, two or no bound and a
     bytes bound below one tensor up to the default: the very result of judging inside the callback, and the
     bound on what is held is kept (a tensor alone is always allowed)."""
@@ -186,7 +186,7 @@ def test_streamed_trace_does_not_depend_on_thread_timing(pair, config, fast, job
     inline = trace_target(trace, target, config, inputs, tol, fast=fast, stream=ComparisonStream(0))
     largest = trace.largest_tensor_bytes()
     bound = None if bytes_bound is None else int(bytes_bound * largest)
-    stream = ComparisonStream(jobs, bound)
+    stream = ComparisonStream(jobs, bound, quick_workers=workers)
     delays = random.Random(seed)
     original = trace_compare.TargetComparer._compare
 
@@ -217,10 +217,12 @@ def test_streaming_overlaps_and_is_the_default_only_beside_a_free_core():
     with mock.patch.object(trace_compare.TargetComparer, "_compare", slowed):
         trace_target(trace, target, RunConfig("CPU", "high"), inputs, resolve("CPU", "high"), stream=stream)
     assert stream.peak_jobs > 1
-    for cores, threads, streams in [(2, 4, False), (4, 4, False), (5, 4, True), (16, 4, True), (2, 1, True)]:
+    for cores, threads, streams, quick in [(2, 4, False, None), (4, 4, False, None), (5, 4, True, 1),
+                                           (16, 4, True, 4), (2, 1, True, 1), (7, 4, True, 3)]:
         with mock.patch("pytest_mnn_parity.trace.stream.usable_cores", return_value=cores):
             chosen = default_stream(1000, threads)
         assert (chosen.max_jobs != 0) is streams and chosen.max_bytes == int(HELD * 1000)
+        assert chosen.quick_workers == quick  # the quick pass beside MNN takes the spare cores only
 
 
 def test_an_error_in_the_comparison_thread_is_raised_by_the_trace():

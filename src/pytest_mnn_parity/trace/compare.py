@@ -130,7 +130,8 @@ class TargetComparer(OpObserver):
             ref_path, tol = self.reference.files.get((key, "out", index)), self.tol
             # The reference is mapped in the comparison too: nothing of it is read inside the callback.
             judgement = _Later(self.stream.judge(tensor, info, lambda target: self._compare(
-                index, target, self.reference.load(key, "out", index), ref_path, tol)), index)
+                index, target, self.reference.load(key, "out", index), ref_path, tol, self.stream.quick_workers)),
+                index)
         self._producers.wrote(info, (judgement, self.reference.files.get((key, "out", index))))
         return judgement
 
@@ -143,8 +144,8 @@ class TargetComparer(OpObserver):
         self._judged[memo] = judgement
         return judgement
 
-    def _compare(self, index: int, target: np.ndarray, ref: np.ndarray | None, ref_path, tol: Tolerance
-                 ) -> TensorJudgement:
+    def _compare(self, index: int, target: np.ndarray, ref: np.ndarray | None, ref_path, tol: Tolerance,
+                 workers: int | None = None) -> TensorJudgement:
         if ref is None:
             return TensorJudgement(index, None, False, note="no reference tensor")
         if ref.shape != target.shape:
@@ -158,7 +159,7 @@ class TargetComparer(OpObserver):
         if self.fast:
             if ref_path not in self._stats:
                 self._stats[ref_path] = ref_stats(ref)
-            quick = quick_pass(target, ref, self._stats[ref_path], tol)
+            quick = quick_pass(target, ref, self._stats[ref_path], tol, workers=workers)
             if quick is not None:
                 return TensorJudgement(index, None, False, quick=quick)
         ref = np.asarray(ref)

@@ -26,7 +26,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from ..core.quickcompare import usable_cores
+from ..core.quickcompare import MAX_WORKERS, usable_cores
 from ..mnn.runner import to_numpy
 from .tensor_ids import TensorInfo
 
@@ -52,8 +52,10 @@ def default_stream(largest: int, mnn_threads: int) -> "ComparisonStream":
     in the callback in three rounds of four (the comparison only takes turns with MNN's threads there); the bound
     keeps its memory as it is either way.
     """
-    jobs = MAX_JOBS if usable_cores() > mnn_threads else 0
-    return ComparisonStream(jobs, int(HELD * largest) if largest > 0 else None)
+    spare = usable_cores() - mnn_threads
+    # The quick pass's own threads (``quickcompare``) now run beside MNN's, not while they wait: the spare cores only.
+    return ComparisonStream(MAX_JOBS if spare > 0 else 0, int(HELD * largest) if largest > 0 else None,
+                            quick_workers=max(1, min(MAX_WORKERS, spare)) if spare > 0 else None)
 
 
 def _worker() -> ThreadPoolExecutor:
@@ -70,9 +72,12 @@ class ComparisonStream:
     None puts no bound on the bytes held.
     """
 
-    def __init__(self, max_jobs: int | None = MAX_JOBS, max_bytes: int | None = None):
+    def __init__(self, max_jobs: int | None = MAX_JOBS, max_bytes: int | None = None, *,
+                 quick_workers: int | None = None):
         self.max_jobs = max_jobs
         self.max_bytes = max_bytes
+        # Threads for one quick pass in the comparison thread (None: ``quickcompare``'s own choice).
+        self.quick_workers = quick_workers
         # (host tensor key, host tensor, bytes): reused by the next tensor of the same shape (consecutive ops often
         # share one), which saves an allocation and its page faults.
         self._free: list[tuple[tuple, Any, int]] = []
