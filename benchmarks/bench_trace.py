@@ -31,6 +31,10 @@ from pytest_mnn_parity.mnn.runner import reference_config, LoadedModel
 from pytest_mnn_parity.trace.record import record_reference
 from pytest_mnn_parity.trace.compare import trace_target
 from pytest_mnn_parity.core.tolerances import resolve
+try:  # the comparison thread (issue 22); absent from trees before it, which time the trace alone
+    from pytest_mnn_parity.trace.stream import HELD, MAX_JOBS, ComparisonStream
+except ImportError:
+    ComparisonStream = None
 
 # Where the engine runs the reference with the default --mnn-threads (4).
 REFERENCE = reference_config(4)
@@ -54,15 +58,29 @@ else:
     t0 = time.perf_counter(); ref, _ = record_reference(model, REFERENCE, inputs)
     out["record_reference_s"] = time.perf_counter() - t0
     tol = resolve("CPU", "normal")
-    fast = mode == "trace"  # "trace_full": every tensor copied and fully compared (the code before the quick pass)
-    trace_target(ref, model, target, inputs, tol, fast=fast)
+    fast = mode != "trace_full"  # "trace_full": every tensor copied and fully compared (the code before the quick pass)
+    # "trace": the default (streamed where a core is free beside MNN's threads); "trace_stream": always streamed.
+    def streams():
+        if ComparisonStream is None or mode == "trace_full":
+            return {"traced": {}}
+        variants = {"traced": {}, "inline": {"stream": ComparisonStream(0)},
+                    "streamed": {"stream": ComparisonStream(MAX_JOBS, int(HELD * ref.largest_tensor_bytes()))}}
+        return {"traced": variants["streamed"]} if mode == "trace_stream" else variants
+    for name, kwargs in streams().items():
+        trace_target(ref, model, target, inputs, tol, fast=fast, **kwargs)
+        if name == "traced":  # its peak before the other variants run: theirs would count too
+            out["traced_rss_mb"] = [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
     # Plain and traced runs interleaved in one process, medians: the ratio survives a loaded machine.
-    plain, traced = [], []
+    plain, traced = [], {}
     for _ in range(max(runs, 5)):
         t0 = time.perf_counter(); model.run(target, inputs); plain.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); trace_target(ref, model, target, inputs, tol, fast=fast)
-        traced.append(time.perf_counter() - t0)
-    out["trace_target_s"], out["plain_interleaved_s"] = statistics.median(traced), statistics.median(plain)
+        for name, kwargs in streams().items():
+            t0 = time.perf_counter(); trace_target(ref, model, target, inputs, tol, fast=fast, **kwargs)
+            traced.setdefault(name, []).append(time.perf_counter() - t0)
+    out["trace_target_s"], out["plain_interleaved_s"] = statistics.median(traced["traced"]), statistics.median(plain)
+    for name in ("inline", "streamed"):
+        if name in traced:
+            out[f"{name}_s"] = statistics.median(traced[name])
     sizes = [p.stat().st_size for p in set(ref.files.values())]
     out["largest_intermediate_mb"] = max(sizes) / 2**20
     out["all_intermediates_mb"] = sum(sizes) / 2**20
@@ -105,6 +123,7 @@ def main() -> int:
         plain = child("plain", path, args.runs)
         pair = child("plain_pair", path, args.runs)
         traced = child("trace", path, args.runs)
+        forced = child("trace_stream", path, args.runs) if "streamed_s" in traced else None
         full = child("trace_full", path, args.runs)
     largest = traced["largest_intermediate_mb"]
     result = {
@@ -118,10 +137,15 @@ def main() -> int:
         "load_average": os.getloadavg(),
         "reference_plain_s": pair["reference_s"], "record_reference_s": traced["record_reference_s"],
         "plain_rss_mb": plain["peak_rss_mb"], "plain_pair_rss_mb": pair["peak_rss_mb"],
-        "trace_rss_mb": traced["peak_rss_mb"], "largest_intermediate_mb": largest,
+        "trace_rss_mb": traced.get("traced_rss_mb", traced["peak_rss_mb"]), "largest_intermediate_mb": largest,
         "all_intermediates_mb": traced["all_intermediates_mb"],
         "rss_budget_mb": pair["peak_rss_mb"] + 3 * largest,
     }
+    if forced is not None:
+        result.update(inline_traced_s=traced["inline_s"], streamed_traced_s=traced["streamed_s"],
+                      inline_time_ratio=traced["inline_s"] / traced["plain_interleaved_s"],
+                      streamed_time_ratio=traced["streamed_s"] / traced["plain_interleaved_s"],
+                      streamed_rss_mb=forced["peak_rss_mb"], cores=len(os.sched_getaffinity(0)))
     print(f"LaMa-like {args.size}x{args.size}, {result['layers']} layers, intermediates "
           f"{result['all_intermediates_mb']:.0f} MB in all, largest {largest:.1f} MB")
     print(f"time:   plain target run {traced['plain_interleaved_s'] * 1e3:.0f} ms, "
@@ -130,10 +154,16 @@ def main() -> int:
           f"every tensor: {full['trace_target_s'] * 1e3:.0f} ms vs {full['plain_interleaved_s'] * 1e3:.0f} ms -> "
           f"{result['full_compare_time_ratio']:.2f}x; recording the reference once: "
           f"{traced['record_reference_s'] * 1e3:.0f} ms vs {pair['reference_s'] * 1e3:.0f} ms plain")
+    if forced is not None:
+        print(f"        comparisons in the callback {result['inline_traced_s'] * 1e3:.0f} ms "
+              f"({result['inline_time_ratio']:.2f}x), streamed to the comparison thread "
+              f"{result['streamed_traced_s'] * 1e3:.0f} ms ({result['streamed_time_ratio']:.2f}x); the default "
+              f"above streams where usable cores ({result['cores']}) exceed MNN's threads (4)")
     print(f"memory: plain {plain['peak_rss_mb']:.0f} MB, "
           f"plain with the reference session {pair['peak_rss_mb']:.0f} MB, "
-          f"traced {traced['peak_rss_mb']:.0f} MB; budget plain-with-reference + 3 x largest = "
-          f"{result['rss_budget_mb']:.0f} MB (full comparison: {full['peak_rss_mb']:.0f} MB)")
+          f"traced {result['trace_rss_mb']:.0f} MB; budget plain-with-reference + 3 x largest = "
+          f"{result['rss_budget_mb']:.0f} MB (full comparison: {full['peak_rss_mb']:.0f} MB"
+          + (f"; always streamed: {forced['peak_rss_mb']:.0f} MB" if forced is not None else "") + ")")
     load = " ".join(f"{x:.2f}" for x in result["load_average"])
     print(f"load average while measuring: {load} on {os.cpu_count()} cores")
     if args.json:

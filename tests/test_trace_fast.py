@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import random
+import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,7 +23,9 @@ from pytest_mnn_parity.core.quickcompare import quick_pass, ref_stats
 from pytest_mnn_parity.mnn.runner import reference_config, LoadedModel
 from pytest_mnn_parity.core.tolerances import TIERS, resolve
 from pytest_mnn_parity.trace.record import record_reference
+from pytest_mnn_parity.trace import compare as trace_compare
 from pytest_mnn_parity.trace.compare import layer_table, trace_target
+from pytest_mnn_parity.trace.stream import HELD, ComparisonStream, default_stream
 
 from conftest import COLLAPSE, DEMO, FIXTURES
 
@@ -89,13 +95,14 @@ def _nan_equal(a, b) -> bool:
        tier=st.sampled_from(sorted(TIERS)), atol_scale=st.sampled_from([1.0, 1e-2, 1e-4, 1e-6]),
        min_cosine=st.sampled_from([None, 0.999999, 0.9999999]))
 def test_fast_trace_gives_the_full_comparisons_results(pair, config, tier, atol_scale, min_cosine):
-    """Over fixture x configuration x tolerance (tight ones put layers right at the boundary)."""
+    """Over fixture x configuration x tolerance (tight ones put layers right at the boundary); the fast trace
+    judged in the callback, streamed to the comparison thread one at a time or all at once."""
     target, trace, inputs = _setup(pair)
     tol = TIERS[tier]
     tol = dataclasses.replace(tol, atol=tol.atol * atol_scale, min_cosine=min_cosine or tol.min_cosine)
-    fast = trace_target(trace, target, config, inputs, tol)
-    full = trace_target(trace, target, config, inputs, tol, fast=False)
-    _same_results(fast, full)
+    full = trace_target(trace, target, config, inputs, tol, fast=False, stream=ComparisonStream(0))
+    for stream in (ComparisonStream(0), ComparisonStream(1), ComparisonStream(None)):
+        _same_results(trace_target(trace, target, config, inputs, tol, stream=stream), full)
 
 
 def test_fast_path_is_taken_and_failures_are_still_found():
@@ -159,3 +166,96 @@ def test_quick_pass_in_threads_answers_as_in_one(seed, noise, spike_at, spike, w
     tol = TIERS["fp32"]
     stats = ref_stats(ref)
     assert quick_pass(target, ref, stats, tol, workers=workers) == quick_pass(target, ref, stats, tol, workers=1)
+
+
+def _everything(result) -> str:
+    """Every number, note, flag and row of a trace, NaN included (json writes it as NaN on both sides)."""
+    return json.dumps([[layer.as_dict() for layer in result.layers], result.summary(), layer_table(result)])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pair=st.integers(0, len(PAIRS) - 1), config=st.sampled_from(CONFIGS), fast=st.booleans(),
+       jobs=st.sampled_from([1, 2, None]), bytes_bound=st.sampled_from([None, 0.5, 1.0, HELD]),
+       seed=st.integers(0, 2**16), workers=st.sampled_from([None, 1, 3]))
+def test_streamed_trace_does_not_depend_on_thread_timing(pair, config, fast, jobs, bytes_bound, seed, workers):
+    """The comparison thread, slowed at random before each judgement, under a queue of one, two or no bound and a
+    bytes bound below one tensor up to the default: the very result of judging inside the callback, and the
+    bound on what is held is kept (a tensor alone is always allowed)."""
+    target, trace, inputs = _setup(pair)
+    tol = resolve("CPU", config.precision)
+    inline = trace_target(trace, target, config, inputs, tol, fast=fast, stream=ComparisonStream(0))
+    largest = trace.largest_tensor_bytes()
+    bound = None if bytes_bound is None else int(bytes_bound * largest)
+    stream = ComparisonStream(jobs, bound, quick_workers=workers)
+    delays = random.Random(seed)
+    original = trace_compare.TargetComparer._compare
+
+    def slowed(*args, **kwargs):
+        time.sleep(delays.choice([0, 0, 1e-4, 1e-3, 3e-3]))
+        return original(*args, **kwargs)
+
+    with mock.patch.object(trace_compare.TargetComparer, "_compare", slowed):
+        streamed = trace_target(trace, target, config, inputs, tol, fast=fast, stream=stream)
+    assert _everything(streamed) == _everything(inline)
+    assert stream.peak_held <= max(bound if bound is not None else stream.peak_held, 2 * largest)
+    assert stream.pending == 0 and stream.held == stream.kept  # every reference let go, only copies kept
+    if jobs is not None:
+        assert stream.peak_jobs <= jobs
+
+
+def test_streaming_overlaps_and_is_the_default_only_beside_a_free_core():
+    """Not vacuous: with the comparisons slowed, an unbounded stream holds several at once; and the default
+    streams only where the comparison thread has a core beside MNN's threads."""
+    target, trace, inputs = _setup(PAIRS.index((DEMO, DEMO)))
+    stream = ComparisonStream(None)
+    original = trace_compare.TargetComparer._compare
+
+    def slowed(*args, **kwargs):
+        time.sleep(2e-3)
+        return original(*args, **kwargs)
+
+    with mock.patch.object(trace_compare.TargetComparer, "_compare", slowed):
+        trace_target(trace, target, RunConfig("CPU", "high"), inputs, resolve("CPU", "high"), stream=stream)
+    assert stream.peak_jobs > 1
+    for cores, threads, streams, quick in [(2, 4, False, None), (4, 4, False, None), (5, 4, True, 1),
+                                           (16, 4, True, 4), (2, 1, True, 1), (7, 4, True, 3)]:
+        with mock.patch("pytest_mnn_parity.trace.stream.usable_cores", return_value=cores):
+            chosen = default_stream(1000, threads)
+        assert (chosen.max_jobs != 0) is streams and chosen.max_bytes == int(HELD * 1000)
+        assert chosen.quick_workers == quick  # the quick pass beside MNN takes the spare cores only
+
+
+def test_an_error_in_the_comparison_thread_is_raised_by_the_trace():
+    """A comparison that raises in the thread fails the trace as one raised in the callback did, and leaves
+    nothing running."""
+    target, trace, inputs = _setup(PAIRS.index((DEMO, DEMO)))
+    calls = []
+    original = trace_compare.TargetComparer._compare
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("third comparison")
+        return original(*args, **kwargs)
+
+    stream = ComparisonStream(None)
+    with mock.patch.object(trace_compare.TargetComparer, "_compare", failing), \
+            pytest.raises(MemoryError, match="third comparison"):
+        trace_target(trace, target, RunConfig("CPU", "high"), inputs, resolve("CPU", "high"), stream=stream)
+    assert stream.pending == 0 and len(calls) > 3
+
+
+@given(st.integers(1, 1 << 16), st.integers(0, 2**32 - 1))
+@settings(max_examples=30, deadline=None)
+def test_an_earlier_output_is_known_by_its_address_until_its_bytes_change(size, seed):
+    """The byte sample behind input reuse (read without letting go of the GIL, for the comparison thread's sake)
+    still tells an unchanged tensor from one written since: the first byte is always sampled."""
+    from pytest_mnn_parity.trace.tensor_ids import Producers, TensorInfo
+
+    buffer = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+    info = TensorInfo((size,), np.dtype(np.uint8), buffer.ctypes.data)
+    producers = Producers()
+    producers.wrote(info, "op#0 out 0")
+    assert producers.find(info) == "op#0 out 0"
+    buffer[0] ^= 0xFF
+    assert producers.find(info) is None

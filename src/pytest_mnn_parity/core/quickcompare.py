@@ -128,8 +128,12 @@ MAX_WORKERS = 4
 _POOL: list[ThreadPoolExecutor] = []
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def parallel_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return min(MAX_WORKERS, cores) if cores >= 4 else 1
 
 

@@ -1,7 +1,8 @@
 """Judging the target run op by op against a recorded reference (``trace_target``), and the layer table."""
 from __future__ import annotations
 
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, Union
 
 import numpy as np
 
@@ -19,14 +20,32 @@ from .record import (
     health_flags,
     layer_key,
 )
-from .tensor_ids import HostCopies, Producers, describe
+from .stream import ComparisonStream, default_stream
+from .tensor_ids import Producers, describe
+
+
+class _Later:
+    """A judgement the comparison thread is still making (``stream``), read when the run has ended."""
+
+    # Only the callback writes "not observable" notes (from ``observability``), never a comparison.
+    observable = True
+
+    def __init__(self, future: Future, index: int, copied: bool = False):
+        self.future, self.index, self.copied = future, index, copied
+
+    def result(self) -> TensorJudgement:
+        judgement = self.future.result()
+        return _copy(judgement, self.index) if self.copied else judgement
+
+
+Judgement = Union[TensorJudgement, _Later]
 
 
 class TargetComparer(OpObserver):
     """Judges the target's ops against a recorded reference, during the target's run."""
 
     def __init__(self, reference: ReferenceTrace, tol: Tolerance, layer_tolerances=None, *, fast: bool = True,
-                 identity: bool = True, refine: set[str] | None = None):
+                 identity: bool = True, refine: set[str] | None = None, stream: ComparisonStream | None = None):
         self.reference = reference
         self.known = reference.keys()
         self.tol = self.model_tol = tol
@@ -35,7 +54,7 @@ class TargetComparer(OpObserver):
         self.layers: list[LayerRecord] = []
         self.unmatched: list[str] = []
         self._seen: dict[str, int] = {}
-        self._inputs: list[TensorJudgement] = []
+        self._inputs: list[Judgement] = []
         # (target content, reference file) -> judgement of an earlier op's output,
         # reused when a later op reads that same tensor as an input (when tensors have no address).
         self._judged: dict[tuple, TensorJudgement] = {}
@@ -43,12 +62,13 @@ class TargetComparer(OpObserver):
         # CPU tensors have host addresses: inputs are found among earlier outputs without copying them.
         self.identity = identity
         self._producers = Producers()
-        self._hosts = HostCopies()
+        # Copies each output in the callback; its comparison runs while MNN goes on (a stream of no jobs: inside).
+        self.stream = stream or ComparisonStream(max_jobs=0)
         self._stats: dict[Any, RefStats | None] = dict(getattr(reference, "stats", {}))
         self.unobservable: dict[tuple[str, str, int], str] = dict(getattr(reference, "unobservable", {}))
         # Refining: only these op keys are judged again, in full; the rest of the run is skipped.
         self.refine = refine
-        self.refined: dict[str, list[TensorJudgement]] = {}
+        self.refined: dict[str, list[Judgement]] = {}
 
     def before(self, tensors, name: str, op_type: str) -> None:
         occurrence = self._seen.get(name, 0)
@@ -75,7 +95,16 @@ class TargetComparer(OpObserver):
         layer.outputs = [self._judge_output(key, i, t) for i, t in enumerate(tensors)]
         self.layers.append(layer)
 
-    def _judge_input(self, key: str, index: int, tensor) -> TensorJudgement:
+    def finish(self) -> None:
+        """Wait for the comparisons still running and put their judgements in the layers."""
+        self.stream.drain()
+        for layer in self.layers:
+            layer.inputs = [j.result() if isinstance(j, _Later) else j for j in layer.inputs]
+            layer.outputs = [j.result() if isinstance(j, _Later) else j for j in layer.outputs]
+        for key, outputs in self.refined.items():
+            self.refined[key] = [j.result() if isinstance(j, _Later) else j for j in outputs]
+
+    def _judge_input(self, key: str, index: int, tensor) -> Judgement:
         hidden = self.unobservable.get((key, "in", index))
         if hidden:
             return TensorJudgement(index, None, False, note=hidden)
@@ -89,17 +118,20 @@ class TargetComparer(OpObserver):
                 return _copy(earlier, index)
         return self._judge_by_content(key, "in", index, to_numpy(tensor))
 
-    def _judge_output(self, key: str, index: int, tensor) -> TensorJudgement:
+    def _judge_output(self, key: str, index: int, tensor) -> Judgement:
         hidden = self.unobservable.get((key, "out", index))
         info = describe(tensor, self.identity)
+        judgement: Judgement
         if hidden:
             judgement = TensorJudgement(index, None, False, note=hidden)
         elif not self.identity:
             return self._judge_by_content(key, "out", index, to_numpy(tensor))
         else:
-            ref_path = self.reference.files.get((key, "out", index))
-            judgement = self._compare(index, self._hosts.view(tensor, info), self.reference.load(key, "out", index),
-                                      ref_path)
+            ref_path, tol = self.reference.files.get((key, "out", index)), self.tol
+            # The reference is mapped in the comparison too: nothing of it is read inside the callback.
+            judgement = _Later(self.stream.judge(tensor, info, lambda target: self._compare(
+                index, target, self.reference.load(key, "out", index), ref_path, tol, self.stream.quick_workers)),
+                index)
         self._producers.wrote(info, (judgement, self.reference.files.get((key, "out", index))))
         return judgement
 
@@ -108,11 +140,12 @@ class TargetComparer(OpObserver):
         memo = (fingerprint_array(target), ref_path)
         if memo in self._judged:
             return _copy(self._judged[memo], index)
-        judgement = self._compare(index, target, self.reference.load(key, kind, index), ref_path)
+        judgement = self._compare(index, target, self.reference.load(key, kind, index), ref_path, self.tol)
         self._judged[memo] = judgement
         return judgement
 
-    def _compare(self, index: int, target: np.ndarray, ref: np.ndarray | None, ref_path=None) -> TensorJudgement:
+    def _compare(self, index: int, target: np.ndarray, ref: np.ndarray | None, ref_path, tol: Tolerance,
+                 workers: int | None = None) -> TensorJudgement:
         if ref is None:
             return TensorJudgement(index, None, False, note="no reference tensor")
         if ref.shape != target.shape:
@@ -126,17 +159,19 @@ class TargetComparer(OpObserver):
         if self.fast:
             if ref_path not in self._stats:
                 self._stats[ref_path] = ref_stats(ref)
-            quick = quick_pass(target, ref, self._stats[ref_path], self.tol)
+            quick = quick_pass(target, ref, self._stats[ref_path], tol, workers=workers)
             if quick is not None:
                 return TensorJudgement(index, None, False, quick=quick)
         ref = np.asarray(ref)
-        m = compare(target, ref, atol=self.tol.atol, rtol=self.tol.rtol)
-        failed = fails_tolerance(m, self.tol)
-        health = health_flags(target, ref, m, self.tol) if failed else []
+        m = compare(target, ref, atol=tol.atol, rtol=tol.rtol)
+        failed = fails_tolerance(m, tol)
+        health = health_flags(target, ref, m, tol) if failed else []
         return TensorJudgement(index, m, failed, health)
 
 
-def _copy(earlier: TensorJudgement, index: int) -> TensorJudgement:
+def _copy(earlier: Judgement, index: int) -> Judgement:
+    if isinstance(earlier, _Later):
+        return _Later(earlier.future, index, copied=True)
     return TensorJudgement(index, earlier.metrics, earlier.failed, list(earlier.health), earlier.note, earlier.quick)
 
 
@@ -149,24 +184,40 @@ def refine(result: TraceResult, reference, model, config, inputs, tol, layer_tol
     if not keys:
         return
     refiner = TargetComparer(reference, tol, layer_tolerances, fast=False, identity=identity, refine=set(keys))
-    model.run(config, inputs, observer=refiner)
+    try:
+        model.run(config, inputs, observer=refiner)
+    finally:
+        refiner.stream.drain()  # no comparison outlives the run, even a failed one
+    refiner.finish()
     for key, outputs in refiner.refined.items():
         layer = keys[key]
         layer.outputs = [full if old.quick is not None else old for old, full in zip(layer.outputs, outputs)]
 
 
 def trace_target(reference: ReferenceTrace, model: LoadedModel, config: RunConfig, inputs,
-                 tol: Tolerance, layer_tolerances=None, *, fast: bool = True) -> TraceResult:
+                 tol: Tolerance, layer_tolerances=None, *, fast: bool = True,
+                 stream: ComparisonStream | None = None) -> TraceResult:
     """Judge every op of ``config``'s run against ``reference``.
 
     ``fast`` (the default) proves most passing tensors with ``quickcompare``;
     the layers a failure message shows, and every output of a failing layer,
     get full metrics from one more run of the target, so verdicts, the table
-    and the ranking are those of ``fast=False``.
+    and the ranking are those of ``fast=False``.  Each output is judged while
+    MNN runs the next ops where a core is free for it (``stream``: its memory
+    bound and when it streams).
     """
     identity = config.backend == "CPU" or model.falls_back(config)
-    comparer = TargetComparer(reference, tol, layer_tolerances, fast=fast, identity=identity)
-    model.run(config, inputs, observer=comparer)
+    largest = getattr(reference, "largest_tensor_bytes", None)
+    if stream is None:
+        # A saved bundle's trace (engine.bundle) reads one zip archive, which the callback reads too (graph inputs):
+        # it is judged in the callback, by one thread.
+        stream = default_stream(largest(), config.threads) if largest is not None else ComparisonStream(0)
+    comparer = TargetComparer(reference, tol, layer_tolerances, fast=fast, identity=identity, stream=stream)
+    try:
+        model.run(config, inputs, observer=comparer)
+    finally:
+        comparer.stream.drain()  # no comparison outlives the run, even a failed one
+    comparer.finish()
     seen = {layer_key(layer.name, layer.occurrence) for layer in comparer.layers}
     missing = [layer_key(n, o) for n, _, o in reference.order if layer_key(n, o) not in seen]
     hidden = {f"{k} {kind} {i}": why for (k, kind, i), why in comparer.unobservable.items()}

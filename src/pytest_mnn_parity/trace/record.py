@@ -369,6 +369,12 @@ class ReferenceTrace(OpObserver):
     def keys(self) -> set[str]:
         return {layer_key(n, o) for n, _, o in self.order}
 
+    def largest_tensor_bytes(self) -> int:
+        """The largest recorded tensor's bytes: the unit of the target trace's memory bound (``stream``)."""
+        sizes = [int(np.prod(self._layout[p][0], dtype=np.int64)) * self._layout[p][1].itemsize
+                 if p in self._layout else os.path.getsize(p) for p in set(self.files.values())]
+        return max(sizes, default=0)
+
     def input_shapes(self, key: str) -> dict[int, tuple[int, ...]]:
         """The shapes of the inputs recorded for op ``key`` (input index -> shape), from the files' headers."""
         return {index: tuple(np.load(path, mmap_mode="r").shape)
