@@ -123,23 +123,38 @@ def compare(target: np.ndarray, reference: np.ndarray, *, atol: float, rtol: flo
         return OutputMetrics(shape, tuple(ref.shape), 0, 0.0, 0.0, 0.0, 0.0, 1.0, _SNR_CAP_DB, 1.0, 0.0, (),
                              0.0, 0.0, 0.0, 0.0, 0.0, 0, 0)
     t_all, r_all = tgt.reshape(-1), ref.reshape(-1)
-    slices = [slice(i, min(i + CHUNK, size)) for i in range(0, size, CHUNK)]
-    scale = 0.0
-    for sl in slices:
-        r = np.abs(r_all[sl].astype(np.float64, copy=False))
-        is_finite = np.isfinite(r)
-        finite = r if is_finite.all() else r[is_finite]
-        if finite.size:
-            scale = max(scale, float(finite.max()))
-    scale = scale if scale > 0 else 1.0
     # float32 outputs are compared in float32 (their own precision: differences
     # are exact to a rounding of the tolerance) with float64 sums; anything
     # else (float64, integers) in float64.
     work = np.float32 if tgt.dtype == np.float32 and ref.dtype == np.float32 else np.float64
     acc = _Accumulator()
-    for sl in slices:
-        acc.add(t_all[sl].astype(work, copy=False), r_all[sl].astype(work, copy=False),
-                sl.start, atol * scale, rtol, abs_floor)
+    if size <= CHUNK:
+        # One slice (every output of a small model): the scale pass's |r| and finiteness are the ones the
+        # comparison needs, so they are computed once, in the working precision (|r| and float32 -> float64
+        # are exact, so the maximum is the one a float64 pass finds).  Numpy's cost per call, not per element,
+        # is what small outputs pay.
+        r = r_all.astype(work, copy=False)
+        abs_r = np.abs(r)
+        r_finite = np.isfinite(abs_r)
+        r_all_finite = bool(r_finite.all())
+        finite = abs_r if r_all_finite else abs_r[r_finite]
+        top = float(finite.max()) if finite.size else 0.0
+        scale = top if top > 0 else 1.0
+        acc.add(t_all.astype(work, copy=False), r, 0, atol * scale, rtol, abs_floor,
+                reference=(abs_r, r_finite, r_all_finite, top))
+    else:
+        slices = [slice(i, min(i + CHUNK, size)) for i in range(0, size, CHUNK)]
+        scale = 0.0
+        for sl in slices:
+            r = np.abs(r_all[sl].astype(np.float64, copy=False))
+            is_finite = np.isfinite(r)
+            finite = r if is_finite.all() else r[is_finite]
+            if finite.size:
+                scale = max(scale, float(finite.max()))
+        scale = scale if scale > 0 else 1.0
+        for sl in slices:
+            acc.add(t_all[sl].astype(work, copy=False), r_all[sl].astype(work, copy=False),
+                    sl.start, atol * scale, rtol, abs_floor)
     worst_flat = acc.worst_bad if acc.worst_bad is not None else acc.worst
     if acc.new_nonfinite:
         # An unbounded error: numbers computed over the finite rest would make a
@@ -192,11 +207,19 @@ class _Accumulator:
         self.new_nonfinite = False
 
     def add(self, t: np.ndarray, r: np.ndarray, offset: int, abs_bound: float, rtol: float,
-            abs_floor: float = 0.0) -> None:
-        t_finite, r_finite = np.isfinite(t), np.isfinite(r)
-        all_finite = bool(t_finite.all() and r_finite.all())
+            abs_floor: float = 0.0, reference: tuple | None = None) -> None:
+        """One slice.  ``reference``: (|r|, isfinite(r), all of it finite, max finite |r|) when the caller has
+        them already (``compare`` on a single slice)."""
+        t_finite = np.isfinite(t)
+        if reference is None:
+            abs_r_given, r_finite = None, np.isfinite(r)
+            r_all_finite = bool(r_finite.all())
+        else:
+            abs_r_given, r_finite, r_all_finite, _ = reference
+        all_finite = bool(t_finite.all()) and r_all_finite
         if all_finite:
             tf, rf, bad = t, r, None
+            abs_r = abs_r_given if abs_r_given is not None else np.abs(rf)
         else:
             finite = t_finite & r_finite
             # A NaN/Inf the reference shares at the same place (same inf, both
@@ -208,7 +231,9 @@ class _Accumulator:
             tf, rf = np.where(finite, t, zero), np.where(finite, r, zero)
             self.nonfinite += int(t.size - np.count_nonzero(t_finite))
             self.ref_nonfinite += int(r.size - np.count_nonzero(r_finite))
-        abs_r = np.abs(rf)
+            abs_r = np.abs(rf)
+        # One errstate for everything that can warn here (the calls between cannot): each costs a microsecond.
+        # Huge fp16/bf16 values overflow the ratios to inf: that is their value, not a warning.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             diff = np.abs(tf - rf)
             allowed = abs_r * t.dtype.type(rtol) + t.dtype.type(abs_bound)
@@ -216,21 +241,21 @@ class _Accumulator:
                 allowed = np.maximum(allowed, t.dtype.type(abs_floor))
             excess = diff - allowed
             outside = excess > 0
-            if outside.any():
+            any_outside = bool(outside.any())
+            if any_outside:
                 ratio = diff[outside] / allowed[outside]
                 self.excess_ratio = max(self.excess_ratio, float(ratio.max()))
-        if bad is not None and bad.any():
-            outside |= bad
-            if self.worst_bad is None:
-                self.worst_bad = offset + int(np.argmax(bad))
-            self.new_nonfinite = True
-        i = int(np.argmax(excess))
-        if excess[i] > self.worst_excess:
-            self.worst, self.worst_excess = offset + i, float(excess[i])
-        nonzero_r = abs_r > 0
-        nonzero_count = int(np.count_nonzero(nonzero_r))
-        # Huge fp16/bf16 values overflow the ratio to inf: that is its value, not a warning.
-        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            if bad is not None and bad.any():
+                outside |= bad
+                any_outside = True
+                if self.worst_bad is None:
+                    self.worst_bad = offset + int(np.argmax(bad))
+                self.new_nonfinite = True
+            i = int(excess.argmax())
+            if excess[i] > self.worst_excess:
+                self.worst, self.worst_excess = offset + i, float(excess[i])
+            nonzero_r = abs_r > 0
+            nonzero_count = int(np.count_nonzero(nonzero_r))
             if nonzero_count == abs_r.size:  # the same ratios without two masked copies
                 self.max_rel = max(self.max_rel, float((diff / abs_r).max()))
             elif nonzero_count:
@@ -238,7 +263,8 @@ class _Accumulator:
         dmax = float(diff.max())
         self.max_abs = max(self.max_abs, dmax)
         self.sum_abs += float(diff.sum(dtype=np.float64))
-        if t.dtype == np.float32 and dmax + float(abs_r.max()) > 1e18:
+        if t.dtype == np.float32 and dmax + (reference[3] if reference is not None and all_finite
+                                             else float(abs_r.max())) > 1e18:
             # Squares of |x| > 1.8e19 overflow float32 (inf inputs drive activations to ~3e38): this
             # slice's products go to float64, or identical outputs would get cosine NaN and fail.
             tf, rf, diff = tf.astype(np.float64), rf.astype(np.float64), diff.astype(np.float64)
@@ -251,14 +277,18 @@ class _Accumulator:
         self.rr += float((rf * rf).sum(dtype=np.float64))
         self.tr += float((tf * rf).sum(dtype=np.float64))
         zero_t = t == 0
-        self.zeros += int(np.count_nonzero(zero_t))
-        # All finite: r is rf, so ``r != 0`` is ``nonzero_r`` already counted (NaN would differ, hence the test).
-        r_nonzero = nonzero_r if all_finite else r != 0
+        zeros = int(np.count_nonzero(zero_t))
+        self.zeros += zeros
         self.ref_zeros += t.size - nonzero_count if all_finite else int(np.count_nonzero(r == 0))
-        self.outside += int(np.count_nonzero(outside))
-        zeroed = zero_t & r_nonzero
-        self.zeroed += int(np.count_nonzero(zeroed))
-        self.new_zeros += int(np.count_nonzero(zeroed & outside))
+        if any_outside:
+            self.outside += int(np.count_nonzero(outside))
+        if zeros:  # no zero in the target: nothing zeroed, nothing newly zero (two masks and counts saved)
+            # All finite: r is rf, so ``r != 0`` is ``nonzero_r`` already counted (NaN would differ, hence the test).
+            zeroed = zero_t & (nonzero_r if all_finite else r != 0)
+            zeroed_count = int(np.count_nonzero(zeroed))
+            self.zeroed += zeroed_count
+            if zeroed_count and any_outside:
+                self.new_zeros += int(np.count_nonzero(zeroed & outside))
 
 
 def _cosine_from_sums(tt: float, rr: float, tr: float) -> float:

@@ -1,0 +1,138 @@
+"""Judging with fewer numpy passes gives bit for bit what the judging before it gave.
+
+``tests/frozen_judge.py`` is ``compare`` and ``judge_outputs`` as they were before the short cuts
+(one scale pass shared with the comparison, skipped counts that must be 0, one equality pass for the
+stale check); every number, category and message must be the same, NaN and the sign of zero included
+(compared through ``repr``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+import frozen_judge
+from conftest import COLLAPSE, DEMO, FIXTURES
+from pytest_mnn_parity import ParityEngine, RunConfig
+from pytest_mnn_parity.core import metrics
+from pytest_mnn_parity.core.tolerances import Tolerance, resolve
+from pytest_mnn_parity.core.verdict import judge_outputs
+
+# Values at every boundary the code tests: zeros of both signs, tiny and huge (float32 squares overflow
+# above 1.8e19), NaN and both infinities.
+SPECIAL_VALUES = [0.0, -0.0, 1e-30, 1e-6, 0.5, -2.0, 7e4, -1e9, 3e19, -3e38, float("nan"), float("inf"), float("-inf")]
+SPECIAL = st.sampled_from(SPECIAL_VALUES)
+SPECIAL_FP16 = st.sampled_from([v for v in SPECIAL_VALUES if not abs(v) < float("inf") or abs(v) < 6e4])
+DTYPES = st.sampled_from([np.float32, np.float32, np.float64, np.float16, np.int32])
+
+
+@st.composite
+def output_pairs(draw, with_b: bool = False):
+    """A reference, a target of the same shape (near it, equal to it, zeroed or unrelated), and with ``with_b``
+    the same for a second input set, whose target is sometimes the first one (a stale output)."""
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=9))
+    ref_dtype, tgt_dtype = draw(DTYPES), draw(st.one_of(st.just(None), DTYPES))
+
+    def array(dtype):
+        if np.dtype(dtype).kind == "i":
+            return draw(hnp.arrays(dtype, shape, elements=st.integers(-5, 5)))
+        half = dtype == np.float16
+        elements = st.one_of(SPECIAL_FP16 if half else SPECIAL, st.floats(-1e3, 1e3, width=16 if half else 32))
+        return draw(hnp.arrays(dtype, shape, elements=elements))
+
+    def target_of(ref):
+        dtype = tgt_dtype or ref.dtype
+        how = draw(st.sampled_from(["near", "equal", "zero", "other", "partly zero"]))
+        if how == "other" or ref.dtype.kind == "i" or np.dtype(dtype).kind == "i":
+            return array(dtype)
+        with np.errstate(all="ignore"):
+            if how == "equal":
+                return ref.astype(dtype)
+            if how == "zero":
+                return np.zeros(shape, dtype)
+            noise = draw(hnp.arrays(np.float64, shape, elements=st.floats(-1e-2, 1e-2)))
+            out = (ref.astype(np.float64) * (1 + noise)).astype(dtype)
+            if how == "partly zero":
+                out.reshape(-1)[::2] = 0
+            return out
+
+    ref = array(ref_dtype)
+    target = target_of(ref)
+    if not with_b:
+        return target, ref
+    ref_b = draw(st.one_of(st.just(ref), st.builds(lambda: array(ref_dtype))))
+    target_b = target if draw(st.booleans()) else target_of(ref_b)
+    return target, ref, target_b, ref_b
+
+
+TOLERANCES = st.builds(
+    lambda base, atol, rtol, floor, outside, outliers: dataclasses.replace(
+        base, atol=atol, rtol=rtol, abs_floor=floor, max_outside_fraction=outside, outlier_limit=outliers),
+    st.sampled_from([resolve("CPU", p) for p in ("high", "low", "Low_BF16")]),
+    st.sampled_from([0.0, 1e-6, 1e-3, 0.1]), st.sampled_from([0.0, 1e-3, 0.5]),
+    st.sampled_from([0.0, 1e-4, 2.0]), st.sampled_from([0.0, 0.01, 0.5]), st.sampled_from([1.0, 4.0, float("inf")]))
+
+
+def _same(new, old) -> None:
+    assert repr(new) == repr(old)
+
+
+@pytest.mark.parametrize("chunk", [metrics.CHUNK, 7], ids=["one slice", "slices of 7"])
+@settings(max_examples=400, deadline=None)
+@given(pair=output_pairs(), tol=TOLERANCES)
+def test_compare_gives_the_frozen_numbers(chunk, pair, tol: Tolerance):
+    target, reference = pair
+    with mock.patch.object(metrics, "CHUNK", chunk), mock.patch.object(frozen_judge, "CHUNK", chunk):
+        new = metrics.compare(target, reference, atol=tol.atol, rtol=tol.rtol, abs_floor=tol.abs_floor)
+        old = frozen_judge.compare(target, reference, atol=tol.atol, rtol=tol.rtol, abs_floor=tol.abs_floor)
+    _same(dataclasses.astuple(new), dataclasses.astuple(old))
+
+
+@settings(max_examples=400, deadline=None)
+@given(outputs=output_pairs(with_b=True), tol=TOLERANCES, floor=st.sampled_from([0.0, 1e-3]))
+def test_judge_outputs_gives_the_frozen_verdict(outputs, tol: Tolerance, floor):
+    target, ref, target_b, ref_b = outputs
+    kwargs = dict(targets_b={"y": target_b}, references_b={"y": ref_b}, floors={"y": floor})
+    new = judge_outputs({"y": target}, {"y": ref}, tol, **kwargs)
+    old = frozen_judge.judge_outputs({"y": target}, {"y": ref}, tol, **kwargs)
+    _same(new, old)
+
+
+# (target model, reference model): every collapse the fixtures build (fp16 build against its fp32 one), a
+# healthy graph with DFT convolutions, a deep conv stack, an activation beyond fp16, an LSTM.
+PAIRS = [(COLLAPSE / f"{name}.fp16.mnn", COLLAPSE / f"{name}.mnn")
+         for name in ("zero", "partial_zero", "non_finite", "constant", "stale", "mismatch", "healthy")]
+PAIRS += [(DEMO, DEMO), (FIXTURES / "deep" / "deep_fp32.mnn",) * 2,
+          (FIXTURES / "risk" / "overflow_activation.mnn",) * 2, (FIXTURES / "control_flow" / "lstm_origin.mnn",) * 2]
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=[p[0].name if p[0] == p[1] else f"{p[0].name}-vs-{p[1].name}"
+                                              for p in PAIRS])
+def test_real_outputs_get_the_frozen_verdicts(pair):
+    """Every CPU precision of every fixture pair, judged as the engine judges it (its tolerance, both input
+    sets, with and without the measured floors): the very same verdict."""
+    target_path, ref_path = pair
+    engine = ParityEngine()
+    target = engine.model(target_path)
+    reference = engine.model(ref_path)
+    inputs_a, inputs_b = engine.inputs(target)
+    refs = [reference.run(engine.reference_config, x).outputs for x in (inputs_a, inputs_b)]
+    floors = engine.noise_floors(reference)
+    categories = set()
+    for precision in ("normal", "high", "low", "Low_BF16"):
+        config = RunConfig("CPU", precision)
+        tol = engine.tolerance(config, model_path=target.path)
+        run_a, run_b = (target.run(config, x) for x in (inputs_a, inputs_b))
+        assert run_a.ok and run_b.ok
+        for measured in ({}, floors):
+            kwargs = dict(targets_b=run_b.outputs, references_b=refs[1], floors=measured)
+            new = judge_outputs(run_a.outputs, refs[0], tol, **kwargs)
+            _same(new, frozen_judge.judge_outputs(run_a.outputs, refs[0], tol, **kwargs))
+            categories.add(new.category.value)
+    engine.release(target_path)
+    engine.release(ref_path)
+    assert categories  # judged at least once
