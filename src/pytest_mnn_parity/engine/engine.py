@@ -69,6 +69,9 @@ class ParityEngine(Checker):
         self._inputs: dict[Path, tuple[dict, dict]] = {}
         self._reference_traces: dict[Path, ReferenceTrace] = {}
         self._fingerprints: dict[Path, str] = {}
+        # Per model: its op types (``tolerance`` asks for every configuration; ``op_types`` itself stats and
+        # resolves the path each time to key its cache by file version, 25 us a check).
+        self._op_types: dict[Path, tuple[str, ...]] = {}
         # Per-model input shapes (from a sidecar) and where each came from.
         self._model_shapes: dict[Path, tuple[dict[str, tuple[int, ...]], str]] = {}
         self._nonfinite: dict[Path, dict | None] = {}
@@ -153,6 +156,7 @@ class ParityEngine(Checker):
         self.apis.release(key)
         self.streams.release(key)
         self._nonfinite.pop(key, None)
+        self._op_types.pop(key, None)
         self._last_nonfinite = None  # it may hold this model's inputs
         self._provided.discard(key)
         if self.bundle is not None:
@@ -363,8 +367,16 @@ class ParityEngine(Checker):
         reference computed at reduced precision)."""
         arithmetic = mnn_arithmetic.probe_arithmetic(config.backend, config.precision)
         kind = looser_tier(arithmetic.kind, config.backend, config.precision, reference_arithmetic)
-        kernels = mnn_arithmetic.model_kernels(arithmetic, op_types(model_path)) if model_path is not None else {}
+        kernels = mnn_arithmetic.model_kernels(arithmetic, self._op_types_of(model_path)) if model_path is not None else {}
         return resolve(config.backend, config.precision, *layers, arithmetic=kind, variant=variant, kernels=kernels)
+
+    def _op_types_of(self, model_path: os.PathLike | str) -> tuple[str, ...]:
+        """``op_types`` once per model held (as long as its interpreter: ``release`` forgets both)."""
+        key = model_key(model_path)
+        found = self._op_types.get(key)
+        if found is None:
+            found = self._op_types[key] = op_types(model_path)
+        return found
 
     def check_request(self, request: CheckRequest) -> ParityResult:
         """Run ``request.config`` and judge it (``check(model, config, ...)`` builds the request).
