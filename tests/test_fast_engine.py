@@ -1,26 +1,35 @@
-"""Judging with fewer numpy passes gives bit for bit what the judging before it gave.
+"""The in-process engine's short cuts give bit for bit what the code before them gave.
 
-``tests/frozen_judge.py`` is ``compare`` and ``judge_outputs`` as they were before the short cuts
-(one scale pass shared with the comparison, skipped counts that must be 0, one equality pass for the
-stale check); every number, category and message must be the same, NaN and the sign of zero included
-(compared through ``repr``).
+``tests/frozen_code.py`` is ``compare``, ``judge_outputs`` and ``activation_risk`` as they were before
+(judging: one scale pass shared with the comparison, skipped counts that must be 0, one equality pass for
+the stale check; the activation scan: one count of small values, boolean counts, no callback before each
+op); every number, category and message must be the same, NaN and the sign of zero included (compared
+through ``repr``).
 """
 from __future__ import annotations
 
 import dataclasses
 from unittest import mock
 
+import frozen_code
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from conftest import COLLAPSE, DEMO, FIXTURES
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import frozen_judge
-from conftest import COLLAPSE, DEMO, FIXTURES
 from pytest_mnn_parity import ParityEngine, RunConfig
 from pytest_mnn_parity.core import metrics
 from pytest_mnn_parity.core.tolerances import Tolerance, resolve
 from pytest_mnn_parity.core.verdict import judge_outputs
+from pytest_mnn_parity.mnn.runner import LoadedModel, OpObserver, to_numpy
+from pytest_mnn_parity.trace.record import (
+    SATURATING_OPS,
+    RiskScanner,
+    activation_risk,
+    record_reference,
+)
 
 # Values at every boundary the code tests: zeros of both signs, tiny and huge (float32 squares overflow
 # above 1.8e19), NaN and both infinities.
@@ -86,9 +95,9 @@ def _same(new, old) -> None:
 @given(pair=output_pairs(), tol=TOLERANCES)
 def test_compare_gives_the_frozen_numbers(chunk, pair, tol: Tolerance):
     target, reference = pair
-    with mock.patch.object(metrics, "CHUNK", chunk), mock.patch.object(frozen_judge, "CHUNK", chunk):
+    with mock.patch.object(metrics, "CHUNK", chunk), mock.patch.object(frozen_code, "CHUNK", chunk):
         new = metrics.compare(target, reference, atol=tol.atol, rtol=tol.rtol, abs_floor=tol.abs_floor)
-        old = frozen_judge.compare(target, reference, atol=tol.atol, rtol=tol.rtol, abs_floor=tol.abs_floor)
+        old = frozen_code.compare(target, reference, atol=tol.atol, rtol=tol.rtol, abs_floor=tol.abs_floor)
     _same(dataclasses.astuple(new), dataclasses.astuple(old))
 
 
@@ -98,7 +107,7 @@ def test_judge_outputs_gives_the_frozen_verdict(outputs, tol: Tolerance, floor):
     target, ref, target_b, ref_b = outputs
     kwargs = dict(targets_b={"y": target_b}, references_b={"y": ref_b}, floors={"y": floor})
     new = judge_outputs({"y": target}, {"y": ref}, tol, **kwargs)
-    old = frozen_judge.judge_outputs({"y": target}, {"y": ref}, tol, **kwargs)
+    old = frozen_code.judge_outputs({"y": target}, {"y": ref}, tol, **kwargs)
     _same(new, old)
 
 
@@ -131,8 +140,60 @@ def test_real_outputs_get_the_frozen_verdicts(pair):
         for measured in ({}, floors):
             kwargs = dict(targets_b=run_b.outputs, references_b=refs[1], floors=measured)
             new = judge_outputs(run_a.outputs, refs[0], tol, **kwargs)
-            _same(new, frozen_judge.judge_outputs(run_a.outputs, refs[0], tol, **kwargs))
+            _same(new, frozen_code.judge_outputs(run_a.outputs, refs[0], tol, **kwargs))
             categories.add(new.category.value)
     engine.release(target_path)
     engine.release(ref_path)
     assert categories  # judged at least once
+
+
+@st.composite
+def activations(draw):
+    """Activations of every float width with values at fp16's limits: zeros, tiny ones, beyond its max."""
+    dtype = draw(st.sampled_from([np.float32, np.float64, np.float16]))
+    half = dtype == np.float16
+    near_zero = st.floats(-2.0 ** -13, 2.0 ** -13, width=16 if half else 32)
+    wide = st.floats(-65504.0, 65504.0, width=16) if half else st.floats(-2.0 ** 17, 2.0 ** 17, width=32)
+    return draw(hnp.arrays(dtype, hnp.array_shapes(max_side=12),
+                           elements=st.one_of(SPECIAL_FP16 if half else SPECIAL, near_zero, wide)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(values=activations(), op_type=st.sampled_from(["Convolution", "Raster", *sorted(SATURATING_OPS)[:2]]))
+def test_activation_risk_gives_the_frozen_risks(values, op_type):
+    _same(activation_risk("op", op_type, values), frozen_code.activation_risk("op", op_type, values))
+
+
+RISK_MODELS = [COLLAPSE / f"{name}.mnn" for name in ("zero", "partial_zero", "non_finite", "constant", "stale")]
+RISK_MODELS += [FIXTURES / "risk" / "overflow_activation.mnn", FIXTURES / "sweep" / "broken.mnn", DEMO,
+                FIXTURES / "deep" / "deep_fp32.mnn", FIXTURES / "control_flow" / "lstm_origin.mnn"]
+# (if_branch.mnn and lstm_while.mnn: their session runs call no op back.)
+
+
+class _Outputs(OpObserver):
+    def __init__(self):
+        self.arrays = []
+
+    def after(self, tensors, name, op_type):
+        self.arrays += [(name, op_type, to_numpy(t)) for t in tensors]
+
+
+@pytest.mark.parametrize("path", RISK_MODELS, ids=[p.name for p in RISK_MODELS])
+def test_the_risk_scan_finds_what_the_traced_reference_finds(path):
+    """The scan counted after each op only finds, loop outputs settled, what the per-layer trace (called before
+    and after each op) finds; and the scan of every real activation is the frozen one's."""
+    model = LoadedModel(path)
+    engine = ParityEngine()
+    inputs = engine.inputs(model)[0]
+    scanner = RiskScanner()
+    model.run(engine.reference_config, inputs, observer=scanner)
+    trace, _ = record_reference(model, engine.reference_config, inputs)
+    try:
+        _same(scanner.risks, trace.risks)
+    finally:
+        trace.close()
+    outputs = _Outputs()
+    model.run(engine.reference_config, inputs, observer=outputs)
+    assert outputs.arrays
+    for name, op_type, array in outputs.arrays:
+        _same(activation_risk(name, op_type, array), frozen_code.activation_risk(name, op_type, array))

@@ -1,9 +1,9 @@
-"""The judging code as it was before its fast paths (main at 9367f45), frozen: the oracle that
+"""Code as it was before its fast paths (main at 9367f45), frozen: the oracle that
 ``tests/test_fast_judge.py`` holds the fast code to, bit for bit.  Not imported by the package.
 
 metrics.py's ``compare`` and its helpers verbatim; verdict.py's ``judge_output``, ``_classify``,
 ``_zero_region``, ``_ranges``, ``degenerate`` and ``judge_outputs`` verbatim except that they call
-the frozen ``compare``.
+the frozen ``compare``; trace/record.py's ``activation_risk`` verbatim.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from pytest_mnn_parity.core.verdict import (
     tolerance_decision,
     worst,
 )
+from pytest_mnn_parity.mnn.weights import FP16_MAX, FP16_MIN_NORMAL
+from pytest_mnn_parity.trace.record import SATURATING_OPS, ActivationRisk
 
 # Below this many dB of signal-to-noise an output is visibly wrong; above
 # 140 dB the difference is at float32 rounding level.  Report as finite
@@ -373,3 +375,29 @@ def judge_outputs(targets: Mapping[str, np.ndarray], references: Mapping[str, np
     return Verdict(category, verdicts)
 
 
+
+
+# -- trace/record.py's activation scan, verbatim --
+
+def activation_risk(name: str, op_type: str, array: np.ndarray) -> list[ActivationRisk]:
+    """Overflow (|x| > 65504) and underflow (most non-zero |x| < 6.1e-5) of one activation; no underflow for
+    the output of a saturating op (``SATURATING_OPS``)."""
+    if array.dtype.kind != "f" or array.size == 0:
+        return []
+    mag = np.abs(array)
+    top = float(mag.max())
+    if not np.isfinite(top):  # rare: ignore NaN/Inf, the verdict judges those
+        mag = mag[np.isfinite(mag)]
+        if mag.size == 0:
+            return []
+        top = float(mag.max())
+    risks = []
+    if top > FP16_MAX:
+        over = int(np.count_nonzero(mag > FP16_MAX))
+        risks.append(ActivationRisk(name, op_type, "overflow", top, over / array.size))
+    if top > 0 and op_type not in SATURATING_OPS and float(mag.min()) < FP16_MIN_NORMAL:  # cheap test first
+        nonzero = int(np.count_nonzero(mag))
+        tiny = nonzero - int(np.count_nonzero(mag >= FP16_MIN_NORMAL))
+        if tiny * 2 > nonzero:
+            risks.append(ActivationRisk(name, op_type, "underflow", top, tiny / nonzero))
+    return risks
