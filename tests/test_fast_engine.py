@@ -197,3 +197,26 @@ def test_the_risk_scan_finds_what_the_traced_reference_finds(path):
     assert outputs.arrays
     for name, op_type, array in outputs.arrays:
         _same(activation_risk(name, op_type, array), frozen_code.activation_risk(name, op_type, array))
+
+
+def test_the_weight_scan_reads_a_model_once_for_all_of_its_input_sets(monkeypatch):
+    """The fp16 weight scan depends on the file alone: a model's named input sets (a reference each) share one
+    scan, and every result still carries the risks (zero.mnn's tiny weights flush in fp16)."""
+    from pytest_mnn_parity.engine import engine as engine_module
+    from pytest_mnn_parity.inputs.sets import InputSet
+
+    scanned = []
+    real_scan = engine_module.fp16_weight_risks
+    monkeypatch.setattr(engine_module, "fp16_weight_risks", lambda path, **kw: scanned.append(path) or real_scan(
+        path, **kw))
+    path = COLLAPSE / "zero.mnn"
+    engine = ParityEngine()
+    generated = engine.inputs(engine.model(path))[0]
+    sets = [InputSet.from_arrays(f"set{i}", {k: v * (i + 1) for k, v in generated.items()}) for i in range(3)]
+    results = [engine.check(path, RunConfig("CPU", "low"), input_set=s) for s in (None, *sets)]
+    assert len(scanned) == 1
+    assert results[0].weight_risks and all(r.weight_risks == results[0].weight_risks for r in results)
+    assert all(r.weight_risks is not results[0].weight_risks for r in results[1:])  # each result owns its list
+    engine.release(path)
+    engine.check(path, RunConfig("CPU", "low"))
+    assert len(scanned) == 2  # released with the model

@@ -72,6 +72,9 @@ class ParityEngine(Checker):
         # Per model: its op types (``tolerance`` asks for every configuration; ``op_types`` itself stats and
         # resolves the path each time to key its cache by file version, 25 us a check).
         self._op_types: dict[Path, tuple[str, ...]] = {}
+        # Per reference model: the fp16 weight scan, which depends on the file alone, once for all of its input
+        # sets (each named set computes a reference of its own).
+        self._weight_risks: dict[Path, list[WeightRisk]] = {}
         # Per-model input shapes (from a sidecar) and where each came from.
         self._model_shapes: dict[Path, tuple[dict[str, tuple[int, ...]], str]] = {}
         self._nonfinite: dict[Path, dict | None] = {}
@@ -157,6 +160,7 @@ class ParityEngine(Checker):
         self.streams.release(key)
         self._nonfinite.pop(key, None)
         self._op_types.pop(key, None)
+        self._weight_risks.pop(key, None)
         self._last_nonfinite = None  # it may hold this model's inputs
         self._provided.discard(key)
         if self.bundle is not None:
@@ -347,15 +351,19 @@ class ParityEngine(Checker):
             if empty:
                 raise EmptyReferenceOutputs(ref_model.path, f"the reference run produced empty outputs {empty}",
                                             runtime_hint(run), run.log)
-        weight_risks = []
-        if self.settings.layers != "off":
-            try:
-                weight_risks = _without_repeats(fp16_weight_risks(ref_model.path,
-                                                                  min_fraction=WEIGHT_RISK_MIN_FRACTION))
-            except ValueError:
-                pass  # MNN loaded the file, so a reader gap is ours: skip the scan, never fail the model
+        weight_risks = self._weight_risks_of(ref_model.path) if self.settings.layers != "off" else []
         return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [], weight_risks,
                          label="cpu (onnxruntime cannot load the model)" if fallback else "")
+
+    def _weight_risks_of(self, path: Path) -> list[WeightRisk]:
+        key = model_key(path)
+        if key not in self._weight_risks:
+            try:
+                found = _without_repeats(fp16_weight_risks(path, min_fraction=WEIGHT_RISK_MIN_FRACTION))
+            except ValueError:
+                found = []  # MNN loaded the file, so a reader gap is ours: skip the scan, never fail the model
+            self._weight_risks[key] = found
+        return list(self._weight_risks[key])
 
     # -- the check --------------------------------------------------------------
     def tolerance(self, config: RunConfig, layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
