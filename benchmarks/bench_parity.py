@@ -239,18 +239,21 @@ def engine_matrix(model: str):
     return results
 
 
-def warm_sides(model: str):
+def warm_sides(model: str, package: str = "pytest_mnn_parity"):
     """The per-configuration work alone, with the model loaded and its reference computed: the engine's 28 checks
     on an engine that has checked the model once already, and raw's 8 runs (4 CPU precisions x input sets A and
     B, copied in and out as ``raw_matrix`` does) on sessions created beforehand, under one capture.  Their
     difference over the 4 run configurations is the engine's fixed cost per configuration; what the whole
     matrices differ by beyond it is the per-model cost (load, reference, fp16 scans).  Returns the two functions
-    and a closer."""
-    from pytest_mnn_parity.engine.engine import ParityEngine
-    from pytest_mnn_parity.engine.results import ParitySettings
-    from pytest_mnn_parity.mnn.backends import DEFAULT_BACKENDS, PRECISIONS
-    from pytest_mnn_parity.mnn.library import mnn
-    from pytest_mnn_parity.mnn.runner import RunConfig
+    and a closer.  ``package``: the name the tree under test is imported as (``bench_ab.py`` imports two)."""
+    import importlib
+
+    ParityEngine = importlib.import_module(f"{package}.engine.engine").ParityEngine
+    ParitySettings = importlib.import_module(f"{package}.engine.results").ParitySettings
+    backends = importlib.import_module(f"{package}.mnn.backends")
+    DEFAULT_BACKENDS, PRECISIONS = backends.DEFAULT_BACKENDS, backends.PRECISIONS
+    mnn = importlib.import_module(f"{package}.mnn.library").mnn
+    RunConfig = importlib.import_module(f"{package}.mnn.runner").RunConfig
 
     np = raw_ns()["np"]
     MNN = mnn()
