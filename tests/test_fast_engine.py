@@ -22,7 +22,7 @@ from hypothesis.extra import numpy as hnp
 from pytest_mnn_parity import ParityEngine, RunConfig
 from pytest_mnn_parity.core import metrics
 from pytest_mnn_parity.core.tolerances import Tolerance, resolve
-from pytest_mnn_parity.core.verdict import judge_outputs
+from pytest_mnn_parity.core.verdict import judge_outputs, prepare_references
 from pytest_mnn_parity.mnn.runner import LoadedModel, OpObserver, to_numpy
 from pytest_mnn_parity.trace.record import (
     SATURATING_OPS,
@@ -105,10 +105,13 @@ def test_compare_gives_the_frozen_numbers(chunk, pair, tol: Tolerance):
 @given(outputs=output_pairs(with_b=True), tol=TOLERANCES, floor=st.sampled_from([0.0, 1e-3]))
 def test_judge_outputs_gives_the_frozen_verdict(outputs, tol: Tolerance, floor):
     target, ref, target_b, ref_b = outputs
-    kwargs = dict(targets_b={"y": target_b}, references_b={"y": ref_b}, floors={"y": floor})
-    new = judge_outputs({"y": target}, {"y": ref}, tol, **kwargs)
-    old = frozen_code.judge_outputs({"y": target}, {"y": ref}, tol, **kwargs)
-    _same(new, old)
+    refs, refs_b = {"y": ref}, {"y": ref_b}
+    kwargs = dict(targets_b={"y": target_b}, references_b=refs_b, floors={"y": floor})
+    old = frozen_code.judge_outputs({"y": target}, refs, tol, **kwargs)
+    _same(judge_outputs({"y": target}, refs, tol, **kwargs), old)
+    prepared = prepare_references(refs, refs_b)
+    for _ in range(2):  # the prepared references serve again, unchanged
+        _same(judge_outputs({"y": target}, refs, tol, prepared=prepared, **kwargs), old)
 
 
 # (target model, reference model): every collapse the fixtures build (fp16 build against its fp32 one), a
@@ -131,6 +134,7 @@ def test_real_outputs_get_the_frozen_verdicts(pair):
     inputs_a, inputs_b = engine.inputs(target)
     refs = [reference.run(engine.reference_config, x).outputs for x in (inputs_a, inputs_b)]
     floors = engine.noise_floors(reference)
+    prepared = prepare_references(refs[0], refs[1])  # as the engine judges every configuration
     categories = set()
     for precision in ("normal", "high", "low", "Low_BF16"):
         config = RunConfig("CPU", precision)
@@ -141,6 +145,7 @@ def test_real_outputs_get_the_frozen_verdicts(pair):
             kwargs = dict(targets_b=run_b.outputs, references_b=refs[1], floors=measured)
             new = judge_outputs(run_a.outputs, refs[0], tol, **kwargs)
             _same(new, frozen_code.judge_outputs(run_a.outputs, refs[0], tol, **kwargs))
+            _same(judge_outputs(run_a.outputs, refs[0], tol, prepared=prepared, **kwargs), new)
             categories.add(new.category.value)
     engine.release(target_path)
     engine.release(ref_path)

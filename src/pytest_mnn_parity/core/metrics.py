@@ -107,8 +107,42 @@ def snr_db(target: np.ndarray, reference: np.ndarray) -> float:
 CHUNK = 1 << 18
 
 
+@dataclass(frozen=True, eq=False)
+class ReferenceStats:
+    """What ``compare`` takes from a float32 reference of one slice alone (|r|, its finiteness and maximum, the
+    non-zero mask and count, the sum of squares), computed once for the comparisons of every configuration's
+    output with it (``reference_stats``).  ``compare`` uses it only for that very array, against a float32
+    target."""
+
+    array: np.ndarray
+    abs_r: np.ndarray
+    finite: np.ndarray
+    all_finite: bool
+    top: float
+    nonzero: np.ndarray
+    nonzero_count: int
+    rr: float
+
+
+def reference_stats(reference: np.ndarray) -> ReferenceStats | None:
+    """``reference``'s stats, or None for a reference ``compare`` does not take in one float32 slice."""
+    if not isinstance(reference, np.ndarray) or reference.dtype != np.float32 or not 0 < reference.size <= CHUNK:
+        return None
+    flat = reference.reshape(-1)
+    abs_r = np.abs(flat)
+    finite = np.isfinite(abs_r)
+    all_finite = bool(finite.all())
+    kept = abs_r if all_finite else abs_r[finite]
+    nonzero = abs_r > 0
+    top = float(kept.max()) if kept.size else 0.0
+    # Above 1e18 ``compare`` squares in float64 (see ``_Accumulator.add``) and does not use this sum, whose float32
+    # squares could overflow (and warn, where compare does not).
+    rr = float((flat * flat).sum(dtype=np.float64)) if all_finite and top <= 1e18 else float("nan")
+    return ReferenceStats(reference, abs_r, finite, all_finite, top, nonzero, int(np.count_nonzero(nonzero)), rr)
+
+
 def compare(target: np.ndarray, reference: np.ndarray, *, atol: float, rtol: float,
-            abs_floor: float = 0.0) -> OutputMetrics:
+            abs_floor: float = 0.0, stats: ReferenceStats | None = None) -> OutputMetrics:
     """All metrics for one output; shapes must already match (see ``verdict``).
 
     An element is outside when ``|t - r| > max(atol * scale + rtol * |r|, abs_floor)``.
@@ -116,6 +150,9 @@ def compare(target: np.ndarray, reference: np.ndarray, *, atol: float, rtol: flo
     Works slice by slice in float64 (two passes: the reference's scale, then
     everything else), so memory stays bounded and sums stay exact enough for
     cosines near 1 on tensors of millions of elements.
+
+    ``stats``: ``reference_stats(reference)``, when the same reference is compared again and again (the
+    same numbers, without the passes over the reference alone).
     """
     tgt, ref = np.asarray(target), np.asarray(reference)
     shape, size = tuple(tgt.shape), int(tgt.size)
@@ -134,14 +171,18 @@ def compare(target: np.ndarray, reference: np.ndarray, *, atol: float, rtol: flo
         # are exact, so the maximum is the one a float64 pass finds).  Numpy's cost per call, not per element,
         # is what small outputs pay.
         r = r_all.astype(work, copy=False)
-        abs_r = np.abs(r)
-        r_finite = np.isfinite(abs_r)
-        r_all_finite = bool(r_finite.all())
-        finite = abs_r if r_all_finite else abs_r[r_finite]
-        top = float(finite.max()) if finite.size else 0.0
+        if stats is not None and stats.array is reference and work is np.float32:
+            abs_r, r_finite, r_all_finite, top = stats.abs_r, stats.finite, stats.all_finite, stats.top
+        else:
+            stats = None
+            abs_r = np.abs(r)
+            r_finite = np.isfinite(abs_r)
+            r_all_finite = bool(r_finite.all())
+            finite = abs_r if r_all_finite else abs_r[r_finite]
+            top = float(finite.max()) if finite.size else 0.0
         scale = top if top > 0 else 1.0
         acc.add(t_all.astype(work, copy=False), r, 0, atol * scale, rtol, abs_floor,
-                reference=(abs_r, r_finite, r_all_finite, top))
+                reference=(abs_r, r_finite, r_all_finite, top, stats))
     else:
         slices = [slice(i, min(i + CHUNK, size)) for i in range(0, size, CHUNK)]
         scale = 0.0
@@ -208,19 +249,20 @@ class _Accumulator:
 
     def add(self, t: np.ndarray, r: np.ndarray, offset: int, abs_bound: float, rtol: float,
             abs_floor: float = 0.0, reference: tuple | None = None) -> None:
-        """One slice.  ``reference``: (|r|, isfinite(r), all of it finite, max finite |r|) when the caller has
-        them already (``compare`` on a single slice)."""
+        """One slice.  ``reference``: (|r|, isfinite(r), all of it finite, max finite |r|, ``ReferenceStats`` or
+        None) when the caller has them already (``compare`` on a single slice)."""
         t_finite = np.isfinite(t)
         if reference is None:
-            abs_r_given, r_finite = None, np.isfinite(r)
+            abs_r_given, r_finite, stats = None, np.isfinite(r), None
             r_all_finite = bool(r_finite.all())
         else:
-            abs_r_given, r_finite, r_all_finite, _ = reference
+            abs_r_given, r_finite, r_all_finite, _, stats = reference
         all_finite = bool(t_finite.all()) and r_all_finite
         if all_finite:
             tf, rf, bad = t, r, None
             abs_r = abs_r_given if abs_r_given is not None else np.abs(rf)
         else:
+            stats = None  # its masks and sums are of the reference whole, not of its finite-masked copy
             finite = t_finite & r_finite
             # A NaN/Inf the reference shares at the same place (same inf, both
             # NaN) is not a difference; any other one is outside by definition.
@@ -254,8 +296,11 @@ class _Accumulator:
             i = int(excess.argmax())
             if excess[i] > self.worst_excess:
                 self.worst, self.worst_excess = offset + i, float(excess[i])
-            nonzero_r = abs_r > 0
-            nonzero_count = int(np.count_nonzero(nonzero_r))
+            if stats is not None:
+                nonzero_r, nonzero_count = stats.nonzero, stats.nonzero_count
+            else:
+                nonzero_r = abs_r > 0
+                nonzero_count = int(np.count_nonzero(nonzero_r))
             if nonzero_count == abs_r.size:  # the same ratios without two masked copies
                 self.max_rel = max(self.max_rel, float((diff / abs_r).max()))
             elif nonzero_count:
@@ -268,13 +313,14 @@ class _Accumulator:
             # Squares of |x| > 1.8e19 overflow float32 (inf inputs drive activations to ~3e38): this
             # slice's products go to float64, or identical outputs would get cosine NaN and fail.
             tf, rf, diff = tf.astype(np.float64), rf.astype(np.float64), diff.astype(np.float64)
+            stats = None  # its sum of squares is of float32 products
         # Products in the working precision, sums in float64 (pairwise): not
         # np.dot, whose BLAS threads thrash on a loaded 2-core CI machine and
         # which would sum float32 in float32.
         # ndarray.sum is np.sum's own reduction without its Python wrapper (same result, less per-call cost).
         self.sum_sq += float((diff * diff).sum(dtype=np.float64))
         self.tt += float((tf * tf).sum(dtype=np.float64))
-        self.rr += float((rf * rf).sum(dtype=np.float64))
+        self.rr += stats.rr if stats is not None else float((rf * rf).sum(dtype=np.float64))
         self.tr += float((tf * rf).sum(dtype=np.float64))
         zero_t = t == 0
         zeros = int(np.count_nonzero(zero_t))

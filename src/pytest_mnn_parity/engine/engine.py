@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..core.tolerances import Tolerance, looser_tier, resolve
-from ..core.verdict import Category, Verdict, judge_outputs, worst
+from ..core.verdict import Category, PreparedReferences, Verdict, judge_outputs, prepare_references, worst
 from ..inputs.generate import fingerprint, generate_inputs
 from ..inputs.sets import InputSet
 from ..mnn import backends
@@ -80,6 +80,9 @@ class ParityEngine(Checker):
         self._nonfinite: dict[Path, dict | None] = {}
         # The last input-set pair a check scanned for NaN/Inf, and what it found (see _nonfinite_of).
         self._last_nonfinite: tuple | None = None
+        # The last reference judged against, prepared (``prepare_references``): a model's checks come one after
+        # another, each judged against the same reference.
+        self._last_prepared: tuple[Reference, PreparedReferences] | None = None
         self._provided: set[Path] = set()
         self._noise: dict[Any, dict[str, float]] = {}
         self._reference_config: RunConfig | None = None
@@ -162,6 +165,7 @@ class ParityEngine(Checker):
         self._op_types.pop(key, None)
         self._weight_risks.pop(key, None)
         self._last_nonfinite = None  # it may hold this model's inputs
+        self._last_prepared = None  # and this its reference
         self._provided.discard(key)
         if self.bundle is not None:
             self.bundle.release(key)
@@ -473,9 +477,10 @@ class ParityEngine(Checker):
             result.message = failure_message(result, model, error=runtime_error_text(failed_run, result.log),
                                              reproduce=reproduce)
             return result
+        prepared = self._prepared(reference)
         result.verdict = judge_outputs(run_a.outputs, reference.outputs_a, tol,
                                        targets_b=run_b.outputs, references_b=reference.outputs_b,
-                                       output_tolerances=output_tolerances)
+                                       output_tolerances=output_tolerances, prepared=prepared)
         if not result.verdict.passed and result.verdict.category is not Category.DEGENERATE_REFERENCE:
             # Measured floors only loosen: an item that passes without them passes with them, so the two extra
             # CPU runs are paid by failing items alone (once per model).
@@ -483,7 +488,8 @@ class ParityEngine(Checker):
             if floors:
                 result.verdict = judge_outputs(run_a.outputs, reference.outputs_a, tol,
                                                targets_b=run_b.outputs, references_b=reference.outputs_b,
-                                               output_tolerances=output_tolerances, floors=floors)
+                                               output_tolerances=output_tolerances, floors=floors,
+                                               prepared=prepared)
         if result.verdict.category is Category.STALE_OUTPUT:
             self._stale_or_input_blind(result.verdict, model, inputs_a, inputs_b)
         result.category = result.verdict.category
@@ -505,6 +511,13 @@ class ParityEngine(Checker):
         if not result.passed:
             result.message = failure_message(result, model, reproduce=reproduce)
         return result
+
+    def _prepared(self, reference: Reference) -> PreparedReferences:
+        """``prepare_references`` of ``reference``'s outputs, once for the checks judged against it in a row."""
+        last = self._last_prepared
+        if last is None or last[0] is not reference:
+            last = self._last_prepared = (reference, prepare_references(reference.outputs_a, reference.outputs_b))
+        return last[1]
 
     def _stale_or_input_blind(self, verdict: Verdict, model: LoadedModel, inputs_a, inputs_b) -> None:
         """``stale_output`` says the backend did not recompute.  When the reference is another model (an ONNX
