@@ -19,7 +19,7 @@ mean of ``--inner`` matrices; the median of ``--rounds`` samples is reported
 Usage::
 
     mkdir /tmp/base && git archive main src | tar -x -C /tmp/base
-    PYTHONPATH=src python benchmarks/bench_ab.py --base /tmp/base/src [--rounds 15] [--inner 5]
+    PYTHONPATH=src python benchmarks/bench_ab.py --base /tmp/base/src [--rounds 15] [--inner 5] [--components] [--warm]
 """
 from __future__ import annotations
 
@@ -140,6 +140,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--inner", type=int, default=5)
     ap.add_argument("--components", action="store_true", help="also time the engine's pieces alone, both trees")
+    ap.add_argument("--warm", action="store_true",
+                    help="also split each tree's extra into a fixed cost per configuration and one per model "
+                         "(bench_parity.warm_sides)")
     args = ap.parse_args(argv)
     os.chdir(bench_parity.REPO)
     models = args.model or [bench_parity.DEMO, bench_parity.DEEP]
@@ -156,12 +159,22 @@ def main(argv=None) -> int:
     for model in models:
         fns = {"raw": lambda: raw_matrix(MNN, model, "once"), "base": lambda: sides["base"](model),
                "this": lambda: sides["this"](model)}
+        closers = []
+        if args.warm:
+            # bench_parity.warm_sides: each tree's 28 checks with model and reference ready, raw's 8 runs on ready
+            # sessions; (engine - raw) / 4 is the fixed cost per configuration, the rest of a matrix's extra is
+            # the per-model cost.
+            for tree, package in (("base", "base_mnn_parity"), ("this", "pytest_mnn_parity")):
+                engine_warm, raw_warm, close = bench_parity.warm_sides(model, package)
+                fns[f"{tree}_warm"] = engine_warm
+                closers.append(close)
+            fns["raw_warm"] = raw_warm
         for fn in fns.values():
             fn()  # warm-up
         samples = {name: {"wall": [], "cpu": []} for name in fns}
         order = list(fns)
         for r in range(args.rounds):
-            for name in order[r % 3:] + order[:r % 3]:
+            for name in order[r % len(order):] + order[:r % len(order)]:
                 w0, c0 = time.perf_counter(), time.thread_time()
                 for _ in range(args.inner):
                     fns[name]()
@@ -175,6 +188,15 @@ def main(argv=None) -> int:
                   f"base {med['base'] * 1e3:6.2f} [{low['base'] * 1e3:.2f}] = {med['base'] / med['raw']:.2f}x  "
                   f"this {med['this'] * 1e3:6.2f} [{low['this'] * 1e3:.2f}] = {med['this'] / med['raw']:.2f}x  "
                   f"(min/min {low['base'] / low['raw']:.2f}x -> {low['this'] / low['raw']:.2f}x)")
+            if args.warm:
+                per_config = {t: (med[f"{t}_warm"] - med["raw_warm"]) / 4 for t in ("base", "this")}
+                per_model = {t: med[t] - med["raw"] - 4 * per_config[t] for t in ("base", "this")}
+                print(f"  {clock:4s}  warm: raw 8 runs {med['raw_warm'] * 1e3:6.2f}, base 28 checks "
+                      f"{med['base_warm'] * 1e3:6.2f}, this {med['this_warm'] * 1e3:6.2f}; fixed cost per configuration "
+                      f"base {per_config['base'] * 1e3:.3f} ms -> this {per_config['this'] * 1e3:.3f} ms; per model "
+                      f"base {per_model['base'] * 1e3:.2f} ms -> this {per_model['this'] * 1e3:.2f} ms")
+        for close in closers:
+            close()
     if args.components:
         components(models[0], args.rounds)
     print(f"\nload average at end {os.getloadavg()}")

@@ -239,6 +239,60 @@ def engine_matrix(model: str):
     return results
 
 
+def warm_sides(model: str, package: str = "pytest_mnn_parity"):
+    """The per-configuration work alone, with the model loaded and its reference computed: the engine's 28 checks
+    on an engine that has checked the model once already, and raw's 8 runs (4 CPU precisions x input sets A and
+    B, copied in and out as ``raw_matrix`` does) on sessions created beforehand, under one capture.  Their
+    difference over the 4 run configurations is the engine's fixed cost per configuration; what the whole
+    matrices differ by beyond it is the per-model cost (load, reference, fp16 scans).  Returns the two functions
+    and a closer.  ``package``: the name the tree under test is imported as (``bench_ab.py`` imports two)."""
+    import importlib
+
+    ParityEngine = importlib.import_module(f"{package}.engine.engine").ParityEngine
+    ParitySettings = importlib.import_module(f"{package}.engine.results").ParitySettings
+    backends = importlib.import_module(f"{package}.mnn.backends")
+    DEFAULT_BACKENDS, PRECISIONS = backends.DEFAULT_BACKENDS, backends.PRECISIONS
+    mnn = importlib.import_module(f"{package}.mnn.library").mnn
+    RunConfig = importlib.import_module(f"{package}.mnn.runner").RunConfig
+
+    np = raw_ns()["np"]
+    MNN = mnn()
+    engine = ParityEngine(ParitySettings())
+    configs = [RunConfig(b, p, 4) for b in DEFAULT_BACKENDS for p in PRECISIONS]
+    for config in configs:
+        engine.check(model, config)
+    capture = raw_ns()["_capture_fn"]()
+    with capture():
+        interp = MNN.Interpreter(str(model))
+        sessions = [interp.createSession({"backend": "CPU", "precision": code, "numThread": 4}) for code in (0, 1, 2, 3)]
+    shapes = {name: tuple(t.getShape()) for name, t in interp.getSessionInputAll(sessions[0]).items()}
+    out_names = list(interp.getSessionOutputAll(sessions[0]))
+    sets = [{name: np.random.default_rng(s).random(shape, dtype=np.float32) for name, shape in shapes.items()}
+            for s in (0, 1)]
+
+    def raw():
+        with capture():
+            for session in sessions:
+                for inputs in sets:
+                    for name, arr in inputs.items():
+                        tmp = MNN.Tensor(arr.shape, MNN.Halide_Type_Float, arr, MNN.Tensor_DimensionType_Caffe)
+                        interp.getSessionInput(session, name).copyFrom(tmp)
+                    interp.runSession(session)
+                    for name in out_names:
+                        out = interp.getSessionOutput(session, name)
+                        host = MNN.Tensor(out, out.getDimensionType())
+                        out.copyToHostTensor(host)
+                        np.array(host.getNumpyData(), copy=True)
+
+    def close():
+        nonlocal interp
+        engine.release(model)
+        sessions.clear()
+        interp = None
+
+    return (lambda: [engine.check(model, c) for c in configs]), raw, close
+
+
 def cold_discovery() -> float:
     """Seconds for backends.discover(DEFAULT_BACKENDS) with the per-process caches emptied."""
     from pytest_mnn_parity import backends
@@ -273,6 +327,9 @@ def bench_in_process(model: str, rounds: int, inner: int, log) -> dict:
         "raw_capture_per_call": (lambda: raw_matrix(MNN, model, "per-call"), False),
         "engine": (lambda: engine_matrix(model), False),
     }
+    engine_warm, raw_warm, close_warm = warm_sides(model)
+    variants["engine_warm"] = (engine_warm, False)
+    variants["raw_warm"] = (raw_warm, False)
     names = list(variants)
     for name in names:  # warm-up, not counted
         fn, quiet = variants[name]
@@ -284,8 +341,13 @@ def bench_in_process(model: str, rounds: int, inner: int, log) -> dict:
             fn, quiet = variants[name]
             samples[name].append(timed(fn, inner, quiet))
         log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {samples[n][-1] * 1e3:.1f} ms" for n in names))
+    close_warm()
     med = {n: median(s) for n, s in samples.items()}
+    per_config = (med["engine_warm"] - med["raw_warm"]) / 4
     return {
+        "fixed_cost_per_configuration_s": per_config,
+        "fixed_cost_per_model_s": (med["engine"] - med["raw_capture_once"]) - 4 * per_config,
+        "extra_per_configuration_whole_matrix_s": (med["engine"] - med["raw_capture_once"]) / 4,
         "engine_outcome": outcome, "raw_runs": raw_runs, "raw_failed_rc": raw_bad,
         "samples_s": samples, "median_s": med, "min_s": {n: min(s) for n, s in samples.items()},
         "ratio_engine_over_raw_min": min(samples["engine"]) / min(samples["raw_capture_once"]),
@@ -611,6 +673,16 @@ def print_table(report: dict) -> None:
                   f"min/min {ip['ratio_engine_over_raw_min']:.2f}x)")
             print(f"    engine / raw no capture  {ip['ratio_engine_over_raw_nocapture']:9.2f}x")
             print(f"    engine / raw per-call    {ip['ratio_engine_over_raw_capture_per_call']:9.2f}x")
+            if "engine_warm" in m:
+                print(f"    warm: engine 28 checks   {ms(m['engine_warm'])} [{lo['engine_warm'] * 1e3:.1f}]   (model and "
+                      "reference ready)")
+                print(f"    warm: raw 8 runs         {ms(m['raw_warm'])} [{lo['raw_warm'] * 1e3:.1f}]   (sessions ready)")
+                print(f"    fixed cost per config    {ms(ip['fixed_cost_per_configuration_s'])} ms   ((engine_warm - raw_warm)"
+                      " / 4 run configurations)")
+                print(f"    fixed cost per model     {ms(ip['fixed_cost_per_model_s'])} ms   (engine - raw - 4 x the above: "
+                      "load, reference, fp16 scans)")
+                print(f"    (engine - raw) / 4       {ms(ip['extra_per_configuration_whole_matrix_s'])} ms   (both, spread "
+                      "over the 4 run configurations)")
         e2e = res.get("e2e")
         if e2e:
             m, r = e2e["median_s"], e2e["peak_rss_mib"]

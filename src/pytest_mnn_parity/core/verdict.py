@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .metrics import OutputMetrics, compare
+from .metrics import OutputMetrics, ReferenceStats, compare, reference_stats
 from .tolerances import Tolerance
 
 
@@ -175,11 +175,12 @@ def dtype_family(dtype) -> str:
 
 def judge_output(name: str, target: np.ndarray, reference: np.ndarray, tol: Tolerance,
                  *, target_b: np.ndarray | None = None, reference_b: np.ndarray | None = None,
-                 floor: float = 0.0) -> OutputVerdict:
+                 floor: float = 0.0, stats: ReferenceStats | None = None,
+                 stats_b: ReferenceStats | None = None) -> OutputVerdict:
     """Judge one output. ``*_b`` are the same output for the second input set (stale check).
 
     ``floor``: an absolute floor measured for this output (its thread-count noise), used where it is
-    above the tier's ``abs_floor``."""
+    above the tier's ``abs_floor``.  ``stats``, ``stats_b``: ``reference_stats`` of the two references."""
     target, reference = np.asarray(target), np.asarray(reference)
     if target.size == 0 and reference.size != 0:
         return OutputVerdict(name, Category.RUNTIME_ERROR, None,
@@ -196,15 +197,16 @@ def judge_output(name: str, target: np.ndarray, reference: np.ndarray, tol: Tole
                              f"dtype {target.dtype} but the reference has {reference.dtype} (shape {target.shape})")
     # A floor the user set explicitly is the floor: the measured one no longer applies.
     floor = tol.abs_floor if "abs_floor" in tol.overridden else max(tol.abs_floor, floor)
-    m = compare(target, reference, atol=tol.atol, rtol=tol.rtol, abs_floor=floor)
+    m = compare(target, reference, atol=tol.atol, rtol=tol.rtol, abs_floor=floor, stats=stats)
     decided = tolerance_decision(m, tol)
     stale_m = None
     stale = False
     if target_b is not None and reference_b is not None and np.shape(target_b) == reference.shape:
-        stale_m = compare(target_b, reference_b, atol=tol.atol, rtol=tol.rtol, abs_floor=floor)
+        stale_m = compare(target_b, reference_b, atol=tol.atol, rtol=tol.rtol, abs_floor=floor, stats=stats_b)
         # Only a bit-identical target needs the (costlier) check that the reference moved.
-        stale = (bool(np.array_equal(target, target_b, equal_nan=True))
-                 and compare(reference_b, reference, atol=tol.atol, rtol=tol.rtol, abs_floor=floor).outside_fraction > 0)
+        stale = (_same_values(target, np.asarray(target_b), m)
+                 and compare(reference_b, reference, atol=tol.atol, rtol=tol.rtol, abs_floor=floor,
+                             stats=stats).outside_fraction > 0)
     failed_a = decided not in PASSING_DECISIONS
     failed_b = stale_m is not None and fails_tolerance(stale_m, tol)
     if not failed_a and not failed_b:
@@ -219,6 +221,15 @@ def judge_output(name: str, target: np.ndarray, reference: np.ndarray, tol: Tole
     elif cat is Category.MISMATCH:
         detail += f" (decided by: {decided})"
     return OutputVerdict(name, cat, m, detail, stale_m, decided_by=decided, failing_set="A" if failed_a else "B")
+
+
+def _same_values(target: np.ndarray, target_b: np.ndarray, m: OutputMetrics) -> bool:
+    """``np.array_equal(target, target_b, equal_nan=True)`` for arrays of one shape, where ``m`` is
+    ``target``'s metrics: without a NaN in ``target`` (``m.nonfinite_count``) that is plain equality, one
+    pass instead of array_equal's four (it ran for every output of every configuration)."""
+    if m.nonfinite_count == 0:
+        return bool((target == target_b).all())
+    return bool(np.array_equal(target, target_b, equal_nan=True))
 
 
 def _classify(t: np.ndarray, r: np.ndarray, m: OutputMetrics, tol: Tolerance, stale: bool) -> tuple[Category, str]:
@@ -281,19 +292,61 @@ class Verdict:
         return self.category is Category.OK
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedReferences:
+    """What judging takes from a reference's outputs alone (``prepare_references``), computed once for the
+    outputs of every configuration judged against them: a model's reference is judged against 4 to 28."""
+
+    references: Mapping[str, np.ndarray]
+    references_b: Mapping[str, np.ndarray] | None
+    # Per output: ``reference_stats`` of A and of B, and ``degenerate`` of A and of B.
+    stats: dict[str, tuple[ReferenceStats | None, ReferenceStats | None]]
+    notes: dict[str, tuple[str, str | None]]
+
+    def of(self, references, references_b) -> "PreparedReferences | None":
+        """Itself for these very mappings, else None (never numbers of other arrays)."""
+        return self if references is self.references and references_b is self.references_b else None
+
+
+# Elements of reference outputs whose ``reference_stats`` are kept, in all: they hold |r| and two masks per
+# element (1.5 times the reference's own size), which small outputs save passes with and large ones do not.
+PREPARED_ELEMENTS = 1 << 18
+
+
+def prepare_references(references: Mapping[str, np.ndarray],
+                       references_b: Mapping[str, np.ndarray] | None = None) -> PreparedReferences:
+    """For ``judge_outputs(..., prepared=)``: the references must not change while it is used."""
+    stats, notes = {}, {}
+    budget = PREPARED_ELEMENTS
+    for name, ref in references.items():
+        ref_b = None if references_b is None else references_b.get(name)
+        pair = []
+        for array in (ref, ref_b):
+            size = int(np.size(array)) if array is not None else 0
+            pair.append(reference_stats(array) if array is not None and size <= budget else None)
+            budget -= size if pair[-1] is not None else 0
+        stats[name] = (pair[0], pair[1])
+        note = degenerate(ref)
+        notes[name] = (note, None if not note or ref_b is None else degenerate(ref_b))
+    return PreparedReferences(references, references_b, stats, notes)
+
+
 def judge_outputs(targets: Mapping[str, np.ndarray], references: Mapping[str, np.ndarray], tol: Tolerance,
                   *, targets_b: Mapping[str, np.ndarray] | None = None,
                   references_b: Mapping[str, np.ndarray] | None = None,
                   output_tolerances: Mapping[str, Tolerance] | None = None,
-                  floors: Mapping[str, float] | None = None) -> Verdict:
+                  floors: Mapping[str, float] | None = None,
+                  prepared: PreparedReferences | None = None) -> Verdict:
     """Judge every output the reference has; a missing or extra output is a shape mismatch.
 
     ``output_tolerances`` replaces ``tol`` for the outputs it names; ``floors`` are measured absolute floors
     per output (``judge_output``).  Outputs that pass while the reference itself is degenerate on both input
     sets (all zeros, constant, not finite) make the configuration ``degenerate_reference``: nothing was tested.
+    ``prepared``: ``prepare_references(references, references_b)``, the same verdict with fewer passes.
     """
     verdicts: list[OutputVerdict] = []
     output_tolerances = output_tolerances or {}
+    prepared = prepared.of(references, references_b) if prepared is not None else None
     for name, ref in references.items():
         if name not in targets:
             verdicts.append(OutputVerdict(name, Category.SHAPE_MISMATCH, None,
@@ -301,13 +354,19 @@ def judge_outputs(targets: Mapping[str, np.ndarray], references: Mapping[str, np
             continue
         own = output_tolerances.get(name)
         ref_b = None if references_b is None else references_b.get(name)
+        stats, stats_b = prepared.stats.get(name, (None, None)) if prepared is not None else (None, None)
         verdicts.append(judge_output(name, targets[name], ref, own or tol,
                                      target_b=None if targets_b is None else targets_b.get(name),
-                                     reference_b=ref_b, floor=(floors or {}).get(name, 0.0)))
+                                     reference_b=ref_b, floor=(floors or {}).get(name, 0.0), stats=stats,
+                                     stats_b=stats_b))
         if own is not None:
             verdicts[-1].tolerance = own
-        note = degenerate(ref)
-        if note and (ref_b is None or degenerate(ref_b)):
+        if prepared is not None and name in prepared.notes:
+            note, note_b = prepared.notes[name]
+        else:
+            note = degenerate(ref)
+            note_b = None if not note or ref_b is None else degenerate(ref_b)
+        if note and (ref_b is None or note_b):
             verdicts[-1].reference_note = note
     for name in targets:
         if name not in references:

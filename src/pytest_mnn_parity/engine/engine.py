@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..core.tolerances import Tolerance, looser_tier, resolve
-from ..core.verdict import Category, Verdict, judge_outputs, worst
+from ..core.verdict import Category, PreparedReferences, Verdict, judge_outputs, prepare_references, worst
 from ..inputs.generate import fingerprint, generate_inputs
 from ..inputs.sets import InputSet
 from ..mnn import backends
@@ -69,11 +69,20 @@ class ParityEngine(Checker):
         self._inputs: dict[Path, tuple[dict, dict]] = {}
         self._reference_traces: dict[Path, ReferenceTrace] = {}
         self._fingerprints: dict[Path, str] = {}
+        # Per model: its op types (``tolerance`` asks for every configuration; ``op_types`` itself stats and
+        # resolves the path each time to key its cache by file version, 25 us a check).
+        self._op_types: dict[Path, tuple[str, ...]] = {}
+        # Per reference model: the fp16 weight scan, which depends on the file alone, once for all of its input
+        # sets (each named set computes a reference of its own).
+        self._weight_risks: dict[Path, list[WeightRisk]] = {}
         # Per-model input shapes (from a sidecar) and where each came from.
         self._model_shapes: dict[Path, tuple[dict[str, tuple[int, ...]], str]] = {}
         self._nonfinite: dict[Path, dict | None] = {}
         # The last input-set pair a check scanned for NaN/Inf, and what it found (see _nonfinite_of).
         self._last_nonfinite: tuple | None = None
+        # The last reference judged against, prepared (``prepare_references``): a model's checks come one after
+        # another, each judged against the same reference.
+        self._last_prepared: tuple[Reference, PreparedReferences] | None = None
         self._provided: set[Path] = set()
         self._noise: dict[Any, dict[str, float]] = {}
         self._reference_config: RunConfig | None = None
@@ -153,7 +162,10 @@ class ParityEngine(Checker):
         self.apis.release(key)
         self.streams.release(key)
         self._nonfinite.pop(key, None)
+        self._op_types.pop(key, None)
+        self._weight_risks.pop(key, None)
         self._last_nonfinite = None  # it may hold this model's inputs
+        self._last_prepared = None  # and this its reference
         self._provided.discard(key)
         if self.bundle is not None:
             self.bundle.release(key)
@@ -343,15 +355,19 @@ class ParityEngine(Checker):
             if empty:
                 raise EmptyReferenceOutputs(ref_model.path, f"the reference run produced empty outputs {empty}",
                                             runtime_hint(run), run.log)
-        weight_risks = []
-        if self.settings.layers != "off":
-            try:
-                weight_risks = _without_repeats(fp16_weight_risks(ref_model.path,
-                                                                  min_fraction=WEIGHT_RISK_MIN_FRACTION))
-            except ValueError:
-                pass  # MNN loaded the file, so a reader gap is ours: skip the scan, never fail the model
+        weight_risks = self._weight_risks_of(ref_model.path) if self.settings.layers != "off" else []
         return Reference(description, run_a.outputs, run_b.outputs, scanner.risks if scanner else [], weight_risks,
                          label="cpu (onnxruntime cannot load the model)" if fallback else "")
+
+    def _weight_risks_of(self, path: Path) -> list[WeightRisk]:
+        key = model_key(path)
+        if key not in self._weight_risks:
+            try:
+                found = _without_repeats(fp16_weight_risks(path, min_fraction=WEIGHT_RISK_MIN_FRACTION))
+            except ValueError:
+                found = []  # MNN loaded the file, so a reader gap is ours: skip the scan, never fail the model
+            self._weight_risks[key] = found
+        return list(self._weight_risks[key])
 
     # -- the check --------------------------------------------------------------
     def tolerance(self, config: RunConfig, layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
@@ -363,8 +379,16 @@ class ParityEngine(Checker):
         reference computed at reduced precision)."""
         arithmetic = mnn_arithmetic.probe_arithmetic(config.backend, config.precision)
         kind = looser_tier(arithmetic.kind, config.backend, config.precision, reference_arithmetic)
-        kernels = mnn_arithmetic.model_kernels(arithmetic, op_types(model_path)) if model_path is not None else {}
+        kernels = mnn_arithmetic.model_kernels(arithmetic, self._op_types_of(model_path)) if model_path is not None else {}
         return resolve(config.backend, config.precision, *layers, arithmetic=kind, variant=variant, kernels=kernels)
+
+    def _op_types_of(self, model_path: os.PathLike | str) -> tuple[str, ...]:
+        """``op_types`` once per model held (as long as its interpreter: ``release`` forgets both)."""
+        key = model_key(model_path)
+        found = self._op_types.get(key)
+        if found is None:
+            found = self._op_types[key] = op_types(model_path)
+        return found
 
     def check_request(self, request: CheckRequest) -> ParityResult:
         """Run ``request.config`` and judge it (``check(model, config, ...)`` builds the request).
@@ -453,9 +477,10 @@ class ParityEngine(Checker):
             result.message = failure_message(result, model, error=runtime_error_text(failed_run, result.log),
                                              reproduce=reproduce)
             return result
+        prepared = self._prepared(reference)
         result.verdict = judge_outputs(run_a.outputs, reference.outputs_a, tol,
                                        targets_b=run_b.outputs, references_b=reference.outputs_b,
-                                       output_tolerances=output_tolerances)
+                                       output_tolerances=output_tolerances, prepared=prepared)
         if not result.verdict.passed and result.verdict.category is not Category.DEGENERATE_REFERENCE:
             # Measured floors only loosen: an item that passes without them passes with them, so the two extra
             # CPU runs are paid by failing items alone (once per model).
@@ -463,7 +488,8 @@ class ParityEngine(Checker):
             if floors:
                 result.verdict = judge_outputs(run_a.outputs, reference.outputs_a, tol,
                                                targets_b=run_b.outputs, references_b=reference.outputs_b,
-                                               output_tolerances=output_tolerances, floors=floors)
+                                               output_tolerances=output_tolerances, floors=floors,
+                                               prepared=prepared)
         if result.verdict.category is Category.STALE_OUTPUT:
             self._stale_or_input_blind(result.verdict, model, inputs_a, inputs_b)
         result.category = result.verdict.category
@@ -485,6 +511,13 @@ class ParityEngine(Checker):
         if not result.passed:
             result.message = failure_message(result, model, reproduce=reproduce)
         return result
+
+    def _prepared(self, reference: Reference) -> PreparedReferences:
+        """``prepare_references`` of ``reference``'s outputs, once for the checks judged against it in a row."""
+        last = self._last_prepared
+        if last is None or last[0] is not reference:
+            last = self._last_prepared = (reference, prepare_references(reference.outputs_a, reference.outputs_b))
+        return last[1]
 
     def _stale_or_input_blind(self, verdict: Verdict, model: LoadedModel, inputs_a, inputs_b) -> None:
         """``stale_output`` says the backend did not recompute.  When the reference is another model (an ONNX
