@@ -86,7 +86,8 @@ def raw_matrix(MNN, path, capture="once", threads=4, seed=0):
         with call():
             interp = MNN.Interpreter(str(path))
         with call():
-            ref = interp.createSession({"backend": "CPU", "precision": PRECISION_CODES["high"], "numThread": 1})
+            # At the items' thread count, as the engine's reference (a 1-thread reference is noise, not a finding).
+            ref = interp.createSession({"backend": "CPU", "precision": PRECISION_CODES["high"], "numThread": threads})
         shapes = {name: tuple(t.getShape()) for name, t in interp.getSessionInputAll(ref).items()}
         out_names = list(interp.getSessionOutputAll(ref))
         sets = []
