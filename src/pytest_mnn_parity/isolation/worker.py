@@ -65,6 +65,10 @@ def main() -> int:
     if init.get("op") != "init":
         return 2
     os.chdir(init.get("cwd") or os.getcwd())
+    if sink is None and init.get("native_dir"):
+        # Started early (``early.start_early``), before the parent made that folder: the parent names it here.
+        os.environ[SINK_DIR_ENV] = init["native_dir"]
+        sink = keep_in_file()
     engine = ParityEngine(protocol.settings_from_wire(init["settings"]))
     _install_fault_injection(crash_log, proto)
     from ..mnn.library import device_support_line, mnn_version  # noqa: PLC0415

@@ -35,6 +35,12 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("--mnn-only runs only models, and none was given: name one with --mnn-model "
                                 "(a file, a folder or a glob; repeatable; or the ini key mnn_model), e.g. "
                                 "pytest --mnn-only --mnn-model fixtures/demo/lama_like.mnn")
+    if options.models and options.isolate != "never" and not _xdist_controller(config):
+        # The run will start an isolated worker at the end of this hook (``Isolation.start``): start its process
+        # now, before the engine's imports here, so that its own start and imports overlap them.
+        from ..isolation.early import start_early
+
+        start_early()
     run = ParityRun(options)
     config.stash[PARITY_RUN] = run
     # An environment built during collection says so where the user looks: the terminal (looked up when used,
@@ -61,9 +67,13 @@ def pytest_configure(config: pytest.Config) -> None:
         from .html_extras import HtmlExtras
 
         config.pluginmanager.register(HtmlExtras(options.artifacts), "mnn-parity-html-extras")
-    xdist_controller = run.writes_report and bool(getattr(config.option, "numprocesses", None))
-    if run.active and not xdist_controller:
+    if run.active and not _xdist_controller(config):
         run.isolation.start()  # after the settings are final: workers get a copy
+
+
+def _xdist_controller(config: pytest.Config) -> bool:
+    """pytest-xdist's controller: its workers check the models, it starts none of its own."""
+    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
 
 
 def _say(config: pytest.Config, line: str) -> None:
@@ -78,6 +88,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     run = config.stash.get(PARITY_RUN, None)
     if run is not None and run.made("isolation"):
         run.isolation.close()
+    if "pytest_mnn_parity.isolation.early" in sys.modules:  # a worker started early that nothing took over
+        sys.modules["pytest_mnn_parity.isolation.early"].discard_early()
     if run is not None and getattr(config, "cache", None) is not None:
         run.save_discovery(config.cache)
 
