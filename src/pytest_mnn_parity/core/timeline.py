@@ -11,15 +11,13 @@ import time
 
 TIMELINE_ENV = "MNN_PARITY_TIMELINE"
 
-# Read once: a mark on the hot path (each item) costs one comparison when the variable is unset.
-_PATH = os.environ.get(TIMELINE_ENV) or None
-
 
 def mark(label: str) -> None:
-    if _PATH is None:
+    path = os.environ.get(TIMELINE_ENV)
+    if not path:
         return
     # O_APPEND writes of one short line from several processes do not interleave.
-    fd = os.open(_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, f"{time.time():.6f} {os.getpid()} {label}\n".encode())
     finally:

@@ -13,12 +13,13 @@ import subprocess
 import tempfile
 from typing import Mapping
 
+from ..core.timeline import mark
 from ..mnn import native_output
 from .launch import LocalPython
 from .worker import PARENT_PID_ENV
 
 
-class _Early:
+class EarlyWorker:
     """A local worker process started before its settings are known (``start_early``), not yet a ``Worker``."""
 
     def __init__(self, argv: list[str], env: dict[str, str]):
@@ -47,7 +48,7 @@ class _Early:
                 pass
 
 
-_early: _Early | None = None
+_early: EarlyWorker | None = None
 
 
 def start_early() -> None:
@@ -62,8 +63,14 @@ def start_early() -> None:
         return
     command = LocalPython()
     worker_env = {PARENT_PID_ENV: str(os.getpid())}
-    _early = _Early(command.argv(worker_env), command.environment(worker_env))
+    _early = EarlyWorker(command.argv(worker_env), command.environment(worker_env))
+    mark(f"early worker started {_early.proc.pid}")
     atexit.register(discard_early)
+
+
+def current() -> EarlyWorker | None:
+    """The early worker not yet taken over, if any."""
+    return _early
 
 
 def discard_early() -> None:
@@ -74,7 +81,7 @@ def discard_early() -> None:
         early.discard()
 
 
-def take_early(argv: list[str], env: Mapping[str, str]) -> _Early | None:
+def take_early(argv: list[str], env: Mapping[str, str]) -> EarlyWorker | None:
     global _early
     early, _early = _early, None
     if early is None:

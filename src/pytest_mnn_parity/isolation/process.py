@@ -16,6 +16,7 @@ import tempfile
 import time
 from typing import Any, Mapping
 
+from ..core.timeline import mark
 from ..engine.results import ParitySettings
 from ..mnn import native_output
 from . import protocol
@@ -57,10 +58,12 @@ class Worker:
         early = take_early(argv, env)
         if early is not None:
             self.stderr, self.proc = early.stderr, early.proc
+            mark(f"worker taken over {self.proc.pid}")
         else:
             self.stderr = tempfile.TemporaryFile(prefix="mnn-parity-worker-", suffix=".stderr")
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                          env=env)
+            mark(f"worker started {self.proc.pid}")
         self.pid = self.proc.pid
         self.checks = 0
         self.ready = False
