@@ -210,16 +210,19 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_child(cmd, cwd) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MiB, exit code) of one child process."""
+def run_child(cmd, cwd, cpu: list | None = None) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MiB, exit code) of one child process; appends its CPU seconds (user + system, its
+    own reaped children included: the isolated worker) to ``cpu`` when given."""
     fd, hwm_file = tempfile.mkstemp(prefix="bench-hwm-")
     os.close(fd)
     env = dict(child_env(), BENCH_HWM_FILE=hwm_file)
     try:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, _ = os.wait4(proc.pid, 0)
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        if cpu is not None:
+            cpu.append(usage.ru_utime + usage.ru_stime)
         proc.returncode = os.waitstatus_to_exitcode(status)
         text = Path(hwm_file).read_text().strip()
     finally:
@@ -414,11 +417,12 @@ def bench_e2e(model: str, rounds: int, log) -> dict:
         run_child(cmds[name], folder)
     wall = {n: [] for n in names}
     rss = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     codes = {n: set() for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            w, m, rc = run_child(cmds[name], folder)
+            w, m, rc = run_child(cmds[name], folder, cpu[name])
             wall[name].append(w)
             rss[name].append(m)
             codes[name].add(rc)
@@ -429,6 +433,9 @@ def bench_e2e(model: str, rounds: int, log) -> dict:
         "commands": {n: " ".join("<RAW_SRC>" if "\n" in c else c for c in cmd) for n, cmd in cmds.items()},
         "exit_codes": {n: sorted(c) for n, c in codes.items()},
         "samples_s": wall, "median_s": med, "min_s": {n: min(v) for n, v in wall.items()}, "peak_rss_mib": med_rss,
+        # CPU seconds of the run and its reaped children (the isolated worker): the work, which a loaded machine
+        # stretches far less than the wall time.
+        "cpu_samples_s": cpu, "cpu_median_s": {n: median(v) for n, v in cpu.items()},
         "other_pytest_plugins_disabled_in_solo": other_pytest_plugins(),
         "ratio_solo_pytest_over_raw": med["pytest_solo_plugin"] / med["raw_child"],
         "ratio_pytest_over_raw": med["pytest_plugin"] / med["raw_child"],
@@ -695,9 +702,10 @@ def print_table(report: dict) -> None:
         e2e = res.get("e2e")
         if e2e:
             m, r = e2e["median_s"], e2e["peak_rss_mib"]
-            print(f"  end to end (median of {report['e2e_rounds']} runs; wall ms, peak RSS MiB, exit codes)")
+            print(f"  end to end (median of {report['e2e_rounds']} runs; wall ms, peak RSS MiB, exit codes, CPU ms)")
             for name in m:
-                print(f"    {name:24s} {ms(m[name])}  {r[name]:7.1f}  {e2e['exit_codes'][name]}")
+                print(f"    {name:24s} {ms(m[name])}  {r[name]:7.1f}  {e2e['exit_codes'][name]}"
+                      f"  {e2e['cpu_median_s'][name] * 1e3:7.0f}")
             print(f"    pytest / raw child       {e2e['ratio_pytest_over_raw']:9.2f}x wall, "
                   f"{e2e['ratio_rss_pytest_over_raw']:.2f}x RSS")
             print(f"    solo pytest / raw child  {e2e['ratio_solo_pytest_over_raw']:9.2f}x wall "
@@ -706,6 +714,9 @@ def print_table(report: dict) -> None:
                   f"/ raw_child = {e2e['marginal_s'] * 1e3:.0f} ms / {m['raw_child'] * 1e3:.0f} ms)")
             print(f"    marginal, cold discovery {e2e['ratio_marginal_cold_over_raw']:9.2f}x   (--cache-clear)")
             print(f"    marginal, solo           {e2e['ratio_solo_marginal_over_raw']:9.2f}x")
+            cpu = e2e["cpu_median_s"]
+            print(f"    marginal, solo, CPU      {(cpu['pytest_solo_plugin'] - cpu['pytest_solo_bare']) / cpu['raw_child']:9.2f}x"
+                  f"   (CPU time of the run and its worker, over the raw child's)")
             print(f"    plugin start-up          {e2e['plugin_startup_s'] * 1e3:9.1f} ms (solo: pytest_solo_no_model - pytest_solo_bare)")
     d = report["discovery"]
     print(f"\n  backend discovery (7 backends): first in process {d['first_s'] * 1e3:.1f} ms, "
