@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -54,6 +55,40 @@ def test_no_worker_starts_early_where_the_run_starts_none(pytester, models, monk
     result.assert_outcomes(passed=1)
     labels = [label for _, label in timeline(log)] if log.exists() else []
     assert any(label.startswith("early worker started") for label in labels) is starts
+
+
+@pytest.mark.parametrize("args, addopts, starts", [
+    (["--mnn-only", "--mnn-model", "m.mnn"], "", True),
+    (["--mnn-model=m.mnn", "-q", "--mnn-isolate", "always"], "", True),
+    (["-q", "tests"], "", False),  # no model: most runs of a repository's own tests
+    (["--mnn-model", "m.mnn", "-n", "2"], "", False),  # pytest-xdist's controller starts none
+    (["--mnn-model", "m.mnn", "-nauto"], "", False),
+    (["--mnn-model", "m.mnn"], "-n 4", False),
+    (["--mnn-model", "m.mnn", "--mnn-isolate", "never"], "", False),
+    (["--mnn-model", "m.mnn", "--mnn-isolate=never"], "", False),
+    (["--mnn-model", "m.mnn", "--help"], "", False),
+    (["--", "--mnn-model", "m.mnn"], "", False),
+])
+def test_the_command_line_alone_says_when_to_start_the_worker_at_the_plugins_import(args, addopts, starts):
+    assert early.command_line_starts_a_worker(args, addopts) is starts
+
+
+def test_a_worker_started_from_the_command_line_is_killed_when_the_ini_says_never(pytester, models, monkeypatch,
+                                                                                    tmp_path):
+    """The plugin's import sees only words; the ini's ``mnn_isolate = never`` is read at configure, which kills
+    the worker started for nothing (the run checks in-process, and leaves no process behind)."""
+    models("demo/lama_like.mnn")
+    pytester.makeini("[pytest]\nmnn_isolate = never\n")
+    log = tmp_path / "timeline.txt"
+    monkeypatch.setenv(TIMELINE_ENV, str(log))
+    result = pytester.runpytest_subprocess("--mnn-only", "--mnn-model", "lama_like.mnn", "--mnn-backends", "CPU",
+                                           "--mnn-precisions", "high", "-p", "no:xdist")
+    result.assert_outcomes(passed=1)
+    labels = [label for _, label in timeline(log)]
+    started = [label.split()[-1] for label in labels if label.startswith("early worker started")]
+    assert len(started) == 1 and not any(label.startswith("worker taken over") for label in labels), labels
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(started[0]), 0)
 
 
 def test_an_early_worker_nothing_takes_over_is_killed():

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import shlex
 import subprocess
 import tempfile
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from ..core.timeline import mark
 from ..mnn import native_output
@@ -66,6 +67,33 @@ def start_early() -> None:
     _early = EarlyWorker(command.argv(worker_env), command.environment(worker_env))
     mark(f"early worker started {_early.proc.pid}")
     atexit.register(discard_early)
+
+
+# Words of a command line after which a run may start no local worker, or start it elsewhere: pytest-xdist's
+# controller (its workers check the models), help and version, and --mnn-isolate never.
+_NO_WORKER = ("-n", "--numprocesses", "--dist", "--tx", "-h", "--help", "--version", "-V")
+
+
+def command_line_starts_a_worker(args: Sequence[str], addopts: str = "") -> bool:
+    """Whether pytest's command line ``args`` (and ``PYTEST_ADDOPTS``) name a model and say nothing that could
+    mean that no local worker runs.  Read before pytest parses anything, at the plugin's import, so it only
+    looks at words: an ini file's ``addopts`` or ``mnn_isolate`` it cannot see (``pytest_configure`` decides
+    with the final options and kills a worker started for nothing)."""
+    try:
+        words = [*shlex.split(addopts), *args]
+    except ValueError:
+        return False
+    model = isolate = False
+    for i, word in enumerate(words):
+        if word == "--":
+            break
+        if word == "--mnn-model" or word.startswith("--mnn-model="):
+            model = True
+        if word in ("--mnn-isolate=never",) or (word == "--mnn-isolate" and words[i + 1:i + 2] == ["never"]):
+            isolate = True
+        if word in _NO_WORKER or word.startswith(("-n", "--numprocesses=", "--dist=", "--tx=")):
+            return False
+    return model and not isolate
 
 
 def current() -> EarlyWorker | None:

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from ..mnn.model import is_model_file
+from ..isolation import early
+
+# A command line that names a model starts the run's isolated worker now, before this plugin's own imports and
+# pytest's set-up (about 0.15 s on the development VM): that worker's start is a small run's critical path
+# (issue 22's timeline).  ``pytest_configure`` confirms it with the final options.
+if early.command_line_starts_a_worker(sys.argv[1:], os.environ.get("PYTEST_ADDOPTS", "")):
+    early.start_early()
+
+from ..mnn.model import is_model_file  # noqa: E402
 from ..report.ci import github_annotations, markdown_summary
 from ..report.durable import report_path_problem
 from ..report.explained import SECTION
