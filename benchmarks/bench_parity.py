@@ -453,6 +453,27 @@ def bench_e2e(model: str, rounds: int, log) -> dict:
     }
 
 
+def e2e_timeline(model: str) -> list[dict]:
+    """One ``pytest_solo_plugin`` run with ``MNN_PARITY_TIMELINE`` set: every mark of the pytest process and its
+    workers (``core/timeline.py``), in ms from the spawn.  Where the time goes, and what is on the critical path."""
+    folder = tempfile.mkdtemp(prefix="bench-timeline-", dir=CHILD_TMPDIR)
+    if not MODEL_OUTSIDE:
+        model = shutil.copy(model, folder)
+    cmd = e2e_commands(model)["pytest_solo_plugin"]
+    run_child(cmd, folder)  # pytest's cache warm, as in the timed runs
+    log_path = Path(folder) / "timeline.txt"
+    env = dict(child_env(), MNN_PARITY_TIMELINE=str(log_path))
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.time()
+    rows = []
+    for line in log_path.read_text().splitlines() if log_path.exists() else []:
+        at, pid, label = line.split(" ", 2)
+        rows.append({"ms": (float(at) - start) * 1e3, "pid": int(pid), "label": label})
+    rows.append({"ms": (end - start) * 1e3, "pid": proc.returncode, "label": "reaped (pid column: exit code)"})
+    return rows
+
+
 def build_lama(size: int, folder: Path) -> Path:
     """fixtures/build_fixtures.py's LaMa-like graph at ``size``, converted by the project's converter call."""
     import importlib.util
@@ -714,6 +735,11 @@ def print_table(report: dict) -> None:
                   f"/ raw_child = {e2e['marginal_s'] * 1e3:.0f} ms / {m['raw_child'] * 1e3:.0f} ms)")
             print(f"    marginal, cold discovery {e2e['ratio_marginal_cold_over_raw']:9.2f}x   (--cache-clear)")
             print(f"    marginal, solo           {e2e['ratio_solo_marginal_over_raw']:9.2f}x")
+            if "timeline" in res:
+                print("  timeline of one solo plugin run (ms from spawn, pid, mark):")
+                rows = res["timeline"]
+                for row in rows if len(rows) <= 40 else rows[:30] + rows[-10:]:
+                    print(f"    {row['ms']:8.1f}  {row['pid']:>7}  {row['label']}")
             cpu = e2e["cpu_median_s"]
             print(f"    marginal, solo, CPU      {(cpu['pytest_solo_plugin'] - cpu['pytest_solo_bare']) / cpu['raw_child']:9.2f}x"
                   f"   (CPU time of the run and its worker, over the raw child's)")
@@ -762,6 +788,9 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-model-outside", action="store_true",
                     help="end to end: name the model where it lies instead of copying it into the children's "
                          "folder (moves pytest's rootdir for the plugin's runs only; how it was measured before)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="end to end: also one plugin run's timeline (MNN_PARITY_TIMELINE marks of pytest and its "
+                         "workers, ms from the spawn)")
     ap.add_argument("--profile", action="store_true", help="cProfile the engine, the raw work and a pytest run")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     ap.add_argument("--quiet", action="store_true", help="no per-round progress lines")
@@ -818,6 +847,8 @@ def main(argv=None) -> int:
             for model in e2e_models:
                 log(f"end to end: {model}")
                 report["models"].setdefault(model, {})["e2e"] = bench_e2e(model, e2e_rounds, log)
+                if args.timeline:
+                    report["models"][model]["timeline"] = e2e_timeline(model)
         if args.profile:
             report["profile"] = {}
             for model in models:
