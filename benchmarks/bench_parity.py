@@ -200,6 +200,7 @@ _bench_atexit.register(_bench_hwm)
 
 
 CHILD_TMPDIR: str | None = None
+MODEL_OUTSIDE = False  # --e2e-model-outside: name the model where it lies (the method before 2026-12-04's third round)
 
 
 def child_env() -> dict[str, str]:
@@ -209,16 +210,19 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_child(cmd, cwd) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MiB, exit code) of one child process."""
+def run_child(cmd, cwd, cpu: list | None = None) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MiB, exit code) of one child process; appends its CPU seconds (user + system, its
+    own reaped children included: the isolated worker) to ``cpu`` when given."""
     fd, hwm_file = tempfile.mkstemp(prefix="bench-hwm-")
     os.close(fd)
     env = dict(child_env(), BENCH_HWM_FILE=hwm_file)
     try:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, _ = os.wait4(proc.pid, 0)
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        if cpu is not None:
+            cpu.append(usage.ru_utime + usage.ru_stime)
         proc.returncode = os.waitstatus_to_exitcode(status)
         text = Path(hwm_file).read_text().strip()
     finally:
@@ -399,18 +403,26 @@ def other_pytest_plugins() -> list[str]:
 
 
 def bench_e2e(model: str, rounds: int, log) -> dict:
+    folder = tempfile.mkdtemp(prefix="bench-e2e-", dir=CHILD_TMPDIR)
+    if not MODEL_OUTSIDE:
+        # The model lies in the children's folder, as in a user's model repository.  Named where it lies (in this
+        # repository, or the LaMa graph's temporary folder), it would move pytest's rootdir for the plugin's runs
+        # only (pytest counts option values that are paths): this repository's pyproject.toml then applies
+        # (addopts "-p pytester") and pytest lists every directory from the rootdir's common ancestor down to the
+        # folder (/tmp holds about 10,000 entries on the shared VM), none of which the bare run pays.
+        model = shutil.copy(model, folder)
     cmds = e2e_commands(model)
     names = list(cmds)
-    folder = tempfile.mkdtemp(prefix="bench-e2e-", dir=CHILD_TMPDIR)
     for name in names:  # warm the page cache and .pyc files
         run_child(cmds[name], folder)
     wall = {n: [] for n in names}
     rss = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     codes = {n: set() for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            w, m, rc = run_child(cmds[name], folder)
+            w, m, rc = run_child(cmds[name], folder, cpu[name])
             wall[name].append(w)
             rss[name].append(m)
             codes[name].add(rc)
@@ -421,6 +433,9 @@ def bench_e2e(model: str, rounds: int, log) -> dict:
         "commands": {n: " ".join("<RAW_SRC>" if "\n" in c else c for c in cmd) for n, cmd in cmds.items()},
         "exit_codes": {n: sorted(c) for n, c in codes.items()},
         "samples_s": wall, "median_s": med, "min_s": {n: min(v) for n, v in wall.items()}, "peak_rss_mib": med_rss,
+        # CPU seconds of the run and its reaped children (the isolated worker): the work, which a loaded machine
+        # stretches far less than the wall time.
+        "cpu_samples_s": cpu, "cpu_median_s": {n: median(v) for n, v in cpu.items()},
         "other_pytest_plugins_disabled_in_solo": other_pytest_plugins(),
         "ratio_solo_pytest_over_raw": med["pytest_solo_plugin"] / med["raw_child"],
         "ratio_pytest_over_raw": med["pytest_plugin"] / med["raw_child"],
@@ -436,6 +451,27 @@ def bench_e2e(model: str, rounds: int, log) -> dict:
         "plugin_startup_s": med["pytest_solo_no_model"] - med["pytest_solo_bare"],
         "peak_rss_over_raw_mib": med_rss["pytest_plugin"] - med_rss["raw_child"],
     }
+
+
+def e2e_timeline(model: str) -> list[dict]:
+    """One ``pytest_solo_plugin`` run with ``MNN_PARITY_TIMELINE`` set: every mark of the pytest process and its
+    workers (``core/timeline.py``), in ms from the spawn.  Where the time goes, and what is on the critical path."""
+    folder = tempfile.mkdtemp(prefix="bench-timeline-", dir=CHILD_TMPDIR)
+    if not MODEL_OUTSIDE:
+        model = shutil.copy(model, folder)
+    cmd = e2e_commands(model)["pytest_solo_plugin"]
+    run_child(cmd, folder)  # pytest's cache warm, as in the timed runs
+    log_path = Path(folder) / "timeline.txt"
+    env = dict(child_env(), MNN_PARITY_TIMELINE=str(log_path))
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.time()
+    rows = []
+    for line in log_path.read_text().splitlines() if log_path.exists() else []:
+        at, pid, label = line.split(" ", 2)
+        rows.append({"ms": (float(at) - start) * 1e3, "pid": int(pid), "label": label})
+    rows.append({"ms": (end - start) * 1e3, "pid": proc.returncode, "label": "reaped (pid column: exit code)"})
+    return rows
 
 
 def build_lama(size: int, folder: Path) -> Path:
@@ -687,9 +723,10 @@ def print_table(report: dict) -> None:
         e2e = res.get("e2e")
         if e2e:
             m, r = e2e["median_s"], e2e["peak_rss_mib"]
-            print(f"  end to end (median of {report['e2e_rounds']} runs; wall ms, peak RSS MiB, exit codes)")
+            print(f"  end to end (median of {report['e2e_rounds']} runs; wall ms, peak RSS MiB, exit codes, CPU ms)")
             for name in m:
-                print(f"    {name:24s} {ms(m[name])}  {r[name]:7.1f}  {e2e['exit_codes'][name]}")
+                print(f"    {name:24s} {ms(m[name])}  {r[name]:7.1f}  {e2e['exit_codes'][name]}"
+                      f"  {e2e['cpu_median_s'][name] * 1e3:7.0f}")
             print(f"    pytest / raw child       {e2e['ratio_pytest_over_raw']:9.2f}x wall, "
                   f"{e2e['ratio_rss_pytest_over_raw']:.2f}x RSS")
             print(f"    solo pytest / raw child  {e2e['ratio_solo_pytest_over_raw']:9.2f}x wall "
@@ -698,6 +735,14 @@ def print_table(report: dict) -> None:
                   f"/ raw_child = {e2e['marginal_s'] * 1e3:.0f} ms / {m['raw_child'] * 1e3:.0f} ms)")
             print(f"    marginal, cold discovery {e2e['ratio_marginal_cold_over_raw']:9.2f}x   (--cache-clear)")
             print(f"    marginal, solo           {e2e['ratio_solo_marginal_over_raw']:9.2f}x")
+            if "timeline" in res:
+                print("  timeline of one solo plugin run (ms from spawn, pid, mark):")
+                rows = res["timeline"]
+                for row in rows if len(rows) <= 40 else rows[:30] + rows[-10:]:
+                    print(f"    {row['ms']:8.1f}  {row['pid']:>7}  {row['label']}")
+            cpu = e2e["cpu_median_s"]
+            print(f"    marginal, solo, CPU      {(cpu['pytest_solo_plugin'] - cpu['pytest_solo_bare']) / cpu['raw_child']:9.2f}x"
+                  f"   (CPU time of the run and its worker, over the raw child's)")
             print(f"    plugin start-up          {e2e['plugin_startup_s'] * 1e3:9.1f} ms (solo: pytest_solo_no_model - pytest_solo_bare)")
     d = report["discovery"]
     print(f"\n  backend discovery (7 backends): first in process {d['first_s'] * 1e3:.1f} ms, "
@@ -740,6 +785,12 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-lama", type=int, action="append", metavar="SIZE",
                     help="also compare end to end on a LaMa-like graph of SIZE x SIZE, built from "
                          "fixtures/build_fixtures.py into a temporary folder (default: 128; 0: none)")
+    ap.add_argument("--e2e-model-outside", action="store_true",
+                    help="end to end: name the model where it lies instead of copying it into the children's "
+                         "folder (moves pytest's rootdir for the plugin's runs only; how it was measured before)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="end to end: also one plugin run's timeline (MNN_PARITY_TIMELINE marks of pytest and its "
+                         "workers, ms from the spawn)")
     ap.add_argument("--profile", action="store_true", help="cProfile the engine, the raw work and a pytest run")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     ap.add_argument("--quiet", action="store_true", help="no per-round progress lines")
@@ -783,7 +834,8 @@ def main(argv=None) -> int:
                            "warm_s": warm_s}
     # The plugin leaves a probe-model folder in TMPDIR per process (nothing removes it): children get a
     # private TMPDIR, removed at the end, and this process's own probe folder goes too.
-    global CHILD_TMPDIR
+    global CHILD_TMPDIR, MODEL_OUTSIDE
+    MODEL_OUTSIDE = args.e2e_model_outside
     CHILD_TMPDIR = tempfile.mkdtemp(prefix="bench-parity-tmp-")
     try:
         if not args.no_e2e:
@@ -795,6 +847,8 @@ def main(argv=None) -> int:
             for model in e2e_models:
                 log(f"end to end: {model}")
                 report["models"].setdefault(model, {})["e2e"] = bench_e2e(model, e2e_rounds, log)
+                if args.timeline:
+                    report["models"][model]["timeline"] = e2e_timeline(model)
         if args.profile:
             report["profile"] = {}
             for model in models:

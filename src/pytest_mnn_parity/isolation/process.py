@@ -16,8 +16,11 @@ import tempfile
 import time
 from typing import Any, Mapping
 
+from ..core.timeline import mark
 from ..engine.results import ParitySettings
+from ..mnn import native_output
 from . import protocol
+from .early import take_early
 from .launch import LocalPython, WorkerCommand
 from .worker import PARENT_PID_ENV
 
@@ -50,10 +53,17 @@ class Worker:
             command = LocalPython(python=os.fspath(python)) if python is not None else LocalPython()
         self.command = command
         self.python = getattr(command, "python", sys.executable)
-        self.stderr = tempfile.TemporaryFile(prefix="mnn-parity-worker-", suffix=".stderr")
         worker_env = {PARENT_PID_ENV: str(os.getpid())} if command.child else {}
-        self.proc = subprocess.Popen(command.argv(worker_env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, env=command.environment(worker_env))
+        argv, env = command.argv(worker_env), command.environment(worker_env)
+        early = take_early(argv, env)
+        if early is not None:
+            self.stderr, self.proc = early.stderr, early.proc
+            mark(f"worker taken over {self.proc.pid}")
+        else:
+            self.stderr = tempfile.TemporaryFile(prefix="mnn-parity-worker-", suffix=".stderr")
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                         env=env)
+            mark(f"worker started {self.proc.pid}")
         self.pid = self.proc.pid
         self.checks = 0
         self.ready = False
@@ -64,7 +74,9 @@ class Worker:
         try:
             # A remote worker has no such folder: it stays where ssh put it.
             cwd = None if command.remote else os.getcwd()
-            self._send({"op": "init", "settings": protocol.settings_to_wire(settings), "cwd": cwd})
+            # The folder for MNN's last words: a worker started early (``early.start_early``) has it from here.
+            self._send({"op": "init", "settings": protocol.settings_to_wire(settings), "cwd": cwd,
+                        "native_dir": None if command.remote else os.environ.get(native_output.SINK_DIR_ENV)})
         except WorkerDied:
             pass  # it died starting up: the first request reports it, with its stderr
 

@@ -20,6 +20,8 @@ import signal
 import sys
 import traceback
 
+from ..core.timeline import mark
+
 # Test fault injection, inert unless this variable is set.  "SIGSEGV:CPU-low"
 # makes the worker send itself that signal right before each session run of
 # configuration CPU-low (of any model); "SIGSEGV:probe-OPENCL" right before
@@ -33,6 +35,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 def main() -> int:
+    mark("worker main")
     proto = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -44,6 +47,7 @@ def main() -> int:
     _die_with_parent()
     stdin = sys.stdin.buffer
 
+    mark("worker imports")
     from ..engine.engine import ParityEngine  # noqa: PLC0415
     from ..mnn import backends  # noqa: PLC0415 - after the fds are safe
     from ..mnn.library import mnn  # noqa: PLC0415
@@ -54,11 +58,17 @@ def main() -> int:
     # MNN's words during the call that kills this worker stay in a file the parent reads (policy.explain_fault),
     # in the folder the parent cleans up; a worker without one (an IsolatedEngine used alone) leaves no file.
     sink = keep_in_file() if os.environ.get(SINK_DIR_ENV) else None
+    mark("worker imported engine")
     mnn()  # import MNN (and pay for it) before saying ready
+    mark("worker imported MNN")
     init = protocol.loads(stdin.readline() or b'{"op": "exit"}')
     if init.get("op") != "init":
         return 2
     os.chdir(init.get("cwd") or os.getcwd())
+    if sink is None and init.get("native_dir"):
+        # Started early (``early.start_early``), before the parent made that folder: the parent names it here.
+        os.environ[SINK_DIR_ENV] = init["native_dir"]
+        sink = keep_in_file()
     engine = ParityEngine(protocol.settings_from_wire(init["settings"]))
     _install_fault_injection(crash_log, proto)
     from ..mnn.library import device_support_line, mnn_version  # noqa: PLC0415
@@ -66,6 +76,7 @@ def main() -> int:
     # MNN's start-up banner ("The device supports: i8sdot:1, fp16:1, ..."): what this CPU computes with.
     proto.write(protocol.dumps({"ready": True, "pid": os.getpid(), "device": device_support_line(),
                                 "mnn": mnn_version()}))
+    mark("worker ready")
     done = 0
     input_sets: dict = {}  # the parent's pickled input sets and sidecars, read once each
     savers: dict = {}  # one bundle_saver.BundleSaver per bundle folder: each reference is saved once per worker
@@ -95,7 +106,9 @@ def main() -> int:
                 done += 1
                 crash_log.write(f"[mnn-parity worker {os.getpid()}] configuration #{done}: {check.config.id} of "
                                 f"{check.model}\n")
+                mark(f"worker check {check.config.id}")
                 result = _check(engine, check, request, input_sets, savers)
+                mark(f"worker checked {check.config.id}")
                 reply = {"ok": True, "result": protocol.result_to_wire(result), "peak_rss_mb": peak_rss_mb()}
             elif op == "release":
                 engine.release(copies.get(request["model"], request["model"]))
@@ -111,6 +124,7 @@ def main() -> int:
             reply = {"ok": False, "error": traceback.format_exc()}
         proto.write(protocol.dumps(reply))
     proto.flush()
+    mark("worker exit")
     if copies_dir is not None:
         import shutil  # noqa: PLC0415
 
