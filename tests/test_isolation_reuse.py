@@ -132,3 +132,20 @@ def test_each_kept_available_gpu_backend_gets_its_own_worker(monkeypatch):
         isolation.close()
     assert all(engine._spare is None for engine in engines.values())
     assert all(not w.alive() for w in spares)
+
+
+def test_a_worker_closed_without_waiting_exits_by_itself_and_is_reaped():
+    """The end of a run (``Isolation.close(wait=False)``): a worker told to exit is not waited for; it ends
+    cleanly on its own (exit code 0, not killed) and this process reaps it (no zombie)."""
+    import time
+
+    from pytest_mnn_parity.isolation import process
+
+    worker = process.Worker(ParitySettings())
+    worker.wait_ready()
+    worker.close(wait=False)
+    deadline = time.monotonic() + 60
+    while process.reap_exiting() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.proc.returncode == 0
+    assert worker.proc not in process._EXITING

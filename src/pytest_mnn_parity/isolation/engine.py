@@ -230,7 +230,9 @@ class IsolatedEngine(Checker):
         for worker in list(self._workers.values()) + [w for w in (self._shared,) if w is not None]:
             worker.retire()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """End every worker; ``wait=False`` (the end of a run) does not wait for them to exit
+        (``process.Worker.close``)."""
         if self._closed:
             return
         self._closed = True
@@ -241,9 +243,9 @@ class IsolatedEngine(Checker):
         self._retired = []
         self._shared = self._spare = None
         if spare is not None:
-            spare.close(kill=True)  # probably still importing: nothing to finish
+            spare.close(kill=True, wait=wait)  # probably still importing: nothing to finish
         for worker in workers:
-            worker.close()
+            worker.close(wait=wait)
         self._files.close()
         atexit.unregister(self.close)
 
@@ -343,14 +345,14 @@ def release_all(engines: Iterable[IsolatedEngine], model_path: os.PathLike | str
         engine.release(model_path)
 
 
-def close_all(engines: Iterable[IsolatedEngine]) -> None:
+def close_all(engines: Iterable[IsolatedEngine], wait: bool = True) -> None:
     """Close several engines: every worker is told to exit before any is waited for, so they end side by side
-    (a GPU process's driver teardown takes a fraction of a second)."""
+    (a GPU process's driver teardown takes a fraction of a second); ``wait=False``: none is waited for."""
     engines = list(engines)
     for engine in engines:
         engine.retire_workers()
     for engine in engines:
-        engine.close()
+        engine.close(wait=wait)
 
 
 def unavailable_result(request: CheckRequest, status: backends.BackendStatus) -> ParityResult:

@@ -211,8 +211,10 @@ class Isolation(Checker):
         if self.places is not None:
             self.places.release(model_path)
 
-    def close(self) -> None:
-        close_all(self._engines())
+    def close(self, wait: bool = True) -> None:
+        """End every worker.  ``wait=False`` (the plugin, at the end of the run): workers are told to exit and
+        not waited for; on the H200 waiting for GPU workers' driver teardown took 0.4-0.6 s of every run."""
+        close_all(self._engines(), wait=wait)
         if self.releases is not None:
             self.releases.close()
         if self.places is not None:

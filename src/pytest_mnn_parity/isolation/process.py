@@ -40,6 +40,16 @@ class WorkerTimedOut(Exception):
     pass
 
 
+# Workers told to exit and not waited for (``Worker.close(wait=False)``), reaped when next seen finished.
+_EXITING: list[subprocess.Popen] = []
+
+
+def reap_exiting() -> int:
+    """Reap the workers ``close(wait=False)`` left exiting that have ended; how many are still exiting."""
+    _EXITING[:] = [proc for proc in _EXITING if proc.poll() is None]
+    return len(_EXITING)
+
+
 class Worker:
     """One ``python -m pytest_mnn_parity.isolation.worker`` process and its pipes."""
 
@@ -49,6 +59,7 @@ class Worker:
         MNN and numpy, since this package is imported from our own source through ``PYTHONPATH``.  ``command``:
         how and where the worker starts (``launch.py``: an emulator, another machine); ``python`` is short for
         ``launch.LocalPython(python)``."""
+        reap_exiting()
         if command is None:
             command = LocalPython(python=os.fspath(python)) if python is not None else LocalPython()
         self.command = command
@@ -166,19 +177,26 @@ class Worker:
             except (BrokenPipeError, OSError, ValueError):
                 pass
 
-    def close(self, kill: bool = False) -> None:
-        """End the worker (politely unless ``kill``) and free its pipes; never blocks for long."""
+    def close(self, kill: bool = False, wait: bool = True) -> None:
+        """End the worker (politely unless ``kill``) and free its pipes; never blocks for long.
+
+        ``wait=False``, for the end of a run: the worker has been told to exit and is not waited for (a GPU
+        process's driver teardown takes up to half a second after its last answer); ``reap_exiting`` reaps it
+        later in this process, and it dies with this process at the latest (``worker.PARENT_PID_ENV``)."""
         if kill and self.alive():
             self.proc.kill()
         self.retire()
-        try:
-            self.proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        if wait:
             try:
                 self.proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
-                pass
+                self.proc.kill()
+                try:
+                    self.proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+        elif self.proc.poll() is None:
+            _EXITING.append(self.proc)
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 stream.close()

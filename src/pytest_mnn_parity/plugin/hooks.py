@@ -114,7 +114,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     mark("unconfigure")
     run = config.stash.get(PARITY_RUN, None)
     if run is not None and run.made("isolation"):
-        run.isolation.close()
+        run.isolation.close(wait=False)  # every answer is in: the run need not watch workers exit
     early.discard_early()  # a worker started early that nothing took over
     mark("unconfigured")
     if run is not None and getattr(config, "cache", None) is not None:
