@@ -232,13 +232,18 @@ def run_child(cmd, cwd, cpu: list | None = None) -> tuple[float, float, int]:
 
 # ---------------------------------------------------------------------------- in-process
 
+# --layers: the engine's --mnn-layers; "off" also drops the fp16 weight and activation scans (the per-model cost
+# that "on-failure", the plugin's default, pays on every model).
+ENGINE_LAYERS = "on-failure"
+
+
 def engine_matrix(model: str):
     from pytest_mnn_parity.mnn.backends import DEFAULT_BACKENDS, PRECISIONS
     from pytest_mnn_parity.engine.engine import ParityEngine
     from pytest_mnn_parity.engine.results import ParitySettings
     from pytest_mnn_parity.mnn.runner import RunConfig
 
-    engine = ParityEngine(ParitySettings())
+    engine = ParityEngine(ParitySettings(layers=ENGINE_LAYERS))
     results = [engine.check(model, RunConfig(b, p, 4)) for b in DEFAULT_BACKENDS for p in PRECISIONS]
     engine.release(model)  # what the plugin does after a model's last item
     return results
@@ -262,7 +267,7 @@ def warm_sides(model: str, package: str = "pytest_mnn_parity"):
 
     np = raw_ns()["np"]
     MNN = mnn()
-    engine = ParityEngine(ParitySettings())
+    engine = ParityEngine(ParitySettings(layers=ENGINE_LAYERS))
     configs = [RunConfig(b, p, 4) for b in DEFAULT_BACKENDS for p in PRECISIONS]
     for config in configs:
         engine.check(model, config)
@@ -714,9 +719,9 @@ def print_table(report: dict) -> None:
                 print(f"    warm: engine 28 checks   {ms(m['engine_warm'])} [{lo['engine_warm'] * 1e3:.1f}]   (model and "
                       "reference ready)")
                 print(f"    warm: raw 8 runs         {ms(m['raw_warm'])} [{lo['raw_warm'] * 1e3:.1f}]   (sessions ready)")
-                print(f"    fixed cost per config    {ms(ip['fixed_cost_per_configuration_s'])} ms   ((engine_warm - raw_warm)"
+                print(f"    fixed cost per config    {ip['fixed_cost_per_configuration_s'] * 1e3:9.3f} ms   ((engine_warm - raw_warm)"
                       " / 4 run configurations)")
-                print(f"    fixed cost per model     {ms(ip['fixed_cost_per_model_s'])} ms   (engine - raw - 4 x the above: "
+                print(f"    fixed cost per model     {ip['fixed_cost_per_model_s'] * 1e3:9.2f} ms   (engine - raw - 4 x the above: "
                       "load, reference, fp16 scans)")
                 print(f"    (engine - raw) / 4       {ms(ip['extra_per_configuration_whole_matrix_s'])} ms   (both, spread "
                       "over the 4 run configurations)")
@@ -794,7 +799,11 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile the engine, the raw work and a pytest run")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     ap.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    ap.add_argument("--layers", choices=("on-failure", "off"), default="on-failure",
+                    help="the in-process engine's --mnn-layers (off: no trace and no fp16 risk scans)")
     args = ap.parse_args(argv)
+    global ENGINE_LAYERS
+    ENGINE_LAYERS = args.layers
     models = args.model or [DEMO, DEEP]
     e2e_rounds = args.e2e_rounds or args.rounds
     log = (lambda *_: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
