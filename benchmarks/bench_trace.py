@@ -158,7 +158,7 @@ def main() -> int:
         print(f"        comparisons in the callback {result['inline_traced_s'] * 1e3:.0f} ms "
               f"({result['inline_time_ratio']:.2f}x), streamed to the comparison thread "
               f"{result['streamed_traced_s'] * 1e3:.0f} ms ({result['streamed_time_ratio']:.2f}x); the default "
-              f"above streams where usable cores ({result['cores']}) exceed MNN's threads (4)")
+              f"above judges in the callback ({result['cores']} usable cores, MNN on 4 threads)")
     print(f"memory: plain {plain['peak_rss_mb']:.0f} MB, "
           f"plain with the reference session {pair['peak_rss_mb']:.0f} MB, "
           f"traced {result['trace_rss_mb']:.0f} MB; budget plain-with-reference + 3 x largest = "

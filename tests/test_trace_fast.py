@@ -203,9 +203,9 @@ def test_streamed_trace_does_not_depend_on_thread_timing(pair, config, fast, job
         assert stream.peak_jobs <= jobs
 
 
-def test_streaming_overlaps_and_is_the_default_only_beside_a_free_core():
-    """Not vacuous: with the comparisons slowed, an unbounded stream holds several at once; and the default
-    streams only where the comparison thread has a core beside MNN's threads."""
+def test_streaming_overlaps_when_asked_and_the_default_judges_in_the_callback():
+    """Not vacuous: with the comparisons slowed, an unbounded stream holds several at once; the default judges
+    inside the callback on any machine (streaming measured slower on 2 and on 16 cores), within the bound."""
     target, trace, inputs = _setup(PAIRS.index((DEMO, DEMO)))
     stream = ComparisonStream(None)
     original = trace_compare.TargetComparer._compare
@@ -217,12 +217,10 @@ def test_streaming_overlaps_and_is_the_default_only_beside_a_free_core():
     with mock.patch.object(trace_compare.TargetComparer, "_compare", slowed):
         trace_target(trace, target, RunConfig("CPU", "high"), inputs, resolve("CPU", "high"), stream=stream)
     assert stream.peak_jobs > 1
-    for cores, threads, streams, quick in [(2, 4, False, None), (4, 4, False, None), (5, 4, True, 1),
-                                           (16, 4, True, 4), (2, 1, True, 1), (7, 4, True, 3)]:
-        with mock.patch("pytest_mnn_parity.trace.stream.usable_cores", return_value=cores):
+    for cores, threads in [(2, 4), (16, 4), (2, 1), (64, 1)]:
+        with mock.patch("pytest_mnn_parity.core.quickcompare.usable_cores", return_value=cores):
             chosen = default_stream(1000, threads)
-        assert (chosen.max_jobs != 0) is streams and chosen.max_bytes == int(HELD * 1000)
-        assert chosen.quick_workers == quick  # the quick pass beside MNN takes the spare cores only
+        assert chosen.max_jobs == 0 and chosen.max_bytes == int(HELD * 1000) and chosen.quick_workers is None
 
 
 def test_an_error_in_the_comparison_thread_is_raised_by_the_trace():

@@ -26,7 +26,6 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from ..core.quickcompare import MAX_WORKERS, usable_cores
 from ..mnn.runner import to_numpy
 from .tensor_ids import TensorInfo
 
@@ -46,16 +45,17 @@ _WORKER: list[ThreadPoolExecutor] = []
 
 
 def default_stream(largest: int, mnn_threads: int) -> "ComparisonStream":
-    """Streamed where a core is left beside MNN's threads for the comparison thread, in the callback elsewhere.
+    """In the callback: each op's comparison runs while MNN's threads wait, with the quick pass's own threads.
 
-    On the 2-core development VM, with MNN's 4 threads, the streamed trace at 512 was up to 8% slower than the one
-    in the callback in three rounds of four (the comparison only takes turns with MNN's threads there); the bound
-    keeps its memory as it is either way.
+    Streaming to the comparison thread (``ComparisonStream(MAX_JOBS, ...)``) was measured slower everywhere: on
+    the H200 machine's 16 quiet cores (MNN on 4) the LaMa-like trace took 2.74x a plain run streamed against
+    2.66x in the callback at 512, and 2.50x against 2.19x at 1024; on the 2-core VM up to 8% slower.  A traced
+    run moves every op's output through memory twice (MNN's copy to the host, the comparison against the
+    mapped reference), and streamed those passes compete with MNN's threads for memory bandwidth instead of
+    using it while they wait.  Streaming stays available (``trace_target(stream=...)``; ``bench_trace.py``
+    measures both) for machines where this may differ.
     """
-    spare = usable_cores() - mnn_threads
-    # The quick pass's own threads (``quickcompare``) now run beside MNN's, not while they wait: the spare cores only.
-    return ComparisonStream(MAX_JOBS if spare > 0 else 0, int(HELD * largest) if largest > 0 else None,
-                            quick_workers=max(1, min(MAX_WORKERS, spare)) if spare > 0 else None)
+    return ComparisonStream(0, int(HELD * largest) if largest > 0 else None)
 
 
 def _worker() -> ThreadPoolExecutor:
