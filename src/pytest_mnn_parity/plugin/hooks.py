@@ -26,7 +26,8 @@ from ..report.records import matrix_lines
 from ..report.scoreboard import terminal_lines
 from ..report.sweep_table import terminal_lines as sweep_terminal_lines
 from . import scaleout
-from .options import Options, add_options
+from .option_table import add_options
+from .options import Options
 from .progress import Progress
 from .run import ParityRun
 from .state import PARITY_RUN
