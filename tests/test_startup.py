@@ -1,6 +1,6 @@
 """What the plugin costs a pytest run that checks no model: pytest imports it at every start-up (its ``pytest11``
-entry point), so it must not import MNN, ONNX, ONNX Runtime, Pillow, hypothesis or the engine before a model or
-a fixture needs them (issue 22).  Each run is a fresh interpreter: ``sys.modules`` of this one has them all."""
+entry point), so it must not import numpy, MNN, ONNX, ONNX Runtime, Pillow, hypothesis or the engine before a
+model or a fixture needs them (issue 22).  Each run is a fresh interpreter: ``sys.modules`` of this one has them all."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import pytest
 from conftest import DEMO, plugin_env
 
 # Third-party libraries the plugin brings in only when a model is checked, and the heaviest of its own modules.
-HEAVY = ("MNN", "_mnncengine", "onnx", "onnxruntime", "PIL", "hypothesis",
+HEAVY = ("numpy", "MNN", "_mnncengine", "onnx", "onnxruntime", "PIL", "hypothesis",
          "pytest_mnn_parity.engine.engine", "pytest_mnn_parity.isolation.engine", "pytest_mnn_parity.trace.compare",
          "pytest_mnn_parity.report.pictures", "pytest_mnn_parity.plugin.items")
 
@@ -52,4 +52,5 @@ def test_checking_a_model_still_imports_what_it_needs(tmp_path):
     probe = loaded_after(["-q", "--mnn-only", "--mnn-model", str(DEMO), "--mnn-backends", "CPU",
                           "--mnn-precisions", "high", "--mnn-isolate", "never"], tmp_path)
     assert probe["code"] == 0
-    assert {"MNN", "pytest_mnn_parity.engine.engine", "pytest_mnn_parity.plugin.items"} <= set(probe["loaded"])
+    assert {"numpy", "MNN", "pytest_mnn_parity.engine.engine",
+            "pytest_mnn_parity.plugin.items"} <= set(probe["loaded"])

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..core.tolerances import resolve
-from ..core.verdict import Category
+from ..core.categories import Category
 from ..engine.engine import ParityEngine
 from ..engine.request import Checker, CheckRequest
 from ..engine.results import ParityResult, ParitySettings

@@ -33,7 +33,7 @@ import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
-from ..core.verdict import Category
+from ..core.categories import Category
 from ..engine.engine import ParityEngine
 from ..engine.request import Checker, CheckRequest
 from ..engine.results import ParityResult

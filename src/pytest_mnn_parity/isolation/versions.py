@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from ..core.verdict import Category
+from ..core.categories import Category
 from ..engine.engine import ParityEngine
 from ..engine.request import CheckRequest
 from ..engine.results import ParityResult, ParitySettings

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ..core.verdict import Category
+from ..core.categories import Category
 from ..engine.results import ParityResult
 from ..engine.search import describe_inputs, replay_snippet, save, search, seed_from
 from ..inputs import test_data

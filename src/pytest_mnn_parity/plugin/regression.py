@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ..core.verdict import Category
+from ..core.categories import Category
 from ..engine.bundle import BundleError, BundleWriter
 from ..engine.engine import ParityEngine
 from ..engine.results import ParityResult
-from ..mnn.runner import reference_config
+from ..mnn.config import reference_config
 from ..regression.bundle_saver import BundleSaver
 from ..regression.golden import LABEL as GOLDEN_LABEL
 from ..regression.golden import check_golden

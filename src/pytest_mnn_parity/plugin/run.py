@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..core.files import json_safe
-from ..core.verdict import Category
+from ..core.categories import Category
 from ..mnn.library import mnn_version
 from ..mnn.model import ModelError, is_model_file
 from ..report.durable import IncrementalReport
@@ -204,7 +204,7 @@ class ParityRun:
         """Every item to generate for one model, in a stable order; an ONNX model once per conversion variant,
         each configuration once per API with --mnn-api both, per MNN release with --mnn-versions, per GPU mode
         (of the backends it applies to) with --mnn-gpu-modes."""
-        from ..mnn.runner import RunConfig
+        from ..mnn.config import RunConfig
         from ..onnx.variants import is_onnx
         from .items import Case
 

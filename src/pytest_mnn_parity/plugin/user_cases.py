@@ -18,7 +18,7 @@ import pytest
 
 from ..mnn import backends as backend_discovery
 from ..mnn.model import ModelError, expand_model_args
-from ..mnn.runner import RunConfig
+from ..mnn.config import RunConfig
 from .state import PARITY_RUN, node_id_path
 from .user_markers import MarkerError, ParitySpec, parity_spec, select, xfail_specs
 
