@@ -72,7 +72,7 @@ class UserTests:
 
             # An engine of its own: the generated items free their models when
             # their last item ran, which must not pull a model from under a test.
-            settings = dataclasses.replace(self.config.stash[PARITY_RUN].engine.settings)
+            settings = dataclasses.replace(self.config.stash[PARITY_RUN].settings)
             self._registry = ModelRegistry(ParityEngine(settings))
         return self._registry
 
