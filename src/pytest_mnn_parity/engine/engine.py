@@ -31,11 +31,8 @@ from ..mnn.model import ModelError, model_key, remembered
 from ..mnn.runner import LoadedModel, RunConfig, check_same_interface, reference_config
 from ..mnn.weights import WeightRisk, fp16_weight_risks, op_names, op_types
 from ..onnx.variants import is_onnx
-from ..trace.capture import capture_layers
-from ..trace.compare import trace_target
 from ..trace.record import ReferenceTrace, RiskScanner, record_reference
 from .bundle_reference import open_bundle_reference
-from .explain import failure_message
 from .request import Checker, CheckRequest
 from .results import (
     Computed,
@@ -45,6 +42,26 @@ from .results import (
     Reference,
     ReferenceRunError,
 )
+
+# What only a failing, traced or pictured check needs is imported by its first use: a worker imports this module
+# before it says it is ready, on a small run's critical path, and most checks pass (issue 22).
+def failure_message(*args: Any, **kwargs: Any) -> str:
+    from .explain import failure_message as explain  # noqa: PLC0415
+
+    return explain(*args, **kwargs)
+
+
+def trace_target(*args: Any, **kwargs: Any) -> Any:
+    from ..trace.compare import trace_target as trace  # noqa: PLC0415
+
+    return trace(*args, **kwargs)
+
+
+def capture_layers(*args: Any, **kwargs: Any) -> Any:
+    from ..trace.capture import capture_layers as capture  # noqa: PLC0415
+
+    return capture(*args, **kwargs)
+
 
 # Categories where the outputs exist and can be traced layer by layer.
 _TRACEABLE = {Category.OK, Category.SHAPE_MISMATCH, Category.NON_FINITE, Category.ZERO_OUTPUT, Category.PARTIAL_ZERO,

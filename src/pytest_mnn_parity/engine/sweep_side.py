@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..core.tolerances import Tolerance
 from ..mnn.runner import LoadedModel, RunConfig
-from ..trace.compare import trace_target
 from ..trace.record import TraceResult, layer_key
 from ..trace.sweep import CutCache, SweepResult, sweep
 
@@ -125,6 +124,8 @@ class SweepSide:
         trace = result.trace if isinstance(result.trace, TraceResult) else None
         if trace is None:
             # --mnn-op-sweep all on a passing item (or --mnn-layers off): the in-graph column needs the trace.
+            from ..trace.compare import trace_target  # noqa: PLC0415 - a worker imports this module at start-up
+
             trace = trace_target(reference, session, config, inputs, tol, layer_tolerances)
         self.cache.declare_inputs(session.path, session.shapes)
         swept = sweep(self.cache, session.path, reference, trace, config, tol, engine.settings.op_sweep,

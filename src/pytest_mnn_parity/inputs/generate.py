@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING, Mapping
 
 from ..mnn.model import TensorSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 INT_HIGH = 8
 _SHAPE = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+(?:\s*[x,]\s*\d+)*)\s*$")
@@ -44,10 +45,14 @@ def parse_input_shapes(items) -> dict[str, tuple[int, ...]]:
 
 
 def _stream(seed: int, name: str) -> np.random.Generator:
+    import numpy as np  # noqa: PLC0415 - lazy: the plugin reads this module's names at start-up (issue 22)
+
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode("utf-8"))])
 
 
 def generate_input(spec: TensorSpec, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    import numpy as np  # noqa: PLC0415 - lazy: the plugin reads this module's names at start-up (issue 22)
+
     rng = _stream(seed, spec.name)
     dtype = spec.dtype if spec.dtype is not None else np.dtype(np.float32)
     if dtype.kind == "f":
@@ -64,6 +69,8 @@ def generate_inputs(specs, shapes: Mapping[str, tuple[int, ...]], seed: int) -> 
 
 def fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
     """A short content hash of an input set, for the report."""
+    import numpy as np  # noqa: PLC0415 - lazy: the plugin reads this module's names at start-up (issue 22)
+
     h = zlib.crc32(b"")
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])

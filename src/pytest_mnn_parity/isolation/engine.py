@@ -24,11 +24,10 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..core.tolerances import resolve
-from ..core.verdict import Category
-from ..engine.engine import ParityEngine
+from ..core.categories import Category
 from ..engine.request import Checker, CheckRequest
 from ..engine.results import ParityResult, ParitySettings
 from ..mnn import backends
@@ -37,6 +36,9 @@ from ..mnn.model import model_key
 from . import protocol
 from .launch import WorkerCommand
 from .process import Worker, WorkerDied, WorkerTimedOut
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.engine import ParityEngine  # annotations: a run whose checks all run in workers never imports it (issue 22)
 
 PROBE_TIMEOUT = 60.0  # GPU session creation can take seconds (kernel compilation)
 SPARE_MIN_CORES = 4  # below this, a worker importing next to running checks costs more than it saves

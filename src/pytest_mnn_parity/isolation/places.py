@@ -20,10 +20,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ..core.verdict import Category
-from ..engine.engine import ParityEngine
+from ..core.categories import Category
 from ..engine.request import CheckRequest
 from ..engine.results import ParityResult, ParitySettings
 from ..mnn import backends
@@ -31,6 +30,9 @@ from .arm_env import ARCH, ArmEnv, ArmEnvBuilder
 from .engine import IsolatedEngine, close_all, release_all
 from .launch import LaunchError, OverSsh, WorkerCommand
 from .place_spec import Place
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.engine import ParityEngine  # annotations: a run whose checks all run in workers never imports it (issue 22)
 
 BF16_FEATURE = "sme2"  # MNN 3.6.1's aarch64 wheel computes Low_BF16 only with SME2 kernels
 

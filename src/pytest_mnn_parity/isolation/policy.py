@@ -31,15 +31,17 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ..core.verdict import Category
-from ..engine.engine import ParityEngine
+from ..core.categories import Category
 from ..engine.request import Checker, CheckRequest
-from ..engine.results import ParityResult
+from ..engine.results import ParityResult, ParitySettings
 from ..mnn import backends, native_output
 from ..onnx.ops import op_types
 from .engine import SPARE_MIN_CORES, IsolatedEngine, close_all, release_all, unavailable_result
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.engine import ParityEngine  # annotations: a run whose checks all run in workers never imports it (issue 22)
 
 # Isolated configurations without --mnn-timeout still get this bound, so a hung
 # GPU driver cannot stall CI until its job limit.
@@ -59,9 +61,22 @@ SHARED_WORKER_BACKEND = "CPU"
 class Isolation(Checker):
     """Sends each configuration to the in-process engine or to an isolated one."""
 
-    def __init__(self, engine: ParityEngine, mode: str, timeout: float | None, names: Sequence[str],
-                 worker_scope: str = "model"):
-        self.engine = engine
+    def __init__(self, engine: ParityEngine | Callable[[], ParityEngine], mode: str, timeout: float | None,
+                 names: Sequence[str], worker_scope: str = "model", *, settings: ParitySettings | None = None,
+                 declarations: Any = None):
+        """``engine``: the in-process engine, or a function that makes it when a configuration first runs
+        in-process; with a function, ``settings`` and ``declarations`` (``engine.declarations.Declarations``)
+        are what the workers get.  A run whose configurations all run isolated then never imports or builds the
+        in-process engine (60-80 ms of the pytest process's critical path, issue 22)."""
+        if isinstance(engine, Checker):
+            self._engine: ParityEngine | None = engine
+            self.settings = engine.settings
+            self.declarations = engine
+        else:
+            self._engine = None
+            self._make_engine = engine
+            self.settings = settings
+            self.declarations = declarations
         self.mode = mode
         self.timeout = timeout
         self.worker_scope = worker_scope
@@ -77,6 +92,13 @@ class Isolation(Checker):
         self.places = None
         self._sinks: tempfile.TemporaryDirectory | None = None
 
+    @property
+    def engine(self) -> ParityEngine:
+        """The in-process engine, made on first use."""
+        if self._engine is None:
+            self._engine = self._make_engine()
+        return self._engine
+
     def _keep_last_words(self) -> None:
         """Workers keep what MNN says during each call in a folder of this run's (native_output.keep_in_file),
         so a worker that dies mid-call leaves its last words; the folder goes when the run closes."""
@@ -89,8 +111,8 @@ class Isolation(Checker):
         """The engine of isolated configurations by --mnn-worker-scope (auto's CPU ones: ``shared``)."""
         if self._isolated is None:
             self._keep_last_words()
-            self._isolated = IsolatedEngine(self.engine.settings, timeout=self._timeout(),
-                                            worker_per_model=self.worker_scope == "model", declarations=self.engine)
+            self._isolated = IsolatedEngine(self.settings, timeout=self._timeout(),
+                                            worker_per_model=self.worker_scope == "model", declarations=self.declarations)
         return self._isolated
 
     @property
@@ -98,8 +120,8 @@ class Isolation(Checker):
         """auto's CPU engine: one warm worker for every model of the run."""
         if self._shared is None:
             self._keep_last_words()
-            self._shared = IsolatedEngine(self.engine.settings, timeout=self._timeout(), worker_per_model=False,
-                                          declarations=self.engine)
+            self._shared = IsolatedEngine(self.settings, timeout=self._timeout(), worker_per_model=False,
+                                          declarations=self.declarations)
         return self._shared
 
     def backend_engine(self, backend: str) -> IsolatedEngine:
@@ -108,8 +130,8 @@ class Isolation(Checker):
         if engine is None:
             self._keep_last_words()
             engine = self._by_backend[backend] = IsolatedEngine(
-                self.engine.settings, timeout=self._timeout(), worker_per_model=self.worker_scope == "model",
-                declarations=self.engine)
+                self.settings, timeout=self._timeout(), worker_per_model=self.worker_scope == "model",
+                declarations=self.declarations)
             engine.expected_models = self._expected_models
         return engine
 
@@ -204,7 +226,8 @@ class Isolation(Checker):
         return result
 
     def release(self, model_path: os.PathLike | str) -> None:
-        self.engine.release(model_path)
+        if self._engine is not None:
+            self._engine.release(model_path)
         release_all(self._engines(), model_path)
         if self.releases is not None:
             self.releases.release(model_path)

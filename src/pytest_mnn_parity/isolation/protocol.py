@@ -48,7 +48,7 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -56,7 +56,6 @@ from ..core.metrics import OutputMetrics
 from ..core.quickcompare import QuickMetrics
 from ..core.tolerances import Tolerance
 from ..core.verdict import Category, OutputVerdict, Verdict
-from ..engine.engine import ParityEngine
 from ..engine.request import CheckRequest
 from ..engine.results import ParityResult, ParitySettings
 from ..inputs.stream_spec import StreamSpec, spec_for, stream_input_label
@@ -67,6 +66,9 @@ from ..mnn.weights import WeightRisk
 from ..onnx.variants import is_onnx
 from ..trace.record import ActivationRisk, LayerRecord, TensorJudgement, TraceResult
 from ..trace.sweep import SweepResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.engine import ParityEngine  # annotations: a run whose checks all run in workers never imports it (issue 22)
 
 
 def dumps(message: dict[str, Any]) -> bytes:

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ..core.verdict import Category
-from ..engine.engine import ParityEngine
+from ..core.categories import Category
 from ..engine.request import CheckRequest
 from ..engine.results import ParityResult, ParitySettings
 from ..mnn import backends
 from .engine import IsolatedEngine, close_all, release_all
 from .envs import EnvCache, MnnEnv
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.engine import ParityEngine  # annotations: a run whose checks all run in workers never imports it (issue 22)
 
 
 class ReleaseEngines:

@@ -16,8 +16,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .library import mnn
 from .native_output import capture_native_output
 
@@ -206,16 +204,29 @@ def _probe_model() -> Path:
     return path
 
 
-# The 2x+1 probe's input: values of both signs, one not a power of two.
-PROBE_INPUT = np.array([[0.5, -1.0, 2.0, 3.25]], dtype=np.float32)
+@functools.lru_cache(maxsize=1)
+def probe_input():
+    """The 2x+1 probe's input: values of both signs, one not a power of two.  Made on first use, so that the
+    plugin's start-up, which reads this module's names, does not import numpy (issue 22)."""
+    import numpy as np  # noqa: PLC0415
+
+    return np.array([[0.5, -1.0, 2.0, 3.25]], dtype=np.float32)
+
+
+def __getattr__(name: str):
+    if name == "PROBE_INPUT":  # the constant's old name, for callers that read it
+        return probe_input()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def probe_backend(name: str) -> BackendStatus:
     """Try ``name`` for real: create a session, check where it runs, run it."""
     name = canonical_backend(name)
     note_probe(f"backend {name}")
+    import numpy as np  # noqa: PLC0415
+
     m = mnn()
-    x = PROBE_INPUT
+    x = probe_input()
     with capture_native_output() as out:
         try:
             interpreter = m.Interpreter(str(_probe_model()))
@@ -244,7 +255,9 @@ def judge_probe(name: str, forward: int, rc: int | None, y, *, log: str = "") ->
     """What a 2x+1 probe run says about ``name``: ``forward`` is the forward type its session reported, ``rc``
     and ``y`` what running it on ``PROBE_INPUT`` gave (None where it did not run).  A pure function of the
     recorded run, so the GPU-only verdicts (a wrong answer, a failed run) are unit-tested without a GPU."""
-    x = PROBE_INPUT
+    import numpy as np  # noqa: PLC0415
+
+    x = probe_input()
     if not runs_as(name, forward):
         return BackendStatus(name, False, forward,
                              f"{name}: not in this MNN build (session fell back to {forward_name(forward)})", log)

@@ -12,11 +12,12 @@ follow from them are not mistaken for a backend bug.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .model import ModelError, TensorSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 DEFAULT_MAX_INPUT_MB = 1024.0
 _MIB = 1 << 20
@@ -24,6 +25,8 @@ _MIB = 1 << 20
 
 def input_set_bytes(specs, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     """Bytes each input of one input set takes at its resolved shape."""
+    import numpy as np  # noqa: PLC0415 - lazy: the plugin reads this module's names at start-up (issue 22)
+
     sizes = {}
     for spec in specs:
         count = 1
@@ -60,6 +63,8 @@ def _human(size: int) -> str:
 
 def nonfinite_inputs(*input_sets: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]] | None:
     """Per input name, NaN and Inf counts over the given input sets; ``None`` when all are finite."""
+    import numpy as np  # noqa: PLC0415 - lazy: the plugin reads this module's names at start-up (issue 22)
+
     found: dict[str, dict[str, Any]] = {}
     for index, arrays in enumerate(input_sets):
         label = "AB"[index] if index < 2 else str(index)

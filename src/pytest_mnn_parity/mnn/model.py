@@ -10,12 +10,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable
 
 from .library import mnn
 from .native_output import capture_native_output
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 
 class ModelError(Exception):
@@ -83,7 +84,13 @@ def remembered(cache: dict, key: Any, build: Callable[[], Any], errors: tuple = 
     return cached
 
 
-_FLOAT32 = np.dtype(np.float32)
+# numpy is imported by the first function here that needs it: the plugin reads this module's names (``ModelError``,
+# ``is_model_file``) at every pytest start-up, most of which check no model (issue 22).
+@functools.lru_cache(maxsize=1)
+def _float32():
+    import numpy as np  # noqa: PLC0415
+
+    return np.dtype(np.float32)
 
 
 def tensor_dtype(tensor: Any) -> np.dtype | None:
@@ -97,7 +104,9 @@ def tensor_dtype(tensor: Any) -> np.dtype | None:
     m = mnn()
     capsule = tensor.getDataType()
     if capsule is m.Halide_Type_Float:  # nearly every tensor; called per op in risk scans
-        return _FLOAT32
+        return _float32()
+    import numpy as np  # noqa: PLC0415
+
     for constant, dtype in ((m.Halide_Type_Float, np.float32), (m.Halide_Type_Int, np.int32),
                             (m.Halide_Type_Uint8, np.uint8), (m.Halide_Type_Int64, np.int64),
                             (m.Halide_Type_Double, np.float64)):
@@ -108,6 +117,8 @@ def tensor_dtype(tensor: Any) -> np.dtype | None:
 
 def halide_type(dtype: np.dtype) -> Any:
     """The pymnn type constant to build a host tensor of ``dtype``."""
+    import numpy as np  # noqa: PLC0415
+
     m = mnn()
     dtype = np.dtype(dtype)
     table = {

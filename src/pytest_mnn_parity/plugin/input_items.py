@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ..core.verdict import Category
+from ..core.categories import Category
 from ..engine.results import ParityResult
 from ..engine.search import describe_inputs, replay_snippet, save, search, seed_from
 from ..inputs import test_data
@@ -40,7 +40,8 @@ class SidecarSupport:
 
     # -- collection -------------------------------------------------------------
     def load(self, model_path: Path) -> Sidecar | None:
-        """Read the model's sidecar (``ModelError`` if it is broken) and hand its shapes to the engine."""
+        """Read the model's sidecar (``ModelError`` if it is broken) and declare its shapes and stream to the run
+        (``run.declarations``: the workers get them with each check, an in-process engine when it is made)."""
         key = Path(model_path).resolve()
         sidecar = find_sidecar(model_path, self.options.rootpath)
         self.sidecars[key] = sidecar
@@ -50,9 +51,9 @@ class SidecarSupport:
             # ONNX graphs are often dynamic, and stored outputs are for exactly the stored inputs' shapes.
             shapes, source = {**test_data.shapes_of(stored), **shapes}, f"{stored.where.file}"
         if shapes:
-            self.run.engine.set_input_shapes(model_path, shapes, source)
+            self.run.declarations.set_input_shapes(model_path, shapes, source)
         if sidecar is not None and sidecar.stream is not None:
-            self.run.engine.streams.declare(model_path, sidecar.stream)
+            self.run.declarations.streams.declare(model_path, sidecar.stream)
         self.set_names(model_path)  # unknown --mnn-input-sets names are this model's error
         return sidecar
 

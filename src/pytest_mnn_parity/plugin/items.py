@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from ..core.verdict import Category
+from ..core.categories import Category
 from ..engine.results import ParityResult
 from ..mnn.model import ModelError
-from ..mnn.runner import RunConfig
+from ..mnn.config import RunConfig
 from .state import PARITY_RUN, node_id_path  # noqa: F401 (imported from here by the other item modules)
 
 

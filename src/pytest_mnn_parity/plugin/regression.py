@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import os
 import shlex
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
-from ..core.verdict import Category
+from ..core.categories import Category
 from ..engine.bundle import BundleError, BundleWriter
-from ..engine.engine import ParityEngine
 from ..engine.results import ParityResult
-from ..mnn.runner import reference_config
-from ..regression.bundle_saver import BundleSaver
-from ..regression.golden import LABEL as GOLDEN_LABEL
-from ..regression.golden import check_golden
+from ..mnn.config import reference_config
 from .items import PARITY_RUN, Case, ModelLoadFailure, ParityItem, node_id_path
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.engine import ParityEngine
+    from ..regression.bundle_saver import BundleSaver
     from .options import Options
 
 
@@ -38,13 +36,27 @@ class GoldenItem(ParityItem):
 
 
 class Regression:
-    def __init__(self, options: "Options", engine: ParityEngine):
+    def __init__(self, options: "Options", engine: Callable[[], ParityEngine]):
+        """``engine`` makes (or returns) the run's in-process engine: called only by what computes in this process
+        (a golden, a bundle's in-process outputs), so a run without them never makes it (issue 22)."""
         self.options = options
-        self.engine = engine
+        self._engine = engine
         self.writer = BundleWriter(options.save_outputs) if options.save_outputs else None
-        self.saver = None if self.writer is None else BundleSaver(engine, self.writer, options.layers)
+        self._saver: BundleSaver | None = None
         self.index: dict[str, Any] | None = None
         self._references_saved: set[str] = set()
+
+    @property
+    def engine(self) -> ParityEngine:
+        return self._engine()
+
+    @property
+    def saver(self) -> BundleSaver | None:
+        if self.writer is not None and self._saver is None:
+            from ..regression.bundle_saver import BundleSaver
+
+            self._saver = BundleSaver(self.engine, self.writer, self.options.layers)
+        return self._saver
 
     # -- session ---------------------------------------------------------------------
     def configure(self, config: pytest.Config) -> None:
@@ -62,10 +74,14 @@ class Regression:
     def items(self, collector) -> list[pytest.Item]:
         if self.options.golden is None:
             return []
+        from ..regression.golden import LABEL as GOLDEN_LABEL
+
         return [GoldenItem.from_parent(collector, name=GOLDEN_LABEL, case=Case(reference_config(self.options.threads)))]
 
     # -- goldens ---------------------------------------------------------------------
     def check_golden(self, item: GoldenItem) -> ParityResult:
+        from ..regression.golden import check_golden
+
         opts = self.options
         label = node_id_path(item.model_path, item.config.rootpath)
         base = f"{opts.reproduce_command(label, 'CPU', 'high')} --mnn-golden {shlex.quote(str(opts.golden))}"
@@ -79,7 +95,7 @@ class Regression:
 
         An isolated worker saves its items' outputs itself (``bundle_spec``): their results carry none."""
         computed, result.computed = result.computed, None
-        if self.saver is None or computed is None:
+        if computed is None or self.saver is None:  # in this order: an isolated result needs no engine here
             return
         self.saver.save(result, computed, variant=item.case.variant, config=item.run_config, case_id=item.case.id,
                         set_name=item.case.input_set)
@@ -95,8 +111,12 @@ class Regression:
     # -- terminal --------------------------------------------------------------------
     def summary_lines(self, records: list[dict[str, Any]]) -> list[str]:
         lines = []
-        goldens = [r for r in records if r.get("reference_label") == GOLDEN_LABEL and r["outcome"] == "passed"
-                   and r.get("message")]
+        goldens = []
+        if self.options.golden is not None:  # golden records come from --mnn-golden's items only
+            from ..regression.golden import LABEL as GOLDEN_LABEL
+
+            goldens = [r for r in records if r.get("reference_label") == GOLDEN_LABEL and r["outcome"] == "passed"
+                       and r.get("message")]
         for r in goldens:
             lines.append(r["message"])
         if goldens:

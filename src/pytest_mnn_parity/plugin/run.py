@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..core.files import json_safe
-from ..core.verdict import Category
+from ..core.categories import Category
 from ..mnn.library import mnn_version
 from ..mnn.model import ModelError, is_model_file
 from ..report.durable import IncrementalReport
@@ -29,9 +29,10 @@ from .state import is_parity_item, node_id_path
 # What checks a model (the engine, isolation, items, regression) is imported when a run first needs it: pytest
 # imports this module at every start-up, and most runs of a repository's own tests never check a model.
 if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.declarations import Declarations
     from ..engine.engine import ParityEngine
     from ..engine.request import CheckRequest
-    from ..engine.results import ParityResult
+    from ..engine.results import ParityResult, ParitySettings
     from ..isolation.policy import Isolation
     from ..report.artifacts import ArtifactWriter
     from .input_items import SidecarSupport
@@ -78,21 +79,39 @@ class ParityRun:
         return ArtifactWriter(self.options.artifacts, self.options.artifacts_when)
 
     @cached_property
-    def engine(self) -> ParityEngine:
-        from ..engine.engine import ParityEngine
+    def settings(self) -> ParitySettings:
+        """The engines' settings: the in-process engine's own object, and what every worker is started with."""
         from ..engine.results import ParitySettings
 
         options = self.options
-        engine = ParityEngine(ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
-                                             reference=options.reference, threads=options.threads,
-                                             layers=options.layers, converter_flags=options.convert_flags,
-                                             output_sink=self.writer, api=options.api, streams=options.streams,
-                                             max_input_mb=options.max_input_mb,
-                                             keep_outputs=options.save_outputs is not None,
-                                             op_sweep=options.op_sweep,
-                                             repro=None if options.repro is None else str(options.repro)))
+        settings = ParitySettings(seed=options.seed, input_shapes=options.input_shapes,
+                                  reference=options.reference, threads=options.threads,
+                                  layers=options.layers, converter_flags=options.convert_flags,
+                                  output_sink=self.writer, api=options.api, streams=options.streams,
+                                  max_input_mb=options.max_input_mb,
+                                  keep_outputs=options.save_outputs is not None,
+                                  op_sweep=options.op_sweep,
+                                  repro=None if options.repro is None else str(options.repro))
         if self.convert_cache is not None:
-            engine.settings.convert_cache = self.convert_cache
+            settings.convert_cache = self.convert_cache
+        return settings
+
+    @cached_property
+    def declarations(self) -> Declarations:
+        """What the sidecars declared per model (shapes, streams): sent to the workers with each check, and given
+        to the in-process engine when one is made."""
+        from ..engine.declarations import Declarations
+
+        return Declarations(self.settings)
+
+    @cached_property
+    def engine(self) -> ParityEngine:
+        """The in-process engine: made only when a check, a golden, a bundle or a search runs in this process.  A
+        run whose configurations all run in isolated workers (the default) never makes it (issue 22)."""
+        from ..engine.engine import ParityEngine
+
+        engine = ParityEngine(self.settings)
+        self.declarations.attach(engine)
         return engine
 
     @cached_property
@@ -102,19 +121,21 @@ class ParityRun:
         from ..isolation.versions import ReleaseEngines
 
         options = self.options
-        isolation = Isolation(self.engine, options.isolate, options.timeout, options.backends, options.worker_scope)
+        isolation = Isolation(lambda: self.engine, options.isolate, options.timeout, options.backends,
+                              options.worker_scope, settings=self.settings, declarations=self.declarations)
         if options.versions or options.bisect:
             isolation.releases = ReleaseEngines(
-                EnvCache(options.env_cache), self.engine.settings,
+                EnvCache(options.env_cache), self.settings,
                 timeout=options.timeout if options.timeout is not None else DEFAULT_ISOLATED_TIMEOUT,
-                worker_per_model=options.worker_scope == "model", declarations=self.engine)
+                worker_per_model=options.worker_scope == "model", declarations=self.declarations)
         if options.cpus or options.remotes:
             from ..isolation.places import PlaceEngines
 
             isolation.places = PlaceEngines(
-                options.cpus + options.remotes, options.env_cache, self.engine.settings,
+                options.cpus + options.remotes, options.env_cache, self.settings,
                 timeout=options.timeout if options.timeout is not None else DEFAULT_ISOLATED_TIMEOUT,
-                declarations=self.engine, ssh_config=None if options.ssh_config is None else str(options.ssh_config),
+                declarations=self.declarations,
+                ssh_config=None if options.ssh_config is None else str(options.ssh_config),
                 progress=lambda line: self.say(line))
         return isolation
 
@@ -128,7 +149,7 @@ class ParityRun:
     def regression(self) -> Regression:
         from .regression import Regression
 
-        return Regression(self.options, self.engine)
+        return Regression(self.options, lambda: self.engine)
 
     # -- discovery kept between runs ---------------------------------------------------
     def load_discovery(self, cache) -> None:
@@ -204,14 +225,14 @@ class ParityRun:
         """Every item to generate for one model, in a stable order; an ONNX model once per conversion variant,
         each configuration once per API with --mnn-api both, per MNN release with --mnn-versions, per GPU mode
         (of the backends it applies to) with --mnn-gpu-modes."""
-        from ..mnn.runner import RunConfig
+        from ..mnn.config import RunConfig
         from ..onnx.variants import is_onnx
         from .items import Case
 
         apis = ["session", "module"] if self.options.api == "both" else [None]
         variants = self.options.convert if is_onnx(model_path) else [None]
         sets = self.inputs.set_names(model_path)
-        if None not in sets and self.engine.streams.spec_for(model_path) is not None:
+        if None not in sets and self.declarations.streams.spec_for(model_path) is not None:
             # A declared stream runs on seeded steps (it feeds back its own state): with named input sets beside
             # it, it gets items of its own rather than being dropped without a word.
             sets = [*sets, None]

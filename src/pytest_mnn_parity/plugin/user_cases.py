@@ -18,7 +18,7 @@ import pytest
 
 from ..mnn import backends as backend_discovery
 from ..mnn.model import ModelError, expand_model_args
-from ..mnn.runner import RunConfig
+from ..mnn.config import RunConfig
 from .state import PARITY_RUN, node_id_path
 from .user_markers import MarkerError, ParitySpec, parity_spec, select, xfail_specs
 
@@ -72,7 +72,7 @@ class UserTests:
 
             # An engine of its own: the generated items free their models when
             # their last item ran, which must not pull a model from under a test.
-            settings = dataclasses.replace(self.config.stash[PARITY_RUN].engine.settings)
+            settings = dataclasses.replace(self.config.stash[PARITY_RUN].settings)
             self._registry = ModelRegistry(ParityEngine(settings))
         return self._registry
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import pytest
 
-from ..core.verdict import Category
+from ..core.categories import Category
 from ..mnn import backends as backend_discovery
 from ..mnn.model import ModelError
-from ..mnn.runner import RunConfig
+from ..mnn.config import RunConfig
 from .user_cases import CASE, USER_TESTS, MissingModel, UserCase, UserTests
 from .user_markers import MARKER_HELP, MARKER_SOURCE, MarkerError, required_backends
 from .user_report import (

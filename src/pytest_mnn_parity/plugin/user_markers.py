@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 
 from ..core.tolerances import OVERRIDABLE, resolve
 from ..mnn.backends import canonical_backend, canonical_precision
-from ..mnn.runner import RunConfig
+from ..mnn.config import RunConfig
 
 MARKER_SOURCE = "marker mnn_parity"
 PARITY_KEYS = ("model", "reference", "backends", "precisions") + OVERRIDABLE

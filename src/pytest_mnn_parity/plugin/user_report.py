@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ..core.verdict import CATEGORY_ORDER, Category
+from ..core.categories import CATEGORY_ORDER, Category
 from ..mnn import backends as backend_discovery
 from ..mnn.model import ModelError
 from ..report.records import record

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.version import __version__
 from ..engine.bundle import REFERENCE, SCHEMA, BundleWriter, entry_id, machine_info, now
 from ..engine.bundle_reference import model_identity
-from ..engine.engine import ParityEngine
 from ..engine.results import Computed, ParityResult, Reference
 from ..inputs.generate import fingerprint
 from ..mnn import backends
@@ -24,6 +23,9 @@ from ..mnn.library import mnn_version
 from ..mnn.model import file_sha256
 from ..mnn.runner import LoadedModel, RunConfig
 from ..trace.record import record_reference
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.engine import ParityEngine  # annotations: a run whose checks all run in workers never imports it (issue 22)
 
 
 class BundleSaver:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..core.files import write_json
-from ..core.verdict import CATEGORY_ORDER, Category
+from ..core.categories import CATEGORY_ORDER, Category
 from .records import SCHEMA, key_metric
 
 DRIFT_FACTOR = 2.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any, Iterable
 
-from ..core.verdict import session_made
+from ..core.categories import session_made
 
 COLUMNS = ("model", "op", "type", "config", "alone", "max_abs", "cosine", "outside", "in graph", "verdict")
 
