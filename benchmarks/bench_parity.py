@@ -203,10 +203,19 @@ CHILD_TMPDIR: str | None = None
 MODEL_OUTSIDE = False  # --e2e-model-outside: name the model where it lies (the method before 2026-12-04's third round)
 
 
+# Children compile and keep bytecode (into a folder of the run's, never the tree), as an installed wheel has it:
+# with PYTHONDONTWRITEBYTECODE=1 (this VM's and the device's default) each child recompiled the package from
+# the editable tree, about 50 ms per process.  --no-bytecode keeps the environment's setting.
+BYTECODE = True
+
+
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     if CHILD_TMPDIR:
         env["TMPDIR"] = CHILD_TMPDIR
+        if BYTECODE:
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env["PYTHONPYCACHEPREFIX"] = os.path.join(CHILD_TMPDIR, "pycache")
     return env
 
 
@@ -799,11 +808,15 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile the engine, the raw work and a pytest run")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     ap.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    ap.add_argument("--no-bytecode", action="store_true",
+                    help="children keep this environment's PYTHONDONTWRITEBYTECODE (default: they compile and keep "
+                         "bytecode in a folder of the run's, as an installed wheel has it)")
     ap.add_argument("--layers", choices=("on-failure", "off"), default="on-failure",
                     help="the in-process engine's --mnn-layers (off: no trace and no fp16 risk scans)")
     args = ap.parse_args(argv)
-    global ENGINE_LAYERS
+    global ENGINE_LAYERS, BYTECODE
     ENGINE_LAYERS = args.layers
+    BYTECODE = not args.no_bytecode
     models = args.model or [DEMO, DEEP]
     e2e_rounds = args.e2e_rounds or args.rounds
     log = (lambda *_: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -830,6 +843,7 @@ def main(argv=None) -> int:
                  "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
                  "available_backends": [n for n, s in statuses.items() if s.available],
                  "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+                 "children_bytecode": BYTECODE,
                  "loadavg_at_start": os.getloadavg()},
         "rounds": args.rounds, "inner": args.inner, "e2e_rounds": e2e_rounds, "goal_ratio": GOAL,
         "import_mnn_s": import_s, "models": {},
