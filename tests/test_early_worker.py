@@ -17,7 +17,7 @@ from pytest_mnn_parity.isolation import early
 from pytest_mnn_parity.isolation.engine import IsolatedEngine
 from pytest_mnn_parity.mnn.runner import RunConfig
 
-from conftest import COLLAPSE, DEMO, FIXTURES, read_report, results_by_nodeid
+from conftest import COLLAPSE, DEMO, FIXTURES, cpu_wheel_only, read_report, results_by_nodeid
 
 
 def timeline(path) -> list[tuple[int, str]]:
@@ -25,7 +25,10 @@ def timeline(path) -> list[tuple[int, str]]:
     return [(int(pid), label) for _, pid, label in lines]
 
 
+@cpu_wheel_only
 def test_a_cpu_only_run_starts_one_worker_early_and_runs_every_check_in_it(pytester, models, monkeypatch, tmp_path):
+    """On the CPU wheel every GPU item is skipped: the run's one interpreter is the early worker (on a GPU build
+    each available GPU backend has workers of its own, tests/test_gpu.py)."""
     models("demo/lama_like.mnn")
     log = tmp_path / "timeline.txt"
     monkeypatch.setenv(TIMELINE_ENV, str(log))
