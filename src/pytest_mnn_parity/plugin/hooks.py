@@ -78,7 +78,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if options.report is not None:
         _check_writable(options.report)
     # xdist workers send their records to the controller, which writes the report.
-    run.writes_report = not hasattr(config, "workerinput")
+    run.report.writes_report = not hasattr(config, "workerinput")
     if options.save_outputs is not None:
         run.regression.configure(config)
     if getattr(config, "cache", None) is not None:  # absent with -p no:cacheprovider: a temporary folder then
@@ -153,7 +153,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         # Setup errors bypass repr_failure: pytest's own rendering would put the exception's
         # Python class path in the summary line. The message alone, as for a failing call.
         report.longrepr = str(call.excinfo.value)
-    data = item.config.stash[PARITY_RUN].record_for(item, report)
+    data = item.config.stash[PARITY_RUN].report.record_for(item, report)
     if data is not None:
         report.mnn_parity = data
     return report
@@ -171,33 +171,33 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     run = config.stash[PARITY_RUN]
-    explained = run.explained_once()
+    explained = run.report.explained_once()
     if explained and config.option.tbstyle != "no":
         terminalreporter.write_sep("=", SECTION)
         for line in explained:
             terminalreporter.write_line(line)
-    lines = matrix_lines(run.records())
+    lines = matrix_lines(run.report.records())
     # Goldens and bundles have lines of their own (the pytest-xdist controller reads them from the records).
     if run.made("regression") or run.options.golden is not None or run.options.save_outputs is not None:
-        lines += run.regression.summary_lines(run.records())
+        lines += run.regression.summary_lines(run.report.records())
     # Where each MNN release ran from (under xdist: its workers know).
     if run.made("isolation") and run.isolation.releases is not None:
         lines += run.isolation.releases.summary()
     if run.made("isolation") and run.isolation.places is not None:  # each emulated CPU or machine, and what MNN detected there
         lines += run.isolation.places.summary()
-    lines += terminal_lines(run.records())
+    lines += terminal_lines(run.report.records())
     lines += [f"required backend missing: {why}" for why in run.missing_required]
-    lines += sweep_terminal_lines(run.records())
+    lines += sweep_terminal_lines(run.report.records())
     if lines:
         terminalreporter.write_sep("=", "MNN parity")
         for line in lines:
             terminalreporter.write_line(line)
-    if run.options.report is not None and (run.active or run.records()):
+    if run.options.report is not None and (run.active or run.report.records()):
         terminalreporter.write_line(f"MNN parity report: {run.options.report}")
     if run.options.html is not None and run.active:
         terminalreporter.write_line(f"MNN parity HTML: {run.options.html}")
-    if os.environ.get("GITHUB_ACTIONS") == "true" and not hasattr(config, "workerinput") and run.records():
-        annotate_github(terminalreporter, run.records())
+    if os.environ.get("GITHUB_ACTIONS") == "true" and not hasattr(config, "workerinput") and run.report.records():
+        annotate_github(terminalreporter, run.report.records())
 
 
 def annotate_github(terminalreporter, records) -> None:
@@ -220,9 +220,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     if run.missing_required and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     # Before the terminal summary, which pytest prints after this hook.
-    session.config.stash[PARITY_RUN].finish_reports()
-    session.config.stash[PARITY_RUN].write_report()
-    session.config.stash[PARITY_RUN].write_html()
+    session.config.stash[PARITY_RUN].report.finish_reports()
+    session.config.stash[PARITY_RUN].report.write_report()
+    session.config.stash[PARITY_RUN].report.write_html()
     if session.config.stash[PARITY_RUN].made("regression"):
         session.config.stash[PARITY_RUN].regression.finish()
 

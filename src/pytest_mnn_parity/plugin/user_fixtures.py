@@ -242,7 +242,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         call.excinfo, item.stash.get(RESULTS, []), unavailable_reasons(item, case))
     worst = worst_result(item.stash.get(RESULTS, []))
     if call.when == "call" or (call.excinfo is not None and category != "skipped"):
-        from .run import junit_properties
+        from .run_report import junit_properties
 
         props = list(junit_properties(worst)) if worst is not None else [("mnn_category", category)]
         item.user_properties.extend((k, category if k == "mnn_category" else v) for k, v in props)
