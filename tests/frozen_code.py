@@ -1,5 +1,5 @@
 """Code as it was before its fast paths (main at 9367f45), frozen: the oracle that
-``tests/test_fast_judge.py`` holds the fast code to, bit for bit.  Not imported by the package.
+``tests/test_fast_engine.py`` holds the fast code to, bit for bit.  Not imported by the package.
 
 metrics.py's ``compare`` and its helpers verbatim; verdict.py's ``judge_output``, ``_classify``,
 ``_zero_region``, ``_ranges``, ``degenerate`` and ``judge_outputs`` verbatim except that they call
