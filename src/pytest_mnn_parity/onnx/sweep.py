@@ -32,7 +32,7 @@ from ..core.tolerances import Tolerance
 from ..mnn.model import ModelError
 from ..mnn.runner import LoadedModel, RunConfig
 from ..trace.record import LayerRecord, TensorJudgement
-from ..trace.sweep import NOT_CUT, SweepResult, SweepRow, conclude, in_graph_of, run_cut
+from ..trace.sweep import NOT_CUT, SweepResult, SweepRow, conclude, in_graph_of, load_cut, run_cut
 from .convert import ConversionError
 from .localise import Graph, Node, Prober, graph_from_onnx, write_copy
 from .runtime import OnnxRuntimeModel, as_mnn_dtype
@@ -111,16 +111,7 @@ class OnnxCutCache:
         return NodeCut(path, source, inputs, outputs, reason, cached)
 
     def model(self, cut: NodeCut) -> LoadedModel:
-        found = self._models.get(cut.mnn)
-        if found is None:
-            try:
-                found = LoadedModel(cut.mnn)
-            except ModelError as exc:
-                found = exc
-            self._models[cut.mnn] = found
-        if isinstance(found, ModelError):
-            raise found
-        return found
+        return load_cut(self._models, cut.mnn)
 
 
 def live_tensors(model) -> set[str]:
