@@ -202,16 +202,16 @@ def trace_target(reference: ReferenceTrace, model: LoadedModel, config: RunConfi
     ``fast`` (the default) proves most passing tensors with ``quickcompare``;
     the layers a failure message shows, and every output of a failing layer,
     get full metrics from one more run of the target, so verdicts, the table
-    and the ranking are those of ``fast=False``.  Each output is judged while
-    MNN runs the next ops where a core is free for it (``stream``: its memory
-    bound and when it streams).
+    and the ranking are those of ``fast=False``.  Each output is judged in
+    MNN's callback, within the trace's memory bound (``stream``; a stream with
+    jobs judges in a thread beside MNN's instead, measured slower: stream.py).
     """
     identity = config.backend == "CPU" or model.falls_back(config)
     largest = getattr(reference, "largest_tensor_bytes", None)
     if stream is None:
         # A saved bundle's trace (engine.bundle) reads one zip archive, which the callback reads too (graph inputs):
         # it is judged in the callback, by one thread.
-        stream = default_stream(largest(), config.threads) if largest is not None else ComparisonStream(0)
+        stream = default_stream(largest()) if largest is not None else ComparisonStream(0)
     comparer = TargetComparer(reference, tol, layer_tolerances, fast=fast, identity=identity, stream=stream)
     try:
         model.run(config, inputs, observer=comparer)

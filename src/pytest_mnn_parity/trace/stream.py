@@ -1,12 +1,14 @@
-"""Judging a traced run's tensors while MNN computes the next ops.
+"""Copying a traced run's tensors and judging them: in MNN's callback (the default), or in a thread beside MNN.
 
 MNN reuses an op's output memory once the callback returns, so the callback
 must copy the tensor (``copyToHostTensor``, which also unpacks the CPU's
 NC4HW4 layout: ``pymnn`` reports a packed tensor as plain NCHW, so no view of
-the session's memory can be read safely).  That copy is the only work left in
-the callback: the comparison runs in one comparison thread while MNN runs the
-next ops (pymnn lets go of the GIL while MNN computes, numpy in its loops),
-and each judgement is read when the run ends.
+the session's memory can be read safely).  A stream with jobs leaves only
+that copy in the callback: the comparison runs in one comparison thread while
+MNN runs the next ops (pymnn lets go of the GIL while MNN computes, numpy in
+its loops), and each judgement is read when the run ends.  Measured slower
+than judging in the callback on 2 and on 16 cores (``default_stream``), it
+is not the default.
 
 Memory stays bounded: ``max_bytes`` bounds the host copies held (lent to a
 comparison or kept for reuse) plus the reference tensor each unfinished
@@ -44,7 +46,7 @@ KEEP = 1
 _WORKER: list[ThreadPoolExecutor] = []
 
 
-def default_stream(largest: int, mnn_threads: int) -> "ComparisonStream":
+def default_stream(largest: int) -> "ComparisonStream":
     """In the callback: each op's comparison runs while MNN's threads wait, with the quick pass's own threads.
 
     Streaming to the comparison thread (``ComparisonStream(MAX_JOBS, ...)``) was measured slower everywhere: on
