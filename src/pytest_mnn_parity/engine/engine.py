@@ -377,14 +377,12 @@ class ParityEngine(Checker):
                          label="cpu (onnxruntime cannot load the model)" if fallback else "")
 
     def _weight_risks_of(self, path: Path) -> list[WeightRisk]:
-        key = model_key(path)
-        if key not in self._weight_risks:
+        def scan() -> list[WeightRisk]:
             try:
-                found = _without_repeats(fp16_weight_risks(path, min_fraction=WEIGHT_RISK_MIN_FRACTION))
+                return _without_repeats(fp16_weight_risks(path, min_fraction=WEIGHT_RISK_MIN_FRACTION))
             except ValueError:
-                found = []  # MNN loaded the file, so a reader gap is ours: skip the scan, never fail the model
-            self._weight_risks[key] = found
-        return list(self._weight_risks[key])
+                return []  # MNN loaded the file, so a reader gap is ours: skip the scan, never fail the model
+        return list(remembered(self._weight_risks, model_key(path), scan, errors=()))
 
     # -- the check --------------------------------------------------------------
     def tolerance(self, config: RunConfig, layers: Sequence[tuple[str, Mapping[str, Any] | None]] = (),
@@ -401,11 +399,7 @@ class ParityEngine(Checker):
 
     def _op_types_of(self, model_path: os.PathLike | str) -> tuple[str, ...]:
         """``op_types`` once per model held (as long as its interpreter: ``release`` forgets both)."""
-        key = model_key(model_path)
-        found = self._op_types.get(key)
-        if found is None:
-            found = self._op_types[key] = op_types(model_path)
-        return found
+        return remembered(self._op_types, model_key(model_path), lambda: op_types(model_path), errors=())
 
     def check_request(self, request: CheckRequest) -> ParityResult:
         """Run ``request.config`` and judge it (``check(model, config, ...)`` builds the request).

@@ -29,10 +29,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..core.tolerances import Tolerance
-from ..mnn.model import ModelError
+from ..mnn.model import ModelError, remembered
 from ..mnn.runner import LoadedModel, RunConfig
 from ..trace.record import LayerRecord, TensorJudgement
-from ..trace.sweep import NOT_CUT, SweepResult, SweepRow, conclude, in_graph_of, load_cut, run_cut
+from ..trace.sweep import NOT_CUT, SweepResult, SweepRow, conclude, in_graph_of, run_cut
 from .convert import ConversionError
 from .localise import Graph, Node, Prober, graph_from_onnx, write_copy
 from .runtime import OnnxRuntimeModel, as_mnn_dtype
@@ -111,7 +111,8 @@ class OnnxCutCache:
         return NodeCut(path, source, inputs, outputs, reason, cached)
 
     def model(self, cut: NodeCut) -> LoadedModel:
-        return load_cut(self._models, cut.mnn)
+        """The converted one-node model (shared by identical cuts); MNN's refusal is remembered and raised."""
+        return remembered(self._models, cut.mnn, lambda: LoadedModel(cut.mnn))
 
 
 def live_tensors(model) -> set[str]:

@@ -29,7 +29,7 @@ from ..core.metrics import compare
 from ..core.tolerances import Tolerance
 from ..core.verdict import SESSION_MADE, fails_tolerance
 from ..mnn.library import mnn
-from ..mnn.model import ModelError
+from ..mnn.model import ModelError, remembered
 from ..mnn.native_output import capture_native_output
 from ..mnn.runner import LoadedModel, RunConfig
 from ..mnn.weights import op_tensors
@@ -233,7 +233,7 @@ class CutCache:
 
     def model(self, cut: Cut) -> LoadedModel:
         """The loaded one-op model (shared by every op with the same content); ModelError if MNN refuses it."""
-        return load_cut(self._models, cut.path)
+        return remembered(self._models, cut.path, lambda: LoadedModel(cut.path))
 
     def _graph(self, model_path: Path) -> tuple[dict, dict]:
         if model_path not in self._graphs:
@@ -319,21 +319,6 @@ def _category(health: list[str], failed: bool) -> str:
     if not failed:
         return "ok"
     return next((_HEALTH_CATEGORY[h] for h in health if h in _HEALTH_CATEGORY), "mismatch")
-
-
-def load_cut(models: dict, path: Path) -> LoadedModel:
-    """The cut model at ``path``, loaded once into ``models`` (MNN's refusal too: a ModelError, raised each time
-    it is asked for), so identical cuts share one interpreter."""
-    found = models.get(path)
-    if found is None:
-        try:
-            found = LoadedModel(path)
-        except ModelError as exc:
-            found = exc
-        models[path] = found
-    if isinstance(found, ModelError):
-        raise found
-    return found
 
 
 def run_cut(model: LoadedModel, config: RunConfig, feeds: Mapping[str, np.ndarray], what: str):
